@@ -1,0 +1,106 @@
+"""Adapter protocol: how a reducer attaches to a host model, and the adapter registry.
+
+An adapter owns every hook it registers and removes all of them in :meth:`Adapter.detach`, so
+``mmeff.apply`` can guarantee the model is restored even when the wrapped code raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mmeff.core import TokenReducer
+
+__all__ = ["Adapter", "register_adapter", "find_adapter", "list_adapters", "cls_attention"]
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+class Adapter:
+    """Base class. Subclasses set ``name``/``description`` and implement ``matches`` and ``attach``."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, reducer: TokenReducer, **options: Any) -> None:
+        if not isinstance(reducer, TokenReducer):
+            raise TypeError(f"expected a TokenReducer, got {type(reducer).__name__}")
+        self.model = model
+        self.reducer = reducer
+        self.options = options
+        self.stats: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+        self._restore: list[Callable[[], None]] = []
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether this adapter knows how to attach to ``model``."""
+        raise NotImplementedError
+
+    def attach(self) -> None:
+        """Register hooks/seams on the model."""
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Remove everything :meth:`attach` added, in reverse order; safe to call twice."""
+        while self._hooks:
+            self._hooks.pop().remove()
+        while self._restore:
+            self._restore.pop()()
+
+    # helpers for subclasses -------------------------------------------------------------------------
+    def _hook(self, handle: Any) -> None:
+        self._hooks.append(handle)
+
+    def _override(self, obj: Any, attr: str, value: Any) -> None:
+        """Set an instance attribute (e.g. a wrapped ``generate``) and remember how to undo it."""
+        had = attr in obj.__dict__
+        old = obj.__dict__.get(attr)
+        setattr(obj, attr, value)
+
+        def undo() -> None:
+            if had:
+                setattr(obj, attr, old)
+            else:
+                obj.__dict__.pop(attr, None)
+
+        self._restore.append(undo)
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator adding an adapter; the first one whose ``matches`` is true is used."""
+    if cls not in _ADAPTERS:
+        _ADAPTERS.append(cls)
+    return cls
+
+
+def list_adapters() -> list[tuple[str, str]]:
+    """``(name, description)`` of every registered adapter."""
+    return [(a.name, a.description) for a in _ADAPTERS]
+
+
+def find_adapter(model: nn.Module) -> type[Adapter]:
+    """The adapter class for ``model``; ``TypeError`` naming the class and the supported ones otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    for a in _ADAPTERS:
+        if a.matches(model):
+            return a
+    names = ", ".join(a.name for a in _ADAPTERS)
+    raise TypeError(f"unsupported model class {type(model).__name__}; mmeff adapters exist for: {names}")
+
+
+def cls_attention(q: Tensor, k: Tensor, cls_index: int = 0) -> Tensor:
+    """Attention the CLS query pays to every token, averaged over heads.
+
+    Args:
+        q, k: ``(B, heads, N, head_dim)`` queries and keys of one attention layer.
+    Returns:
+        ``(B, N)`` softmax probabilities (row sums to 1), computed in float32.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = torch.einsum("bhd,bhnd->bhn", q[:, :, cls_index].float(), k.float()) * scale
+    return logits.softmax(dim=-1).mean(dim=1)

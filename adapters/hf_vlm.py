@@ -1,0 +1,296 @@
+"""Shared machinery for HF transformers VLMs whose LLM reads visual features at placeholder tokens.
+
+transformers 5.x checks that the number of placeholder tokens equals the number of visual features, so
+a reducer that runs between the vision encoder and the LLM must shrink the text side too. This module
+does that in one place, through two seams the host exposes:
+
+- a forward pre-hook on the top-level model: encode the pixels, reduce, shrink ``input_ids`` /
+  ``attention_mask`` / ``labels`` / token-type ids, and hand the reduced features in through
+  ``mm_encoder_outputs`` (the v5 seam for pre-encoded features);
+- a wrapped ``generate`` doing the same before generation starts (generate keeps its own copy of the
+  prompt length and attention mask, so shrinking inside ``forward`` would desynchronise it). The
+  returned sequences carry the caller's original prompt, so ``out[:, prompt_len:]`` still slices off the
+  new tokens.
+
+Positions: when the host uses explicit positions (Qwen2-VL's M-RoPE), they are computed on the
+*unreduced* layout and then gathered for the kept tokens (merged tokens get their members' mean).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from mmeff.adapters.base import Adapter
+from torch import Tensor, nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from mmeff.core import Grid, Reduction, TokenContext
+
+__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput"]
+
+
+class ReducedEncoderOutput(BaseModelOutputWithPooling):
+    """Marks ``mm_encoder_outputs`` entries that mmeff already reduced (never reduce twice)."""
+
+
+@dataclass
+class VisualItem:
+    """One image or video as the LLM consumes it: ``features`` ``(N, D)`` laid out on ``grid``."""
+
+    modality: str
+    features: Tensor
+    grid: Grid | None
+    scores: Tensor | None = None
+
+
+class HFVLMAdapter(Adapter):
+    """Base for LLaVA/Qwen2-VL style models. Subclasses define the encoders and position handling."""
+
+    #: model-forward keyword holding raw pixels for each modality
+    pixel_keys: dict[str, str] = {}
+    #: per-token tensors of the text sequence that must shrink with ``input_ids`` (pad value)
+    seq_keys: dict[str, int] = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
+    #: kwargs consumed by the encoders, dropped once features are injected
+    encoder_keys: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------------------------ to override
+    def placeholder_id(self, modality: str) -> int:
+        raise NotImplementedError
+
+    def encode(self, kwargs: dict[str, Any]) -> list[VisualItem]:
+        """Run the vision side on the call's kwargs; items in the order the LLM consumes them."""
+        raise NotImplementedError
+
+    def full_positions(self, kwargs: dict[str, Any]) -> Tensor | None:
+        """Positions ``(P, B, L)`` of the unreduced sequence, or ``None`` if the host derives them."""
+        return None
+
+    def decode_positions(self, mask: Tensor, q: int) -> Tensor | None:
+        """Positions for ``q`` new tokens after a reduced prefill, given the fixed ``mask`` ``(B, L)``."""
+        return None
+
+    def after_prepare(self, new_positions: Tensor | None, new_mask: Tensor | None) -> None:
+        """Hook for host state that depends on the reduced layout (e.g. Qwen2-VL's ``rope_deltas``)."""
+
+    # ----------------------------------------------------------------------------------------- attach
+    def attach(self) -> None:
+        model = self.model
+        if model.__dict__.get("_mmeff_adapter") is not None:
+            raise ValueError("this model already has an mmeff method attached; remove it or pass several reducers to one apply()")
+        self._sig = inspect.signature(model.forward)
+        self._inside_generate = False
+        self._prefill: tuple[int, Tensor] | None = None
+        self._hook(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._override(model, "generate", self._wrap_generate(model.generate))
+        self._override(model, "_mmeff_adapter", self)
+
+    def _bind(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        return {**bound, **extra}
+
+    def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        if self._inside_generate:
+            return None
+        call = self._bind(args, kwargs)
+        new = self.prepare(call)
+        if new is None:
+            new = self._fix_decode_mask(call)
+            if new is None:
+                return None
+        return (), new
+
+    def _fix_decode_mask(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        # A hand-written decode loop keeps appending to the caller's unreduced attention mask; swap
+        # its prompt part for the reduced one so it matches the cache again.
+        mask, cache = call.get("attention_mask"), call.get("past_key_values")
+        if self._prefill is None or mask is None or cache is None or mask.dim() != 2:
+            return None
+        orig_len, reduced = self._prefill
+        past = cache.get_seq_length()
+        ids = call.get("input_ids")
+        q = ids.shape[1] if ids is not None else call["inputs_embeds"].shape[1]
+        removed = orig_len - reduced.shape[1]
+        if past == 0 or mask.shape[1] != past + removed + q or mask.shape[0] != reduced.shape[0]:
+            return None
+        call["attention_mask"] = torch.cat([reduced.to(mask), mask[:, orig_len:]], dim=1)
+        if call.get("position_ids") is None:
+            pos = self.decode_positions(call["attention_mask"], q)
+            if pos is not None:
+                call["position_ids"] = pos
+        return call
+
+    def _wrap_generate(self, generate: Callable[..., Any]) -> Callable[..., Any]:
+        def mmeff_generate(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                if "input_ids" in kwargs or "inputs" in kwargs:
+                    raise TypeError("generate() got input_ids both positionally and by keyword")
+                kwargs["input_ids"], args = args[0], args[1:]
+            if "inputs" in kwargs:
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            orig_ids = kwargs.get("input_ids")
+            new = self.prepare(dict(kwargs))
+            self._inside_generate = True
+            try:
+                out = generate(*args, **(new if new is not None else kwargs))
+            finally:
+                self._inside_generate = False
+            if new is None or orig_ids is None:
+                return out
+            return self._restore_prompt(out, orig_ids, new["input_ids"].shape[1])
+
+        mmeff_generate.__doc__ = generate.__doc__
+        return mmeff_generate
+
+    @staticmethod
+    def _restore_prompt(out: Any, orig_ids: Tensor, reduced_len: int) -> Any:
+        def fix(seq: Tensor) -> Tensor:
+            reps = seq.shape[0] // orig_ids.shape[0]
+            prompt = orig_ids.repeat_interleave(reps, dim=0).to(seq.device)
+            return torch.cat([prompt, seq[:, reduced_len:]], dim=1)
+
+        if isinstance(out, Tensor):
+            return fix(out)
+        if hasattr(out, "sequences"):
+            out.sequences = fix(out.sequences)
+        return out
+
+    # ---------------------------------------------------------------------------------------- prepare
+    def _needs_reduction(self, call: dict[str, Any]) -> bool:
+        if any(call.get(k) is not None for k in self.pixel_keys.values()):
+            return True
+        enc = call.get("mm_encoder_outputs") or {}
+        return any(v is not None and not isinstance(v, ReducedEncoderOutput) for v in enc.values())
+
+    def prepare(self, call: dict[str, Any]) -> dict[str, Any] | None:
+        """Encode, reduce and shrink one call's kwargs; ``None`` when the call has no visual input."""
+        if not self._needs_reduction(call):
+            return None
+        input_ids = call.get("input_ids")
+        if input_ids is None:
+            raise ValueError("mmeff needs input_ids (not inputs_embeds) to shrink the visual placeholder tokens")
+        if call.get("past_key_values") is not None and call["past_key_values"].get_seq_length() > 0:
+            raise ValueError("visual inputs after a filled KV cache are not supported by mmeff adapters")
+        items = self.encode(call)
+        reductions = self._reduce_items(items)
+        positions = self.full_positions(call)
+        new = self._shrink(call, items, reductions, positions)
+        self.stats = {
+            "visual_tokens_in": sum(int(i.features.shape[0]) for i in items),
+            "visual_tokens_out": sum(int(r.num_tokens) for r in reductions),
+            "items": len(items),
+            "prompt_len_in": int(input_ids.shape[1]),
+            "prompt_len_out": int(new["input_ids"].shape[1]),
+        }
+        self.last_reductions = reductions
+        mask = new.get("attention_mask")
+        self._prefill = (int(input_ids.shape[1]), mask) if mask is not None else None
+        self.after_prepare(new.get("position_ids"), mask)
+        return new
+
+    def _reduce_items(self, items: list[VisualItem]) -> list[Reduction]:
+        # items of the same shape and grid are reduced as one batch (e.g. the frames of a video as images)
+        out: list[Reduction | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault((it.modality, tuple(it.features.shape), it.grid, it.scores is None), []).append(i)
+        for (_, _, grid, _), idx in groups.items():
+            feats = torch.stack([items[i].features for i in idx])
+            scores = torch.stack([items[i].scores for i in idx]) if items[idx[0]].scores is not None else None
+            red = self.reducer(feats, TokenContext(grid=grid, scores=scores))
+            for j, i in enumerate(idx):
+                out[i] = _select_row(red, j)
+        return [r for r in out if r is not None]
+
+    def _shrink(
+        self, call: dict[str, Any], items: list[VisualItem], reds: list[Reduction], positions: Tensor | None
+    ) -> dict[str, Any]:
+        input_ids: Tensor = call["input_ids"]
+        b, length = input_ids.shape
+        keep = torch.ones(b, length, dtype=torch.bool, device=input_ids.device)
+        new_pos = positions.clone() if positions is not None else None
+        per_modality: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            per_modality.setdefault(it.modality, []).append(i)
+        for modality, idx in per_modality.items():
+            rows, cols = (input_ids == self.placeholder_id(modality)).nonzero(as_tuple=True)
+            need = sum(int(items[i].features.shape[0]) for i in idx)
+            if rows.numel() != need:
+                raise ValueError(
+                    f"{modality} placeholder tokens and features do not match: {rows.numel()} placeholders in input_ids, "
+                    f"{need} features from the encoder"
+                )
+            offset = 0
+            for i in idx:
+                n, m = int(items[i].features.shape[0]), reds[i].num_tokens
+                r, c = rows[offset : offset + n], cols[offset : offset + n]
+                offset += n
+                if not bool((r == r[0]).all()):
+                    raise ValueError(f"the placeholders of one {modality} span several batch rows")
+                row = int(r[0])
+                keep[row, c[m:]] = False
+                if new_pos is not None:
+                    # positions of merged/selected tokens, written into the slots that survive
+                    red_pos = reds[i].positions(new_pos[:, row, c].T.unsqueeze(0))[0]
+                    new_pos[:, row, c[:m]] = red_pos.T.to(new_pos.dtype)
+        lengths = keep.sum(1)
+        width = int(lengths.max())
+        left = _is_left_padded(call.get("attention_mask"))
+        # destination column of every kept token, right- or left-aligned as the caller padded
+        rank = keep.long().cumsum(1) - 1
+        dest = rank + (width - lengths).unsqueeze(1) if left else rank
+        rr, cc = keep.nonzero(as_tuple=True)
+        dd = dest[rr, cc]
+
+        def pack(t: Tensor, fill: int) -> Tensor:
+            shape = (*t.shape[:-2], b, width) if t.dim() == 3 else (b, width)
+            out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+            out[..., rr, dd] = t[..., rr, cc]
+            return out
+
+        pad_id = self._pad_id()
+        new = dict(call)
+        new["input_ids"] = pack(input_ids, pad_id)
+        for key, fill in self.seq_keys.items():
+            t = call.get(key)
+            if isinstance(t, Tensor) and t.shape[-2:] == (b, length):
+                new[key] = pack(t, fill)
+        if new.get("attention_mask") is None and bool((lengths != width).any()):
+            new["attention_mask"] = pack(torch.ones_like(input_ids), 0)
+        if new_pos is not None:
+            new["position_ids"] = pack(new_pos, 1)
+        for key in (*self.pixel_keys.values(), *self.encoder_keys):
+            new.pop(key, None)
+        enc: dict[str, Any] = {}
+        for modality, idx in per_modality.items():
+            enc[modality] = ReducedEncoderOutput(pooler_output=[reds[i].tokens[0] for i in idx])
+        new["mm_encoder_outputs"] = enc
+        return new
+
+    def _pad_id(self) -> int:
+        cfg = self.model.config
+        pad = getattr(cfg, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(getattr(cfg, "text_config", None), "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+
+def _select_row(red: Reduction, j: int) -> Reduction:
+    return Reduction(
+        tokens=red.tokens[j : j + 1],
+        assignment=red.assignment[j : j + 1],
+        indices=None if red.indices is None else red.indices[j : j + 1],
+        sizes=None if red.sizes is None else red.sizes[j : j + 1],
+        grid=red.grid,
+    )
+
+
+def _is_left_padded(mask: Tensor | None) -> bool:
+    if mask is None or mask.dim() != 2:
+        return True
+    # right padding leaves zeros at the end of some row; everything else is treated as left padding
+    return not bool((mask[:, -1] == 0).any())

@@ -1,0 +1,126 @@
+"""HF transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5 and friends with a CLIP-like tower).
+
+Reduction happens on the projected features (what the LLM reads), one image at a time with its
+``(H, W)`` patch grid. ``cls_attn`` scores come from q/k of the CLS token at the feature layer,
+captured by a forward pre-hook on that layer's attention module, so SDPA/flash attention stay on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmeff.adapters.base import cls_attention, register_adapter
+from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from torch import Tensor, nn
+
+__all__ = ["LlavaAdapter"]
+
+
+@register_adapter
+class LlavaAdapter(HFVLMAdapter):
+    name = "llava"
+    description = "transformers LlavaForConditionalGeneration (LLaVA-1.5): reduce projected image features"
+    pixel_keys = {"image": "pixel_values"}
+    encoder_keys = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from transformers import LlavaForConditionalGeneration
+
+        return isinstance(model, LlavaForConditionalGeneration)
+
+    def placeholder_id(self, modality: str) -> int:
+        return int(self.model.config.image_token_id)
+
+    def _feature_layer(self, call: dict[str, Any]) -> int:
+        layer = call.get("vision_feature_layer")
+        layer = self.model.config.vision_feature_layer if layer is None else layer
+        return max(layer) if isinstance(layer, (list, tuple)) else int(layer)
+
+    def _strategy(self, call: dict[str, Any]) -> str:
+        s = call.get("vision_feature_select_strategy")
+        return self.model.config.vision_feature_select_strategy if s is None else s
+
+    def _attention_layer(self, feature_layer: int) -> nn.Module:
+        tower = self.model.model.vision_tower
+        layers = getattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"cls_attn: cannot find encoder layers in vision tower {type(tower).__name__}")
+        # hidden_states[k] is the output of layers[k-1]; hidden_states has len(layers)+1 entries
+        idx = feature_layer % (len(layers) + 1) - 1
+        if idx < 0:
+            raise ValueError("cls_attn: vision_feature_layer points at the embeddings, which have no attention")
+        attn = layers[idx].self_attn
+        if not (hasattr(attn, "q_proj") and hasattr(attn, "k_proj")):
+            raise ValueError(f"cls_attn: attention module {type(attn).__name__} has no q_proj/k_proj")
+        return attn
+
+    def encode(self, call: dict[str, Any]) -> list[VisualItem]:
+        inner = self.model.model
+        enc = call.get("mm_encoder_outputs") or {}
+        captured: list[Tensor] = []
+        if enc.get("image") is not None:
+            if "scores" in self.reducer.needs:
+                raise ValueError("cls_attn needs the vision tower to run; pass pixel_values, not mm_encoder_outputs")
+            feats = list(enc["image"].pooler_output)
+            pixel_hw = None
+        else:
+            pixel_values: Tensor = call["pixel_values"]
+            pixel_hw = tuple(pixel_values.shape[-2:])
+            handle = None
+            if "scores" in self.reducer.needs:
+                attn = self._attention_layer(self._feature_layer(call))
+
+                def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                    h = kwargs.get("hidden_states", args[0] if args else None)
+                    b, n, _ = h.shape
+                    q = module.q_proj(h[:, :1]).view(b, 1, -1, module.head_dim).transpose(1, 2)
+                    k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
+                    captured.append(cls_attention(q, k))
+
+                handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                out = inner.get_image_features(
+                    pixel_values=pixel_values,
+                    vision_feature_layer=call.get("vision_feature_layer"),
+                    vision_feature_select_strategy=call.get("vision_feature_select_strategy"),
+                    image_sizes=call.get("image_sizes"),
+                    return_dict=True,
+                )
+            finally:
+                if handle is not None:
+                    handle.remove()
+            feats = list(out.pooler_output)
+        scores = captured[-1] if captured else None
+        patch = int(self.model.config.vision_config.patch_size)
+        items = []
+        for i, f in enumerate(feats):
+            n = f.shape[0]
+            grid = None
+            if pixel_hw is not None and n == (pixel_hw[0] // patch) * (pixel_hw[1] // patch):
+                grid = (pixel_hw[0] // patch, pixel_hw[1] // patch)
+            elif pixel_hw is None and int(n**0.5) ** 2 == n:
+                grid = (int(n**0.5), int(n**0.5))
+            s = None
+            if scores is not None:
+                s = scores[i]
+                if self._strategy(call) == "default":
+                    s = s[1:]
+                if s.shape[0] != n:
+                    raise ValueError(f"cls_attn: {s.shape[0]} scores for {n} features (unsupported feature layout)")
+            items.append(VisualItem("image", f, grid, None if s is None else s.to(f.device)))
+        return items
+
+    def full_positions(self, call: dict[str, Any]) -> Tensor | None:
+        pos = call.get("position_ids")
+        if pos is None:
+            return None
+        # LLaVA positions are 1-D per row; give them a leading P=1 axis like M-RoPE's (3, B, L)
+        return pos.unsqueeze(0) if pos.dim() == 2 else pos
+
+    def _shrink(self, call: dict[str, Any], items: list[VisualItem], reds: list, positions: Tensor | None) -> dict:
+        new = super()._shrink(call, items, reds, positions)
+        if positions is not None and call["position_ids"].dim() == 2:
+            new["position_ids"] = new["position_ids"][0]
+        return new
+

@@ -1,0 +1,160 @@
+"""HF transformers ``Qwen2VLForConditionalGeneration`` (and Qwen2.5-VL, which shares the seams).
+
+Reduction runs on the PatchMerger output (what the LLM reads), per image on its ``(h, w)`` grid and per
+video on its ``(t, h, w)`` grid, in merged-token units (``grid_thw // (1, 2, 2)``). M-RoPE positions are
+computed by the host's ``get_rope_index`` on the unreduced prompt and gathered for the kept tokens;
+``rope_deltas`` is set for the reduced layout so decoding continues at the right position.
+
+The encoder has no CLS token, so ``cls_attn`` scores here are the mean attention each patch receives in
+the last vision block (a common CLS-free substitute), averaged over each 2×2 merge window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mmeff.adapters.base import register_adapter
+from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from torch import Tensor, nn
+
+__all__ = ["Qwen2VLAdapter", "received_attention"]
+
+
+def received_attention(q: Tensor, k: Tensor, chunk: int = 1024) -> Tensor:
+    """Mean attention each key receives over all queries and heads.
+
+    Args:
+        q, k: ``(heads, N, head_dim)`` for one attention segment.
+    Returns:
+        ``(N,)`` float32; sums to 1 over N. Queries are processed in chunks to bound memory at
+        ``heads * chunk * N`` floats.
+    """
+    heads, n, d = q.shape
+    total = torch.zeros(n, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for s in range(0, n, chunk):
+        p = (torch.einsum("hqd,hkd->hqk", q[:, s : s + chunk].float(), kf) * d**-0.5).softmax(-1)
+        total += p.sum(dim=(0, 1))
+    return total / (heads * n)
+
+
+@register_adapter
+class Qwen2VLAdapter(HFVLMAdapter):
+    name = "qwen2_vl"
+    description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration: reduce merged image/video tokens"
+    pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
+    encoder_keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+        return isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
+
+    def placeholder_id(self, modality: str) -> int:
+        cfg = self.model.config
+        return int(cfg.image_token_id if modality == "image" else cfg.video_token_id)
+
+    @property
+    def _merge(self) -> int:
+        return int(self.model.config.vision_config.spatial_merge_size)
+
+    def _capture_scores(self) -> tuple[list[Tensor], Any]:
+        visual = self.model.model.visual
+        attn = visual.blocks[-1].attn
+        captured: list[Tensor] = []
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            cu = kwargs["cu_seqlens"]
+            cos, sin = kwargs["position_embeddings"]
+            n = h.shape[0]
+            q, k, _ = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k = q.transpose(0, 1), k.transpose(0, 1)
+            parts = []
+            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+                parts.append(received_attention(q[:, s:e], k[:, s:e]))
+            # the processor orders patches so each merge window's m*m patches are consecutive
+            per_patch = torch.cat(parts)
+            captured.append(per_patch.view(-1, self._merge**2).mean(-1))
+
+        return captured, attn.register_forward_pre_hook(grab, with_kwargs=True)
+
+    def encode(self, call: dict[str, Any]) -> list[VisualItem]:
+        inner = self.model.model
+        enc = call.get("mm_encoder_outputs") or {}
+        items: list[VisualItem] = []
+        for modality, pix_key, grid_key, fn in (
+            ("image", "pixel_values", "image_grid_thw", inner.get_image_features),
+            ("video", "pixel_values_videos", "video_grid_thw", inner.get_video_features),
+        ):
+            grid_thw = call.get(grid_key)
+            scores: Tensor | None = None
+            if enc.get(modality) is not None:
+                if "scores" in self.reducer.needs:
+                    raise ValueError("cls_attn needs the vision tower to run; pass pixel values, not mm_encoder_outputs")
+                feats = list(enc[modality].pooler_output)
+            elif call.get(pix_key) is not None:
+                if grid_thw is None:
+                    raise ValueError(f"{pix_key} given without {grid_key}")
+                captured, handle = self._capture_scores() if "scores" in self.reducer.needs else ([], None)
+                try:
+                    feats = list(fn(call[pix_key], grid_thw, return_dict=True).pooler_output)
+                finally:
+                    if handle is not None:
+                        handle.remove()
+                scores = captured[-1] if captured else None
+            else:
+                continue
+            offset = 0
+            for i, f in enumerate(feats):
+                grid = None
+                if grid_thw is not None:
+                    t, h, w = (int(v) for v in grid_thw[i])
+                    t, h, w = t, h // self._merge, w // self._merge
+                    grid = (h, w) if (modality == "image" and t == 1) else (t, h, w)
+                n = f.shape[0]
+                s = None if scores is None else scores[offset : offset + n].to(f.device)
+                offset += n
+                items.append(VisualItem(modality, f, grid, s))
+        return items
+
+    def full_positions(self, call: dict[str, Any]) -> Tensor | None:
+        inner = self.model.model
+        if call.get("position_ids") is not None:
+            pos = call["position_ids"]
+            return pos[1:] if pos.shape[0] == 4 else pos
+        if call.get("mm_token_type_ids") is None:
+            raise ValueError("Qwen2-VL needs mm_token_type_ids (returned by its processor) to place M-RoPE positions")
+        extra = {}
+        if call.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = call["second_per_grid_ts"]
+        pos, _ = inner.get_rope_index(
+            call["input_ids"],
+            mm_token_type_ids=call["mm_token_type_ids"],
+            image_grid_thw=call.get("image_grid_thw"),
+            video_grid_thw=call.get("video_grid_thw"),
+            attention_mask=call.get("attention_mask"),
+            **extra,
+        )
+        return pos
+
+    def decode_positions(self, mask: Tensor, q: int) -> Tensor | None:
+        # the host derives decode positions from the whole mask without slicing the new tokens
+        # (transformers 5.23), so hand-written decode loops get them from here instead
+        deltas = self.model.model.rope_deltas
+        if deltas is None:
+            return None
+        pos = (mask.long().cumsum(-1) - 1)[:, -q:] + deltas.to(mask.device)
+        return pos.unsqueeze(0).expand(3, -1, -1)
+
+    def after_prepare(self, new_positions: Tensor | None, new_mask: Tensor | None) -> None:
+        if new_positions is None:
+            return
+        # decoding continues at max(position) + 1; the host derives it as cumsum(mask) - 1 + delta
+        valid = new_mask.bool() if new_mask is not None else torch.ones_like(new_positions[0], dtype=torch.bool)
+        maxpos = new_positions.masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))
+        self.model.model.rope_deltas = (maxpos + 1 - valid.sum(-1)).unsqueeze(1)

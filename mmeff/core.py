@@ -1,0 +1,341 @@
+"""The one API every visual-token reducer in mmeff implements.
+
+A reducer is a small ``@dataclass`` holding its hyper-parameters. Calling it on a token tensor
+``(B, N, D)`` plus a :class:`TokenContext` returns a :class:`Reduction`: the reduced tokens
+``(B, M, D)`` and the bookkeeping needed to recompute positions (which original tokens each output
+token stands for). Adapters (``mmeff.adapters``) call reducers at the model's seams; users apply them
+with ``mmeff.apply(model, reducer)``.
+
+To add a method, subclass :class:`TokenReducer` (or :class:`ScoreTopK`, which only needs ``score``) and
+decorate it with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from mmeff.kernels import gather_tokens, topk_indices_sorted
+
+Grid = tuple[int, ...]
+
+__all__ = [
+    "Grid",
+    "TokenContext",
+    "Reduction",
+    "TokenReducer",
+    "BudgetReducer",
+    "ScoreTopK",
+    "Compose",
+    "register",
+    "create_reducer",
+    "list_reducers",
+    "get_reducer_class",
+]
+
+
+# --------------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class TokenContext:
+    """What a reducer may know about the tokens besides their values.
+
+    Attributes:
+        grid: patch layout of the N tokens, ``(H, W)`` or ``(T, H, W)`` with ``prod(grid) == N``.
+        scores: optional importance per token ``(B, N)`` (e.g. CLS attention from the vision encoder).
+        prompt: optional prompt embedding ``(B, Dp)`` for prompt-guided methods.
+        extras: free-form, method-specific side inputs (kept out of the typed fields on purpose).
+    """
+
+    grid: Grid | None = None
+    scores: Tensor | None = None
+    prompt: Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, tokens: Tensor) -> None:
+        """Check the context against tokens ``(B, N, D)``; raise ``ValueError`` naming the mismatch."""
+        b, n = tokens.shape[:2]
+        if self.grid is not None:
+            if len(self.grid) not in (2, 3) or any(int(g) < 1 for g in self.grid):
+                raise ValueError(f"grid must be (H, W) or (T, H, W) of positive ints, got {self.grid}")
+            if math.prod(self.grid) != n:
+                raise ValueError(f"grid {tuple(self.grid)} has {math.prod(self.grid)} cells but there are {n} tokens")
+        if self.scores is not None:
+            if self.scores.shape != (b, n):
+                raise ValueError(f"scores must have shape (B, N) = {(b, n)}, got {tuple(self.scores.shape)}")
+            if self.scores.device != tokens.device:
+                raise ValueError(f"scores are on {self.scores.device} but tokens are on {tokens.device}")
+        if self.prompt is not None and self.prompt.shape[0] != b:
+            raise ValueError(f"prompt batch {self.prompt.shape[0]} does not match token batch {b}")
+
+
+# ------------------------------------------------------------------------------------------- reduction
+
+
+@dataclass
+class Reduction:
+    """Output of a reducer.
+
+    Attributes:
+        tokens: reduced tokens ``(B, M, D)``.
+        assignment: ``(B, N)`` long, the output index each input token went to, ``-1`` if dropped.
+        indices: ``(B, M)`` long, for pure selections the input index of each kept token (ascending);
+            ``None`` when outputs mix several inputs (merging, pooling, frequency filtering).
+        sizes: ``(B, M)`` float, how many input tokens each output token stands for.
+        grid: layout of the M outputs when they still form a grid (pooling, DCT), else ``None``.
+    """
+
+    tokens: Tensor
+    assignment: Tensor
+    indices: Tensor | None = None
+    sizes: Tensor | None = None
+    grid: Grid | None = None
+
+    def __post_init__(self) -> None:
+        if self.sizes is None:
+            self.sizes = member_counts(self.assignment, self.tokens.shape[1]).to(torch.float32)
+
+    @property
+    def num_tokens(self) -> int:
+        """M, the number of output tokens per sample."""
+        return self.tokens.shape[1]
+
+    @classmethod
+    def identity(cls, tokens: Tensor, grid: Grid | None = None) -> Reduction:
+        """The no-op reduction of ``tokens`` ``(B, N, D)``."""
+        b, n = tokens.shape[:2]
+        idx = torch.arange(n, device=tokens.device).expand(b, n)
+        return cls(tokens=tokens, assignment=idx.clone(), indices=idx.clone(), grid=grid)
+
+    @classmethod
+    def from_indices(cls, tokens: Tensor, indices: Tensor, grid: Grid | None = None) -> Reduction:
+        """Selection of ``indices`` ``(B, M)`` (ascending) from ``tokens`` ``(B, N, D)``."""
+        b, n = tokens.shape[:2]
+        assignment = torch.full((b, n), -1, dtype=torch.long, device=tokens.device)
+        ar = torch.arange(indices.shape[1], device=tokens.device).expand_as(indices)
+        assignment.scatter_(1, indices, ar)
+        return cls(tokens=gather_tokens(tokens, indices), assignment=assignment, indices=indices, grid=grid)
+
+    def positions(self, pos: Tensor) -> Tensor:
+        """Map per-token positions ``(B, N, P)`` (or ``(B, N)``) of the inputs to the outputs.
+
+        A selected token keeps its own position; a merged token gets the member-size-weighted mean
+        position rounded to the nearest integer, so rotary embeddings stay on the integer lattice.
+        """
+        squeeze = pos.dim() == 2
+        p = pos.unsqueeze(-1) if squeeze else pos
+        if self.indices is not None:
+            out = p.gather(1, self.indices.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
+        else:
+            out = group_mean(p.to(torch.float64), self.assignment, self.num_tokens).round().to(pos.dtype)
+        return out.squeeze(-1) if squeeze else out
+
+    def then(self, other: Reduction) -> Reduction:
+        """Compose: ``other`` reduced this reduction's outputs; return the end-to-end bookkeeping."""
+        valid = self.assignment >= 0
+        a = torch.where(valid, other.assignment.gather(1, self.assignment.clamp(min=0)), -1)
+        indices = None
+        if self.indices is not None and other.indices is not None:
+            indices = self.indices.gather(1, other.indices)
+        return Reduction(tokens=other.tokens, assignment=a, indices=indices, grid=other.grid)
+
+
+def member_counts(assignment: Tensor, m: int) -> Tensor:
+    """Number of inputs per output: assignment ``(B, N)`` → counts ``(B, M)`` (dropped tokens ignored)."""
+    b = assignment.shape[0]
+    counts = torch.zeros(b, m + 1, dtype=torch.long, device=assignment.device)
+    counts.scatter_add_(1, assignment.clamp(min=-1) + 1, torch.ones_like(assignment))
+    return counts[:, 1:]
+
+
+def group_mean(x: Tensor, assignment: Tensor, m: int) -> Tensor:
+    """Mean of ``x`` ``(B, N, C)`` over the members of each of ``m`` groups → ``(B, M, C)``."""
+    b, _, c = x.shape
+    out = torch.zeros(b, m + 1, c, dtype=x.dtype, device=x.device)
+    idx = (assignment + 1).unsqueeze(-1).expand(-1, -1, c)
+    out.scatter_add_(1, idx, x)
+    cnt = member_counts(assignment, m).clamp(min=1).unsqueeze(-1).to(x.dtype)
+    return out[:, 1:] / cnt
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[TokenReducer]] = {}
+R = TypeVar("R", bound="type[TokenReducer]")
+
+
+def register(name: str) -> Callable[[R], R]:
+    """Class decorator adding a reducer to the registry under ``name`` (used by the CLI and bench)."""
+
+    def deco(cls: R) -> R:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"reducer name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_reducers() -> list[str]:
+    """Registered reducer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_reducer_class(name: str) -> type[TokenReducer]:
+    """The class registered under ``name``; ``KeyError`` lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown reducer {name!r}; known: {', '.join(list_reducers())}") from None
+
+
+def create_reducer(name: str, **kwargs: Any) -> TokenReducer:
+    """Instantiate a registered reducer, e.g. ``create_reducer("pool", tokens=64)``."""
+    return get_reducer_class(name)(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------- reducers
+
+
+@dataclass
+class TokenReducer:
+    """Base class: a pure function from tokens ``(B, N, D)`` + context to a :class:`Reduction`.
+
+    Subclasses implement :meth:`reduce`. ``needs`` names the context fields the method requires, so an
+    adapter can compute them (e.g. CLS attention) only when asked, and a missing one fails clearly.
+    """
+
+    name: ClassVar[str] = "base"
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def __call__(self, tokens: Tensor, ctx: TokenContext | None = None) -> Reduction:
+        """Validate inputs, then reduce ``tokens`` ``(B, N, D)`` → :class:`Reduction` with ``(B, M, D)``."""
+        ctx = ctx if ctx is not None else TokenContext()
+        if not isinstance(tokens, Tensor):
+            raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+        if tokens.dim() != 3:
+            raise ValueError(f"tokens must have shape (B, N, D), got {tuple(tokens.shape)}")
+        if not tokens.is_floating_point():
+            raise TypeError(f"tokens must be floating point, got {tokens.dtype}")
+        if tokens.shape[1] < 1:
+            raise ValueError("tokens must have N >= 1 tokens")
+        ctx.validate(tokens)
+        for need in self.needs:
+            if getattr(ctx, need) is None:
+                raise ValueError(f"{type(self).__name__} needs context.{need}, which the caller did not provide")
+        return self.reduce(tokens, ctx)
+
+    def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
+        """Method-specific reduction; inputs are already validated."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[TokenReducer]:
+        yield self
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. ``pool(tokens=64)``."""
+        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return f"{self.name}({args})"
+
+
+@dataclass
+class BudgetReducer(TokenReducer):
+    """A reducer with a token budget: exactly one of ``tokens`` (M) or ``ratio`` (M/N, in (0, 1])."""
+
+    tokens: int | None = None
+    ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError(f"{type(self).__name__}: give exactly one of tokens= or ratio=")
+        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens):
+            raise TypeError(f"tokens must be an int, got {self.tokens!r}")
+        if self.tokens is not None and self.tokens < 1:
+            raise ValueError(f"token budget must be >= 1, got {self.tokens}")
+        if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+
+    def budget(self, n: int) -> int:
+        """Number of output tokens for ``n`` inputs; a budget above ``n`` is an error, not a silent clamp."""
+        if self.tokens is not None:
+            if self.tokens > n:
+                raise ValueError(f"{type(self).__name__}: budget tokens={self.tokens} exceeds the {n} tokens given")
+            return int(self.tokens)
+        return max(1, int(round(n * float(self.ratio))))
+
+
+@dataclass
+class ScoreTopK(BudgetReducer):
+    """Keep the top-M tokens by :meth:`score`, in their original order (kvpress's ``ScorerPress``)."""
+
+    def score(self, tokens: Tensor, ctx: TokenContext) -> Tensor:
+        """Importance per token ``(B, N)``; higher is kept."""
+        raise NotImplementedError
+
+    def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
+        n = tokens.shape[1]
+        m = self.budget(n)
+        if m == n:
+            return Reduction.identity(tokens, ctx.grid)
+        scores = self.score(tokens, ctx)
+        return Reduction.from_indices(tokens, topk_indices_sorted(scores, m))
+
+
+@dataclass
+class Compose(TokenReducer):
+    """Run reducers in sequence (e.g. frame sampling, then spatial pooling); bookkeeping is end-to-end."""
+
+    reducers: Sequence[TokenReducer] = ()
+    name: ClassVar[str] = "compose"
+
+    def __post_init__(self) -> None:
+        flat: list[TokenReducer] = []
+        for r in self.reducers:
+            if not isinstance(r, TokenReducer):
+                raise TypeError(f"Compose takes TokenReducer instances, got {type(r).__name__}")
+            flat.extend(r.reducers if isinstance(r, Compose) else [r])
+        if not flat:
+            raise ValueError("Compose needs at least one reducer")
+        self.reducers = tuple(flat)
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(r.needs for r in self.reducers))
+
+    def __call__(self, tokens: Tensor, ctx: TokenContext | None = None) -> Reduction:
+        ctx = ctx if ctx is not None else TokenContext()
+        out: Reduction | None = None
+        for r in self.reducers:
+            step = r(tokens if out is None else out.tokens, ctx)
+            out = step if out is None else out.then(step)
+            # later reducers see the reduced tokens: carry the grid and remap scores
+            scores = None
+            if ctx.scores is not None and step.indices is not None:
+                scores = ctx.scores.gather(1, step.indices)
+            elif ctx.scores is not None:
+                scores = group_mean(ctx.scores.unsqueeze(-1), step.assignment, step.num_tokens).squeeze(-1)
+            ctx = replace(ctx, grid=step.grid, scores=scores)
+        assert out is not None
+        return out
+
+    def __iter__(self) -> Iterator[TokenReducer]:
+        yield from self.reducers
+
+    def describe(self) -> str:
+        return " + ".join(r.describe() for r in self.reducers)
+
+
+def compose(*reducers: TokenReducer) -> TokenReducer:
+    """One reducer from several (returns the single one unchanged)."""
+    if len(reducers) == 1:
+        if not isinstance(reducers[0], TokenReducer):
+            raise TypeError(f"expected a TokenReducer, got {type(reducers[0]).__name__}")
+        return reducers[0]
+    return Compose(reducers)
