@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from mmeff.adapters.base import Adapter
 from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mmeff.adapters.base import Adapter
 from mmeff.core import Grid, Reduction, TokenContext
 
 __all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput"]

@@ -7,11 +7,13 @@ captured by a forward pre-hook on that layer's attention module, so SDPA/flash a
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+from torch import Tensor, nn
 
 from mmeff.adapters.base import cls_attention, register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
-from torch import Tensor, nn
 
 __all__ = ["LlavaAdapter"]
 
@@ -25,9 +27,9 @@ class LlavaAdapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        from transformers import LlavaForConditionalGeneration
-
-        return isinstance(model, LlavaForConditionalGeneration)
+        # only a loaded module can have produced an instance, so never import transformers' LLaVA here
+        mod = sys.modules.get("transformers.models.llava.modeling_llava")
+        return mod is not None and isinstance(model, mod.LlavaForConditionalGeneration)
 
     def placeholder_id(self, modality: str) -> int:
         return int(self.model.config.image_token_id)

@@ -11,12 +11,14 @@ the last vision block (a common CLS-free substitute), averaged over each 2×2 me
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
-from torch import Tensor, nn
 
 __all__ = ["Qwen2VLAdapter", "received_attention"]
 
@@ -48,9 +50,11 @@ class Qwen2VLAdapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-        return isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration))
+        classes = [
+            getattr(sys.modules.get(f"transformers.models.{m}.modeling_{m}"), c, None)
+            for m, c in (("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))
+        ]
+        return any(c is not None and isinstance(model, c) for c in classes)
 
     def placeholder_id(self, modality: str) -> int:
         cfg = self.model.config
@@ -61,10 +65,15 @@ class Qwen2VLAdapter(HFVLMAdapter):
         return int(self.model.config.vision_config.spatial_merge_size)
 
     def _capture_scores(self) -> tuple[list[Tensor], Any]:
+        """Hooks that append per-merged-token scores ``(sum_i n_i,)`` to the returned list on each encode."""
         visual = self.model.model.visual
         attn = visual.blocks[-1].attn
         captured: list[Tensor] = []
+        grids: list[Tensor] = []
         from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        def grab_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            grids.append(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
 
         def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             h = kwargs.get("hidden_states", args[0] if args else None)
@@ -74,14 +83,29 @@ class Qwen2VLAdapter(HFVLMAdapter):
             q, k, _ = module.qkv(h).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
             q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
             q, k = q.transpose(0, 1), k.transpose(0, 1)
-            parts = []
-            for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-                parts.append(received_attention(q[:, s:e], k[:, s:e]))
+            parts = [received_attention(q[:, s:e], k[:, s:e]) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
             # the processor orders patches so each merge window's m*m patches are consecutive
-            per_patch = torch.cat(parts)
-            captured.append(per_patch.view(-1, self._merge**2).mean(-1))
+            merged = torch.cat(parts).view(-1, self._merge**2).mean(-1)
+            if getattr(visual, "window_size", None) is not None:
+                # Qwen2.5-VL runs its blocks in window order; put scores back in the merger's output order
+                from transformers.vision_utils import get_vision_window_index
 
-        return captured, attn.register_forward_pre_hook(grab, with_kwargs=True)
+                window_index, _ = get_vision_window_index(
+                    grids[-1], spatial_merge_size=self._merge, window_size=visual.window_size,
+                    patch_size=visual.patch_size, kwargs={},
+                )
+                merged = merged[torch.argsort(window_index.to(merged.device))]
+            captured.append(merged)
+
+        h1 = visual.register_forward_pre_hook(grab_grid, with_kwargs=True)
+        h2 = attn.register_forward_pre_hook(grab, with_kwargs=True)
+
+        class _Both:
+            def remove(self) -> None:
+                h1.remove()
+                h2.remove()
+
+        return captured, _Both()
 
     def encode(self, call: dict[str, Any]) -> list[VisualItem]:
         inner = self.model.model

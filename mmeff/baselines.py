@@ -39,15 +39,38 @@ class RandomKeep(ScoreTopK):
 @register("uniform")
 @dataclass
 class UniformKeep(BudgetReducer):
-    """Keep M tokens at a uniform stride: token ``floor((i + 0.5) * N / M)`` for ``i < M``."""
+    """Keep M tokens at a uniform stride, in order.
+
+    With a patch grid whose per-frame budget factors as ``h' * w'`` (the same rule as ``pool``), rows and
+    columns are strided separately, so kept tokens cover the image evenly; a flat stride over a row-major
+    grid would keep the same columns in every row. Otherwise token ``floor((i + 0.5) * N / M)`` is kept.
+    """
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         b, n = tokens.shape[:2]
         m = self.budget(n)
         if m == n:
             return Reduction.identity(tokens, ctx.grid)
-        idx = ((torch.arange(m, dtype=torch.float64) + 0.5) * n / m).floor().long().to(tokens.device)
-        return Reduction.from_indices(tokens, idx.expand(b, m).clone())
+        idx = _grid_stride(ctx.grid, m) if ctx.grid is not None else None
+        if idx is None:
+            idx = _centers(n, m)
+        return Reduction.from_indices(tokens, idx.to(tokens.device).expand(b, m).clone())
+
+
+def _centers(size: int, out: int) -> Tensor:
+    return ((torch.arange(out, dtype=torch.float64) + 0.5) * size / out).floor().long()
+
+
+def _grid_stride(grid: Grid, m: int) -> Tensor | None:
+    t, h, w = (1, *grid) if len(grid) == 2 else grid
+    if m % t:
+        return None
+    try:
+        hh, ww = pool_grid_shape(h, w, m // t)
+    except ValueError:
+        return None
+    cell = (_centers(h, hh)[:, None] * w + _centers(w, ww)[None, :]).reshape(-1)
+    return (torch.arange(t)[:, None] * (h * w) + cell[None, :]).reshape(-1)
 
 
 def pool_grid_shape(h: int, w: int, m: int) -> tuple[int, int]:

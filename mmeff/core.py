@@ -241,7 +241,9 @@ class TokenReducer:
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``pool(tokens=64)``."""
-        args = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        args = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and getattr(self, f.name) is not None
+        )
         return f"{self.name}({args})"
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mmeff.adapters import find_adapter
 
 import mmeff
 from mmeff import models
+from mmeff.adapters import find_adapter
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +26,25 @@ def qwen(tmp_path_factory):
     return models.build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen"), seed=0)
 
 
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    # Qwen2.5-VL shares Qwen2-VL's seams but runs its vision blocks in window order
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = models.tiny_qwen2_vl_config()
+    cfg = Qwen2_5_VLConfig(
+        text_config=base.text_config.to_dict(),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        **{k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("qwen25")
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
 def llava_batch(model, batch):
     return models.llava_inputs(model.config, batch=batch, images_per_sample=2 if batch == 1 else 1, seed=batch)
 
@@ -31,7 +54,7 @@ def qwen_batch(model, batch):
     return models.qwen2_vl_inputs(model.config, batch=batch, image_hw=hw, video=(4, 56, 56), seed=batch)
 
 
-MODELS = {"llava": (llava_batch, 64), "qwen": (qwen_batch, None)}
+MODELS = {"llava": (llava_batch, 64), "qwen": (qwen_batch, None), "qwen25": (qwen_batch, None)}
 
 
 def keep_all(name: str) -> list[mmeff.TokenReducer]:
@@ -53,7 +76,7 @@ def reducers(name: str) -> list[mmeff.TokenReducer]:
     ]
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen"])
+@pytest.mark.parametrize("name", ["llava", "qwen", "qwen25"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_keep_everything_equals_plain_model(name, batch, request):
     model = request.getfixturevalue(name)
@@ -123,7 +146,7 @@ def _scores(model, name, inputs, mod, feats, f):
     return _SCORE_CACHE[key][None]
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen"])
+@pytest.mark.parametrize("name", ["llava", "qwen", "qwen25"])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_reduced_pipeline_equals_masked_reference(name, batch, request):
     model = request.getfixturevalue(name)

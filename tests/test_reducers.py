@@ -89,6 +89,19 @@ def test_uniform_stride():
     assert make("uniform", tokens=2)(x).indices.tolist() == [[2, 7]]
 
 
+def test_uniform_strides_rows_and_columns_on_a_grid():
+    x = torch.randn(1, 36, 2)
+    idx = make("uniform", tokens=9)(x, TokenContext(grid=(6, 6))).indices[0]
+    rows, cols = (idx // 6).tolist(), (idx % 6).tolist()
+    assert sorted(set(rows)) == [1, 3, 5] and sorted(set(cols)) == [1, 3, 5]
+    # per frame on video grids
+    v = make("uniform", tokens=8)(torch.randn(1, 2 * 16, 2), TokenContext(grid=(2, 4, 4))).indices[0]
+    assert v.tolist() == [5, 7, 13, 15, 21, 23, 29, 31]
+    # budgets that do not form a grid fall back to the flat stride
+    odd = make("uniform", tokens=7)(x, TokenContext(grid=(6, 6))).indices[0]
+    assert odd.tolist() == [2, 7, 12, 18, 23, 28, 33]
+
+
 def test_cls_attn_keeps_top_scores(x):
     ctx = ctx_for(x)
     out = make("cls_attn", tokens=7)(x, ctx)
@@ -176,7 +189,7 @@ def test_compose_bookkeeping(x):
     assert isinstance(comp, mmeff.Compose)
     out = comp(x, ctx_for(x))
     pooled = mmeff.AvgPool(tokens=12)(x, ctx_for(x))
-    kept = mmeff.UniformKeep(tokens=4)(pooled.tokens)
+    kept = mmeff.UniformKeep(tokens=4)(pooled.tokens, TokenContext(grid=pooled.grid))
     torch.testing.assert_close(out.tokens, kept.tokens)
     # inputs of dropped pooled cells are dropped end to end; kept cells keep all 4 members
     assert torch.equal(out.sizes, torch.full((3, 4), 4.0))
@@ -185,7 +198,7 @@ def test_compose_bookkeeping(x):
     sel = mmeff.compose(mmeff.UniformKeep(tokens=24), mmeff.CLSAttnTopK(tokens=6))
     ctx = ctx_for(x)
     out = sel(x, ctx)
-    first = mmeff.UniformKeep(tokens=24)(x).indices
+    first = mmeff.UniformKeep(tokens=24)(x, ctx).indices
     expected = first.gather(1, torch.topk(ctx.scores.gather(1, first), 6).indices.sort().values)
     assert torch.equal(out.indices, expected)
     assert "uniform" in sel.describe() and "cls_attn" in sel.describe()

@@ -1,0 +1,75 @@
+"""The console script, the README's commands and the package layout."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mmeff.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_folders_do_not_shadow_pypi_packages():
+    # datasets/ and kernels/ are mmeff.datasets / mmeff.kernels, never top-level modules
+    for name in ("datasets", "kernels"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin is not None:
+            assert not Path(spec.origin).resolve().is_relative_to(ROOT), f"{name} resolves into the repo"
+    import mmeff.datasets
+    import mmeff.kernels
+
+    assert Path(mmeff.datasets.__file__).parent.resolve() == ROOT / "datasets"
+    assert Path(mmeff.kernels.__file__).parent.resolve() == ROOT / "kernels"
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- commands -->\s*```bash\n(.*?)```", text, re.S)
+    assert block, "README must keep its two set-up commands in the marked bash block"
+    return [line for line in block.group(1).splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_has_two_commands_and_ci_runs_the_test_one():
+    cmds = _readme_commands()
+    assert len(cmds) == 2
+    main_job, tests = cmds
+    assert "mmeff bench" in main_job and "pytest" in tests
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert tests in ci, ".ci/run must run exactly the README's test command"
+
+
+def test_list_shows_reducers_and_adapters(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("random", "uniform", "pool", "cls_attn", "llava", "qwen2_vl", "timm_vit", "open_clip"):
+        assert re.search(rf"^\s+{name}\s", out, re.M), name
+
+
+def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    rc = main(["bench", "--model", "tiny-llava", "--media", "image", "--repeats", "1", "--decode-tokens", "2",
+               "--answer-tokens", "3", "--methods", "pool,random", "--json", str(path)])
+    assert rc == 0
+    data = json.loads(path.read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"none", "pool(ratio=0.25)", "random(ratio=0.25, seed=0)"}
+    assert rows["none"]["visual_tokens"] == 64
+    assert rows["pool(ratio=0.25)"]["visual_tokens"] == 16
+    assert rows["none"]["token_agreement"] == 1.0 and rows["none"]["kl_next_token"] == pytest.approx(0, abs=1e-6)
+    assert rows["pool(ratio=0.25)"]["llm_prefill_gflops"] < rows["none"]["llm_prefill_gflops"]
+    assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in rows.values())
+    out = capsys.readouterr().out
+    assert "vis tok" in out and "pool(ratio=0.25)" in out
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "--model", "tiny-llava", "--methods", "nope"]) == 2
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--ratio", "1.5"]) == 2
+    assert main(["bench", "--model", "/no/such/folder"]) == 2
+    assert "cannot load model '/no/such/folder'" in capsys.readouterr().err
