@@ -29,6 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmeff.adapters.base import Adapter
 from mmeff.core import Grid, Reduction, TokenContext
+from mmeff.hfconfig import pad_token_id
 
 __all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput"]
 
@@ -252,7 +253,7 @@ class HFVLMAdapter(Adapter):
             out[..., rr, dd] = t[..., rr, cc]
             return out
 
-        pad_id = self._pad_id()
+        pad_id = pad_token_id(self.model.config)
         new = dict(call)
         new["input_ids"] = pack(input_ids, pad_id)
         for key, fill in self.seq_keys.items():
@@ -270,13 +271,6 @@ class HFVLMAdapter(Adapter):
             enc[modality] = ReducedEncoderOutput(pooler_output=[reds[i].tokens[0] for i in idx])
         new["mm_encoder_outputs"] = enc
         return new
-
-    def _pad_id(self) -> int:
-        cfg = self.model.config
-        pad = getattr(cfg, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(getattr(cfg, "text_config", None), "pad_token_id", None)
-        return int(pad) if pad is not None else 0
 
 
 def _select_row(red: Reduction, j: int) -> Reduction:

