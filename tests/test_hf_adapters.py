@@ -281,3 +281,40 @@ def test_qwen_positions_are_gathered_from_unreduced_layout(qwen):
     torch.testing.assert_close(seen["pos"][:, 0], full[:, 0, keep])
     # decoding continues right after the largest position
     assert int(qwen.model.rope_deltas[0]) == int(full.max()) + 1 - int(keep.sum())
+
+
+def test_qwen25_scores_follow_merger_order(qwen25):
+    """Qwen2.5-VL runs its blocks in window order; scores must come back in the merger's output order.
+
+    Reference: take the last block's q/k (window order), move them back to the original patch order, and
+    compute the received attention there; it must equal the adapter's scores for each merged token.
+    """
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    from mmeff.adapters.qwen2_vl import received_attention
+
+    inputs = models.qwen2_vl_inputs(qwen25.config, batch=1, image_hw=[(112, 168)], seed=3)
+    visual = qwen25.model.visual
+    assert visual.blocks[-1] is visual.blocks[visual.fullatt_block_indexes[-1]]
+    seen = {}
+    attn = visual.blocks[-1].attn
+    hook = attn.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(kw, h=a[0] if a else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        adapter = find_adapter(qwen25)(qwen25, mmeff.CLSAttnTopK(ratio=1.0))
+        items = adapter.encode(dict(inputs))
+    finally:
+        hook.remove()
+    h, (cos, sin) = seen["h"], seen["position_embeddings"]
+    n = h.shape[0]
+    q, k, _ = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    window_index, _ = get_vision_window_index(inputs["image_grid_thw"], spatial_merge_size=2,
+                                              window_size=visual.window_size, patch_size=14, kwargs={})
+    assert not torch.equal(window_index, torch.arange(len(window_index))), "test needs a real window permutation"
+    patch_order = (window_index[:, None] * 4 + torch.arange(4)).reshape(-1)
+    inv = torch.argsort(patch_order)
+    ref = received_attention(q[inv].transpose(0, 1), k[inv].transpose(0, 1)).view(-1, 4).mean(-1)
+    torch.testing.assert_close(items[0].scores, ref, rtol=1e-5, atol=1e-7)
