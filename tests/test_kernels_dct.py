@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first Triton launch
-
 import numpy as np
 import pytest
 import scipy.fft as sfft
 import torch
 
 from mmeff.kernels.dct import dct2, dct_lowpass, dct_matrix, idct2, lowpass_matrix
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton_interpreter():
+    """Run Triton kernels in the CPU interpreter for this module only (kernels are jit-wrapped lazily)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
 
 GRIDS = [(5, 7), (24, 24), (1, 6), (6, 1), (3, 2), (9, 16)]
 

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the first Triton launch
-
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -21,6 +16,14 @@ from mmeff.kernels.merge import (
 )
 
 HYP = settings(max_examples=20, deadline=None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _triton_interpreter():
+    """Run Triton kernels in the CPU interpreter for this module only (kernels are jit-wrapped lazily)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
 
 
 
