@@ -24,10 +24,17 @@ class Adapter:
 
     name: ClassVar[str] = "base"
     description: ClassVar[str] = ""
+    #: keyword options ``mmeff.apply(model, reducer, **options)`` accepts for this adapter
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module, reducer: TokenReducer, **options: Any) -> None:
         if not isinstance(reducer, TokenReducer):
             raise TypeError(f"expected a TokenReducer, got {type(reducer).__name__}")
+        unknown = sorted(set(options) - self.option_names)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}: unknown option(s) {unknown}; supported: {sorted(self.option_names)}"
+            )
         self.model = model
         self.reducer = reducer
         self.options = options

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmeff.adapters.base import Adapter
-from mmeff.core import Grid, Reduction, TokenContext
+from mmeff.core import STAGES, Grid, Reduction, TokenContext
 from mmeff.hfconfig import pad_token_id
 
-__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput"]
+__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "select_row"]
 
 
 class ReducedEncoderOutput(BaseModelOutputWithPooling):
@@ -40,16 +40,39 @@ class ReducedEncoderOutput(BaseModelOutputWithPooling):
 
 @dataclass
 class VisualItem:
-    """One image or video as the LLM consumes it: ``features`` ``(N, D)`` laid out on ``grid``."""
+    """One image or video as the LLM consumes it: ``features`` ``(N, D)`` laid out on ``grid``.
+
+    When the reducer already ran inside the encoder call (``stage="pre_projector"``), ``reduction`` holds
+    its bookkeeping and ``features`` are the reduced, projected ``(M, D)`` tokens; ``grid`` stays the
+    unreduced one, since placeholders and positions are laid out for it.
+    """
 
     modality: str
     features: Tensor
     grid: Grid | None
     scores: Tensor | None = None
+    reduction: Reduction | None = None
+
+    @property
+    def num_inputs(self) -> int:
+        """N, the item's tokens before reduction (= its placeholder tokens in ``input_ids``)."""
+        if self.reduction is not None:
+            return int(self.reduction.assignment.shape[1])
+        return int(self.features.shape[0])
 
 
 class HFVLMAdapter(Adapter):
-    """Base for LLaVA/Qwen2-VL style models. Subclasses define the encoders and position handling."""
+    """Base for LLaVA/Qwen2-VL style models. Subclasses define the encoders and position handling.
+
+    Options:
+        stage: ``"pre_projector"`` (reduce the vision encoder's output, so the projector runs on fewer
+            tokens) or ``"post_projector"`` (reduce what the LLM reads). Default: the reducer's
+            :meth:`~mmeff.core.TokenReducer.default_stage` for this host, i.e. where its paper runs it.
+    """
+
+    option_names = frozenset({"stage"})
+    #: stages this host supports
+    stages: tuple[str, ...] = ("post_projector",)
 
     #: model-forward keyword holding raw pixels for each modality
     pixel_keys: dict[str, str] = {}
@@ -76,6 +99,19 @@ class HFVLMAdapter(Adapter):
 
     def after_prepare(self, new_positions: Tensor | None, new_mask: Tensor | None) -> None:
         """Hook for host state that depends on the reduced layout (e.g. Qwen2-VL's ``rope_deltas``)."""
+
+    def __init__(self, model: nn.Module, reducer: Any, **options: Any) -> None:
+        super().__init__(model, reducer, **options)
+        stage = options.get("stage")
+        stage = self.reducer.default_stage(self.name) if stage is None else stage
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage not in self.stages:
+            raise ValueError(f"{type(self).__name__} does not support stage={stage!r}{self._stage_hint(stage)}")
+        self.stage: str = stage
+
+    def _stage_hint(self, stage: str) -> str:
+        return f"; supported: {self.stages}"
 
     # ----------------------------------------------------------------------------------------- attach
     def attach(self) -> None:
@@ -181,7 +217,8 @@ class HFVLMAdapter(Adapter):
         positions = self.full_positions(call)
         new = self._shrink(call, items, reductions, positions)
         self.stats = {
-            "visual_tokens_in": sum(int(i.features.shape[0]) for i in items),
+            "stage": self.stage,
+            "visual_tokens_in": sum(i.num_inputs for i in items),
             "visual_tokens_out": sum(int(r.num_tokens) for r in reductions),
             "items": len(items),
             "prompt_len_in": int(input_ids.shape[1]),
@@ -195,16 +232,18 @@ class HFVLMAdapter(Adapter):
 
     def _reduce_items(self, items: list[VisualItem]) -> list[Reduction]:
         # items of the same shape and grid are reduced as one batch (e.g. the frames of a video as images)
-        out: list[Reduction | None] = [None] * len(items)
+        out: list[Reduction | None] = [it.reduction for it in items]
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
+            if it.reduction is not None:
+                continue
             groups.setdefault((it.modality, tuple(it.features.shape), it.grid, it.scores is None), []).append(i)
         for (_, _, grid, _), idx in groups.items():
             feats = torch.stack([items[i].features for i in idx])
             scores = torch.stack([items[i].scores for i in idx]) if items[idx[0]].scores is not None else None
             red = self.reducer(feats, TokenContext(grid=grid, scores=scores))
             for j, i in enumerate(idx):
-                out[i] = _select_row(red, j)
+                out[i] = select_row(red, j)
         return [r for r in out if r is not None]
 
     def _shrink(
@@ -212,14 +251,14 @@ class HFVLMAdapter(Adapter):
     ) -> dict[str, Any]:
         input_ids: Tensor = call["input_ids"]
         b, length = input_ids.shape
-        keep = torch.ones(b, length, dtype=torch.bool, device=input_ids.device)
+        keep = ~_padding(call.get("attention_mask"), b, length, input_ids.device)
         new_pos = positions.clone() if positions is not None else None
         per_modality: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             per_modality.setdefault(it.modality, []).append(i)
         for modality, idx in per_modality.items():
             rows, cols = (input_ids == self.placeholder_id(modality)).nonzero(as_tuple=True)
-            need = sum(int(items[i].features.shape[0]) for i in idx)
+            need = sum(items[i].num_inputs for i in idx)
             if rows.numel() != need:
                 raise ValueError(
                     f"{modality} placeholder tokens and features do not match: {rows.numel()} placeholders in input_ids, "
@@ -227,7 +266,7 @@ class HFVLMAdapter(Adapter):
                 )
             offset = 0
             for i in idx:
-                n, m = int(items[i].features.shape[0]), reds[i].num_tokens
+                n, m = items[i].num_inputs, reds[i].num_tokens
                 r, c = rows[offset : offset + n], cols[offset : offset + n]
                 offset += n
                 if not bool((r == r[0]).all()):
@@ -273,7 +312,8 @@ class HFVLMAdapter(Adapter):
         return new
 
 
-def _select_row(red: Reduction, j: int) -> Reduction:
+def select_row(red: Reduction, j: int) -> Reduction:
+    """Row ``j`` of a batched reduction, as a batch of one."""
     return Reduction(
         tokens=red.tokens[j : j + 1],
         assignment=red.assignment[j : j + 1],
@@ -281,6 +321,17 @@ def _select_row(red: Reduction, j: int) -> Reduction:
         sizes=None if red.sizes is None else red.sizes[j : j + 1],
         grid=red.grid,
     )
+
+
+def _padding(mask: Tensor | None, b: int, length: int, device: torch.device) -> Tensor:
+    """``(B, L)`` bool, True on leading/trailing padding; dropped so rows re-pad to the new longest row
+    (otherwise a batch keeps the old width and the LLM computes every padding column)."""
+    if not isinstance(mask, Tensor) or mask.shape != (b, length):
+        return torch.zeros(b, length, dtype=torch.bool, device=device)
+    valid = mask.to(device) != 0
+    lead = valid.long().cumsum(1) == 0
+    trail = valid.long().flip(1).cumsum(1).flip(1) == 0
+    return lead | trail
 
 
 def _is_left_padded(mask: Tensor | None) -> bool:

@@ -1,7 +1,9 @@
 """HF transformers ``LlavaForConditionalGeneration`` (LLaVA-1.5 and friends with a CLIP-like tower).
 
-Reduction happens on the projected features (what the LLM reads), one image at a time with its
-``(H, W)`` patch grid. ``cls_attn`` scores come from q/k of the CLS token at the feature layer,
+Reduction happens on the projected features (what the LLM reads) or, with ``stage="pre_projector"`` (the
+default for methods whose paper does so, e.g. Fourier-VLM), on the vision tower's selected features right
+before ``multi_modal_projector``, through a forward pre-hook on it; one image at a time with its ``(H, W)``
+patch grid either way. ``cls_attn`` scores come from q/k of the CLS token at the feature layer,
 captured by a forward pre-hook on that layer's attention module, so SDPA/flash attention stay on.
 """
 
@@ -13,7 +15,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from mmeff.adapters.base import cls_attention, register_adapter
-from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
+from mmeff.core import Reduction, TokenContext
 
 __all__ = ["LlavaAdapter"]
 
@@ -23,6 +26,7 @@ class LlavaAdapter(HFVLMAdapter):
     name = "llava"
     description = "transformers LlavaForConditionalGeneration (LLaVA-1.5): reduce projected image features"
     pixel_keys = {"image": "pixel_values"}
+    stages = ("pre_projector", "post_projector")
     encoder_keys = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
 
     @classmethod
@@ -61,15 +65,41 @@ class LlavaAdapter(HFVLMAdapter):
         inner = self.model.model
         enc = call.get("mm_encoder_outputs") or {}
         captured: list[Tensor] = []
+        early: list[Reduction] = []
+        patch = int(self.model.config.vision_config.patch_size)
         if enc.get("image") is not None:
             if "scores" in self.reducer.needs:
                 raise ValueError("cls_attn needs the vision tower to run; pass pixel_values, not mm_encoder_outputs")
+            if self.stage == "pre_projector":
+                raise ValueError(
+                    "stage='pre_projector' needs pixel_values: mm_encoder_outputs are already projected "
+                    "(pass stage='post_projector' to reduce them)"
+                )
             feats = list(enc["image"].pooler_output)
             pixel_hw = None
         else:
             pixel_values: Tensor = call["pixel_values"]
             pixel_hw = tuple(pixel_values.shape[-2:])
-            handle = None
+            handles = []
+            if self.stage == "pre_projector":
+                if call.get("image_sizes") is not None:
+                    raise ValueError("stage='pre_projector' does not support image_sizes (packed variable-size images)")
+                grid = (pixel_hw[0] // patch, pixel_hw[1] // patch)
+                strategy = self._strategy(call)
+
+                def reduce_input(module: nn.Module, args: tuple) -> tuple:
+                    x = args[0]
+                    s = None
+                    if captured:
+                        s = captured[-1][:, 1:] if strategy == "default" else captured[-1]
+                        s = s.to(x.device)
+                    # the grid only describes the patches; with strategy "full" the CLS token breaks it
+                    g = grid if x.shape[1] == grid[0] * grid[1] else None
+                    red = self.reducer(x, TokenContext(grid=g, scores=s))
+                    early.append(red)
+                    return (red.tokens, *args[1:])
+
+                handles.append(inner.multi_modal_projector.register_forward_pre_hook(reduce_input))
             if "scores" in self.reducer.needs:
                 attn = self._attention_layer(self._feature_layer(call))
 
@@ -80,7 +110,7 @@ class LlavaAdapter(HFVLMAdapter):
                     k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
                     captured.append(cls_attention(q, k))
 
-                handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+                handles.insert(0, attn.register_forward_pre_hook(grab, with_kwargs=True))
             try:
                 out = inner.get_image_features(
                     pixel_values=pixel_values,
@@ -90,13 +120,17 @@ class LlavaAdapter(HFVLMAdapter):
                     return_dict=True,
                 )
             finally:
-                if handle is not None:
-                    handle.remove()
+                for h in handles:
+                    h.remove()
             feats = list(out.pooler_output)
         scores = captured[-1] if captured else None
-        patch = int(self.model.config.vision_config.patch_size)
         items = []
         for i, f in enumerate(feats):
+            if early:
+                red = select_row(early[-1], i)
+                red.tokens = f.unsqueeze(0)
+                items.append(VisualItem("image", f, grid, None, reduction=red))
+                continue
             n = f.shape[0]
             grid = None
             if pixel_hw is not None and n == (pixel_hw[0] // patch) * (pixel_hw[1] // patch):

@@ -5,6 +5,18 @@ video on its ``(t, h, w)`` grid, in merged-token units (``grid_thw // (1, 2, 2)`
 computed by the host's ``get_rope_index`` on the unreduced prompt and gathered for the kept tokens;
 ``rope_deltas`` is set for the reduced layout so decoding continues at the right position.
 
+Options (``mmeff.apply(model, reducer, **options)``):
+
+- ``mrope="gather"`` (default): every kept token keeps its original (t, h, w) M-RoPE position, a merged
+  token its members' rounded mean; text after the image keeps its unreduced positions.
+- ``mrope="regrid"``: for grid-shaped reductions (pool, Fourier-VLM), positions are recomputed by the
+  host's ``get_rope_index`` as if the image had the reduced grid (``grid_thw = (t, 2h', 2w')``), which is
+  what Fourier-VLM's code does by overwriting ``grid_thw``; here the caller's ``grid_thw`` is never
+  mutated, so running the same inputs twice gives the same result.
+
+``stage="pre_projector"`` is refused: the PatchMerger consumes 2x2 windows of patches, which a reduction
+before it would break; every method here runs on its output.
+
 The encoder has no CLS token, so ``cls_attn`` scores here are the mean attention each patch receives in
 the last vision block (a common CLS-free substitute), averaged over each 2×2 merge window.
 """
@@ -47,6 +59,17 @@ class Qwen2VLAdapter(HFVLMAdapter):
     description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration: reduce merged image/video tokens"
     pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     encoder_keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    option_names = frozenset({"stage", "mrope"})
+
+    def __init__(self, model: nn.Module, reducer: Any, **options: Any) -> None:
+        super().__init__(model, reducer, **options)
+        mrope = options.get("mrope", "gather")
+        if mrope not in ("gather", "regrid"):
+            raise ValueError(f"mrope must be 'gather' or 'regrid', got {mrope!r}")
+        self.mrope: str = mrope
+
+    def _stage_hint(self, stage: str) -> str:
+        return "; the PatchMerger needs whole 2x2 patch windows, so reductions run on its output (post_projector)"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -174,6 +197,40 @@ class Qwen2VLAdapter(HFVLMAdapter):
             return None
         pos = (mask.long().cumsum(-1) - 1)[:, -q:] + deltas.to(mask.device)
         return pos.unsqueeze(0).expand(3, -1, -1)
+
+    def _shrink(self, call: dict[str, Any], items: list[VisualItem], reds: list, positions: Tensor | None) -> dict:
+        new = super()._shrink(call, items, reds, positions)
+        if self.mrope == "regrid":
+            new["position_ids"] = self._regrid_positions(call, new, items, reds)
+        return new
+
+    def _regrid_positions(self, call: dict[str, Any], new: dict[str, Any], items: list[VisualItem], reds: list) -> Tensor:
+        """M-RoPE positions of the reduced prompt with every item laid out on its reduced grid."""
+        if call.get("position_ids") is not None:
+            raise ValueError("mrope='regrid' recomputes positions; it cannot be combined with explicit position_ids")
+        grids: dict[str, list[list[int]]] = {"image": [], "video": []}
+        for it, red in zip(items, reds, strict=True):
+            if red.grid is None or it.grid is None:
+                raise ValueError(
+                    f"mrope='regrid' needs reductions that keep a grid (pool, fourier); {self.reducer.describe()} does not"
+                )
+            t = 1 if len(red.grid) == 2 else int(red.grid[0])
+            if len(it.grid) == 3 and t != it.grid[0]:
+                raise ValueError("mrope='regrid' needs the frame count unchanged (per-frame grid reductions)")
+            grids[it.modality].append([t, int(red.grid[-2]) * self._merge, int(red.grid[-1]) * self._merge])
+        dev = new["input_ids"].device
+        extra = {}
+        if call.get("second_per_grid_ts") is not None:
+            extra["second_per_grid_ts"] = call["second_per_grid_ts"]
+        pos, _ = self.model.model.get_rope_index(
+            new["input_ids"],
+            mm_token_type_ids=new["mm_token_type_ids"],
+            image_grid_thw=torch.tensor(grids["image"], device=dev) if grids["image"] else None,
+            video_grid_thw=torch.tensor(grids["video"], device=dev) if grids["video"] else None,
+            attention_mask=new.get("attention_mask"),
+            **extra,
+        )
+        return pos
 
     def after_prepare(self, new_positions: Tensor | None, new_mask: Tensor | None) -> None:
         if new_positions is None:

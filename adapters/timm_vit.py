@@ -79,14 +79,9 @@ class ViTEncoderAdapter(Adapter):
     Subclasses implement :meth:`tower`.
     """
 
-    option_names: frozenset[str] = frozenset({"layer"})
+    option_names = frozenset({"layer"})
 
     def __init__(self, model: nn.Module, reducer: TokenReducer, **options: Any) -> None:
-        unknown = sorted(set(options) - self.option_names)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}: unknown option(s) {unknown}; supported: {sorted(self.option_names)}"
-            )
         super().__init__(model, reducer, **options)
         layer = options.get("layer", 0)
         if isinstance(layer, bool) or not isinstance(layer, int):

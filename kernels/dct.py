@@ -264,7 +264,8 @@ def dct_lowpass(x: Tensor, out_hw: tuple[int, int], rescale: bool = False) -> Te
     DCT-II of size ``H×W``, keep the ``[:h', :w']`` corner, inverse DCT of size ``h'×w'``, evaluated as
     ``A_h @ X @ A_wᵀ`` with cached ``A_h = C_{h'}ᵀ @ C_H[:h', :]``. The output amplitude is scaled by
     ``√(HW/(h'w'))`` (official behaviour); ``rescale=True`` undoes that. Computed in fp32, returned in
-    ``x.dtype``; CUDA tensors use a fused Triton kernel (see :mod:`mmeff.kernels.dispatch`).
+    ``x.dtype``; CUDA tensors use a fused Triton kernel (see :mod:`mmeff.kernels.dispatch`) unless a
+    gradient is needed, in which case the PyTorch path runs so autograd works.
     """
     _check_grid(x)
     _, h, w, _ = x.shape
@@ -272,7 +273,9 @@ def dct_lowpass(x: Tensor, out_hw: tuple[int, int], rescale: bool = False) -> Te
     cd = _compute_dtype(x)
     a_h = lowpass_matrix(h, ho, rescale, x.device, cd)
     a_w = lowpass_matrix(w, wo, rescale, x.device, cd)
-    if x.dtype in SUPPORTED_DTYPES and x.numel() > 0 and _HAS_TRITON and use_triton(x):
+    # the Triton kernel has no backward: fine-tuning through the filter takes the (differentiable) matmuls
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.dtype in SUPPORTED_DTYPES and x.numel() > 0 and not needs_grad and _HAS_TRITON and use_triton(x):
         return _lowpass_triton(x, a_h, a_w)
     return _apply_hw(x.to(cd), a_h, a_w).to(x.dtype)
 

@@ -10,6 +10,7 @@ from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
     BudgetReducer,
     Compose,
+    GridReducer,
     Reduction,
     ScoreTopK,
     TokenContext,
@@ -20,6 +21,7 @@ from mmeff.core import (
     list_reducers,
     register,
 )
+from mmeff.fourier import FourierLowPass, fourier_compress
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,8 @@ __all__ = [
     "BudgetReducer",
     "CLSAttnTopK",
     "Compose",
+    "FourierLowPass",
+    "GridReducer",
     "RandomKeep",
     "Reduction",
     "ScoreTopK",
@@ -38,6 +42,7 @@ __all__ = [
     "attach",
     "compose",
     "create_reducer",
+    "fourier_compress",
     "get_reducer_class",
     "list_reducers",
     "patch",

@@ -15,7 +15,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmeff.core import BudgetReducer, Grid, Reduction, ScoreTopK, TokenContext, group_mean, register
+from mmeff.core import (
+    BudgetReducer,
+    Grid,
+    GridReducer,
+    Reduction,
+    ScoreTopK,
+    TokenContext,
+    grid_cells,
+    group_mean,
+    pool_grid_shape,
+    register,
+)
 
 __all__ = ["RandomKeep", "UniformKeep", "AvgPool", "CLSAttnTopK", "pool_grid_shape"]
 
@@ -73,76 +84,24 @@ def _grid_stride(grid: Grid, m: int) -> Tensor | None:
     return (torch.arange(t)[:, None] * (h * w) + cell[None, :]).reshape(-1)
 
 
-def pool_grid_shape(h: int, w: int, m: int) -> tuple[int, int]:
-    """The ``(h', w')`` with ``h' * w' == m``, ``h' <= h``, ``w' <= w`` whose aspect is closest to ``h / w``."""
-    best: tuple[float, tuple[int, int]] | None = None
-    for hh in range(1, min(h, m) + 1):
-        if m % hh:
-            continue
-        ww = m // hh
-        if ww > w:
-            continue
-        err = abs(math.log((hh / ww) / (h / w)))
-        if best is None or err < best[0]:
-            best = (err, (hh, ww))
-    if best is None:
-        raise ValueError(f"no {m}-token grid fits inside a {h}x{w} grid; pick a budget of the form h'*w' with h'<={h}, w'<={w}")
-    return best[1]
-
-
-def _bins(size: int, out: int) -> Tensor:
-    # non-overlapping bins (unlike adaptive_avg_pool2d's overlapping windows), so every input token
-    # belongs to exactly one output token and positions/sizes stay well defined
-    return torch.div(torch.arange(size) * out, size, rounding_mode="floor")
-
-
 @register("pool")
 @dataclass
-class AvgPool(BudgetReducer):
+class AvgPool(GridReducer):
     """Average-pool the patch grid ``(H, W)`` (or each frame of ``(T, H, W)``) to a smaller grid.
 
-    The budget is total tokens: for video grids it must be a multiple of T. ``out_grid`` may fix
-    ``(h', w')`` directly instead of a budget. Non-divisible sizes use contiguous, non-overlapping bins.
+    Budget: ``tokens``/``ratio``/``out_grid``/``axis_ratio`` as in :class:`~mmeff.core.GridReducer`.
+    Non-divisible sizes use contiguous, non-overlapping bins (:func:`~mmeff.core.grid_cells`).
     """
-
-    out_grid: tuple[int, int] | None = None
-    needs = frozenset({"grid"})
-
-    def __post_init__(self) -> None:
-        if self.out_grid is not None:
-            if self.tokens is not None or self.ratio is not None:
-                raise ValueError("AvgPool: give out_grid= or a budget (tokens=/ratio=), not both")
-            if len(self.out_grid) != 2 or min(self.out_grid) < 1:
-                raise ValueError(f"out_grid must be (h, w) of positive ints, got {self.out_grid}")
-            return
-        super().__post_init__()
-
-    def target(self, grid: Grid) -> tuple[int, int]:
-        """Output grid ``(h', w')`` per frame for an input ``grid``."""
-        t, h, w = (1, *grid) if len(grid) == 2 else grid
-        if self.out_grid is not None:
-            hh, ww = self.out_grid
-            if hh > h or ww > w:
-                raise ValueError(f"out_grid {self.out_grid} is larger than the {h}x{w} input grid")
-            return hh, ww
-        m = self.budget(t * h * w)
-        if m % t:
-            raise ValueError(f"AvgPool: budget {m} is not a multiple of the {t} frames")
-        return pool_grid_shape(h, w, m // t)
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         grid = ctx.grid
         assert grid is not None
-        t, h, w = (1, *grid) if len(grid) == 2 else grid
-        hh, ww = self.target(grid)
-        if (hh, ww) == (h, w):
+        out_grid = self.out_grid_for(grid)
+        if out_grid == tuple(grid):
             return Reduction.identity(tokens, grid)
-        cell = (_bins(h, hh)[:, None] * ww + _bins(w, ww)[None, :]).reshape(-1)
-        frame = torch.arange(t)[:, None] * (hh * ww)
-        assignment = (frame + cell[None, :]).reshape(-1).to(tokens.device).expand(tokens.shape[0], -1)
-        m = t * hh * ww
-        pooled = group_mean(tokens.float(), assignment, m).to(tokens.dtype)
-        out_grid: Grid = (hh, ww) if len(grid) == 2 else (t, hh, ww)
+        cells = grid_cells(grid, out_grid[-2:]).to(tokens.device)
+        assignment = cells.expand(tokens.shape[0], -1)
+        pooled = group_mean(tokens.float(), assignment, math.prod(out_grid)).to(tokens.dtype)
         return Reduction(tokens=pooled, assignment=assignment.clone(), grid=out_grid)
 
 

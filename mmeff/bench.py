@@ -45,6 +45,7 @@ class BenchRow:
     token_agreement: float | None = None
     kl_next_token: float | None = None
     answer: str = ""
+    stage: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,8 +80,12 @@ def bench_reducers(
     decode_tokens: int = 8,
     warmup: int = 1,
     repeats: int = 3,
+    options: dict[str, Any] | None = None,
 ) -> list[BenchRow]:
-    """Profile and compare each method against the unreduced model (``methods["none"]`` must be ``None``)."""
+    """Profile and compare each method against the unreduced model (``methods["none"]`` must be ``None``).
+
+    ``options`` are adapter options applied to every method (e.g. ``{"stage": "pre_projector"}``).
+    """
     from mmeff.profile import profile
 
     rows: list[BenchRow] = []
@@ -88,12 +93,14 @@ def bench_reducers(
     bar = tqdm(methods.items(), desc=f"bench[{media}]", unit="method")
     for name, method in bar:
         bar.set_postfix_str(name)
-        rep = profile(model, inputs, method, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
+        rep = profile(
+            model, inputs, method, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, options=options
+        )
         with torch.inference_mode():
             if method is None:
                 tokens, logp = _greedy(model, inputs, answer_tokens)
             else:
-                with mmeff.apply(model, method):
+                with mmeff.apply(model, method, **(options or {})) as handle:
                     tokens, logp = _greedy(model, inputs, answer_tokens)
         if method is None:
             ref_tokens, ref_logp = tokens, logp
@@ -102,12 +109,14 @@ def bench_reducers(
             agree = float((tokens == ref_tokens).float().mean())
             first = bool((tokens[:, 0] == ref_tokens[:, 0]).all())
             kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+        stage = handle.stats.get("stage") if method is not None else None
         answer = tokenizer.decode(tokens[0], skip_special_tokens=True).strip() if tokenizer is not None else ""
         d = rep.as_dict()
         rows.append(
             BenchRow(
                 media=media,
                 method=name if method is None else method.describe(),
+                stage=stage or "",
                 visual_tokens=int(d["visual_tokens"]),
                 prompt_tokens=int(d["visual_tokens"] + d["text_tokens"]),
                 prefill_gflops=d["flops"]["total"] / 1e9,
@@ -126,7 +135,7 @@ def bench_reducers(
 
 def format_table(rows: list[BenchRow]) -> str:
     """Plain-text table; ratios are against the ``none`` row of the same media."""
-    head = ["media", "method", "vis tok", "GFLOPs", "LLM GFLOPs", "KV MiB", "prefill ms", "x", "decode ms/tok",
+    head = ["media", "method", "stage", "vis tok", "GFLOPs", "LLM GFLOPs", "KV MiB", "prefill ms", "x", "decode ms/tok",
             "1st tok", "tok agree", "KL"]
     base = {r.media: r for r in rows if r.method == "none"}
     lines = []
@@ -134,14 +143,14 @@ def format_table(rows: list[BenchRow]) -> str:
         b = base.get(r.media)
         speed = b.prefill_ms / r.prefill_ms if b and r.prefill_ms > 0 else math.nan
         lines.append([
-            r.media, r.method, str(r.visual_tokens), f"{r.prefill_gflops:.2f}", f"{r.llm_prefill_gflops:.2f}",
+            r.media, r.method, r.stage.replace("_projector", "") or "-", str(r.visual_tokens), f"{r.prefill_gflops:.2f}", f"{r.llm_prefill_gflops:.2f}",
             f"{r.kv_cache_mib:.2f}", f"{r.prefill_ms:.1f}", f"{speed:.2f}", f"{r.decode_ms_per_token:.1f}",
             "-" if r.first_token_agree is None else ("yes" if r.first_token_agree else "no"),
             "-" if r.token_agreement is None else f"{r.token_agreement:.2f}",
             "-" if r.kl_next_token is None else f"{r.kl_next_token:.3f}",
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
     out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*line) for line in lines]
     return "\n".join(out)
@@ -167,6 +176,7 @@ def run_bench(
     repeats: int = 3,
     json_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    stage: str | None = None,
 ) -> list[BenchRow]:
     """The main job: load the model, build real image/video prompts, bench every method, print the table."""
     from mmeff.bench_inputs import load_bench_model, media_inputs
@@ -186,11 +196,12 @@ def run_bench(
         inputs = media_inputs(model, tokenizer, kind, question=question, frames=frames)
         rows += bench_reducers(
             model, inputs, all_methods, media=kind, tokenizer=tokenizer, answer_tokens=answer_tokens,
-            decode_tokens=decode_tokens, repeats=repeats,
+            decode_tokens=decode_tokens, repeats=repeats, options={"stage": stage} if stage else None,
         )
     print(f"\nmodel: {info.get('name', model_name)} ({_provenance(info)})")
     print(f"device: {next(model.parameters()).device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{platform.processor() or platform.machine()}; budget {budget_ratio:.0%} of visual tokens")
+          f"{platform.processor() or platform.machine()}; budget {budget_ratio:.0%} of visual tokens; "
+          f"stage: {stage or 'each method where its paper runs it'} (pre/post: before/after the projector)")
     print(format_table(rows))
     for r in rows:
         print(f"  [{r.media}] {r.method}: {r.answer!r}")

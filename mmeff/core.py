@@ -24,18 +24,26 @@ from mmeff.kernels import gather_tokens, topk_indices_sorted
 
 Grid = tuple[int, ...]
 
+#: Where a VLM adapter may run a reducer: on the vision encoder's output before the projector
+#: (``"pre_projector"``), or on the projected features the LLM reads (``"post_projector"``).
+STAGES = ("pre_projector", "post_projector")
+
 __all__ = [
     "Grid",
+    "STAGES",
     "TokenContext",
     "Reduction",
     "TokenReducer",
     "BudgetReducer",
+    "GridReducer",
     "ScoreTopK",
     "Compose",
     "register",
     "create_reducer",
     "list_reducers",
     "get_reducer_class",
+    "pool_grid_shape",
+    "grid_cells",
 ]
 
 
@@ -239,6 +247,14 @@ class TokenReducer:
     def __iter__(self) -> Iterator[TokenReducer]:
         yield self
 
+    def default_stage(self, host: str) -> str:
+        """Where a VLM adapter named ``host`` (e.g. ``"llava"``) runs this method unless told otherwise.
+
+        ``"post_projector"``: on the features the LLM reads. Methods whose paper reduces the encoder's
+        output before the projector override this for the hosts where they do (see :data:`STAGES`).
+        """
+        return "post_projector"
+
     def describe(self) -> str:
         """Short human-readable form, e.g. ``pool(tokens=64)``."""
         args = ", ".join(
@@ -271,6 +287,99 @@ class BudgetReducer(TokenReducer):
                 raise ValueError(f"{type(self).__name__}: budget tokens={self.tokens} exceeds the {n} tokens given")
             return int(self.tokens)
         return max(1, int(round(n * float(self.ratio))))
+
+
+def pool_grid_shape(h: int, w: int, m: int) -> tuple[int, int]:
+    """The ``(h', w')`` with ``h' * w' == m``, ``h' <= h``, ``w' <= w`` whose aspect is closest to ``h / w``."""
+    best: tuple[float, tuple[int, int]] | None = None
+    for hh in range(1, min(h, m) + 1):
+        if m % hh:
+            continue
+        ww = m // hh
+        if ww > w:
+            continue
+        err = abs(math.log((hh / ww) / (h / w)))
+        if best is None or err < best[0]:
+            best = (err, (hh, ww))
+    if best is None:
+        raise ValueError(f"no {m}-token grid fits inside a {h}x{w} grid; pick a budget of the form h'*w' with h'<={h}, w'<={w}")
+    return best[1]
+
+
+def _bins(size: int, out: int) -> Tensor:
+    return torch.div(torch.arange(size) * out, size, rounding_mode="floor")
+
+
+def grid_cells(grid: Grid, out_hw: tuple[int, int]) -> Tensor:
+    """Output cell of every input token when each frame of ``grid`` shrinks to ``out_hw``: ``(N,)`` long.
+
+    Cells are contiguous, non-overlapping bins (unlike ``adaptive_avg_pool2d``'s overlapping windows), so
+    every input token belongs to exactly one output token and positions/sizes stay well defined. Output
+    index ``f * h' * w' + i * w' + j`` for frame ``f``, row bin ``i``, column bin ``j``.
+    """
+    t, h, w = (1, *grid) if len(grid) == 2 else grid
+    hh, ww = out_hw
+    cell = (_bins(h, hh)[:, None] * ww + _bins(w, ww)[None, :]).reshape(-1)
+    return (torch.arange(t)[:, None] * (hh * ww) + cell[None, :]).reshape(-1)
+
+
+@dataclass
+class GridReducer(BudgetReducer):
+    """A reducer that shrinks each frame's patch grid ``(H, W)`` to a smaller grid ``(h', w')``.
+
+    Give exactly one of:
+
+    - ``tokens``: total output tokens M (for ``(T, H, W)`` grids a multiple of T); each frame gets the
+      ``h' * w' = M / T`` grid closest in aspect to ``H / W`` (:func:`pool_grid_shape`);
+    - ``ratio``: M as a fraction of N, shaped the same way;
+    - ``out_grid``: ``(h', w')`` per frame directly;
+    - ``axis_ratio``: per-axis keep ratio, ``h' = max(int(H * r), 1)`` (Fourier-VLM's Qwen2-VL rule, which
+      keeps about r**2 of the tokens and works on any grid size).
+
+    A grid larger than the input is a ``ValueError``, never a silent clamp.
+    """
+
+    out_grid: tuple[int, int] | None = None
+    axis_ratio: float | None = None
+    needs = frozenset({"grid"})
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("tokens", "ratio", "out_grid", "axis_ratio") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"{type(self).__name__}: give exactly one of tokens=, ratio=, out_grid= or axis_ratio= (got {given or 'none'})"
+            )
+        if self.out_grid is not None:
+            og = tuple(self.out_grid)
+            if len(og) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in og):
+                raise ValueError(f"out_grid must be (h, w) of positive ints, got {self.out_grid}")
+            self.out_grid = (int(og[0]), int(og[1]))
+        elif self.axis_ratio is not None:
+            if not (0.0 < float(self.axis_ratio) <= 1.0):
+                raise ValueError(f"axis_ratio must be in (0, 1], got {self.axis_ratio}")
+        else:
+            super().__post_init__()
+
+    def target(self, grid: Grid) -> tuple[int, int]:
+        """Output grid ``(h', w')`` per frame for an input ``grid`` ``(H, W)`` or ``(T, H, W)``."""
+        t, h, w = (1, *grid) if len(grid) == 2 else grid
+        if self.out_grid is not None:
+            hh, ww = self.out_grid
+            if hh > h or ww > w:
+                raise ValueError(f"{type(self).__name__}: out_grid {self.out_grid} is larger than the {h}x{w} input grid")
+            return hh, ww
+        if self.axis_ratio is not None:
+            r = float(self.axis_ratio)
+            return max(int(h * r), 1), max(int(w * r), 1)
+        m = self.budget(t * h * w)
+        if m % t:
+            raise ValueError(f"{type(self).__name__}: budget {m} is not a multiple of the {t} frames")
+        return pool_grid_shape(h, w, m // t)
+
+    def out_grid_for(self, grid: Grid) -> Grid:
+        """The reduced grid: ``(h', w')`` or ``(T, h', w')`` matching the input's form."""
+        hh, ww = self.target(grid)
+        return (hh, ww) if len(grid) == 2 else (grid[0], hh, ww)
 
 
 @dataclass
@@ -329,6 +438,12 @@ class Compose(TokenReducer):
 
     def __iter__(self) -> Iterator[TokenReducer]:
         yield from self.reducers
+
+    def default_stage(self, host: str) -> str:
+        stages = {r.default_stage(host) for r in self.reducers}
+        if len(stages) > 1:
+            raise ValueError(f"composed reducers default to different stages {sorted(stages)} on {host}; pass stage= explicitly")
+        return stages.pop()
 
     def describe(self) -> str:
         return " + ".join(r.describe() for r in self.reducers)

@@ -377,7 +377,7 @@ def qwen2_vl_patchify(
 
 def _per_sample(spec: Any, batch: int, is_item: Callable[[Any], bool], name: str) -> list[list[Any]]:
     """Normalise a per-sample media spec into ``batch`` lists of items (broadcasting a single entry)."""
-    if spec is None:
+    if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):
         return [[] for _ in range(batch)]
     if is_item(spec):
         return [[tuple(int(v) for v in spec)] for _ in range(batch)]

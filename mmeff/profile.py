@@ -911,6 +911,14 @@ def _count_visual(module: nn.Module, args: tuple, kwargs: dict, ids: list[int]) 
     return mask.sum(-1).tolist(), int(embeds.shape[0]), int(embeds.shape[1])
 
 
+def _projector(inner: nn.Module) -> nn.Module | None:
+    """The module mapping vision features to the LLM width (LLaVA projector, Qwen2-VL PatchMerger)."""
+    proj = getattr(inner, "multi_modal_projector", None)
+    if proj is None:
+        proj = getattr(getattr(inner, "visual", None), "merger", None)
+    return proj if isinstance(proj, nn.Module) else None
+
+
 def _model_dtype(model: nn.Module) -> torch.dtype:
     # The cache lives in the language model's dtype, which may differ from a vision tower kept in fp32.
     inner = _inner(model)
@@ -938,6 +946,7 @@ def profile(
     warmup: int = 1,
     repeats: int = 5,
     label: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> ProfileReport:
     """Measure what a reduction ``method`` changes: visual tokens, FLOPs, KV cache, memory, latency.
 
@@ -948,10 +957,12 @@ def profile(
             ``mmeff.apply(model, *reducers)`` for the duration.
         decode_tokens, warmup, repeats: forwarded to :func:`measure_latency`.
         label: name stored in the report (default ``"baseline"`` or the reducer's class name).
+        options: adapter options for ``mmeff.apply`` (e.g. ``{"stage": "pre_projector"}``).
 
     Visual/text token counts come from a forward pre-hook on the inner ``model.model`` (removed
-    afterwards), so they reflect whatever an outer hook passed on. Vision FLOPs assume the encoder and
-    projector run natively on the given images; methods that prune inside the encoder are not reflected.
+    afterwards), so they reflect whatever an outer hook passed on; projector FLOPs use the tokens a hook
+    on the projector saw, so reductions before it (``stage="pre_projector"``) count. Vision-encoder FLOPs
+    assume the encoder runs natively on the given images; methods that prune inside it are not reflected.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -962,17 +973,33 @@ def profile(
         raise TypeError(f"{type(model).__name__} has no inner `.model` module to observe")
     placeholder_ids = _placeholder_ids(config)
     observed: list[tuple[list[int], int, int]] = []
+    projected: list[int] = []
+    projector = _projector(inner)
 
     def _observe(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not observed:  # the first call is the (warmup or timed) prefill
             observed.append(_count_visual(module, args, kwargs, placeholder_ids))
 
+    first_done: list[bool] = []
+
+    def _close(module: nn.Module, args: tuple, output: Any) -> None:
+        first_done.append(True)
+
+    def _observe_projector(module: nn.Module, args: tuple, output: Any) -> None:
+        # tokens the projector really ran on, so methods that reduce before it are counted; the window
+        # closes when the first inner forward (the first prefill) returns
+        if not first_done and isinstance(output, torch.Tensor):
+            projected.append(output.numel() // output.shape[-1])
+
     def _measure() -> LatencyReport:
-        handle = inner.register_forward_pre_hook(_observe, with_kwargs=True)
+        handles = [inner.register_forward_pre_hook(_observe, with_kwargs=True), inner.register_forward_hook(_close)]
+        if projector is not None:
+            handles.append(projector.register_forward_hook(_observe_projector))
         try:
             return measure_latency(model, inputs, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
     if method is None:
         latency = _measure()
@@ -980,7 +1007,7 @@ def profile(
         from mmeff.api import apply
 
         reducers = tuple(method) if isinstance(method, (list, tuple)) else (method,)
-        with apply(model, *reducers):
+        with apply(model, *reducers, **dict(options or {})):
             latency = _measure()
 
     if not observed:
@@ -990,14 +1017,14 @@ def profile(
 
     segments = _visual_segments(config, inputs)
     if segments:
-        vision, projector = _vision_and_projector(config, segments, None)
+        vision, projector_flops = _vision_and_projector(config, segments, sum(projected) if projected else None)
     else:
-        vision = projector = 0
+        vision = projector_flops = 0
     linear, attn, lm_head = _llm_flops(
         _text_dims(config), q_len=seq_len, k_len=seq_len, batch=batch, logits_positions=1, attention="full"
     )
     flops = FlopBreakdown(
-        vision=vision, projector=projector, llm=linear + attn + lm_head, llm_attention=attn, lm_head=lm_head
+        vision=vision, projector=projector_flops, llm=linear + attn + lm_head, llm_attention=attn, lm_head=lm_head
     )
     return ProfileReport(
         method=label if label is not None else _method_label(method),

@@ -58,7 +58,7 @@ def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
     data = json.loads(path.read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"none", "pool(ratio=0.25)", "random(ratio=0.25, seed=0)"}
-    assert rows["none"]["visual_tokens"] == 64
+    assert rows["none"]["visual_tokens"] == 64 and rows["pool(ratio=0.25)"]["stage"] == "post_projector"
     assert rows["pool(ratio=0.25)"]["visual_tokens"] == 16
     assert rows["none"]["token_agreement"] == 1.0 and rows["none"]["kl_next_token"] == pytest.approx(0, abs=1e-6)
     assert rows["pool(ratio=0.25)"]["llm_prefill_gflops"] < rows["none"]["llm_prefill_gflops"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -50,25 +49,6 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
     return build_tiny("qwen2_vl", tmp_path_factory.mktemp("tiny-qwen"))
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mmeff-cache")
-    yield path
-    # ~1.1 GB of fp32 safetensors; pytest would otherwise keep it around for three runs.
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def smollm2(model_cache):
-    # First call converts the GGUF (the expensive part of this file); everything else reuses the cache.
-    return load_smollm2(model_cache)
-
-
-@pytest.fixture(scope="session")
-def default(model_cache, smollm2):
-    return default_model(model_cache)
 
 
 def _valid_positions(mask: torch.Tensor) -> torch.Tensor:

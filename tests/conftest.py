@@ -1,0 +1,28 @@
+"""Session fixtures shared by several test files: the offline SmolLM2 and the default LLaVA."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mmeff.models import default_model, load_smollm2
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mmeff-cache")
+    yield path
+    # ~1.1 GB of fp32 safetensors; pytest would otherwise keep it around for three runs.
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2(model_cache):
+    # First call converts the GGUF (the expensive part of this file); everything else reuses the cache.
+    return load_smollm2(model_cache)
+
+
+@pytest.fixture(scope="session")
+def default(model_cache, smollm2):
+    return default_model(model_cache)
