@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import mmeff
 from mmeff.core import BudgetReducer, TokenReducer, get_reducer_class
 
-__all__ = ["BenchRow", "bench_reducers", "default_methods", "format_table", "run_bench"]
+__all__ = ["BenchRow", "MethodSpec", "bench_reducers", "token_agreement", "default_methods", "format_table", "run_bench"]
 
 DEFAULT_QUESTION = "Describe what you see in one sentence."
 
@@ -69,10 +69,25 @@ def _greedy(model: nn.Module, inputs: dict[str, Any], steps: int) -> tuple[torch
     return out.sequences[:, prompt_len:], out.logits[0].float().log_softmax(-1)
 
 
+MethodSpec = TokenReducer | tuple[TokenReducer, dict[str, Any]] | None
+
+
+def token_agreement(tokens: torch.Tensor, ref: torch.Tensor) -> float:
+    """Share of greedy tokens ``(B, T)`` equal to the reference ``(B, T')``, averaged over the batch.
+
+    Generation may stop early at EOS, so lengths can differ: positions past the shorter answer count as
+    disagreements (two answers of different length never agree fully).
+    """
+    k, n = min(tokens.shape[1], ref.shape[1]), max(tokens.shape[1], ref.shape[1])
+    if n == 0:
+        return 1.0
+    return float((tokens[:, :k] == ref[:, :k]).float().sum(1).div(n).mean())
+
+
 def bench_reducers(
     model: nn.Module,
     inputs: dict[str, Any],
-    methods: dict[str, TokenReducer | None],
+    methods: dict[str, MethodSpec],
     *,
     media: str = "image",
     tokenizer: Any = None,
@@ -84,29 +99,30 @@ def bench_reducers(
 ) -> list[BenchRow]:
     """Profile and compare each method against the unreduced model (``methods["none"]`` must be ``None``).
 
-    ``options`` are adapter options applied to every method (e.g. ``{"stage": "pre_projector"}``).
+    ``options`` are adapter options applied to every method (e.g. ``{"stage": "pre_projector"}``); a method
+    given as ``(reducer, options)`` adds its own on top (e.g. the same reducer at two stages in one table).
     """
     from mmeff.profile import profile
 
     rows: list[BenchRow] = []
     ref_tokens = ref_logp = None
     bar = tqdm(methods.items(), desc=f"bench[{media}]", unit="method")
-    for name, method in bar:
+    for name, spec in bar:
         bar.set_postfix_str(name)
-        rep = profile(
-            model, inputs, method, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, options=options
-        )
+        method, own = spec if isinstance(spec, tuple) else (spec, {})
+        opts = {**(options or {}), **own}
+        rep = profile(model, inputs, method, decode_tokens=decode_tokens, warmup=warmup, repeats=repeats, options=opts)
         with torch.inference_mode():
             if method is None:
                 tokens, logp = _greedy(model, inputs, answer_tokens)
             else:
-                with mmeff.apply(model, method, **(options or {})) as handle:
+                with mmeff.apply(model, method, **opts) as handle:
                     tokens, logp = _greedy(model, inputs, answer_tokens)
         if method is None:
             ref_tokens, ref_logp = tokens, logp
         agree = first = kl = None
         if ref_tokens is not None and ref_logp is not None:
-            agree = float((tokens == ref_tokens).float().mean())
+            agree = token_agreement(tokens, ref_tokens)
             first = bool((tokens[:, 0] == ref_tokens[:, 0]).all())
             kl = float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
         stage = handle.stats.get("stage") if method is not None else None
@@ -115,7 +131,7 @@ def bench_reducers(
         rows.append(
             BenchRow(
                 media=media,
-                method=name if method is None else method.describe(),
+                method=name if method is None else method.describe() + _option_suffix(own),
                 stage=stage or "",
                 visual_tokens=int(d["visual_tokens"]),
                 prompt_tokens=int(d["visual_tokens"] + d["text_tokens"]),
@@ -131,6 +147,12 @@ def bench_reducers(
             )
         )
     return rows
+
+
+def _option_suffix(options: dict[str, Any]) -> str:
+    # the stage has its own column; other per-method adapter options are part of the method's label
+    rest = {k: v for k, v in options.items() if k != "stage"}
+    return " [" + ", ".join(f"{k}={v}" for k, v in rest.items()) + "]" if rest else ""
 
 
 def format_table(rows: list[BenchRow]) -> str:

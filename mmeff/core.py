@@ -257,8 +257,11 @@ class TokenReducer:
 
     def describe(self) -> str:
         """Short human-readable form, e.g. ``pool(tokens=64)``."""
+        def fmt(v: Any) -> str:
+            return f"{v:.4g}" if isinstance(v, float) else repr(v)
+
         args = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr and getattr(self, f.name) is not None
+            f"{f.name}={fmt(getattr(self, f.name))}" for f in fields(self) if f.repr and getattr(self, f.name) is not None
         )
         return f"{self.name}({args})"
 

@@ -73,3 +73,14 @@ def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "--ratio", "1.5"]) == 2
     assert main(["bench", "--model", "/no/such/folder"]) == 2
     assert "cannot load model '/no/such/folder'" in capsys.readouterr().err
+
+
+def test_token_agreement_handles_early_eos():
+    import torch
+
+    from mmeff.bench import token_agreement
+
+    ref = torch.tensor([[1, 2, 3, 4]])
+    assert token_agreement(ref, ref) == 1.0
+    assert token_agreement(torch.tensor([[1, 2]]), ref) == 0.5  # stopped early: the rest disagrees
+    assert token_agreement(torch.tensor([[1, 9, 3, 4]]), ref) == 0.75

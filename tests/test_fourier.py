@@ -374,3 +374,44 @@ def test_llava_7b_flops_at_64_tokens():
     assert pre.projector * 9 == full.projector
     # the filter itself: two small matmuls, negligible next to the LLM
     assert FourierLowPass(tokens=64).flops((24, 24), 1024) < 1e-5 * pre.total
+
+
+def test_llava_7b_meta_pipeline_flops_match_the_accounting():
+    """Count the real 7B pre-projector pipeline (tower -> low-pass -> projector -> LLM) on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmeff.profile import meta_model
+
+    model = meta_model("llava-1.5-7b")
+    cfg = model.config
+    red = FourierLowPass(tokens=64)
+    px = torch.empty(1, 3, 336, 336, device="meta")
+
+    def pipeline() -> None:
+        inner = model.model
+        hs = inner.vision_tower(px, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+        feats = inner.multi_modal_projector(red(hs, TokenContext(grid=(24, 24))).tokens)
+        text = torch.empty(1, 64, 4096, device="meta")
+        inner.language_model(inputs_embeds=torch.cat([feats, text], dim=1))
+
+    red(torch.empty(1, 576, 1024, device="meta"), TokenContext(grid=(24, 24)))  # builds the cached DCT matrices
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        pipeline()
+    expect = prefill_flops(cfg, text_tokens=64, visual_tokens=64, projector_tokens=64)
+    assert counter.get_total_flops() == expect.total - expect.lm_head + red.flops((24, 24), 1024)
+
+
+@torch.no_grad()
+def test_bench_compares_stages_in_one_table(llava):
+    from mmeff.bench import bench_reducers
+
+    inp = models.llava_inputs(llava.config, batch=1)
+    rows = bench_reducers(
+        llava, inp,
+        {"none": None, "pre": FourierLowPass(tokens=16), "post": (FourierLowPass(tokens=16), {"stage": "post_projector"})},
+        answer_tokens=2, decode_tokens=1, warmup=0, repeats=1,
+    )
+    none, pre, post = rows
+    assert [r.stage for r in rows] == ["", "pre_projector", "post_projector"]
+    assert pre.visual_tokens == post.visual_tokens == 16 and pre.llm_prefill_gflops == post.llm_prefill_gflops
+    assert pre.prefill_gflops < post.prefill_gflops < none.prefill_gflops
