@@ -13,6 +13,7 @@ JSON; :func:`llava_sft_batches` batches them for a LLaVA model. ``mmeff finetune
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -161,7 +162,7 @@ def finetune(
     stats: dict[str, Any] = {}
     total = steps * grad_accum if steps is not None else _len_or_none(batches)
     bar = tqdm(total=total, desc="finetune", unit="batch", disable=not progress)
-    ctx = mmeff.apply(model, reducer, **adapter_options) if reducer is not None else _null_adapter()
+    ctx = mmeff.apply(model, reducer, **adapter_options) if reducer is not None else contextlib.nullcontext()
     try:
         model.train()
         with torch.enable_grad(), ctx as handle:
@@ -205,14 +206,6 @@ def finetune(
         num_trainable=sum(p.numel() for _, p in params),
         stats=stats,
     )
-
-
-class _null_adapter:  # noqa: N801 - stands in for mmeff.apply's context manager
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _len_or_none(x: Any) -> int | None:

@@ -983,7 +983,8 @@ def profile(
     first_done: list[bool] = []
 
     def _close(module: nn.Module, args: tuple, output: Any) -> None:
-        first_done.append(True)
+        if not first_done:
+            first_done.append(True)
 
     def _observe_projector(module: nn.Module, args: tuple, output: Any) -> None:
         # tokens the projector really ran on, so methods that reduce before it are counted; the window

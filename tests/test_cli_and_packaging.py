@@ -84,3 +84,18 @@ def test_token_agreement_handles_early_eos():
     assert token_agreement(ref, ref) == 1.0
     assert token_agreement(torch.tensor([[1, 2]]), ref) == 0.5  # stopped early: the rest disagrees
     assert token_agreement(torch.tensor([[1, 9, 3, 4]]), ref) == 0.75
+
+
+def test_fourier_benchmark_script_accounting(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fourier.py"
+    out = tmp_path / "acc.json"
+    proc = subprocess.run([sys.executable, str(script), "--accounting-only", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "up to 83.8%" in proc.stdout and "8 text: 83.8%" in proc.stdout
+    rows = json.loads(out.read_text())["accounting"]
+    pre64 = next(r for r in rows if r["model"] == "llava-1.5-7b" and r["visual_tokens"] == 64 and r["stage"] == "pre")
+    assert round(pre64["total_saved"], 3) == 0.770
