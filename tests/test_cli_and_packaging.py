@@ -84,6 +84,8 @@ def test_token_agreement_handles_early_eos():
     assert token_agreement(ref, ref) == 1.0
     assert token_agreement(torch.tensor([[1, 2]]), ref) == 0.5  # stopped early: the rest disagrees
     assert token_agreement(torch.tensor([[1, 9, 3, 4]]), ref) == 0.75
+    # the reference stopped at once: no broadcasting of a length-1 answer over a longer one
+    assert token_agreement(torch.tensor([[2, 2, 5]]), torch.tensor([[2]])) == pytest.approx(1 / 3)
 
 
 def test_fourier_benchmark_script_accounting(tmp_path):
