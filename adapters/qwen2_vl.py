@@ -170,6 +170,8 @@ class Qwen2VLAdapter(HFVLMAdapter):
         return items
 
     def full_positions(self, call: dict[str, Any]) -> Tensor | None:
+        if self.mrope == "regrid":
+            return None  # recomputed on the reduced layout in _shrink; gathering them first is wasted work
         inner = self.model.model
         if call.get("position_ids") is not None:
             pos = call["position_ids"]
@@ -208,6 +210,8 @@ class Qwen2VLAdapter(HFVLMAdapter):
         """M-RoPE positions of the reduced prompt with every item laid out on its reduced grid."""
         if call.get("position_ids") is not None:
             raise ValueError("mrope='regrid' recomputes positions; it cannot be combined with explicit position_ids")
+        if new.get("mm_token_type_ids") is None:
+            raise ValueError("Qwen2-VL needs mm_token_type_ids (returned by its processor) to place M-RoPE positions")
         grids: dict[str, list[list[int]]] = {"image": [], "video": []}
         for it, red in zip(items, reds, strict=True):
             if red.grid is None or it.grid is None:

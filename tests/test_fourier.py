@@ -358,6 +358,13 @@ def test_qwen_refuses_pre_projector_and_regrid_of_selections(qwen):
     with torch.no_grad(), mmeff.apply(qwen, mmeff.UniformKeep(ratio=0.5), mrope="regrid"):
         with pytest.raises(ValueError, match="needs reductions that keep a grid"):
             qwen(**inp)
+    with torch.no_grad(), mmeff.apply(qwen, FourierLowPass(axis_ratio=0.5), mrope="regrid"):
+        no_types = {k: v for k, v in inp.items() if k != "mm_token_type_ids"}
+        with pytest.raises(ValueError, match="needs mm_token_type_ids"):
+            qwen(**no_types)
+        pos = torch.zeros(3, *inp["input_ids"].shape, dtype=torch.long)
+        with pytest.raises(ValueError, match="cannot be combined with explicit position_ids"):
+            qwen(**inp, position_ids=pos)
 
 
 # ----------------------------------------------------------------------------------------- accounting
