@@ -208,6 +208,21 @@ def _idct1_fft(y: Tensor, dim: int) -> Tensor:
 # --------------------------------------------------------------------------------------------- transforms
 
 
+def _separable(x: Tensor, method: str, inverse: bool, name: str) -> Tensor:
+    """The 2-D DCT-II (or its inverse, DCT-III) of ``x`` ``(B, H, W, D)`` over H and W, as one code path."""
+    _check_grid(x, name)
+    _, h, w, _ = x.shape
+    cd = _compute_dtype(x)
+    xc = x.to(cd)
+    if _pick_fft(method, h, w):
+        one = _idct1_fft if inverse else _dct1_fft
+        out = one(one(xc, 1), 2)
+    else:
+        c_h, c_w = dct_matrix(h, x.device, cd), dct_matrix(w, x.device, cd)
+        out = _apply_hw(xc, c_h.T, c_w.T) if inverse else _apply_hw(xc, c_h, c_w)
+    return out.to(x.dtype)
+
+
 def dct2(x: Tensor, method: str = "auto") -> Tensor:
     """Orthonormal 2-D DCT-II over the grid axes: ``x`` ``(B, H, W, D)`` → ``(B, H, W, D)``.
 
@@ -215,15 +230,7 @@ def dct2(x: Tensor, method: str = "auto") -> Tensor:
     ``"auto"`` picks FFT when ``max(H, W) > FFT_THRESHOLD``. Equals
     ``scipy.fft.dctn(x, norm="ortho", axes=(1, 2))``. Computed in fp32, returned in ``x.dtype``.
     """
-    _check_grid(x)
-    _, h, w, _ = x.shape
-    cd = _compute_dtype(x)
-    xc = x.to(cd)
-    if _pick_fft(method, h, w):
-        out = _dct1_fft(_dct1_fft(xc, 1), 2)
-    else:
-        out = _apply_hw(xc, dct_matrix(h, x.device, cd), dct_matrix(w, x.device, cd))
-    return out.to(x.dtype)
+    return _separable(x, method, inverse=False, name="x")
 
 
 def idct2(y: Tensor, method: str = "auto") -> Tensor:
@@ -232,15 +239,7 @@ def idct2(y: Tensor, method: str = "auto") -> Tensor:
     Matrix form ``C_Hᵀ @ Y @ C_W``; same ``method`` choices as :func:`dct2`. Equals
     ``scipy.fft.idctn(y, norm="ortho", axes=(1, 2))``. Computed in fp32, returned in ``y.dtype``.
     """
-    _check_grid(y, "y")
-    _, h, w, _ = y.shape
-    cd = _compute_dtype(y)
-    yc = y.to(cd)
-    if _pick_fft(method, h, w):
-        out = _idct1_fft(_idct1_fft(yc, 1), 2)
-    else:
-        out = _apply_hw(yc, dct_matrix(h, y.device, cd).T, dct_matrix(w, y.device, cd).T)
-    return out.to(y.dtype)
+    return _separable(y, method, inverse=True, name="y")
 
 
 def _check_out_hw(out_hw: tuple[int, int], h: int, w: int) -> tuple[int, int]:
