@@ -1,0 +1,262 @@
+"""Free Video-LLM (arXiv 2410.10441): prompt-guided frame sampling and RoI crop for an image VLM on video.
+
+Given the projected features of T frames ``(T, H*W, D)`` (LLaVA: 576 tokens per 336 px frame) and a
+CLIP-style dual encoder's view of the same frames and the question, three paths build the video's tokens:
+
+- **slow**: the ``slow_frames`` frames most similar to the question (CLIP image vs text embedding), in
+  chronological order; each is max-pooled over horizontal token pairs (``spatial_1d_max_pool``, 576 -> 288)
+  and cropped to a question-centred box covering ``roi_ratio`` of its area;
+- **middle**: ``middle_frames`` frames at ``int(linspace(0, T, k + 1))[:-1]``, pooled and cropped the same way;
+- **fast**: ``fast_frames`` frames (all of them when ``fast_frames >= T``, else the most question-similar),
+  each average-pooled to ``fast_grid`` (4x4 = 16 tokens).
+
+The released configuration (50 frames, 3 slow + 5 middle + 50 fast, roi 0.8) gives 3*231 + 5*231 + 50*16 =
+2,648 tokens per video instead of 28,800.
+
+The RoI box: cosine similarity between the question's CLIP text embedding and each frame's CLIP patch
+embeddings (pooled like the features), the top ``int(h*w*roi_ratio)`` patches, a box of
+``round(h*sqrt(r)) x round(w*sqrt(r))`` centred on their truncated mean coordinate and shifted inside the
+frame. ``faithful=True`` reproduces the official code bit for bit, including its layout quirk: the 1-D
+pool leaves an ``H x W/2`` (24x12) layout, but the official crop reshapes it as ``H/2 x W`` (12x24), so its
+"rows" are pairs of real rows and the box is not a spatial rectangle. The default (``faithful=False``)
+crops on the true ``H x W/2`` layout.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "FreeVideoConfig",
+    "FreeVideoOutput",
+    "free_video_tokens",
+    "middle_indices",
+    "roi_box",
+    "spatial_1d_max_pool",
+    "top_frames",
+]
+
+_SPEC = re.compile(
+    r"^slow_(\d+)frms_spatial_1d_max_pool_roi(\d+)-middle_(\d+)frms_spatial_1d_max_pool_(\d+)x(\d+)-fast_(\d+)frms_(\d+)x(\d+)$"
+)
+
+
+@dataclass(frozen=True)
+class FreeVideoConfig:
+    """Budgets of the three paths. Defaults are the released 7B configuration.
+
+    Attributes:
+        slow_frames: question-selected frames kept at high resolution (0 disables the path).
+        middle_frames: uniformly spaced frames kept at high resolution (0 disables the path).
+        fast_frames: frames kept at ``fast_grid`` resolution (0 disables the path).
+        fast_grid: ``(h, w)`` average-pool size of each fast frame.
+        roi_ratio: share of the pooled frame area kept by the RoI crop; 1.0 disables the crop.
+        faithful: reproduce the official row/column layout quirk of the crop (module docstring).
+    """
+
+    slow_frames: int = 3
+    middle_frames: int = 5
+    fast_frames: int = 50
+    fast_grid: tuple[int, int] = (4, 4)
+    roi_ratio: float = 0.8
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("slow_frames", "middle_frames", "fast_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.slow_frames + self.middle_frames + self.fast_frames == 0:
+            raise ValueError("at least one of slow_frames, middle_frames, fast_frames must be > 0")
+        if len(self.fast_grid) != 2 or min(self.fast_grid) < 1:
+            raise ValueError(f"fast_grid must be (h, w) of positive ints, got {self.fast_grid}")
+        if not 0.0 < float(self.roi_ratio) <= 1.0:
+            raise ValueError(f"roi_ratio must be in (0, 1], got {self.roi_ratio}")
+
+    @classmethod
+    def from_official(cls, spec: str, *, faithful: bool = True) -> FreeVideoConfig:
+        """Parse the official ``TEMPORAL_AGGREGATION`` string, e.g.
+        ``"slow_3frms_spatial_1d_max_pool_roi8-middle_5frms_spatial_1d_max_pool_24x12-fast_50frms_4x4"``.
+
+        ``roiN`` means ``roi_ratio = N / 10``; the middle path's ``24x12`` is parsed but unused, as in the
+        official code.
+        """
+        m = _SPEC.match(spec)
+        if m is None:
+            raise ValueError(f"cannot parse Free Video-LLM aggregation {spec!r} (expected the official slow_/middle_/fast_ form)")
+        g = [int(x) for x in m.groups()]
+        return cls(slow_frames=g[0], roi_ratio=g[1] / 10.0, middle_frames=g[2], fast_frames=g[5],
+                   fast_grid=(g[6], g[7]), faithful=faithful)
+
+    def crop_layout(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """``(h, w)`` the crop reshapes a pooled frame to, for a feature grid ``(H, W)``."""
+        h, w = grid
+        if w % 2:
+            raise ValueError(f"spatial_1d_max_pool pairs horizontal neighbours: the grid width must be even, got {grid}")
+        if self.faithful:
+            if h != w:
+                raise ValueError(f"faithful=True follows the official sqrt(N) layout and needs a square grid, got {grid}")
+            return h // 2, w
+        return h, w // 2
+
+    def box_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Size ``(h', w')`` of the RoI box on the crop layout (the full layout when ``roi_ratio == 1``)."""
+        h, w = self.crop_layout(grid)
+        if self.roi_ratio >= 1.0:
+            return h, w
+        s = math.sqrt(self.roi_ratio)
+        return round(h * s), round(w * s)
+
+    def num_tokens(self, num_frames: int, grid: tuple[int, int] = (24, 24)) -> int:
+        """Tokens per video for ``num_frames`` input frames on a feature grid ``(H, W)``."""
+        bh, bw = self.box_size(grid)
+        # the middle path always yields k frames (linspace repeats frames when T < k), as in the official code
+        hi = min(self.slow_frames, num_frames) + self.middle_frames
+        return hi * bh * bw + min(self.fast_frames, num_frames) * self.fast_grid[0] * self.fast_grid[1]
+
+
+@dataclass
+class FreeVideoOutput:
+    """Tokens for one video and where they came from.
+
+    Attributes:
+        tokens: ``(M, D)`` in path order slow, middle, fast.
+        slow, middle, fast: frame indices used by each path (chronological).
+        boxes: per high-resolution frame (slow then middle), ``(top, bottom, left, right)`` on the crop layout.
+        counts: tokens contributed by each path.
+    """
+
+    tokens: Tensor
+    slow: list[int]
+    middle: list[int]
+    fast: list[int]
+    boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def spatial_1d_max_pool(x: Tensor) -> Tensor:
+    """Max over consecutive token pairs: ``(T, N, D)`` -> ``(T, N // 2, D)`` (horizontal neighbours on a
+    row-major grid of even width). Computed in the input dtype; N must be even."""
+    if x.dim() != 3 or x.shape[1] % 2:
+        raise ValueError(f"expected (T, N, D) with even N, got {tuple(x.shape)}")
+    return x.view(x.shape[0], x.shape[1] // 2, 2, x.shape[2]).amax(dim=2)
+
+
+def middle_indices(num_frames: int, k: int) -> list[int]:
+    """The official uniform frames: ``int(linspace(0, T, k + 1))[:-1]`` (0, 10, 20, 30, 40 for T=50, k=5)."""
+    if k < 1:
+        return []
+    return torch.linspace(0, num_frames, k + 1).to(torch.int32).tolist()[:-1]
+
+
+def top_frames(text_emb: Tensor, frame_emb: Tensor, k: int) -> list[int]:
+    """The ``k`` frames whose embedding ``(T, E)`` is most cosine-similar to ``text_emb`` ``(E,)``, in
+    chronological order (all frames when ``k >= T``)."""
+    if frame_emb.dim() != 2 or text_emb.dim() != 1 or frame_emb.shape[1] != text_emb.shape[0]:
+        raise ValueError(f"expected frame_emb (T, E) and text_emb (E,), got {tuple(frame_emb.shape)} and {tuple(text_emb.shape)}")
+    t = frame_emb.shape[0]
+    if k >= t:
+        return list(range(t))
+    cos = F.cosine_similarity(text_emb.float()[None], frame_emb.float(), dim=-1)
+    return sorted(torch.topk(cos, k).indices.tolist())
+
+
+def roi_box(top_idx: Tensor, h: int, w: int, ratio: float) -> Tensor:
+    """Official RoI box for each frame's top-patch indices ``(F, K)`` on an ``h x w`` layout.
+
+    Returns ``(F, 4)`` long ``(top, bottom, left, right)``: a ``round(h√r) x round(w√r)`` box centred on the
+    truncated mean (x, y) of the indices (``x = i % w``, ``y = i // w``), shifted back inside when it
+    crosses a border (the left/top edge is checked before the right/bottom one, as in the official code).
+    """
+    x = (top_idx % w).float().mean(-1).to(torch.int64)
+    y = torch.div(top_idx, w, rounding_mode="floor").float().mean(-1).to(torch.int64)
+    hb, wb = round(h * math.sqrt(ratio)), round(w * math.sqrt(ratio))
+    left, top = x - wb // 2, y - hb // 2
+    left = torch.where(left < 0, 0, left)
+    left = torch.where(left + wb > w, w - wb, left)
+    top = torch.where(top < 0, 0, top)
+    top = torch.where(top + hb > h, h - hb, top)
+    return torch.stack([top, top + hb, left, left + wb], dim=-1)
+
+
+def _roi(feats: Tensor, patch_emb: Tensor, text_emb: Tensor, layout: tuple[int, int], ratio: float) -> tuple[Tensor, list]:
+    """Crop pooled frames ``(F, h*w, D)`` to their question-centred boxes -> ``(F, h'*w', D)``."""
+    h, w = layout
+    sim = F.cosine_similarity(text_emb.float()[None, None], patch_emb.float(), dim=-1)  # (F, h*w)
+    k = int(h * w * ratio)
+    top_idx = torch.topk(sim, k, dim=1).indices.sort(dim=1).values
+    boxes = roi_box(top_idx, h, w, ratio)
+    grid = feats.view(feats.shape[0], h, w, feats.shape[-1])
+    out = [grid[i, t:b, lo:hi].reshape(-1, feats.shape[-1]) for i, (t, b, lo, hi) in enumerate(boxes.tolist())]
+    return torch.stack(out), [tuple(b) for b in boxes.tolist()]
+
+
+def free_video_tokens(
+    feats: Tensor,
+    grid: tuple[int, int],
+    frame_emb: Tensor,
+    text_emb: Tensor,
+    patch_emb: Tensor | None = None,
+    config: FreeVideoConfig | None = None,
+) -> FreeVideoOutput:
+    """Build one video's tokens from its frame features.
+
+    Args:
+        feats: projected features of every frame ``(T, H*W, D)``.
+        grid: ``(H, W)`` feature grid of a frame.
+        frame_emb: CLIP image embedding per frame ``(T, E)``.
+        text_emb: CLIP text embedding of the question ``(E,)``.
+        patch_emb: CLIP patch embeddings per frame on the same grid ``(T, H*W, E)``; needed when
+            ``roi_ratio < 1`` and a high-resolution path is on.
+        config: path budgets (default: the released configuration).
+    Returns:
+        :class:`FreeVideoOutput` with ``tokens`` ``(M, D)``.
+    """
+    cfg = config or FreeVideoConfig()
+    if feats.dim() != 3:
+        raise ValueError(f"feats must be (T, H*W, D), got {tuple(feats.shape)}")
+    t, n, d = feats.shape
+    h, w = grid
+    if h * w != n:
+        raise ValueError(f"grid {grid} has {h * w} cells but each frame has {n} tokens")
+    if frame_emb.shape[0] != t:
+        raise ValueError(f"frame_emb has {frame_emb.shape[0]} frames, feats has {t}")
+    crop = cfg.roi_ratio < 1.0 and (cfg.slow_frames or cfg.middle_frames)
+    if crop and (patch_emb is None or tuple(patch_emb.shape[:2]) != (t, n)):
+        got = None if patch_emb is None else tuple(patch_emb.shape)
+        raise ValueError(f"roi_ratio < 1 needs patch_emb of shape (T, H*W, E) = ({t}, {n}, E), got {got}")
+    layout = cfg.crop_layout(grid)
+
+    def high_res(idx: list[int]) -> tuple[Tensor, list]:
+        pooled = spatial_1d_max_pool(feats[idx])
+        if not crop:
+            return pooled.reshape(-1, d), []
+        assert patch_emb is not None
+        toks, boxes = _roi(pooled, spatial_1d_max_pool(patch_emb[idx]), text_emb, layout, cfg.roi_ratio)
+        return toks.reshape(-1, d), boxes
+
+    parts: list[Tensor] = []
+    boxes: list = []
+    counts: dict[str, int] = {}
+    slow = top_frames(text_emb, frame_emb, cfg.slow_frames) if cfg.slow_frames else []
+    middle = middle_indices(t, cfg.middle_frames) if cfg.middle_frames else []
+    for name, idx in (("slow", slow), ("middle", middle)):
+        if idx:
+            toks, bx = high_res(idx)
+            parts.append(toks)
+            boxes += bx
+            counts[name] = toks.shape[0]
+    fast: list[int] = []
+    if cfg.fast_frames:
+        fast = top_frames(text_emb, frame_emb, cfg.fast_frames)
+        x = feats[fast].view(len(fast), h, w, d).permute(0, 3, 1, 2).float()
+        pooled = F.adaptive_avg_pool2d(x, cfg.fast_grid).permute(0, 2, 3, 1).reshape(-1, d).to(feats.dtype)
+        parts.append(pooled)
+        counts["fast"] = pooled.shape[0]
+    return FreeVideoOutput(tokens=torch.cat(parts), slow=slow, middle=middle, fast=fast, boxes=boxes, counts=counts)

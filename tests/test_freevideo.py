@@ -1,0 +1,160 @@
+"""Free Video-LLM's token builder against a line-by-line reading of the official algorithm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmeff.freevideo import (
+    FreeVideoConfig,
+    free_video_tokens,
+    middle_indices,
+    roi_box,
+    spatial_1d_max_pool,
+    top_frames,
+)
+
+RELEASED = "slow_3frms_spatial_1d_max_pool_roi8-middle_5frms_spatial_1d_max_pool_24x12-fast_50frms_4x4"
+
+
+def official_roi_box(points, h, w, ratio):
+    """The official loop, transcribed: per-frame shifts, left/top edge checked first."""
+    x_mean = (points % w).float().mean(dim=-1).to(torch.int32)
+    y_mean = (points // w).float().mean(dim=-1).to(torch.int32)
+    h_new, w_new = round(h * math.sqrt(ratio)), round(w * math.sqrt(ratio))
+    left, right = x_mean - w_new // 2, x_mean + w_new - w_new // 2
+    top, bottom = y_mean - h_new // 2, y_mean + h_new - h_new // 2
+    for i in range(left.shape[0]):
+        if left[i] < 0:
+            left[i], right[i] = 0, w_new
+        if right[i] > w:
+            left[i], right[i] = w - w_new, w
+        if top[i] < 0:
+            top[i], bottom[i] = 0, h_new
+        if bottom[i] > h:
+            top[i], bottom[i] = h - h_new, h
+    return left, right, top, bottom
+
+
+def official_tokens(feats, frame_emb, text_emb, patch_emb, slow=3, middle=5, fast=50, ratio=0.8, fast_grid=(4, 4)):
+    """Official prepare_visual_aggregation for a square grid, written from the paper's code path."""
+    t, n, d = feats.shape
+    side = int(math.sqrt(n))
+    h, w = side // 2, side
+
+    def pool(x):  # MaxPool1d(2) over the token axis
+        return F.max_pool1d(x.transpose(1, 2), 2).transpose(1, 2)
+
+    def guided(k):
+        cos = F.cosine_similarity(text_emb[None], frame_emb, dim=-1)
+        return sorted(torch.sort(cos)[1][-k:].tolist())
+
+    def crop(idx):
+        f = pool(feats[idx])
+        p = pool(patch_emb[idx])
+        cos = F.cosine_similarity(text_emb[None, None], p, dim=-1)
+        top_idx = torch.topk(cos, int(h * w * ratio), dim=1).indices.to(torch.int32).sort(dim=1)[0]
+        left, right, top, bottom = official_roi_box(top_idx, h, w, ratio)
+        f = f.view(len(idx), h, w, d)
+        return torch.cat([f[i, top[i]:bottom[i], left[i]:right[i]].reshape(-1, d) for i in range(len(idx))])
+
+    mid = torch.linspace(0, t, middle + 1).to(torch.int32).tolist()[:-1]
+    fast_idx = guided(fast) if fast < t else list(range(t))
+    x = feats[fast_idx].view(len(fast_idx), side, side, d).permute(3, 0, 1, 2)
+    fast_tok = F.adaptive_avg_pool2d(x, fast_grid).permute(1, 2, 3, 0).reshape(-1, d)
+    return torch.cat([crop(guided(slow)), crop(mid), fast_tok])
+
+
+@pytest.fixture
+def video():
+    g = torch.Generator().manual_seed(0)
+    t, side, d, e = 50, 24, 16, 8
+    return (torch.randn(t, side * side, d, generator=g), torch.randn(t, e, generator=g), torch.randn(e, generator=g),
+            torch.randn(t, side * side, e, generator=g))
+
+
+def test_released_configuration_gives_2648_tokens(video):
+    cfg = FreeVideoConfig.from_official(RELEASED)
+    assert cfg == FreeVideoConfig(faithful=True)
+    assert cfg.num_tokens(50) == 2648 == 3 * 231 + 5 * 231 + 50 * 16
+    feats, frame_emb, text_emb, patch_emb = video
+    out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, patch_emb, cfg)
+    assert out.tokens.shape == (2648, 16)
+    assert out.counts == {"slow": 693, "middle": 1155, "fast": 800}
+    assert out.middle == [0, 10, 20, 30, 40] and out.fast == list(range(50)) and out.slow == sorted(out.slow)
+
+
+def test_faithful_matches_the_official_code_path(video):
+    feats, frame_emb, text_emb, patch_emb = video
+    out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, patch_emb, FreeVideoConfig(faithful=True))
+    torch.testing.assert_close(out.tokens, official_tokens(feats, frame_emb, text_emb, patch_emb))
+    # fewer fast frames than T: the fast path is question-guided too
+    cfg = FreeVideoConfig(slow_frames=2, middle_frames=3, fast_frames=20, faithful=True, roi_ratio=0.6)
+    out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, patch_emb, cfg)
+    ref = official_tokens(feats, frame_emb, text_emb, patch_emb, slow=2, middle=3, fast=20, ratio=0.6)
+    torch.testing.assert_close(out.tokens, ref)
+
+
+def test_corrected_crop_is_a_rectangle_of_the_true_layout():
+    # features that encode their own (row, col) after pooling: the crop must be a contiguous block
+    side = 8
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    feats = torch.stack([rows, cols], -1).reshape(1, side * side, 2).float().expand(3, -1, -1).contiguous()
+    feats[..., 1] = (feats[..., 1] // 2) * 2 + 1  # max over horizontal pairs keeps the odd column
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(3, 4, generator=g)
+    patch = torch.randn(3, side * side, 4, generator=g)
+    cfg = FreeVideoConfig(slow_frames=0, middle_frames=3, fast_frames=0, roi_ratio=0.5)
+    out = free_video_tokens(feats, (side, side), emb, emb[0], patch, cfg)
+    hb, wb = cfg.box_size((side, side))
+    assert (hb, wb) == (round(8 * math.sqrt(0.5)), round(4 * math.sqrt(0.5)))
+    for i, (top, bottom, left, right) in enumerate(out.boxes):
+        block = out.tokens[i * hb * wb:(i + 1) * hb * wb].view(hb, wb, 2)
+        assert torch.equal(block[..., 0], torch.arange(top, bottom)[:, None].float().expand(hb, wb))
+        assert torch.equal(block[..., 1], (torch.arange(left, right) * 2 + 1)[None].float().expand(hb, wb))
+    # the faithful layout mixes pairs of rows: its blocks are not rectangles of the image
+    faithful = free_video_tokens(feats, (side, side), emb, emb[0], patch, FreeVideoConfig(
+        slow_frames=0, middle_frames=3, fast_frames=0, roi_ratio=0.5, faithful=True))
+    assert faithful.tokens.shape[0] == 3 * round(4 * math.sqrt(0.5)) * round(8 * math.sqrt(0.5))
+
+
+def test_roi_box_matches_official_loop_including_borders():
+    g = torch.Generator().manual_seed(2)
+    for h, w, r in ((12, 24, 0.8), (24, 12, 0.6), (5, 7, 0.3)):
+        k = int(h * w * r)
+        idx = torch.stack([torch.randperm(h * w, generator=g)[:k].sort()[0] for _ in range(20)])
+        # some frames with all mass in a corner, to exercise the shifts
+        idx[0] = torch.arange(k)
+        idx[1] = torch.arange(h * w - k, h * w)
+        left, right, top, bottom = official_roi_box(idx.to(torch.int32), h, w, r)
+        got = roi_box(idx, h, w, r)
+        assert got.tolist() == torch.stack([top, bottom, left, right], -1).tolist()
+        assert (got[:, 0] >= 0).all() and (got[:, 1] <= h).all() and (got[:, 2] >= 0).all() and (got[:, 3] <= w).all()
+
+
+def test_helpers_and_errors(video):
+    assert middle_indices(50, 5) == [0, 10, 20, 30, 40] and middle_indices(3, 5) == [0, 0, 1, 1, 2]
+    x = torch.tensor([[[1.0], [3.0], [2.0], [0.0]]])
+    assert spatial_1d_max_pool(x).flatten().tolist() == [3.0, 2.0]
+    emb = torch.eye(4)
+    assert top_frames(torch.tensor([0.0, 1.0, 0.0, 0.9]), emb, 2) == [1, 3]
+    assert top_frames(torch.ones(4), emb, 9) == [0, 1, 2, 3]
+    feats, frame_emb, text_emb, patch_emb = video
+    with pytest.raises(ValueError, match="needs patch_emb"):
+        free_video_tokens(feats, (24, 24), frame_emb, text_emb, None)
+    with pytest.raises(ValueError, match="grid width must be even"):
+        FreeVideoConfig().crop_layout((5, 5))
+    with pytest.raises(ValueError, match="needs a square grid"):
+        FreeVideoConfig(faithful=True).crop_layout((4, 8))
+    with pytest.raises(ValueError, match="cannot parse"):
+        FreeVideoConfig.from_official("slow_3frms")
+    with pytest.raises(ValueError, match="roi_ratio must be in"):
+        FreeVideoConfig(roi_ratio=0.0)
+    with pytest.raises(ValueError, match="at least one"):
+        FreeVideoConfig(slow_frames=0, middle_frames=0, fast_frames=0)
+    # no crop: pooled frames are kept whole and no CLIP patch features are needed
+    out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, None, FreeVideoConfig(roi_ratio=1.0))
+    assert out.tokens.shape[0] == 8 * 288 + 800 == FreeVideoConfig(roi_ratio=1.0).num_tokens(50)
