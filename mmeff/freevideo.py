@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.models import CLIP_MEAN, CLIP_STD, llava_pixel_values
+
 __all__ = [
+    "ClipScorer",
+    "FrameEmbeddings",
     "FreeVideoConfig",
     "FreeVideoOutput",
     "free_video_tokens",
@@ -260,3 +266,109 @@ def free_video_tokens(
         parts.append(pooled)
         counts["fast"] = pooled.shape[0]
     return FreeVideoOutput(tokens=torch.cat(parts), slow=slow, middle=middle, fast=fast, boxes=boxes, counts=counts)
+
+
+# --------------------------------------------------------------------------------------------- scorer
+
+
+def _col(v: tuple[float, ...]) -> Tensor:
+    return torch.tensor(v).view(1, 3, 1, 1)
+
+
+@dataclass
+class FrameEmbeddings:
+    """A dual encoder's view of T frames and one question.
+
+    Attributes:
+        frames: pooled image embedding per frame ``(T, E)``.
+        patches: patch embeddings per frame ``(T, Hc*Wc, E)`` on the encoder's own grid ``grid``.
+        text: question embedding ``(E,)``.
+        grid: ``(Hc, Wc)`` patch grid of the encoder.
+        seconds: wall-clock time spent in the encoder (part of the method's latency).
+    """
+
+    frames: Tensor
+    patches: Tensor
+    text: Tensor
+    grid: tuple[int, int]
+    seconds: float = 0.0
+
+    def patches_on(self, grid: tuple[int, int]) -> Tensor:
+        """Patch embeddings resampled (bilinear) to another grid ``(H, W)`` -> ``(T, H*W, E)``; unchanged when
+        the grids agree (LLaVA-1.5's tower and CLIP-L/336 both use 24x24)."""
+        if tuple(grid) == tuple(self.grid):
+            return self.patches
+        t, _, e = self.patches.shape
+        x = self.patches.view(t, *self.grid, e).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+        return x.permute(0, 2, 3, 1).reshape(t, grid[0] * grid[1], e).to(self.patches.dtype)
+
+
+class ClipScorer:
+    """Frame and patch similarity to a question from an open_clip model (``encode_text`` + a ViT ``visual``).
+
+    Args:
+        model: ``open_clip`` CLIP-style model; its ``visual`` must be a ViT with a class token.
+        tokenizer: the model's tokenizer (``open_clip.get_tokenizer(name)``); long questions are truncated
+            to the text encoder's context length instead of failing.
+        image_size: input resolution (default ``model.visual.image_size``).
+        mean, std: input normalisation (default the CLIP constants).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, image_size: int | None = None,
+                 mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> None:
+        visual = getattr(model, "visual", None)
+        if visual is None or not hasattr(visual, "output_tokens") or getattr(visual, "proj", None) is None:
+            raise TypeError(f"ClipScorer needs an open_clip model with a ViT image tower, got {type(model).__name__}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        size = image_size if image_size is not None else visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean, self.std = tuple(mean or CLIP_MEAN), tuple(std or CLIP_STD)
+
+    @classmethod
+    def from_open_clip(cls, name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> ClipScorer:
+        """``open_clip.create_model(name, pretrained=...)`` (a local checkpoint path works offline)."""
+        import open_clip
+
+        model = open_clip.create_model(name, pretrained=pretrained, device=device)
+        return cls(model, open_clip.get_tokenizer(name))
+
+    def _tokens(self, text: str) -> Tensor:
+        ctx = getattr(self.tokenizer, "context_length", None)
+        if ctx is not None:  # open_clip tokenizers truncate to their context length themselves
+            return self.tokenizer([text])
+        # HF-style tokenizers need to be told, or a long question overflows the position table
+        out = self.tokenizer([text], truncation=True, padding="max_length", return_tensors="pt")
+        return out["input_ids"]
+
+    @torch.no_grad()
+    def embed(self, frames: Tensor, question: str) -> FrameEmbeddings:
+        """Embed frames ``(T, H, W, 3)`` uint8 (numpy or tensor) and ``question``; timed end to end."""
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        start = time.perf_counter()
+        imgs = [np.asarray(f) for f in (frames.cpu().numpy() if isinstance(frames, Tensor) else frames)]
+        device = next(self.model.parameters()).device
+        px = llava_pixel_values(imgs, self.image_size)
+        if (self.mean, self.std) != (tuple(CLIP_MEAN), tuple(CLIP_STD)):
+            # llava_pixel_values normalises with the CLIP constants: map to this encoder's
+            unit = px * _col(CLIP_STD) + _col(CLIP_MEAN)
+            px = (unit - _col(self.mean)) / _col(self.std)
+        dtype = next(self.model.parameters()).dtype
+        visual = self.model.visual
+        old = visual.output_tokens
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(px.to(device=device, dtype=dtype))
+        finally:
+            visual.output_tokens = old
+        patches = tokens @ visual.proj
+        text = self.model.encode_text(self._tokens(question).to(device))[0]
+        n = patches.shape[1]
+        side = int(math.isqrt(n))
+        grid = getattr(visual, "grid_size", (side, side))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return FrameEmbeddings(frames=pooled.float(), patches=patches.float(), text=text.float(),
+                               grid=(int(grid[0]), int(grid[1])), seconds=time.perf_counter() - start)

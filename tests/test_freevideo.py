@@ -158,3 +158,47 @@ def test_helpers_and_errors(video):
     # no crop: pooled frames are kept whole and no CLIP patch features are needed
     out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, None, FreeVideoConfig(roi_ratio=1.0))
     assert out.tokens.shape[0] == 8 * 288 + 800 == FreeVideoConfig(roi_ratio=1.0).num_tokens(50)
+
+
+class _Tokenizer:
+    """open_clip's tokenizer at a 16-token context (it truncates, as the scorer relies on)."""
+
+    context_length = 16
+
+    def __call__(self, texts):
+        import open_clip
+
+        return open_clip.tokenize(texts, context_length=self.context_length)
+
+
+def test_clip_scorer_on_real_frames_with_a_small_open_clip():
+    import open_clip
+
+    from mmeff.datasets.media import read_frames, sample_video_path
+    from mmeff.freevideo import ClipScorer
+    from mmeff.models import llava_pixel_values
+
+    torch.manual_seed(0)
+    vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
+    tcfg = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+    model = open_clip.model.CLIP(embed_dim=32, vision_cfg=vcfg, text_cfg=tcfg).eval()
+    scorer = ClipScorer(model, _Tokenizer())
+    frames, _ = read_frames(sample_video_path("bikes"), 6)
+    long_question = "what is happening in this video " * 40  # far past the 16-token context
+    emb = scorer.embed(frames, long_question)
+    assert emb.frames.shape == (6, 32) and emb.patches.shape == (6, 16, 32) and emb.grid == (4, 4)
+    assert emb.text.shape == (32,) and emb.seconds > 0
+    with torch.no_grad():  # the pooled embedding is what open_clip's own encode_image returns
+        ref = model.encode_image(llava_pixel_values(list(frames), 64))
+        ref_text = model.encode_text(_Tokenizer()([long_question]))[0]
+    torch.testing.assert_close(emb.frames, ref.float())
+    torch.testing.assert_close(emb.text, ref_text.float())
+    assert emb.patches_on((4, 4)) is emb.patches
+    assert emb.patches_on((8, 8)).shape == (6, 64, 32)
+    cfg = FreeVideoConfig(slow_frames=2, middle_frames=2, fast_frames=6)
+    out = free_video_tokens(torch.randn(6, 64, 8), (8, 8), emb.frames, emb.text, emb.patches_on((8, 8)), cfg)
+    assert out.tokens.shape[0] == cfg.num_tokens(6, (8, 8))
+    with pytest.raises(ValueError, match="non-empty"):
+        scorer.embed(frames, "  ")
+    with pytest.raises(TypeError, match="ViT image tower"):
+        ClipScorer(torch.nn.Linear(2, 2), _Tokenizer())
