@@ -97,6 +97,10 @@ class Reduction:
             ``None`` when outputs mix several inputs (merging, pooling, frequency filtering).
         sizes: ``(B, M)`` float, how many input tokens each output token stands for.
         grid: layout of the M outputs when they still form a grid (pooling, DCT), else ``None``.
+        sources: for methods whose outputs draw on overlapping inputs (Free Video-LLM's fast path re-uses
+            the slow path's frames), ``(out_idx, in_idx)``, each ``(B, K)`` long: output ``out_idx[b, k]``
+            draws on input ``in_idx[b, k]``. When set it defines sizes and positions, and ``assignment``
+            holds each input's first output (``-1`` if unused). Build it with :meth:`from_sources`.
     """
 
     tokens: Tensor
@@ -104,10 +108,38 @@ class Reduction:
     indices: Tensor | None = None
     sizes: Tensor | None = None
     grid: Grid | None = None
+    sources: tuple[Tensor, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.sizes is None:
-            self.sizes = member_counts(self.assignment, self.tokens.shape[1]).to(torch.float32)
+            if self.sources is not None:
+                out_idx = self.sources[0]
+                self.sizes = torch.zeros(out_idx.shape[0], self.tokens.shape[1], device=out_idx.device).scatter_add_(
+                    1, out_idx, torch.ones_like(out_idx, dtype=torch.float32)
+                )
+            else:
+                self.sizes = member_counts(self.assignment, self.tokens.shape[1]).to(torch.float32)
+
+    @classmethod
+    def from_sources(
+        cls, tokens: Tensor, out_idx: Tensor, in_idx: Tensor, num_inputs: int, grid: Grid | None = None
+    ) -> Reduction:
+        """Outputs ``tokens`` ``(B, M, D)`` built from overlapping inputs: pairs ``(out_idx, in_idx)`` ``(B, K)``.
+
+        ``assignment`` records each input's lowest-numbered output so code that needs a partition (e.g.
+        :meth:`then`) still works; positions and sizes use every pair.
+        """
+        if out_idx.shape != in_idx.shape or out_idx.dim() != 2 or out_idx.shape[0] != tokens.shape[0]:
+            raise ValueError(f"out_idx and in_idx must both be (B, K) with B = {tokens.shape[0]}")
+        m = tokens.shape[1]
+        if out_idx.numel() and (int(out_idx.min()) < 0 or int(out_idx.max()) >= m):
+            raise ValueError(f"out_idx must index the {m} outputs")
+        if in_idx.numel() and (int(in_idx.min()) < 0 or int(in_idx.max()) >= num_inputs):
+            raise ValueError(f"in_idx must index the {num_inputs} inputs")
+        first = torch.full((tokens.shape[0], num_inputs), m, dtype=torch.long, device=tokens.device)
+        first.scatter_reduce_(1, in_idx, out_idx, reduce="amin")
+        assignment = torch.where(first == m, -1, first)
+        return cls(tokens=tokens, assignment=assignment, grid=grid, sources=(out_idx, in_idx))
 
     @property
     def num_tokens(self) -> int:
@@ -134,18 +166,30 @@ class Reduction:
         """Map per-token positions ``(B, N, P)`` (or ``(B, N)``) of the inputs to the outputs.
 
         A selected token keeps its own position; a merged token gets the member-size-weighted mean
-        position rounded to the nearest integer, so rotary embeddings stay on the integer lattice.
+        position rounded to the nearest integer, so rotary embeddings stay on the integer lattice; with
+        ``sources`` the mean runs over every input the output draws on.
         """
         squeeze = pos.dim() == 2
         p = pos.unsqueeze(-1) if squeeze else pos
         if self.indices is not None:
             out = p.gather(1, self.indices.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
+        elif self.sources is not None:
+            out_idx, in_idx = self.sources
+            vals = p.to(torch.float64).gather(1, in_idx.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
+            acc = torch.zeros(p.shape[0], self.num_tokens, p.shape[-1], dtype=torch.float64, device=p.device)
+            acc.scatter_add_(1, out_idx.unsqueeze(-1).expand_as(vals), vals)
+            cnt = self.sizes.to(torch.float64).clamp(min=1).unsqueeze(-1)
+            out = (acc / cnt).round().to(pos.dtype)
         else:
             out = group_mean(p.to(torch.float64), self.assignment, self.num_tokens).round().to(pos.dtype)
         return out.squeeze(-1) if squeeze else out
 
     def then(self, other: Reduction) -> Reduction:
-        """Compose: ``other`` reduced this reduction's outputs; return the end-to-end bookkeeping."""
+        """Compose: ``other`` reduced this reduction's outputs; return the end-to-end bookkeeping.
+
+        Reductions with overlapping ``sources`` compose through their ``assignment`` (each input's first
+        output), so the composed sizes/positions use that partition.
+        """
         valid = self.assignment >= 0
         a = torch.where(valid, other.assignment.gather(1, self.assignment.clamp(min=0)), -1)
         indices = None

@@ -136,6 +136,9 @@ class FreeVideoOutput:
         slow, middle, fast: frame indices used by each path (chronological).
         boxes: per high-resolution frame (slow then middle), ``(top, bottom, left, right)`` on the crop layout.
         counts: tokens contributed by each path.
+        out_idx, in_idx: ``(K,)`` long pairs, output token ``out_idx[k]`` draws on input token ``in_idx[k]``
+            of the flattened ``(T*H*W)`` frames (pooled pairs, crop boxes, fast-path bins); the fast path
+            re-uses frames of the other paths, so inputs overlap (see ``Reduction.from_sources``).
     """
 
     tokens: Tensor
@@ -144,6 +147,8 @@ class FreeVideoOutput:
     fast: list[int]
     boxes: list[tuple[int, int, int, int]] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    out_idx: Tensor | None = None
+    in_idx: Tensor | None = None
 
 
 def spatial_1d_max_pool(x: Tensor) -> Tensor:
@@ -239,13 +244,32 @@ def free_video_tokens(
         raise ValueError(f"roi_ratio < 1 needs patch_emb of shape (T, H*W, E) = ({t}, {n}, E), got {got}")
     layout = cfg.crop_layout(grid)
 
+    pairs: list[Tensor] = []  # per output token, the input tokens it draws on, as (k, 2) [out, in]
+    emitted = 0
+
+    def record(members: Tensor) -> None:
+        """``members`` ``(M_part, S)`` input indices for the next ``M_part`` outputs."""
+        nonlocal emitted
+        m_part, size = members.shape
+        out = (torch.arange(m_part) + emitted).repeat_interleave(size)
+        pairs.append(torch.stack([out, members.reshape(-1)], dim=1))
+        emitted += m_part
+
     def high_res(idx: list[int]) -> tuple[Tensor, list]:
         pooled = spatial_1d_max_pool(feats[idx])
         if not crop:
-            return pooled.reshape(-1, d), []
-        assert patch_emb is not None
-        toks, boxes = _roi(pooled, spatial_1d_max_pool(patch_emb[idx]), text_emb, layout, cfg.roi_ratio)
-        return toks.reshape(-1, d), boxes
+            kept = [torch.arange(n // 2)] * len(idx)
+            toks, boxes = pooled.reshape(-1, d), []
+        else:
+            assert patch_emb is not None
+            toks, boxes = _roi(pooled, spatial_1d_max_pool(patch_emb[idx]), text_emb, layout, cfg.roi_ratio)
+            toks = toks.reshape(-1, d)
+            lw = layout[1]
+            kept = [(torch.arange(tp, bt)[:, None] * lw + torch.arange(lf, rt)[None, :]).reshape(-1) for tp, bt, lf, rt in boxes]
+        for f, q in zip(idx, kept, strict=True):
+            # pooled token q is the max of inputs 2q and 2q + 1 of its frame, whatever layout reads it
+            record(torch.stack([f * n + 2 * q, f * n + 2 * q + 1], dim=1))
+        return toks, boxes
 
     parts: list[Tensor] = []
     boxes: list = []
@@ -265,7 +289,18 @@ def free_video_tokens(
         pooled = F.adaptive_avg_pool2d(x, cfg.fast_grid).permute(0, 2, 3, 1).reshape(-1, d).to(feats.dtype)
         parts.append(pooled)
         counts["fast"] = pooled.shape[0]
-    return FreeVideoOutput(tokens=torch.cat(parts), slow=slow, middle=middle, fast=fast, boxes=boxes, counts=counts)
+        for f in fast:
+            for i, j in ((i, j) for i in range(cfg.fast_grid[0]) for j in range(cfg.fast_grid[1])):
+                rows, cols = _window(h, cfg.fast_grid[0], i), _window(w, cfg.fast_grid[1], j)
+                record((f * n + rows[:, None] * w + cols[None, :]).reshape(1, -1))
+    src = torch.cat(pairs).to(feats.device)
+    return FreeVideoOutput(tokens=torch.cat(parts), slow=slow, middle=middle, fast=fast, boxes=boxes, counts=counts,
+                           out_idx=src[:, 0], in_idx=src[:, 1])
+
+
+def _window(size: int, out: int, i: int) -> Tensor:
+    """Input positions of adaptive-average-pool bin ``i`` of ``out`` over ``size`` (PyTorch's rule)."""
+    return torch.arange(math.floor(i * size / out), math.ceil((i + 1) * size / out))
 
 
 # --------------------------------------------------------------------------------------------- scorer

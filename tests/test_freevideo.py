@@ -202,3 +202,28 @@ def test_clip_scorer_on_real_frames_with_a_small_open_clip():
         scorer.embed(frames, "  ")
     with pytest.raises(TypeError, match="ViT image tower"):
         ClipScorer(torch.nn.Linear(2, 2), _Tokenizer())
+
+
+def test_sources_locate_every_output_token(video):
+    from mmeff.core import Reduction
+
+    feats, frame_emb, text_emb, patch_emb = video
+    for faithful in (False, True):
+        cfg = FreeVideoConfig(faithful=faithful)
+        out = free_video_tokens(feats, (24, 24), frame_emb, text_emb, patch_emb, cfg)
+        m = out.tokens.shape[0]
+        red = Reduction.from_sources(out.tokens[None], out.out_idx[None], out.in_idx[None], num_inputs=50 * 576)
+        sizes = red.sizes[0]
+        assert (sizes[: 8 * 231] == 2).all() and (sizes[8 * 231:] == 36).all() and sizes.shape[0] == m
+        # every output equals the max (high-res) or mean (fast) of the inputs its sources name
+        flat = feats.reshape(-1, feats.shape[-1])
+        for k in (0, 230, 231 * 5 + 17, 8 * 231, m - 1):
+            members = out.in_idx[out.out_idx == k]
+            expect = flat[members].amax(0) if k < 8 * 231 else flat[members].mean(0)
+            torch.testing.assert_close(out.tokens[k], expect)
+        # positions: a slow token sits on its own frame; fast bins land at their centres
+        t, r, c = torch.meshgrid(torch.arange(50), torch.arange(24), torch.arange(24), indexing="ij")
+        pos = torch.stack([t, r, c], -1).reshape(1, -1, 3)
+        p = red.positions(pos)[0]
+        assert p[0, 0] == out.slow[0] and p[8 * 231, 0] == out.fast[0]
+        assert p[8 * 231, 1:].tolist() == [2, 2]  # rows/cols 0..5 -> mean 2.5, rounded half to even

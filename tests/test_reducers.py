@@ -254,3 +254,20 @@ def test_property_pool_partition(h, w, hh, ww):
     assert int(out.sizes.sum(1)[0]) == h * w  # a partition: every token counted once
     # the pooled mean preserves the overall mean when weighted by sizes
     torch.testing.assert_close((out.tokens * out.sizes.unsqueeze(-1)).sum(1) / (h * w), x.mean(1), atol=1e-5, rtol=1e-5)
+
+
+def test_reduction_with_overlapping_sources():
+    # output 0 draws on inputs 0,1; output 1 on inputs 1,2,3 (input 1 is shared); input 4 unused
+    toks = torch.zeros(1, 2, 3)
+    out_idx = torch.tensor([[0, 0, 1, 1, 1]])
+    in_idx = torch.tensor([[0, 1, 1, 2, 3]])
+    red = Reduction.from_sources(toks, out_idx, in_idx, num_inputs=5)
+    assert red.sizes.tolist() == [[2.0, 3.0]]
+    assert red.assignment.tolist() == [[0, 0, 1, 1, -1]]
+    pos = torch.tensor([[[0, 0], [0, 2], [4, 4], [8, 6], [9, 9]]])
+    # means: ((0,0)+(0,2))/2 = (0,1); ((0,2)+(4,4)+(8,6))/3 = (4,4)
+    assert red.positions(pos).tolist() == [[[0, 1], [4, 4]]]
+    with pytest.raises(ValueError, match="in_idx must index the 5 inputs"):
+        Reduction.from_sources(toks, out_idx, in_idx + 5, num_inputs=5)
+    with pytest.raises(ValueError, match="out_idx must index the 2 outputs"):
+        Reduction.from_sources(toks, out_idx + 2, in_idx, num_inputs=5)
