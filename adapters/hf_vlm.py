@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,7 +31,11 @@ from mmeff.adapters.base import Adapter
 from mmeff.core import STAGES, Grid, Reduction, TokenContext
 from mmeff.hfconfig import pad_token_id
 
-__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "select_row"]
+__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "select_row", "TEXT_KWARG"]
+
+#: forward/generate keyword carrying each row's question for prompt-guided methods (removed before the host
+#: sees the call), e.g. ``model.generate(**inputs, mmeff_text=["what is the man holding?"])``
+TEXT_KWARG = "mmeff_text"
 
 
 class ReducedEncoderOutput(BaseModelOutputWithPooling):
@@ -52,6 +56,7 @@ class VisualItem:
     grid: Grid | None
     scores: Tensor | None = None
     reduction: Reduction | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_inputs(self) -> int:
@@ -121,6 +126,7 @@ class HFVLMAdapter(Adapter):
         self._sig = inspect.signature(model.forward)
         self._inside_generate = False
         self._prefill: tuple[int, Tensor] | None = None
+        self._text: list[str] | None = None
         self._hook(model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._override(model, "generate", self._wrap_generate(model.generate))
         self._override(model, "_mmeff_adapter", self)
@@ -134,11 +140,13 @@ class HFVLMAdapter(Adapter):
         if self._inside_generate:
             return None
         call = self._bind(args, kwargs)
+        had_text = TEXT_KWARG in call
+        self._text = call.pop(TEXT_KWARG, None)
         new = self.prepare(call)
         if new is None:
             new = self._fix_decode_mask(call)
             if new is None:
-                return None
+                return ((), call) if had_text else None
         return (), new
 
     def _fix_decode_mask(self, call: dict[str, Any]) -> dict[str, Any] | None:
@@ -170,6 +178,7 @@ class HFVLMAdapter(Adapter):
             if "inputs" in kwargs:
                 kwargs["input_ids"] = kwargs.pop("inputs")
             orig_ids = kwargs.get("input_ids")
+            self._text = kwargs.pop(TEXT_KWARG, None)
             new = self.prepare(dict(kwargs))
             self._inside_generate = True
             try:
@@ -237,11 +246,14 @@ class HFVLMAdapter(Adapter):
         for i, it in enumerate(items):
             if it.reduction is not None:
                 continue
-            groups.setdefault((it.modality, tuple(it.features.shape), it.grid, it.scores is None), []).append(i)
-        for (_, _, grid, _), idx in groups.items():
+            key = (it.modality, tuple(it.features.shape), it.grid, it.scores is None, tuple(sorted(it.extras)))
+            groups.setdefault(key, []).append(i)
+        for (_, _, grid, _, extra_keys), idx in groups.items():
             feats = torch.stack([items[i].features for i in idx])
             scores = torch.stack([items[i].scores for i in idx]) if items[idx[0]].scores is not None else None
-            red = self.reducer(feats, TokenContext(grid=grid, scores=scores))
+            # per-item side inputs (question text, frames) as lists aligned with the batch rows
+            extras = {k: [items[i].extras[k] for i in idx] for k in extra_keys}
+            red = self.reducer(feats, TokenContext(grid=grid, scores=scores, extras=extras))
             for j, i in enumerate(idx):
                 out[i] = select_row(red, j)
         return [r for r in out if r is not None]
@@ -320,6 +332,7 @@ def select_row(red: Reduction, j: int) -> Reduction:
         indices=None if red.indices is None else red.indices[j : j + 1],
         sizes=None if red.sizes is None else red.sizes[j : j + 1],
         grid=red.grid,
+        sources=None if red.sources is None else (red.sources[0][j : j + 1], red.sources[1][j : j + 1]),
     )
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from mmeff.adapters.base import cls_attention, register_adapter
-from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
+from mmeff.adapters.hf_vlm import TEXT_KWARG, HFVLMAdapter, VisualItem, select_row
 from mmeff.core import Reduction, TokenContext
 
 __all__ = ["LlavaAdapter"]
@@ -64,6 +65,9 @@ class LlavaAdapter(HFVLMAdapter):
     def encode(self, call: dict[str, Any]) -> list[VisualItem]:
         inner = self.model.model
         enc = call.get("mm_encoder_outputs") or {}
+        video_level = bool(getattr(self.reducer, "video_level", False))
+        if video_level and self.stage == "pre_projector":
+            raise ValueError(f"{self.reducer.describe()} works on whole videos after the projector; use stage='post_projector'")
         captured: list[Tensor] = []
         early: list[Reduction] = []
         patch = int(self.model.config.vision_config.patch_size)
@@ -145,7 +149,49 @@ class LlavaAdapter(HFVLMAdapter):
                 if s.shape[0] != n:
                     raise ValueError(f"cls_attn: {s.shape[0]} scores for {n} features (unsupported feature layout)")
             items.append(VisualItem("image", f, grid, None if s is None else s.to(f.device)))
+        if video_level:
+            pixels = call.get("pixel_values") if enc.get("image") is None else None
+            items = self._group_videos(call["input_ids"], items, pixels)
         return items
+
+    def _group_videos(self, input_ids: Tensor, items: list[VisualItem], pixels: Tensor | None) -> list[VisualItem]:
+        """One item per contiguous run of image placeholders: a run holding k images is a k-frame video
+        with grid ``(k, H, W)``; its frames' pixels and its row's question travel in ``extras``."""
+        b = input_ids.shape[0]
+        text = self._text
+        if isinstance(text, str):
+            text = [text]
+        if text is not None and len(text) != b:
+            raise ValueError(f"{TEXT_KWARG} has {len(text)} entries for a batch of {b}")
+        is_img = (input_ids == self.placeholder_id("image")).tolist()
+        runs: list[tuple[int, int]] = []
+        for row, flags in enumerate(is_img):
+            length = 0
+            for flag in [*flags, False]:
+                if flag:
+                    length += 1
+                elif length:
+                    runs.append((row, length))
+                    length = 0
+        out: list[VisualItem] = []
+        cursor = 0
+        for row, length in runs:
+            n = items[cursor].features.shape[0]
+            if length % n:
+                raise ValueError(f"a run of {length} image tokens is not a whole number of {n}-token frames")
+            frames = items[cursor : cursor + length // n]
+            cursor += len(frames)
+            grid = frames[0].grid
+            if grid is None or len(grid) != 2 or any(f.grid != grid for f in frames):
+                raise ValueError("video-level methods need every frame on the same (H, W) patch grid")
+            extras: dict[str, Any] = {"text": None if text is None else text[row]}
+            if pixels is not None:
+                extras["pixels"] = pixels[cursor - len(frames) : cursor]
+            feats = torch.cat([f.features for f in frames])
+            out.append(VisualItem("image", feats, (len(frames), *grid), None, extras=extras))
+        if cursor != len(items):
+            raise ValueError(f"{len(items)} images but the placeholder runs hold {cursor}")
+        return out
 
     def full_positions(self, call: dict[str, Any]) -> Tensor | None:
         pos = call.get("position_ids")

@@ -28,16 +28,22 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmeff.core import Reduction, TokenContext, TokenReducer, register
 from mmeff.models import CLIP_MEAN, CLIP_STD, llava_pixel_values
+
+# the adapters' keyword (mmeff.adapters.hf_vlm.TEXT_KWARG), spelled out to keep this module adapter-free
+TEXT_KWARG_HINT = "mmeff_text=[question per row] to forward/generate, or extras['text']"
 
 __all__ = [
     "ClipScorer",
+    "FreeVideoLLM",
     "FrameEmbeddings",
     "FreeVideoConfig",
     "FreeVideoOutput",
@@ -377,33 +383,114 @@ class ClipScorer:
         out = self.tokenizer([text], truncation=True, padding="max_length", return_tensors="pt")
         return out["input_ids"]
 
-    @torch.no_grad()
-    def embed(self, frames: Tensor, question: str) -> FrameEmbeddings:
+    def embed(self, frames: Tensor | np.ndarray, question: str) -> FrameEmbeddings:
         """Embed frames ``(T, H, W, 3)`` uint8 (numpy or tensor) and ``question``; timed end to end."""
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
         start = time.perf_counter()
         imgs = [np.asarray(f) for f in (frames.cpu().numpy() if isinstance(frames, Tensor) else frames)]
+        emb = self.embed_pixels(llava_pixel_values(imgs, self.image_size), question)
+        emb.seconds = time.perf_counter() - start
+        return emb
+
+    @torch.no_grad()
+    def embed_pixels(self, pixels: Tensor, question: str) -> FrameEmbeddings:
+        """Embed CLIP-normalised pixels ``(T, 3, S, S)`` (LLaVA's own inputs) and ``question``; timed.
+
+        Pixels at another size are resized (bicubic) to the encoder's resolution.
+        """
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"pixels must be (T, 3, S, S), got {tuple(pixels.shape)}")
+        start = time.perf_counter()
         device = next(self.model.parameters()).device
-        px = llava_pixel_values(imgs, self.image_size)
-        if (self.mean, self.std) != (tuple(CLIP_MEAN), tuple(CLIP_STD)):
-            # llava_pixel_values normalises with the CLIP constants: map to this encoder's
-            unit = px * _col(CLIP_STD) + _col(CLIP_MEAN)
-            px = (unit - _col(self.mean)) / _col(self.std)
         dtype = next(self.model.parameters()).dtype
+        px = pixels.to(device=device, dtype=torch.float32)
+        if px.shape[-2:] != (self.image_size, self.image_size):
+            px = F.interpolate(px, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        if (self.mean, self.std) != (tuple(CLIP_MEAN), tuple(CLIP_STD)):
+            # LLaVA pixels are normalised with the CLIP constants: map them to this encoder's
+            unit = px * _col(CLIP_STD).to(device) + _col(CLIP_MEAN).to(device)
+            px = (unit - _col(self.mean).to(device)) / _col(self.std).to(device)
         visual = self.model.visual
         old = visual.output_tokens
         visual.output_tokens = True
         try:
-            pooled, tokens = visual(px.to(device=device, dtype=dtype))
+            pooled, tokens = visual(px.to(dtype))
         finally:
             visual.output_tokens = old
         patches = tokens @ visual.proj
         text = self.model.encode_text(self._tokens(question).to(device))[0]
-        n = patches.shape[1]
-        side = int(math.isqrt(n))
+        side = int(math.isqrt(patches.shape[1]))
         grid = getattr(visual, "grid_size", (side, side))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return FrameEmbeddings(frames=pooled.float(), patches=patches.float(), text=text.float(),
                                grid=(int(grid[0]), int(grid[1])), seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------- reducer
+
+
+@register("freevideo")
+@dataclass
+class FreeVideoLLM(TokenReducer):
+    """Free Video-LLM on whole videos: question-guided slow/middle/fast paths and RoI crop.
+
+    Works on a video's tokens ``(B, T*H*W, D)`` with ``grid=(T, H, W)``. Each row needs its question in
+    ``context.extras["text"]`` and either its frames' pixels (``extras["pixels"]``, ``(T, 3, S, S)``) for the
+    ``scorer`` or precomputed :class:`FrameEmbeddings` (``extras["clip"]``). Through ``mmeff.apply`` on LLaVA a
+    run of image placeholders holding T frames is one video, and questions come from
+    ``model.generate(**inputs, mmeff_text=[question per row])``. Budgets as in :class:`FreeVideoConfig`; the
+    scorer's time of the last call is in ``last_scorer_s``.
+    """
+
+    slow_frames: int = 3
+    middle_frames: int = 5
+    fast_frames: int = 50
+    fast_grid: tuple[int, int] = (4, 4)
+    roi_ratio: float = 0.8
+    faithful: bool = False
+    scorer: ClipScorer | None = field(default=None, repr=False, compare=False)
+    needs = frozenset({"grid"})
+    video_level: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.config  # noqa: B018 - validates the budgets now rather than at the first call
+        self.last_scorer_s = 0.0
+
+    @property
+    def config(self) -> FreeVideoConfig:
+        """The path budgets as a :class:`FreeVideoConfig`."""
+        return FreeVideoConfig(self.slow_frames, self.middle_frames, self.fast_frames, tuple(self.fast_grid),
+                               self.roi_ratio, self.faithful)
+
+    def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
+        grid = ctx.grid
+        assert grid is not None
+        if len(grid) != 3:
+            raise ValueError(f"FreeVideoLLM works on videos: grid must be (T, H, W), got {grid}")
+        t, h, w = grid
+        b = tokens.shape[0]
+        clips = ctx.extras.get("clip")
+        texts, pixels = ctx.extras.get("text"), ctx.extras.get("pixels")
+        outs: list[FreeVideoOutput] = []
+        self.last_scorer_s = 0.0
+        for i in range(b):
+            if clips is not None:
+                emb = clips[i]
+            else:
+                if texts is None or texts[i] is None:
+                    raise ValueError(f"FreeVideoLLM needs each video's question: pass {TEXT_KWARG_HINT}")
+                if pixels is None or self.scorer is None:
+                    raise ValueError("FreeVideoLLM needs a scorer (ClipScorer) and the frames' pixels, or extras['clip']")
+                emb = self.scorer.embed_pixels(pixels[i], texts[i])
+            self.last_scorer_s += emb.seconds
+            outs.append(free_video_tokens(tokens[i].view(t, h * w, -1), (h, w), emb.frames.to(tokens.device),
+                                          emb.text.to(tokens.device), emb.patches_on((h, w)).to(tokens.device),
+                                          self.config))
+        return Reduction.from_sources(
+            torch.stack([o.tokens for o in outs]),
+            torch.stack([o.out_idx for o in outs]),
+            torch.stack([o.in_idx for o in outs]),
+            num_inputs=t * h * w,
+        )

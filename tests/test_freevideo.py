@@ -227,3 +227,106 @@ def test_sources_locate_every_output_token(video):
         p = red.positions(pos)[0]
         assert p[0, 0] == out.slow[0] and p[8 * 231, 0] == out.fast[0]
         assert p[8 * 231, 1:].tolist() == [2, 2]  # rows/cols 0..5 -> mean 2.5, rounded half to even
+
+
+# ------------------------------------------------------------------------------------------ on LLaVA
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    import open_clip
+
+    from mmeff.freevideo import ClipScorer
+
+    torch.manual_seed(0)
+    vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
+    tcfg = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+    return ClipScorer(open_clip.model.CLIP(embed_dim=32, vision_cfg=vcfg, text_cfg=tcfg).eval(), _Tokenizer())
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    from mmeff import models
+
+    return models.build_tiny(
+        "llava", tmp_path_factory.mktemp("llava"), seed=0, vision_config={"image_size": 112, "patch_size": 8}
+    ).eval()
+
+
+def _video_prompt(llava, frames_per_row, text_lens):
+    """Rows of ``[bos] text <T*196 image tokens> text``, left padded, with real frames of a real mp4."""
+    from mmeff import models
+    from mmeff.datasets.media import read_frames, sample_video_path
+
+    cfg = llava.config
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for t, n_text in zip(frames_per_row, text_lens, strict=True):
+        text = torch.randint(10, 100, (n_text,), generator=g).tolist()
+        rows.append([1, *text[: n_text // 2], *[cfg.image_token_id] * (t * 196), *text[n_text // 2:]])
+    batch = models.left_pad_batch(rows, models.pad_token_id(cfg))
+    frames, _ = read_frames(sample_video_path("bikes"), sum(frames_per_row))
+    batch["pixel_values"] = models.llava_pixel_values(list(frames), 112)
+    return batch
+
+
+@torch.no_grad()
+def test_freevideo_on_llava_matches_the_manual_pipeline(llava, tiny_clip):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    import mmeff
+    from mmeff.freevideo import FreeVideoLLM
+    from mmeff.models import left_pad_batch, pad_token_id
+
+    red = FreeVideoLLM(slow_frames=2, middle_frames=2, fast_frames=6, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    m = red.config.num_tokens(6, (14, 14))
+    assert m == 4 * 10 * 5 + 6 * 4
+    inp = _video_prompt(llava, [6, 6], [5, 9])
+    questions = ["what colour is the bike?", "how many people are riding?"]
+    with mmeff.apply(llava, red) as h:
+        got = llava(**inp, mmeff_text=questions).logits
+        gen = llava.generate(**inp, mmeff_text=questions, max_new_tokens=3, do_sample=False)
+    assert h.stats["visual_tokens_in"] == 2 * 6 * 196 and h.stats["visual_tokens_out"] == 2 * m
+    assert red.last_scorer_s > 0
+    assert torch.equal(gen[:, : inp["input_ids"].shape[1]], inp["input_ids"])
+
+    # the same thing by hand: encode, build each video's tokens, shrink the placeholder runs
+    feats = llava.model.get_image_features(pixel_values=inp["pixel_values"]).pooler_output
+    videos = []
+    for i, q in enumerate(questions):
+        emb = tiny_clip.embed_pixels(inp["pixel_values"][6 * i: 6 * i + 6], q)
+        out = free_video_tokens(torch.stack(feats[6 * i: 6 * i + 6]), (14, 14), emb.frames, emb.text,
+                                emb.patches_on((14, 14)), red.config)
+        videos.append(out.tokens)
+    rows = []
+    for ids, mask in zip(inp["input_ids"].tolist(), inp["attention_mask"].tolist(), strict=True):
+        kept, run = [], 0
+        for t, keep in zip(ids, mask, strict=True):
+            if not keep:
+                continue
+            run = run + 1 if t == llava.config.image_token_id else 0
+            if t != llava.config.image_token_id or run <= m:
+                kept.append(t)
+        rows.append(kept)
+    short = left_pad_batch(rows, pad_token_id(llava.config))
+    enc = {"image": BaseModelOutputWithPooling(pooler_output=videos)}
+    ref = llava(input_ids=short["input_ids"], attention_mask=short["attention_mask"], mm_encoder_outputs=enc).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_freevideo_on_llava_errors(llava, tiny_clip):
+    import mmeff
+    from mmeff.freevideo import FreeVideoLLM
+
+    inp = _video_prompt(llava, [4], [6])
+    red = FreeVideoLLM(slow_frames=1, middle_frames=1, fast_frames=4, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    with mmeff.apply(llava, red):
+        with pytest.raises(ValueError, match="needs each video's question"):
+            llava(**inp)
+        with pytest.raises(ValueError, match="mmeff_text has 2 entries for a batch of 1"):
+            llava(**inp, mmeff_text=["a?", "b?"])
+        out = llava(**inp, mmeff_text="what happens?").logits  # a bare string for a batch of one
+        assert out.shape[1] < inp["input_ids"].shape[1]
+    with mmeff.apply(llava, red, stage="pre_projector"), pytest.raises(ValueError, match="post_projector"):
+        llava(**inp, mmeff_text="what happens?")
