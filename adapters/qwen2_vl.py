@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mmeff.adapters.base import register_adapter
-from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.adapters.hf_vlm import TEXT_KWARG, HFVLMAdapter, VisualItem
 
 __all__ = ["Qwen2VLAdapter", "received_attention"]
 
@@ -167,7 +167,41 @@ class Qwen2VLAdapter(HFVLMAdapter):
                 s = None if scores is None else scores[offset : offset + n].to(f.device)
                 offset += n
                 items.append(VisualItem(modality, f, grid, s))
+        if getattr(self.reducer, "video_level", False):
+            self._video_extras(call, items)
         return items
+
+    def _video_extras(self, call: dict[str, Any], items: list[VisualItem]) -> None:
+        """For video-level methods: each video's question (``mmeff_text``) and its frames, recovered from the
+        patchified pixels (first frame of each temporal patch, so one frame per merged time step)."""
+        from mmeff.models import qwen2_vl_unpatchify
+
+        vids = [it for it in items if it.modality == "video"]
+        if not vids:
+            return
+        ids = call["input_ids"]
+        b = ids.shape[0]
+        text = [self._text] if isinstance(self._text, str) else self._text
+        if text is not None and len(text) != b:
+            raise ValueError(f"{TEXT_KWARG} has {len(text)} entries for a batch of {b}")
+        # a video's placeholders start right after a vision_start token: count them per row, in order
+        start = ids == int(self.model.config.vision_start_token_id)
+        nxt = torch.zeros_like(start)
+        nxt[:, :-1] = ids[:, 1:] == self.placeholder_id("video")
+        rows = (start & nxt).nonzero(as_tuple=True)[0].tolist()
+        if len(rows) != len(vids):
+            raise ValueError(f"{len(vids)} videos but {len(rows)} video placeholder runs in input_ids")
+        pix, grid_thw = call.get("pixel_values_videos"), call.get("video_grid_thw")
+        vc = self.model.config.vision_config
+        offset = 0
+        for it, row, thw in zip(vids, rows, grid_thw.tolist() if grid_thw is not None else [None] * len(vids), strict=True):
+            it.extras["text"] = None if text is None else text[row]
+            if pix is not None and thw is not None:
+                n = thw[0] * thw[1] * thw[2]
+                frames = qwen2_vl_unpatchify(pix[offset : offset + n], thw, vc.patch_size, vc.spatial_merge_size,
+                                             vc.temporal_patch_size, getattr(vc, "in_channels", 3))
+                offset += n
+                it.extras["pixels"] = frames[:: vc.temporal_patch_size]
 
     def full_positions(self, call: dict[str, Any]) -> Tensor | None:
         if self.mrope == "regrid":

@@ -113,7 +113,17 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
         raise ValueError("no samples to evaluate")
 
     reducer = None
-    if args.method != "none":
+    if args.method == "freevideo":
+        from mmeff.freevideo import ClipScorer, FreeVideoConfig, FreeVideoLLM
+
+        cfg = FreeVideoConfig.from_official(args.freevideo, faithful=args.faithful)
+        if args.clip_pretrained is None:
+            print(f"mmeff: warning: --clip-pretrained not given: {args.clip_model} scores frames with random weights",
+                  file=sys.stderr)
+        scorer = ClipScorer.from_open_clip(args.clip_model, pretrained=args.clip_pretrained)
+        reducer = FreeVideoLLM(cfg.slow_frames, cfg.middle_frames, cfg.fast_frames, cfg.fast_grid, cfg.roi_ratio,
+                               cfg.faithful, scorer=scorer)
+    elif args.method != "none":
         budget = {"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}
         try:
             reducer = create_reducer(args.method, **budget)
@@ -212,13 +222,19 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = e.add_subparsers(dest="task", required=True)
     v = tasks.add_parser("videoqa", help="video question answering: accuracy, visual tokens and latency per video")
     v.add_argument("--model", default="default", help="'default' or a local LLaVA checkpoint folder with its processor")
-    v.add_argument("--method", default="none", help="registered reducer, or 'none' for the unreduced model")
+    v.add_argument("--method", default="none",
+                   help="registered reducer (freevideo: Free Video-LLM with an open_clip scorer), or 'none'")
     budget = v.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=int, default=None, help="visual-token budget per frame (default: --ratio)")
     budget.add_argument("--ratio", type=float, default=0.25, help="budget as a fraction of the encoder's tokens")
     v.add_argument("--stage", default=None, choices=["pre_projector", "post_projector"],
                    help="where the method runs (default: where its paper runs it)")
     v.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (or per clip window)")
+    v.add_argument("--freevideo", default="slow_3frms_spatial_1d_max_pool_roi8-middle_5frms_spatial_1d_max_pool_24x12-fast_50frms_4x4",
+                   help="--method freevideo: the official path string (default: the released configuration)")
+    v.add_argument("--faithful", action="store_true", help="--method freevideo: the official crop layout quirk")
+    v.add_argument("--clip-model", default="ViT-B-32", help="--method freevideo: open_clip architecture of the scorer")
+    v.add_argument("--clip-pretrained", default=None, help="--method freevideo: local open_clip checkpoint for the scorer")
     v.add_argument("--data", default="synthetic",
                    help="'synthetic' (12 questions on clips generated under the --out folder) or an annotation format: "
                         "msvd-qa, msrvtt-qa, activitynet-qa, tgif-qa, nextqa, videomme, mvbench")

@@ -418,6 +418,8 @@ def _rows_visual_tokens(handle: Any, batch: int, frames: int, unreduced: int) ->
     """Visual tokens per row after reduction: the adapter's per-image reductions are in row order
     (pixel_values are concatenated per row), so row ``i`` owns images ``i*frames ... (i+1)*frames-1``."""
     reds = getattr(handle, "last_reductions", None)
+    if reds is not None and len(reds) == batch:  # video-level methods: one reduction per row's video
+        return [int(r.num_tokens) for r in reds]
     if reds is not None and len(reds) == batch * frames:
         counts = [int(r.num_tokens) for r in reds]
         return [sum(counts[i * frames : (i + 1) * frames]) for i in range(batch)]
@@ -439,8 +441,10 @@ def predict_batch(
 ) -> list[Prediction]:
     """Greedy answers of a HF ``LlavaForConditionalGeneration`` for several samples in one ``generate``.
 
-    Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``) become that many
-    images of ``llava_tokens_per_image`` placeholders in a chat prompt built with ``build_prompt``; rows
+    Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``) become one contiguous
+    run of ``num_frames * llava_tokens_per_image`` placeholders (one video) in a chat prompt built with
+    ``build_prompt``, so frame-level methods see each frame and video-level ones (Free Video-LLM) the
+    whole clip; the raw questions go to the method as ``mmeff_text``; rows
     are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
     ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
     a chat tokenizer (or a processor with a ``.tokenizer``).
@@ -472,7 +476,7 @@ def predict_batch(
 
     _sync(device)
     t0 = time.perf_counter()
-    rows = [build_prompt(tok, build_question(s), num_frames, per_image, cfg.image_token_id) for s in samples]
+    rows = [build_prompt(tok, build_question(s), 1, num_frames * per_image, cfg.image_token_id) for s in samples]
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(cfg)
     batch = {k: v.to(device) for k, v in left_pad_batch(rows, pad).items()}
     batch["pixel_values"] = torch.cat(pixels).to(device=device, dtype=dtype)
@@ -483,7 +487,7 @@ def predict_batch(
             out = model.generate(**batch, **gen_kwargs)
         else:
             with apply(model, reducer, **apply_options) as handle:
-                out = model.generate(**batch, **gen_kwargs)
+                out = model.generate(**batch, **gen_kwargs, mmeff_text=[s.question for s in samples])
     _sync(device)
     new = out[:, batch["input_ids"].shape[1] :].cpu()
     eos = _eos_ids(model, tok)

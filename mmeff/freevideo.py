@@ -467,8 +467,8 @@ class FreeVideoLLM(TokenReducer):
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         grid = ctx.grid
         assert grid is not None
-        if len(grid) != 3:
-            raise ValueError(f"FreeVideoLLM works on videos: grid must be (T, H, W), got {grid}")
+        if len(grid) == 2:  # a still image in the same prompt is a video method's business only as a video
+            return Reduction.identity(tokens, grid)
         t, h, w = grid
         b = tokens.shape[0]
         clips = ctx.extras.get("clip")

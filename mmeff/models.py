@@ -375,6 +375,22 @@ def qwen2_vl_patchify(
     return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
 
 
+def qwen2_vl_unpatchify(
+    patches: torch.Tensor, grid: Sequence[int], patch_size: int, merge_size: int, temporal_patch_size: int,
+    channels: int = 3,
+) -> torch.Tensor:
+    """Inverse of :func:`qwen2_vl_patchify`: patches ``(t*h*w, C*tp*p*p)`` of one item with ``grid``
+    ``(t, h, w)`` -> normalised frames ``(t*tp, C, h*p, w*p)`` (padding frames included)."""
+    gt, gh, gw = (int(g) for g in grid)
+    m, p, tp = merge_size, patch_size, temporal_patch_size
+    if patches.shape != (gt * gh * gw, channels * tp * p * p):
+        raise ValueError(f"patches {tuple(patches.shape)} do not match grid {tuple(grid)} with C={channels}, tp={tp}, p={p}")
+    x = patches.reshape(gt, gh // m, gw // m, m, m, channels, tp, p, p)
+    # undo permute(0, 3, 6, 4, 7, 2, 1, 5, 8) of the patchify step
+    x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+    return x.reshape(gt * tp, channels, gh * p, gw * p)
+
+
 def _per_sample(spec: Any, batch: int, is_item: Callable[[Any], bool], name: str) -> list[list[Any]]:
     """Normalise a per-sample media spec into ``batch`` lists of items (broadcasting a single entry)."""
     if spec is None or (isinstance(spec, (list, tuple)) and len(spec) == 0):

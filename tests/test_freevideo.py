@@ -330,3 +330,64 @@ def test_freevideo_on_llava_errors(llava, tiny_clip):
         assert out.shape[1] < inp["input_ids"].shape[1]
     with mmeff.apply(llava, red, stage="pre_projector"), pytest.raises(ValueError, match="post_projector"):
         llava(**inp, mmeff_text="what happens?")
+
+
+def test_qwen2_vl_unpatchify_round_trip():
+    from mmeff.models import qwen2_vl_patchify, qwen2_vl_unpatchify
+
+    frames = torch.randn(4, 3, 56, 84, generator=torch.Generator().manual_seed(0))
+    patches, grid = qwen2_vl_patchify(frames, 14, 2, 2)
+    torch.testing.assert_close(qwen2_vl_unpatchify(patches, grid, 14, 2, 2), frames)
+    with pytest.raises(ValueError, match="do not match grid"):
+        qwen2_vl_unpatchify(patches[1:], grid, 14, 2, 2)
+
+
+@torch.no_grad()
+def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
+    import mmeff
+    from mmeff import models
+    from mmeff.freevideo import FreeVideoLLM
+
+    qwen = models.build_tiny("qwen2_vl", tmp_path / "qwen", seed=0).eval()
+    vc = qwen.config.vision_config
+    inp = models.qwen2_vl_inputs(qwen.config, batch=2, image_hw=[[(56, 56)], None], video=[(4, 112, 112), (6, 112, 112)])
+    red = FreeVideoLLM(slow_frames=1, middle_frames=1, fast_frames=2, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    questions = ["is it raining?", "what is the rider wearing?"]
+    with mmeff.apply(qwen, red) as h:
+        logits = qwen(**inp, mmeff_text=questions).logits
+        gen = qwen.generate(**inp, mmeff_text=questions, max_new_tokens=2, do_sample=False)
+    image_red, *video_reds = h.last_reductions
+    assert image_red.num_tokens == 4  # the 2x2 image passes through untouched
+    assert [r.num_tokens for r in video_reds] == [red.config.num_tokens(2, (4, 4)), red.config.num_tokens(3, (4, 4))]
+    assert h.stats["visual_tokens_out"] == 4 + sum(r.num_tokens for r in video_reds)
+    assert logits.shape[1] == h.stats["prompt_len_out"] and gen.shape[1] == inp["input_ids"].shape[1] + 2
+
+    # the video tokens are free_video_tokens of the merger output, scored on the recovered frames
+    feats = qwen.model.get_video_features(inp["pixel_values_videos"], inp["video_grid_thw"]).pooler_output
+    offset = 0
+    for i, (thw, q) in enumerate(zip(inp["video_grid_thw"].tolist(), questions, strict=True)):
+        n = thw[0] * thw[1] * thw[2]
+        frames = models.qwen2_vl_unpatchify(inp["pixel_values_videos"][offset: offset + n], thw, 14, 2, 2)[::2]
+        offset += n
+        emb = tiny_clip.embed_pixels(frames, q)
+        t, hh, ww = thw[0], thw[1] // 2, thw[2] // 2
+        ref = free_video_tokens(feats[i].view(t, hh * ww, -1), (hh, ww), emb.frames, emb.text,
+                                emb.patches_on((hh, ww)), red.config)
+        torch.testing.assert_close(video_reds[i].tokens[0], ref.tokens)
+    assert vc.temporal_patch_size == 2
+
+
+def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default, model_cache, capsys):
+    import json
+
+    from mmeff.cli import main
+
+    out = tmp_path / "r.jsonl"
+    rc = main(["eval", "videoqa", "--method", "freevideo", "--frames", "4", "--limit", "2", "--batch-size", "2",
+               "--max-new-tokens", "2", "--out", str(out), "--cache-dir", str(model_cache)])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "random weights" in text.err  # no scorer checkpoint offline: said, not hidden
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    expect = FreeVideoConfig().num_tokens(4)  # 3 slow + 5 middle crops of 231, 4 fast frames of 16
+    assert len(lines) == 2 and all(r["visual_tokens"] == expect == 8 * 231 + 4 * 16 for r in lines)
