@@ -338,57 +338,16 @@ class Prediction:
 
 PredictFn = Callable[[Sequence[VideoQASample]], Sequence[Prediction]]
 
-# Frames held in memory at once while searching a clip window (see read_clip).
-_WINDOW_READ_BYTES = 1 << 30
-
-
-def _uniform(total: int, num: int) -> np.ndarray:
-    # segment midpoints, as read_frames samples (repeats indices when num > total)
-    return np.minimum(((np.arange(num) + 0.5) * total / num).astype(np.int64), total - 1)
-
-
 def read_clip(
     path: str | Path, num_frames: int, start: float | None = None, end: float | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``num_frames`` frames uniformly sampled from ``[start, end]`` seconds of a video (whole video if both
-    are ``None``). Returns ``frames`` (T, H, W, 3) uint8 and ``timestamps`` (T,) seconds.
+    """``num_frames`` frames at segment midpoints of ``[start, end)`` seconds of a video (whole video when
+    both are ``None``): ``frames`` (T, H, W, 3) uint8 and ``timestamps`` (T,) seconds. A thin view of
+    :func:`~mmeff.datasets.media.load_video`, which owns the decoding and the errors."""
+    from mmeff.datasets.media import load_video
 
-    :func:`~mmeff.datasets.media.read_frames` samples the whole file, so a window is read by sampling
-    the file more densely and keeping the frames inside it. At most ~1 GiB of frames is decoded per
-    try: a window much shorter than ``duration * num_frames / max_frames`` gets repeated frames, and one
-    that falls between two sampled frames uses the sampled frame nearest to it.
-    """
-    from mmeff.datasets.media import read_frames
-
-    if start is None and end is None:
-        return read_frames(path, num_frames)
-    lo = 0.0 if start is None else float(start)
-    hi = math.inf if end is None else float(end)
-    if hi <= lo:
-        raise ValueError(f"clip window end {hi} must be after start {lo} (video {path})")
-    n = 2 * num_frames
-    while True:
-        frames, ts = read_frames(path, n)
-        exhausted = n > 1 and bool(np.any(np.diff(ts) <= 0))  # asked for more frames than the video has
-        # repeated frames are the same instant: count each timestamp once
-        _, first = np.unique(ts, return_index=True)
-        inside = np.array([i for i in sorted(first) if lo <= ts[i] <= hi], dtype=np.int64)
-        cap = max(2 * num_frames, _WINDOW_READ_BYTES // max(1, frames[0].nbytes))
-        if len(inside) >= num_frames or exhausted or n >= cap:
-            break
-        # midpoint sampling: the last frame sits half a step before the end
-        step = float(ts[-1] - ts[0]) / (n - 1) if n > 1 else 0.0
-        duration = float(ts[-1]) + step / 2
-        if lo >= duration:
-            raise ValueError(f"clip window [{lo}, {hi}] starts after the end of {path} (~{duration:.2f} s)")
-        width = min(hi, duration) - lo
-        need = int(math.ceil(1.25 * num_frames * duration / max(width, 1e-6))) + 1
-        n = int(min(cap, max(need, 2 * n)))
-    if len(inside) == 0:
-        mid = (lo + min(hi, float(ts[-1]))) / 2
-        inside = np.array([int(np.argmin(np.abs(ts - mid)))])
-    pick = inside[_uniform(len(inside), num_frames)]
-    return np.ascontiguousarray(frames[pick]), ts[pick]
+    clip = load_video(path, num_frames=num_frames, start=start, end=end)
+    return clip.frames, clip.timestamps
 
 
 def build_question(sample: VideoQASample) -> str:

@@ -453,9 +453,9 @@ def test_read_clip_respects_window() -> None:
     assert np.all(ts >= 8.0) and np.all(np.diff(ts) > 0)
     _, ts = read_clip(video, 2)
     np.testing.assert_allclose(ts, [2.48, 7.48], atol=1e-6)  # whole video: segment midpoints
-    with pytest.raises(ValueError, match="after start"):
+    with pytest.raises(ValueError, match="start must be before end"):
         read_clip(video, 2, start=3.0, end=1.0)
-    with pytest.raises(ValueError, match="starts after the end"):
+    with pytest.raises(ValueError, match="at or after the end of the video"):
         read_clip(video, 2, start=50.0, end=60.0)
 
 

@@ -375,6 +375,12 @@ def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
                                 emb.patches_on((hh, ww)), red.config)
         torch.testing.assert_close(video_reds[i].tokens[0], ref.tokens)
     assert vc.temporal_patch_size == 2
+    # batch 1: the same video alone gets the same tokens
+    one = models.qwen2_vl_inputs(qwen.config, batch=1, image_hw=None, video=[(4, 112, 112)])
+    one["pixel_values_videos"] = inp["pixel_values_videos"][: 2 * 8 * 8]
+    with mmeff.apply(qwen, red) as h1:
+        qwen.generate(**one, mmeff_text=questions[:1], max_new_tokens=2, do_sample=False)
+    torch.testing.assert_close(h1.last_reductions[0].tokens, video_reds[0].tokens)
 
 
 def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default, model_cache, capsys):
