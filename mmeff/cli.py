@@ -121,8 +121,7 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
             print(f"mmeff: warning: --clip-pretrained not given: {args.clip_model} scores frames with random weights",
                   file=sys.stderr)
         scorer = ClipScorer.from_open_clip(args.clip_model, pretrained=args.clip_pretrained)
-        reducer = FreeVideoLLM(cfg.slow_frames, cfg.middle_frames, cfg.fast_frames, cfg.fast_grid, cfg.roi_ratio,
-                               cfg.faithful, scorer=scorer)
+        reducer = FreeVideoLLM(cfg, scorer=scorer)
     elif args.method != "none":
         budget = {"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}
         try:

@@ -440,29 +440,19 @@ class FreeVideoLLM(TokenReducer):
     ``context.extras["text"]`` and either its frames' pixels (``extras["pixels"]``, ``(T, 3, S, S)``) for the
     ``scorer`` or precomputed :class:`FrameEmbeddings` (``extras["clip"]``). Through ``mmeff.apply`` on LLaVA a
     run of image placeholders holding T frames is one video, and questions come from
-    ``model.generate(**inputs, mmeff_text=[question per row])``. Budgets as in :class:`FreeVideoConfig`; the
-    scorer's time of the last call is in ``last_scorer_s``.
+    ``model.generate(**inputs, mmeff_text=[question per row])``. ``config`` holds the path budgets (default:
+    the released configuration); the scorer's time of the last call is in ``last_scorer_s``.
     """
 
-    slow_frames: int = 3
-    middle_frames: int = 5
-    fast_frames: int = 50
-    fast_grid: tuple[int, int] = (4, 4)
-    roi_ratio: float = 0.8
-    faithful: bool = False
+    config: FreeVideoConfig = field(default_factory=FreeVideoConfig)
     scorer: ClipScorer | None = field(default=None, repr=False, compare=False)
     needs = frozenset({"grid"})
     video_level: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        self.config  # noqa: B018 - validates the budgets now rather than at the first call
+        if not isinstance(self.config, FreeVideoConfig):
+            raise TypeError(f"config must be a FreeVideoConfig, got {type(self.config).__name__}")
         self.last_scorer_s = 0.0
-
-    @property
-    def config(self) -> FreeVideoConfig:
-        """The path budgets as a :class:`FreeVideoConfig`."""
-        return FreeVideoConfig(self.slow_frames, self.middle_frames, self.fast_frames, tuple(self.fast_grid),
-                               self.roi_ratio, self.faithful)
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         grid = ctx.grid

@@ -278,7 +278,8 @@ def test_freevideo_on_llava_matches_the_manual_pipeline(llava, tiny_clip):
     from mmeff.freevideo import FreeVideoLLM
     from mmeff.models import left_pad_batch, pad_token_id
 
-    red = FreeVideoLLM(slow_frames=2, middle_frames=2, fast_frames=6, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    red = FreeVideoLLM(FreeVideoConfig(slow_frames=2, middle_frames=2, fast_frames=6, fast_grid=(2, 2), roi_ratio=0.5),
+                       scorer=tiny_clip)
     m = red.config.num_tokens(6, (14, 14))
     assert m == 4 * 10 * 5 + 6 * 4
     inp = _video_prompt(llava, [6, 6], [5, 9])
@@ -320,7 +321,8 @@ def test_freevideo_on_llava_errors(llava, tiny_clip):
     from mmeff.freevideo import FreeVideoLLM
 
     inp = _video_prompt(llava, [4], [6])
-    red = FreeVideoLLM(slow_frames=1, middle_frames=1, fast_frames=4, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    red = FreeVideoLLM(FreeVideoConfig(slow_frames=1, middle_frames=1, fast_frames=4, fast_grid=(2, 2), roi_ratio=0.5),
+                       scorer=tiny_clip)
     with mmeff.apply(llava, red):
         with pytest.raises(ValueError, match="needs each video's question"):
             llava(**inp)
@@ -351,7 +353,8 @@ def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
     qwen = models.build_tiny("qwen2_vl", tmp_path / "qwen", seed=0).eval()
     vc = qwen.config.vision_config
     inp = models.qwen2_vl_inputs(qwen.config, batch=2, image_hw=[[(56, 56)], None], video=[(4, 112, 112), (6, 112, 112)])
-    red = FreeVideoLLM(slow_frames=1, middle_frames=1, fast_frames=2, fast_grid=(2, 2), roi_ratio=0.5, scorer=tiny_clip)
+    red = FreeVideoLLM(FreeVideoConfig(slow_frames=1, middle_frames=1, fast_frames=2, fast_grid=(2, 2), roi_ratio=0.5),
+                       scorer=tiny_clip)
     questions = ["is it raining?", "what is the rider wearing?"]
     with mmeff.apply(qwen, red) as h:
         logits = qwen(**inp, mmeff_text=questions).logits
