@@ -22,6 +22,7 @@ from mmeff.core import (
     register,
 )
 from mmeff.fourier import FourierLowPass, fourier_compress
+from mmeff.freevideo import FreeVideoLLM
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "CLSAttnTopK",
     "Compose",
     "FourierLowPass",
+    "FreeVideoLLM",
     "GridReducer",
     "RandomKeep",
     "Reduction",

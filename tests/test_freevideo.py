@@ -400,3 +400,12 @@ def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default,
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     expect = FreeVideoConfig().num_tokens(4)  # 3 slow + 5 middle crops of 231, 4 fast frames of 16
     assert len(lines) == 2 and all(r["visual_tokens"] == expect == 8 * 231 + 4 * 16 for r in lines)
+
+
+def test_freevideo_is_registered_on_import_of_mmeff():
+    import mmeff
+    from mmeff.freevideo import FreeVideoLLM
+
+    assert mmeff.get_reducer_class("freevideo") is FreeVideoLLM is mmeff.FreeVideoLLM
+    with pytest.raises(TypeError, match="config must be a FreeVideoConfig"):
+        FreeVideoLLM(config={"slow_frames": 3})
