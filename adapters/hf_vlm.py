@@ -115,6 +115,13 @@ class HFVLMAdapter(Adapter):
             raise ValueError(f"{type(self).__name__} does not support stage={stage!r}{self._stage_hint(stage)}")
         self.stage: str = stage
 
+    def _row_texts(self, batch: int) -> list[str] | None:
+        """The call's ``mmeff_text`` as one entry per batch row (a bare string for a batch of one)."""
+        text = [self._text] if isinstance(self._text, str) else self._text
+        if text is not None and len(text) != batch:
+            raise ValueError(f"{TEXT_KWARG} has {len(text)} entries for a batch of {batch}")
+        return text
+
     def _stage_hint(self, stage: str) -> str:
         return f"; supported: {self.stages}"
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmeff.adapters.base import cls_attention, register_adapter
-from mmeff.adapters.hf_vlm import TEXT_KWARG, HFVLMAdapter, VisualItem, select_row
+from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
 from mmeff.core import Reduction, TokenContext
 
 __all__ = ["LlavaAdapter"]
@@ -158,11 +158,7 @@ class LlavaAdapter(HFVLMAdapter):
         """One item per contiguous run of image placeholders: a run holding k images is a k-frame video
         with grid ``(k, H, W)``; its frames' pixels and its row's question travel in ``extras``."""
         b = input_ids.shape[0]
-        text = self._text
-        if isinstance(text, str):
-            text = [text]
-        if text is not None and len(text) != b:
-            raise ValueError(f"{TEXT_KWARG} has {len(text)} entries for a batch of {b}")
+        text = self._row_texts(b)
         is_img = (input_ids == self.placeholder_id("image")).tolist()
         runs: list[tuple[int, int]] = []
         for row, flags in enumerate(is_img):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from mmeff.adapters.base import register_adapter
-from mmeff.adapters.hf_vlm import TEXT_KWARG, HFVLMAdapter, VisualItem
+from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
 
 __all__ = ["Qwen2VLAdapter", "received_attention"]
 
@@ -181,9 +181,7 @@ class Qwen2VLAdapter(HFVLMAdapter):
             return
         ids = call["input_ids"]
         b = ids.shape[0]
-        text = [self._text] if isinstance(self._text, str) else self._text
-        if text is not None and len(text) != b:
-            raise ValueError(f"{TEXT_KWARG} has {len(text)} entries for a batch of {b}")
+        text = self._row_texts(b)
         # a video's placeholders start right after a vision_start token: count them per row, in order
         start = ids == int(self.model.config.vision_start_token_id)
         nxt = torch.zeros_like(start)
