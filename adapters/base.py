@@ -26,10 +26,12 @@ class Adapter:
     description: ClassVar[str] = ""
     #: keyword options ``mmeff.apply(model, reducer, **options)`` accepts for this adapter
     option_names: ClassVar[frozenset[str]] = frozenset()
+    #: the kind of method this adapter attaches (token reducers; KV-cache presses for ``KVCacheAdapter``)
+    method_type: ClassVar[type] = TokenReducer
 
-    def __init__(self, model: nn.Module, reducer: TokenReducer, **options: Any) -> None:
-        if not isinstance(reducer, TokenReducer):
-            raise TypeError(f"expected a TokenReducer, got {type(reducer).__name__}")
+    def __init__(self, model: nn.Module, reducer: Any, **options: Any) -> None:
+        if not isinstance(reducer, self.method_type):
+            raise TypeError(f"expected a {self.method_type.__name__}, got {type(reducer).__name__}")
         unknown = sorted(set(options) - self.option_names)
         if unknown:
             raise TypeError(

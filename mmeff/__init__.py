@@ -23,6 +23,8 @@ from mmeff.core import (
 )
 from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
+from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
+from mmeff.sepllm import SepLLM, separator_ids
 
 __version__ = "0.1.0"
 
@@ -31,23 +33,31 @@ __all__ = [
     "BudgetReducer",
     "CLSAttnTopK",
     "Compose",
+    "EvictingCache",
+    "FullKV",
+    "KVPress",
     "FourierLowPass",
     "FreeVideoLLM",
     "GridReducer",
     "RandomKeep",
     "Reduction",
     "ScoreTopK",
+    "SepLLM",
+    "StreamingLLM",
     "TokenContext",
     "TokenReducer",
     "UniformKeep",
     "apply",
     "attach",
     "compose",
+    "create_press",
     "create_reducer",
     "fourier_compress",
     "get_reducer_class",
+    "list_presses",
     "list_reducers",
     "patch",
     "register",
+    "separator_ids",
     "unpatch",
 ]

@@ -1,4 +1,8 @@
-"""Applying reducers to models: ``with mmeff.apply(model, method): ...`` and ``mmeff.patch(model, method)``."""
+"""Applying methods to models: ``with mmeff.apply(model, method): ...`` and ``mmeff.patch(model, method)``.
+
+A method is a token reducer (attached by the model's adapter) or a KV-cache press (attached to the
+model's decoder by ``KVCacheAdapter``); one call may combine reducers with one press.
+"""
 
 from __future__ import annotations
 
@@ -9,19 +13,63 @@ from typing import Any
 from torch import nn
 
 from mmeff.adapters import Adapter, find_adapter
+from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.core import TokenReducer, compose
+from mmeff.kvcache import KVPress
 
 __all__ = ["apply", "patch", "unpatch", "attach"]
 
 
-def attach(model: nn.Module, *reducers: TokenReducer, **options: Any) -> Adapter:
-    """Attach ``reducers`` (run in sequence) to ``model``; returns the adapter, whose ``detach()`` undoes it.
+class AdapterGroup(Adapter):
+    """Several adapters attached together (token reducers + a KV-cache press); detaches all of them."""
 
-    Raises ``TypeError`` for an unsupported model class or a non-reducer argument.
+    name = "group"
+
+    def __init__(self, adapters: list[Adapter]) -> None:  # noqa: D107 - no reducer of its own
+        self.adapters = adapters
+        self.model = adapters[0].model
+        self._hooks, self._restore = [], []
+
+    @property
+    def stats(self) -> dict[str, Any]:  # type: ignore[override]
+        out: dict[str, Any] = {}
+        for a in self.adapters:
+            out.update(a.stats)
+        return out
+
+    def __getitem__(self, i: int) -> Adapter:
+        return self.adapters[i]
+
+    def attach(self) -> None:
+        for a in self.adapters:
+            a.attach()
+
+    def detach(self) -> None:
+        for a in reversed(self.adapters):
+            a.detach()
+
+
+def attach(model: nn.Module, *methods: TokenReducer | KVPress, **options: Any) -> Adapter:
+    """Attach ``methods`` to ``model``; returns the adapter, whose ``detach()`` undoes everything.
+
+    Token reducers run in sequence on the visual tokens; at most one KV-cache press may join them
+    (``options`` then go to the reducers' adapter). Raises ``TypeError`` for an unsupported model class
+    or an argument that is neither a reducer nor a press.
     """
-    if not reducers:
-        raise ValueError("attach/apply/patch need at least one reducer")
-    adapter = find_adapter(model)(model, compose(*reducers), **options)
+    if not methods:
+        raise ValueError("attach/apply/patch need at least one reducer or KV-cache press")
+    presses = [m for m in methods if isinstance(m, KVPress)]
+    reducers = [m for m in methods if not isinstance(m, KVPress)]
+    if len(presses) > 1:
+        raise ValueError(f"one KV-cache press at a time, got {[p.name for p in presses]}")
+    adapters: list[Adapter] = []
+    if reducers:
+        adapters.append(find_adapter(model)(model, compose(*reducers), **options))
+    elif options:
+        raise TypeError(f"KV-cache presses take no adapter options, got {sorted(options)}")
+    if presses:
+        adapters.append(KVCacheAdapter(model, presses[0]))
+    adapter = adapters[0] if len(adapters) == 1 else AdapterGroup(adapters)
     try:
         adapter.attach()
     except BaseException:
@@ -31,7 +79,7 @@ def attach(model: nn.Module, *reducers: TokenReducer, **options: Any) -> Adapter
 
 
 @contextmanager
-def apply(model: nn.Module, *reducers: TokenReducer, **options: Any) -> Iterator[Adapter]:
+def apply(model: nn.Module, *reducers: TokenReducer | KVPress, **options: Any) -> Iterator[Adapter]:
     """Context manager: the model runs with ``reducers`` inside the block and is restored after it.
 
     Example::
@@ -47,15 +95,17 @@ def apply(model: nn.Module, *reducers: TokenReducer, **options: Any) -> Iterator
         adapter.detach()
 
 
-def patch(model: nn.Module, *reducers: TokenReducer, **options: Any) -> Adapter:
+def patch(model: nn.Module, *reducers: TokenReducer | KVPress, **options: Any) -> Adapter:
     """Attach permanently (until :func:`unpatch`); returns the adapter."""
     return attach(model, *reducers, **options)
 
 
 def unpatch(model: nn.Module) -> bool:
-    """Remove a method attached with :func:`patch`; returns whether one was attached."""
-    adapter = model.__dict__.get("_mmeff_adapter")
-    if adapter is None:
-        return False
-    adapter.detach()
-    return True
+    """Remove the methods attached with :func:`patch` (reducers and press); returns whether any was."""
+    found = False
+    for key in ("_mmeff_kv_adapter", "_mmeff_adapter"):
+        adapter = model.__dict__.get(key)
+        if adapter is not None:
+            adapter.detach()
+            found = True
+    return found

@@ -25,9 +25,12 @@ from transformers import (
     AutoTokenizer,
     CLIPVisionConfig,
     LlamaConfig,
+    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -190,24 +193,37 @@ def _as_dict(cfg: Any) -> dict[str, Any] | None:
     return cfg.to_dict()
 
 
+def tiny_lm_config(kind: Literal["llama", "qwen2"] = "llama", **overrides: Any) -> LlamaConfig | Qwen2Config:
+    """Tiny random causal-LM config (2 layers, hidden 32, 4 heads / 2 KV heads, vocab 128, pad 0 bos 1 eos 2)."""
+    text = {**_TINY_TEXT, "pad_token_id": _TINY_PAD, "bos_token_id": _TINY_BOS, "eos_token_id": _TINY_EOS, **overrides}
+    if kind == "llama":
+        return LlamaConfig(**text)
+    if kind == "qwen2":
+        return Qwen2Config(**text)
+    raise ValueError(f"unknown tiny LM kind {kind!r}; expected 'llama' or 'qwen2'")
+
+
 def build_tiny(
-    kind: Literal["llava", "qwen2_vl"],
+    kind: Literal["llava", "qwen2_vl", "llama", "qwen2"],
     folder: str | Path,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     **config_overrides: Any,
-) -> LlavaForConditionalGeneration | Qwen2VLForConditionalGeneration:
-    """Instantiate a tiny random VLM with ``torch.manual_seed(seed)``, save it to ``folder`` and reload it.
+) -> PreTrainedModel:
+    """Instantiate a tiny random model with ``torch.manual_seed(seed)``, save it to ``folder`` and reload it.
 
-    Returning the reloaded model (eval mode) means callers test the same ``from_pretrained`` path users
-    hit. ``config_overrides`` go to ``tiny_llava_config`` / ``tiny_qwen2_vl_config``.
+    ``kind``: ``"llava"`` / ``"qwen2_vl"`` (VLMs) or ``"llama"`` / ``"qwen2"`` (causal LMs). Returning the
+    reloaded model (eval mode) means callers test the same ``from_pretrained`` path users hit.
+    ``config_overrides`` go to ``tiny_llava_config`` / ``tiny_qwen2_vl_config`` / ``tiny_lm_config``.
     """
     if kind == "llava":
         cls, config = LlavaForConditionalGeneration, tiny_llava_config(**config_overrides)
     elif kind == "qwen2_vl":
         cls, config = Qwen2VLForConditionalGeneration, tiny_qwen2_vl_config(**config_overrides)
+    elif kind in ("llama", "qwen2"):
+        cls, config = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM), tiny_lm_config(kind, **config_overrides)
     else:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected 'llava' or 'qwen2_vl'")
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected 'llava', 'qwen2_vl', 'llama' or 'qwen2'")
     folder = Path(folder)
     torch.manual_seed(seed)
     model = cls(config).to(dtype)

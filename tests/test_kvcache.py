@@ -1,0 +1,322 @@
+"""KV-cache presses (SepLLM, StreamingLLM, full) on real HF classes, checked against independent references.
+
+The main reference: the eviction rule re-implemented over Python lists gives, for every query, the set
+of earlier tokens it may see; one full forward with that explicit 4-D mask (eager attention, no cache)
+must give the same logits as the evicting cache run token by token (SDPA). Streaming mode is checked
+against recomputing each step from scratch on [kept tokens + new tokens] with positions 0..n-1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmeff
+from mmeff.adapters.kv_cache import KVCacheAdapter
+from mmeff.kvcache import FLAG_PROTECTED, FLAG_SEP, EvictingCache
+from mmeff.models import build_tiny, llava_inputs, qwen2_vl_inputs
+from mmeff.streaming import streaming_perplexity
+
+SEPS = (5, 6, 7)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return build_tiny("llama", tmp_path_factory.mktemp("llama"), num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return build_tiny("qwen2", tmp_path_factory.mktemp("qwen2"))
+
+
+def _stream(n: int, seed: int = 0, sep_every: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 128, (n,), generator=g)
+    ids[sep_every - 1 :: sep_every] = torch.tensor(SEPS)[torch.randint(0, 3, (len(ids[sep_every - 1 :: sep_every]),), generator=g)]
+    # an irregular sprinkle too, so separator counts differ between windows
+    ids[torch.randint(0, n, (n // 10,), generator=g)] = SEPS[0]
+    return ids
+
+
+def simulate(ids: list[int], steps: list[tuple[int, int]], a: int, s: int | None, w: int, c: int | None,
+             seps: tuple[int, ...] = SEPS) -> dict[int, list[int]]:
+    """The eviction rule over lists, batch 1, no padding: query position -> visible key positions."""
+    cache: list[int] = []
+    visible: dict[int, list[int]] = {}
+    for st, en in steps:
+        q = en - st
+        if c is not None and cache and len(cache) + q > c:
+            w_old = max(w - q, 0)
+            window = cache[len(cache) - w_old :] if w_old else []
+            past = cache[: len(cache) - w_old]
+            sinks = [t for t in past if t < a]
+            sep = [t for t in past if t >= a and ids[t] in seps]
+            if s is not None:
+                sep = sep[max(len(sep) - s, 0) :] if s > 0 else []
+            cache = sorted(sinks + sep) + window
+        for i in range(st, en):
+            visible[i] = cache + list(range(st, i + 1))
+        cache = cache + list(range(st, en))
+    return visible
+
+
+def _mask(visible: dict[int, list[int]], n: int) -> torch.Tensor:
+    m = torch.full((1, 1, n, n), float("-inf"))
+    for i, keys in visible.items():
+        m[0, 0, i, keys] = 0.0
+    return m
+
+
+def _masked_forward(model, ids: torch.Tensor, layer_masks: list[torch.Tensor]) -> torch.Tensor:
+    """Full forward with an explicit additive mask per layer (eager attention, no cache)."""
+    model.set_attn_implementation("eager")
+    hooks = []
+    for layer, m in zip(model.get_decoder().layers, layer_masks):
+        def pre(mod, args, kwargs, m=m):
+            kwargs["attention_mask"] = m
+            return args, kwargs
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        return model(ids[None], attention_mask=layer_masks[0], use_cache=False).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.set_attn_implementation("sdpa")
+
+
+def _press_forward(model, ids: torch.Tensor, steps, press) -> tuple[torch.Tensor, EvictingCache]:
+    with mmeff.apply(model, press) as h:
+        cache = h.new_cache()
+        outs = []
+        for st, en in steps:
+            out = model(ids[None, st:en], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            outs.append(out.logits[0])
+    return torch.cat(outs), cache
+
+
+def _steps(n: int, prefill: int, chunk: int = 1) -> list[tuple[int, int]]:
+    return [(0, prefill)] + [(t, min(t + chunk, n)) for t in range(prefill, n, chunk)]
+
+
+@pytest.mark.parametrize(
+    "press, sizes",
+    [
+        (mmeff.SepLLM(separator_ids=SEPS, init_size=3, sep_size=4, local_size=6, cache_size=16), [(3, 4, 6, 16)] * 3),
+        (mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=None, local_size=5, cache_size=12), [(2, None, 5, 12)] * 3),
+        (mmeff.StreamingLLM(init_size=2, local_size=9), [(2, 0, 9, 11)] * 3),
+        # per-layer sizes, and the `ht` variant: first and last layers never evict
+        (mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=[3, 2, 3], local_size=[6, 4, 6],
+                      cache_size=[14, 10, 14], full_layers=(0, -1)), [(2, 3, 6, None), (2, 2, 4, 10), (2, 3, 6, None)]),
+    ],
+    ids=["sepllm", "sepllm-uncapped", "streamingllm", "per-layer-ht"],
+)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_eviction_matches_masked_reference(llama, press, sizes, chunk):
+    n, prefill = 60, 9
+    ids = _stream(n)
+    steps = _steps(n, prefill, chunk)
+    got, cache = _press_forward(llama, ids, steps, press)
+    masks = [_mask(simulate(ids.tolist(), steps, a, s, w, c), n) for a, s, w, c in sizes]
+    with torch.no_grad():
+        ref = _masked_forward(llama, ids, masks)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # eviction really happened and memory fell: stored entries per layer match the simulation
+    for layer, (a, s, w, c) in zip(cache.layers, sizes):
+        expect = len(simulate(ids.tolist(), steps, a, s, w, c)[n - 1])
+        assert layer.length == expect
+        assert layer.keys.shape[-2] == expect
+    assert cache.get_seq_length() == n  # tokens seen, not stored
+    assert cache.bytes == sum(layer.nbytes() for layer in cache.layers) <= cache.peak_bytes
+    assert min(cache.stored_lengths()) < n / 2
+
+
+def test_streaming_positions_match_recompute(tmp_path):
+    """One layer: the streaming cache equals recomputing [kept + new] from scratch with positions 0..n-1,
+    which checks pre-RoPE storage and re-rotation; the stream runs past max_position_embeddings."""
+    model = build_tiny("llama", tmp_path, num_hidden_layers=1, max_position_embeddings=32)
+    n = 90
+    ids = _stream(n, seed=1)
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=3, local_size=6, cache_size=14, streaming=True)
+    steps = _steps(n, 8, 2)
+    got, cache = _press_forward(model, ids, steps, press)
+    vis = simulate(ids.tolist(), steps, 2, 3, 6, 14)
+    ref = []
+    with torch.no_grad():
+        for st, en in steps:
+            kept = vis[st][:-1]
+            x = torch.cat([ids[kept], ids[st:en]])[None]
+            ref.append(model(x, use_cache=False).logits[0, -(en - st) :])
+    torch.testing.assert_close(got, torch.cat(ref), atol=2e-5, rtol=1e-4)
+    assert cache.get_seq_length() == n and max(cache.stored_lengths()) <= 14 + 2
+
+
+def test_streaming_without_eviction_is_exact(llama):
+    ids = _stream(50, seed=2)
+    ref = llama(ids[None]).logits[0]
+    for press in (mmeff.FullKV(), mmeff.FullKV(streaming=True)):
+        got, _ = _press_forward(llama, ids, _steps(50, 10, 4), press)
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which, attn", [("llama", "sdpa"), ("llama", "eager"), ("qwen2", "sdpa")])
+def test_generate_batch_rows_match_batch_one(which, attn, llama, qwen2):
+    model = llama if which == "llama" else qwen2
+    model.set_attn_implementation(attn)
+    try:
+        _batch_rows_match(model)
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def _batch_rows_match(model):
+    a, b = _stream(31, seed=3), _stream(20, seed=4, sep_every=3)  # different lengths and separator counts
+    batch = torch.zeros(2, 31, dtype=torch.long)
+    batch[0], batch[1, 11:] = a, b
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=3, local_size=6, cache_size=14)
+    with torch.no_grad(), mmeff.apply(model, press) as h:
+        out = model.generate(batch, attention_mask=(batch != 0).long(), max_new_tokens=24, do_sample=False)
+        assert h.stats["kv_ratio"] < 0.5 and h.stats["stored_max"] <= 14
+        solo = [model.generate(x[None], max_new_tokens=24, do_sample=False)[0, len(x):] for x in (a, b)]
+    for row, ref in zip(out[:, 31:], solo):  # a row that stopped early is padded in the batch
+        assert row[: len(ref)].tolist() == ref.tolist()
+        assert (row[len(ref) :] == model.generation_config.pad_token_id).all()
+
+
+def test_generate_without_eviction_equals_plain(llama):
+    ids = _stream(40, seed=5)[None]
+    with torch.no_grad():
+        ref = llama.generate(ids, max_new_tokens=30, do_sample=False)
+        with mmeff.apply(llama, mmeff.SepLLM(separator_ids=SEPS, cache_size=4096)) as h:
+            out = llama.generate(ids, max_new_tokens=30, do_sample=False)
+    assert torch.equal(ref, out)
+    assert h.stats["kv_kept"] == h.stats["kv_seen"] == 69 and h.stats["evictions"] == 0
+    # an explicit cache from the handle works as generate's past_key_values too
+    press = mmeff.StreamingLLM(init_size=2, local_size=10)
+    with torch.no_grad(), mmeff.apply(llama, press) as h:
+        cache = h.new_cache()
+        llama.generate(ids, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert cache.get_seq_length() == 69 and max(cache.stored_lengths()) == 12
+
+
+def test_generate_sampling_and_memory_bound(llama):
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=8, cache_size=20)
+    ids = _stream(30, seed=6)[None].repeat(2, 1)
+    with torch.no_grad(), mmeff.apply(llama, press) as h:
+        torch.manual_seed(0)
+        out = llama.generate(ids, max_new_tokens=80, do_sample=True, top_k=20, num_return_sequences=2)
+    assert out.shape == (4, 110)
+    st = h.stats
+    assert st["stored_max"] <= 20 and st["kv_seen"] == 109
+    full_bytes = 3 * 2 * 4 * 109 * 2 * 16 * 4  # layers * (k, v) * batch * seen * kv_heads * head_dim * fp32
+    assert st["cache_bytes"] < full_bytes / 4
+    # detached: the model is back to the plain DynamicCache
+    assert "_mmeff_kv_adapter" not in llama.__dict__
+    out = llama(ids, use_cache=True)
+    assert type(out.past_key_values).__name__ == "DynamicCache"
+
+
+def test_llava_protects_visual_tokens(tmp_path):
+    model = build_tiny("llava", tmp_path)
+    inputs = llava_inputs(model.config, batch=1, text_lens=[20])
+    n_img = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    press = dict(separator_ids=SEPS, init_size=2, sep_size=2, local_size=6, cache_size=12)
+    with torch.no_grad():
+        with mmeff.apply(model, mmeff.SepLLM(**press)) as h:
+            model.generate(**inputs, max_new_tokens=20, do_sample=False, suppress_tokens=[model.config.image_token_id])
+        layer = h.cache.layers[0]
+        prot = int(((layer.flags & FLAG_PROTECTED) != 0).sum())
+        assert prot == n_img and layer.length <= 12 + n_img
+        with mmeff.apply(model, mmeff.SepLLM(**press, protect_visual=False)) as h:
+            model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        assert h.cache.layers[0].length <= 12
+        # with a token reducer in the same call: the reduced placeholders are what gets protected
+        with mmeff.apply(model, mmeff.AvgPool(tokens=16), mmeff.SepLLM(**press)) as h:
+            model.generate(**inputs, max_new_tokens=20, do_sample=False)
+        assert h.stats["visual_tokens_out"] == 16
+        assert int(((h[1].cache.layers[0].flags & FLAG_PROTECTED) != 0).sum()) == 16
+
+
+def test_qwen2_vl_evicts_with_3d_positions(tmp_path):
+    model = build_tiny("qwen2_vl", tmp_path)
+    inputs = qwen2_vl_inputs(model.config, batch=1, image_hw=[(56, 56)], text_lens=[16])
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        with mmeff.apply(model, mmeff.SepLLM(separator_ids=SEPS, cache_size=4096)):
+            same = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert torch.equal(ref, same)
+        press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=2, local_size=4, cache_size=8, protect_visual=False)
+        with mmeff.apply(model, press) as h:
+            model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert h.stats["stored_max"] <= 8
+        flags = h.cache.layers[0].flags
+        ends = (inputs["input_ids"] == model.config.vision_end_token_id).sum()
+        assert ends == 1 and int(((flags & FLAG_SEP) != 0).sum()) >= 1
+    with pytest.raises(ValueError, match="M-RoPE"):
+        with mmeff.apply(model, mmeff.SepLLM(separator_ids=SEPS, streaming=True)):
+            pass
+
+
+def test_errors(llama, tmp_path):
+    with pytest.raises(ValueError, match="exceeds cache_size"):
+        with mmeff.apply(llama, mmeff.SepLLM(separator_ids=SEPS, init_size=4, sep_size=64, local_size=256, cache_size=300)):
+            pass
+    with pytest.raises(ValueError, match="layers"):
+        with mmeff.apply(llama, mmeff.SepLLM(separator_ids=SEPS, cache_size=[512, 512])):
+            pass
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        with mmeff.apply(llama, mmeff.SepLLM(separator_ids=SEPS)):
+            llama(inputs_embeds=torch.zeros(1, 4, 32))
+    from transformers import DynamicCache
+
+    full = llama(_stream(8)[None], past_key_values=DynamicCache(), use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="already holding 8 tokens"):
+        with mmeff.apply(llama, mmeff.StreamingLLM(local_size=8)):
+            llama(_stream(2)[None], past_key_values=full, use_cache=True)
+    with pytest.raises(ValueError, match="one KV-cache press"):
+        mmeff.apply(llama, mmeff.FullKV(), mmeff.StreamingLLM()).__enter__()
+    with pytest.raises(ValueError, match="tokenizer"):
+        with mmeff.apply(llama, mmeff.SepLLM()):  # a tiny model folder has no tokenizer
+            pass
+    import timm
+
+    with pytest.raises(TypeError, match="decoder"):
+        KVCacheAdapter(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32), mmeff.FullKV())
+    with pytest.raises(TypeError, match="cache_size"):
+        mmeff.StreamingLLM(cache_size=10)
+    assert mmeff.list_presses() == ["full", "sepllm", "streamingllm"]
+    assert mmeff.create_press("sepllm", cache_size=600).cache_size == 600
+
+
+def test_streaming_perplexity_reference(llama):
+    ids = _stream(200, seed=7)
+    ref = llama(ids[None], labels=ids[None]).loss.item()
+    plain = streaming_perplexity(llama, ids, None, chunk_size=16, progress=False)
+    full = streaming_perplexity(llama, ids, mmeff.FullKV(), chunk_size=16, progress=False)
+    assert plain.nll == pytest.approx(ref, rel=1e-5) and full.nll == pytest.approx(ref, rel=1e-5)
+    assert full.avg_kv == pytest.approx(plain.avg_kv) == pytest.approx(100.5)
+    sep = streaming_perplexity(llama, ids, mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=16,
+                                                       cache_size=32, streaming=True), chunk_size=16, progress=False)
+    assert sep.stored_max <= 32 + 16 and sep.avg_kv < 40 and sep.peak_cache_bytes < full.peak_cache_bytes / 3
+    with pytest.raises(ValueError, match="one stream"):
+        streaming_perplexity(llama, ids.view(2, 100), None)
+
+
+@pytest.mark.slow
+def test_separator_ids_from_real_tokenizer(smollm2):
+    model, tok = smollm2
+    ids = mmeff.separator_ids(tok)
+    for s in (".", " .", ",", " ,", "\n", " ", "?", ":", ";", "!", "\n\n"):
+        (i,) = tok.encode(s, add_special_tokens=False)
+        assert i in ids, s
+    assert all(tok.decode([i]).strip() in {"", ".", ",", "?", "!", ";", ":"} for i in ids)
+    # attached without ids: derived from the tokenizer saved next to the model
+    press = mmeff.SepLLM(init_size=4, sep_size=16, local_size=32, cache_size=64)
+    text = "Hello. This is a test, of separators; really: yes! " * 6
+    x = tok(text, return_tensors="pt")
+    with torch.no_grad(), mmeff.apply(model, press) as h:
+        model.generate(**x, max_new_tokens=8, do_sample=False)
+    assert set(press.separator_ids) == set(ids)
+    assert h.stats["stored_max"] <= 64
+
