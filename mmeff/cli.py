@@ -16,13 +16,49 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in mmeff.list_reducers():
         doc = (get_reducer_class(name).__doc__ or "").strip().splitlines()[0]
         print(f"  {name:<12} {doc}")
+    print("KV-cache presses:")
+    for name in mmeff.list_presses():
+        doc = (mmeff.kvcache.get_press_class(name).__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:<12} {doc}")
     print("adapters:")
     for name, desc in list_adapters():
         print(f"  {name:<12} {desc}")
+    from mmeff.adapters.kv_cache import KVCacheAdapter
+
+    print(f"  {KVCacheAdapter.name:<12} {KVCacheAdapter.description}")
+    return 0
+
+
+def _cmd_bench_sepllm(args: argparse.Namespace) -> int:
+    from mmeff.bench_kv import run_sepllm_bench
+
+    model = tokenizer = None
+    if args.model != "default":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    run_sepllm_bench(
+        model,
+        tokenizer,
+        tokens=args.tokens,
+        long_tokens=args.long_tokens,
+        chunk=args.chunk,
+        init_size=args.init_size,
+        sep_size=None if args.sep_size < 0 else args.sep_size,
+        local_size=args.local_size,
+        cache_size=args.cache_size,
+        json_path=args.json,
+        plot_path=args.plot,
+        cache_dir=args.cache_dir,
+        device=args.device,
+    )
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "sepllm":
+        return _cmd_bench_sepllm(args)
     from mmeff.bench import run_bench
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -179,9 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmeff", description="Cheaper vision-language models: methods, adapters, benchmarks.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list registered methods and model adapters").set_defaults(fn=_cmd_list)
-    b = sub.add_parser("bench", help="run every method on a model with a real image and video; print a table")
+    b = sub.add_parser(
+        "bench",
+        help="'mmeff bench': every token reducer on a VLM with a real image and video; "
+        "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text",
+    )
+    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm"],
+                   help="what to benchmark (default: tokens)")
     b.add_argument("--model", default="default",
-                   help="'default' (embedded LLaVA + SmolLM2-135M), 'tiny-llava', 'tiny-qwen2-vl', or a local checkpoint path / hub id")
+                   help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
+                   "'tiny-qwen2-vl', or a local checkpoint path / hub id")
     b.add_argument("--media", default="both", choices=["image", "video", "both"])
     b.add_argument("--ratio", type=float, default=0.25, help="visual-token budget as a fraction of the encoder's tokens")
     b.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all registered)")
@@ -194,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every method at this stage (default: each method where its paper runs it)")
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--cache-dir", default=None, help="where converted weights are cached (default $MMEFF_CACHE or ~/.cache/mmeff)")
+    kv = b.add_argument_group("sepllm suite")
+    kv.add_argument("--tokens", type=int, default=4096, help="tokens of the in-context run (original positions)")
+    kv.add_argument("--long-tokens", type=int, default=16384,
+                    help="tokens of the beyond-context run (streaming presses); 0 skips it")
+    kv.add_argument("--chunk", type=int, default=64, help="tokens fed per forward (1 = the papers' token-by-token)")
+    kv.add_argument("--init-size", type=int, default=4, help="SepLLM/StreamingLLM attention sinks")
+    kv.add_argument("--sep-size", type=int, default=64, help="SepLLM separators kept (-1: no cap)")
+    kv.add_argument("--local-size", type=int, default=256, help="SepLLM local window")
+    kv.add_argument("--cache-size", type=int, default=512, help="SepLLM cache size that triggers eviction")
+    kv.add_argument("--plot", default=None, help="save perplexity-along-the-stream curves to this PNG")
+    kv.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
     b.set_defaults(fn=_cmd_bench)
 
     f = sub.add_parser("finetune", help="fine-tune a LLaVA model with a method in place on LLaVA-format JSON data")

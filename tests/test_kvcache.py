@@ -320,3 +320,29 @@ def test_separator_ids_from_real_tokenizer(smollm2):
     assert set(press.separator_ids) == set(ids)
     assert h.stats["stored_max"] <= 64
 
+
+@pytest.mark.slow
+def test_sepllm_bench_table(smollm2, tmp_path):
+    from mmeff.bench_kv import run_sepllm_bench, streamingllm_avg_kv
+    from mmeff.cli import build_parser
+
+    model, tok = smollm2
+    lines: list[str] = []
+    rows = run_sepllm_bench(model, tok, tokens=320, long_tokens=0, chunk=32, init_size=4, sep_size=8, local_size=48,
+                            cache_size=96, json_path=tmp_path / "r.json", plot_path=tmp_path / "r.png",
+                            progress=False, print_fn=lines.append)
+    full, sep, stream_eq, stream_c = (r.result for r in rows)
+    assert [r.result.method.split("(")[0] for r in rows] == ["full", "sepllm", "streamingllm", "streamingllm"]
+    # the full-cache row is plain perplexity of the same 320 tokens
+    ids = torch.tensor(tok(__import__("mmeff.streaming").streaming.offline_text(), add_special_tokens=False).input_ids[:320])
+    with torch.no_grad():
+        ref = model(ids[None], labels=ids[None]).loss.item()
+    assert full.nll == pytest.approx(ref, rel=1e-4)
+    # StreamingLLM's measured average KV is what the bench's simulation predicted, and close to SepLLM's
+    w = int(stream_eq.method.split("local_size=")[1].rstrip(")"))
+    assert stream_eq.avg_kv == pytest.approx(streamingllm_avg_kv(4, w, 320, 32))
+    assert abs(stream_eq.avg_kv - sep.avg_kv) <= 1.0
+    assert sep.stored_max <= 96 and stream_c.stored_max <= 96 and full.stored_max == 320
+    assert (tmp_path / "r.png").stat().st_size > 0 and "peak KV MiB" in "\n".join(lines)
+    args = build_parser().parse_args(["bench", "sepllm", "--tokens", "512", "--sep-size", "-1"])
+    assert args.suite == "sepllm" and args.tokens == 512 and args.sep_size == -1
