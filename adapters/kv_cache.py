@@ -106,7 +106,7 @@ class KVCacheAdapter(Adapter):
             if rotary is None or apply_fn is None:
                 raise ValueError(
                     f"streaming=True needs the host's rotary embedding and apply_rotary_pos_emb; "
-                    f"{type(self.decoder).__name__} exposes neither"
+                    f"{type(self.decoder).__name__} lacks one of them"
                 )
             self.rope = Rope(rotary, apply_fn)
         self.cache: EvictingCache | None = None
@@ -178,6 +178,7 @@ class KVCacheAdapter(Adapter):
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
         if cache is None and not use_cache:
+            self.cache = None  # nothing cached, nothing to evict
             return args, kwargs
         if not isinstance(cache, EvictingCache):
             if isinstance(cache, Cache) and cache.get_seq_length() > 0:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -218,39 +218,66 @@ def group_mean(x: Tensor, assignment: Tensor, m: int) -> Tensor:
 
 # ------------------------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[TokenReducer]] = {}
-R = TypeVar("R", bound="type[TokenReducer]")
+T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 
-def register(name: str) -> Callable[[R], R]:
+class Registry(Generic[T]):
+    """Name -> class map with a decorator; one per kind of method (token reducers, KV-cache presses)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[C], C]:
+        """Class decorator adding ``cls`` under ``name`` (and setting ``cls.name``)."""
+
+        def deco(cls: C) -> C:
+            if name in self._classes and self._classes[name] is not cls:
+                raise ValueError(f"{self.kind} name {name!r} is already registered by {self._classes[name].__name__}")
+            cls.name = name
+            self._classes[name] = cls
+            return cls
+
+        return deco
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._classes)
+
+    def get(self, name: str) -> type[T]:
+        """The class registered under ``name``; ``KeyError`` lists the known names."""
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+
+    def create(self, name: str, **kwargs: Any) -> T:
+        """Instantiate the class registered under ``name`` with ``kwargs``."""
+        return self.get(name)(**kwargs)
+
+
+REDUCERS: Registry[TokenReducer] = Registry("reducer")
+
+
+def register(name: str) -> Callable[[C], C]:
     """Class decorator adding a reducer to the registry under ``name`` (used by the CLI and bench)."""
-
-    def deco(cls: R) -> R:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"reducer name {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+    return REDUCERS.register(name)
 
 
 def list_reducers() -> list[str]:
     """Registered reducer names, sorted."""
-    return sorted(_REGISTRY)
+    return REDUCERS.names()
 
 
 def get_reducer_class(name: str) -> type[TokenReducer]:
     """The class registered under ``name``; ``KeyError`` lists the known names."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown reducer {name!r}; known: {', '.join(list_reducers())}") from None
+    return REDUCERS.get(name)
 
 
 def create_reducer(name: str, **kwargs: Any) -> TokenReducer:
     """Instantiate a registered reducer, e.g. ``create_reducer("pool", tokens=64)``."""
-    return get_reducer_class(name)(**kwargs)
+    return REDUCERS.create(name, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- reducers

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from mmeff.core import C, Registry
 
 __all__ = [
     "FLAG_PROTECTED",
@@ -40,6 +42,7 @@ __all__ = [
     "FullKV",
     "KVPress",
     "LayerBudget",
+    "Rope",
     "StepInfo",
     "StreamingLLM",
     "create_press",
@@ -54,38 +57,27 @@ FLAG_SEP = 4
 
 SizeSpec = int | Sequence[int | None] | None
 
-_PRESSES: dict[str, type[KVPress]] = {}
-P = TypeVar("P", bound="type[KVPress]")
+PRESSES: Registry[KVPress] = Registry("KV-cache press")
 
 
-def register_press(name: str) -> Callable[[P], P]:
+def register_press(name: str) -> Callable[[C], C]:
     """Class decorator: make a :class:`KVPress` subclass available as ``create_press(name, ...)``."""
-
-    def deco(cls: P) -> P:
-        if name in _PRESSES and _PRESSES[name] is not cls:
-            raise ValueError(f"press name {name!r} already registered by {_PRESSES[name].__name__}")
-        _PRESSES[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+    return PRESSES.register(name)
 
 
 def list_presses() -> list[str]:
     """Names of the registered KV-cache presses."""
-    return sorted(_PRESSES)
+    return PRESSES.names()
 
 
 def get_press_class(name: str) -> type[KVPress]:
     """The press class registered as ``name``; ``KeyError`` listing the known names otherwise."""
-    if name not in _PRESSES:
-        raise KeyError(f"unknown KV-cache press {name!r}; registered: {list_presses()}")
-    return _PRESSES[name]
+    return PRESSES.get(name)
 
 
 def create_press(name: str, **kwargs: Any) -> KVPress:
     """``create_press("sepllm", cache_size=512)`` and friends."""
-    return get_press_class(name)(**kwargs)
+    return PRESSES.create(name, **kwargs)
 
 
 def _reverse_rank(mask: Tensor) -> Tensor:
@@ -132,10 +124,12 @@ class KVPress:
         self._validate_sizes()
 
     def _validate_sizes(self) -> None:
-        for name in ("local_size", "cache_size"):
-            for v in self._as_list(getattr(self, name)):
-                if v is not None and (not isinstance(v, int) or v < 1):
-                    raise ValueError(f"{name} entries must be ints >= 1 (or None per layer), got {v!r}")
+        for v in self._as_list(self.local_size):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"local_size entries must be ints >= 1, got {v!r}")
+        for v in self._as_list(self.cache_size):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"cache_size entries must be ints >= 1 (None: that layer never evicts), got {v!r}")
 
     @staticmethod
     def _as_list(spec: SizeSpec) -> list[int | None]:
@@ -170,7 +164,7 @@ class KVPress:
             if i in full or cache[i] is None:
                 out.append(None)
                 continue
-            w = local[i] if local[i] is not None else 1
+            w = local[i]
             need = self.init_size + (sep[i] or 0) + w
             if need > cache[i]:
                 raise ValueError(
@@ -191,10 +185,11 @@ class KVPress:
         """Which evictable entries survive besides sinks, protected tokens and the window.
 
         Args:
-            flags: ``(B, P)`` uint8 flags of the entries before the local window.
-            candidates: ``(B, P)`` bool, real entries that are neither sinks nor protected.
+            flags: ``(B, L)`` uint8 flags of the stored entries (oldest first).
+            candidates: ``(B, L)`` bool, real entries before the local window that are neither sinks nor
+                protected (in rows that evict now).
         Returns:
-            ``(B, P)`` bool, a subset of ``candidates``.
+            ``(B, L)`` bool, a subset of ``candidates``.
         """
         return torch.zeros_like(candidates)
 
@@ -228,12 +223,12 @@ class StreamingLLM(KVPress):
     cache_size: SizeSpec = field(default=None, init=False, repr=False)  # init_size + local_size
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # validates local_size first
         local = self._as_list(self.local_size)
-        if len(local) == 1:
-            self.cache_size = None if local[0] is None else self.init_size + local[0]
+        if isinstance(self.local_size, int):
+            self.cache_size = self.init_size + self.local_size
         else:
-            self.cache_size = [None if w is None else self.init_size + w for w in local]
-        super().__post_init__()
+            self.cache_size = [self.init_size + w for w in local]
 
     def describe(self) -> str:
         extra = ", streaming=True" if self.streaming else ""
