@@ -7,11 +7,22 @@ same functions (``MMEFF_KERNELS=torch|triton`` forces one; see ``mmeff.kernels.d
 - merge (ToMe-compatible): ``bipartite_soft_matching``, ``merge_wavg``, ``merge_source``,
   ``proportional_attention_bias``
 - DCT (Fourier-VLM): ``dct_matrix``, ``lowpass_matrix``, ``dct2``, ``idct2``, ``dct_lowpass``
+- W4A4 (FlatQuant): ``kron_factors``, ``kron_transform``, ``kron_transform_quant``,
+  ``quantize_sym_per_token_ref``, ``pack_int4``, ``unpack_int4``, ``int4_matmul``
 """
 
 from mmeff.kernels.dct import dct2, dct_lowpass, dct_matrix, idct2, lowpass_matrix
 from mmeff.kernels.gather import gather_tokens, gather_tokens_ref, prune, topk_indices_sorted
 from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg, proportional_attention_bias
+from mmeff.kernels.quant import (
+    int4_matmul,
+    kron_factors,
+    kron_transform,
+    kron_transform_quant,
+    pack_int4,
+    quantize_sym_per_token_ref,
+    unpack_int4,
+)
 
 __all__ = [
     "bipartite_soft_matching",
@@ -21,10 +32,17 @@ __all__ = [
     "gather_tokens",
     "gather_tokens_ref",
     "idct2",
+    "int4_matmul",
+    "kron_factors",
+    "kron_transform",
+    "kron_transform_quant",
     "lowpass_matrix",
     "merge_source",
     "merge_wavg",
+    "pack_int4",
     "prune",
     "proportional_attention_bias",
+    "quantize_sym_per_token_ref",
     "topk_indices_sorted",
+    "unpack_int4",
 ]
