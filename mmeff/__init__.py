@@ -5,6 +5,7 @@
         model.generate(**inputs)
 """
 
+from mmeff import flatquant
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
@@ -52,6 +53,7 @@ __all__ = [
     "compose",
     "create_press",
     "create_reducer",
+    "flatquant",
     "fourier_compress",
     "get_reducer_class",
     "list_presses",
