@@ -56,9 +56,34 @@ def _cmd_bench_sepllm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_flatquant(args: argparse.Namespace) -> int:
+    from mmeff.bench_quant import run_flatquant_bench
+
+    load = None
+    if args.model != "default":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        def load():  # a fresh copy per method: quantization is in place
+            return AutoModelForCausalLM.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
+
+    run_flatquant_bench(
+        load,
+        eval_tokens=args.tokens,
+        samples=args.samples,
+        calib_len=args.calib_len,
+        epochs=args.epochs,
+        weights=args.weights,
+        json_path=args.json,
+        cache_dir=args.cache_dir,
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "sepllm":
         return _cmd_bench_sepllm(args)
+    if args.suite == "flatquant":
+        return _cmd_bench_flatquant(args)
     from mmeff.bench import run_bench
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -218,9 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="'mmeff bench': every token reducer on a VLM with a real image and video; "
-        "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text",
+        "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text; "
+        "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity",
     )
-    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm"],
+    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm", "flatquant"],
                    help="what to benchmark (default: tokens)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -238,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="write all results to this JSON file")
     b.add_argument("--cache-dir", default=None, help="where converted weights are cached (default $MMEFF_CACHE or ~/.cache/mmeff)")
     kv = b.add_argument_group("sepllm suite")
-    kv.add_argument("--tokens", type=int, default=4096, help="tokens of the in-context run (original positions)")
+    kv.add_argument("--tokens", type=int, default=4096,
+                    help="sepllm: tokens of the in-context run; flatquant: held-out tokens evaluated")
     kv.add_argument("--long-tokens", type=int, default=16384,
                     help="tokens of the beyond-context run (streaming presses); 0 skips it")
     kv.add_argument("--chunk", type=int, default=64, help="tokens fed per forward (1 = the papers' token-by-token)")
@@ -248,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--cache-size", type=int, default=512, help="SepLLM cache size that triggers eviction")
     kv.add_argument("--plot", default=None, help="save perplexity-along-the-stream curves to this PNG")
     kv.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
+    fq = b.add_argument_group("flatquant suite")
+    fq.add_argument("--samples", type=int, default=16, help="calibration sequences")
+    fq.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
+    fq.add_argument("--epochs", type=int, default=3, help="FlatQuant calibration epochs per layer")
+    fq.add_argument("--weights", default="rtn", choices=["rtn", "gptq"], help="weight quantizer after merging")
     b.set_defaults(fn=_cmd_bench)
 
     f = sub.add_parser("finetune", help="fine-tune a LLaVA model with a method in place on LLaVA-format JSON data")

@@ -227,3 +227,19 @@ def test_int4_kernel_path_matches_fake_quant(llama, monkeypatch):
     assert len(calls) == 2 * 7  # every quantized linear ran the int4 GEMM
     torch.testing.assert_close(out, fake, atol=1e-3, rtol=1e-3)
 
+
+@pytest.mark.slow
+def test_flatquant_bench_table(smollm2, tmp_path):
+    from mmeff.bench_quant import run_flatquant_bench
+    from mmeff.cli import build_parser
+
+    model, tok = smollm2
+    lines: list[str] = []
+    rows, overhead = run_flatquant_bench(lambda: (copy.deepcopy(model), tok), eval_tokens=128, seq_len=64, samples=2,
+                                         calib_len=32, epochs=1, json_path=tmp_path / "q.json", progress=False,
+                                         print_fn=lines.append)
+    assert [r.config for r in rows] == ["W16A16", "W4A4 (RTN)", "W4A4 (RTN)", "W4A4 (RTN)", "W4A4KV4 (RTN)"]
+    assert rows[0].ppl < min(r.ppl for r in rows[1:])
+    assert 0 < overhead["ratio"] < 10 and (tmp_path / "q.json").is_file() and "0.07x" in "\n".join(lines)
+    args = build_parser().parse_args(["bench", "flatquant", "--epochs", "1", "--weights", "gptq"])
+    assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq"
