@@ -563,8 +563,11 @@ def _smooth_init(lq: LayerQuant, layer: nn.Module, acts: dict[str, Tensor], alph
 
 
 @torch.no_grad()
-def _act_maxima(layer: nn.Module, xs: list[Tensor], kws: list[dict[str, Any]]) -> dict[str, Tensor]:
+def _fp_pass(layer: nn.Module, xs: list[Tensor], kws: list[dict[str, Any]]) -> tuple[list[Tensor], dict[str, Tensor]]:
+    """One full-precision pass over the calibration batches: the layer's outputs and the per-channel
+    input maxima of q/k/v, gate/up and down_proj (for the diag-scale start)."""
     maxima: dict[str, Tensor] = {}
+    outs: list[Tensor] = []
 
     def rec(key: str) -> Callable[..., None]:
         def hook(mod: nn.Module, args: tuple, kwargs: dict[str, Any] | None = None) -> None:
@@ -577,12 +580,11 @@ def _act_maxima(layer: nn.Module, xs: list[Tensor], kws: list[dict[str, Any]]) -
           layer.mlp.register_forward_pre_hook(rec("mlp_in")),
           layer.mlp.down_proj.register_forward_pre_hook(rec("down_in"))]
     try:
-        for x, k in zip(xs, kws):
-            layer(x, **k)
+        outs = [_layer_out(layer(x, **k)).detach() for x, k in zip(xs, kws)]
     finally:
         for h in hs:
             h.remove()
-    return maxima
+    return outs, maxima
 
 
 def _layer_out(out: Any) -> Tensor:
@@ -693,10 +695,9 @@ def quantize(
         lq = LayerQuant(layer, cfg, gen).to(device)
         fp_out: list[Tensor] = []
         if xs:
-            with torch.no_grad():
-                fp_out = [_layer_out(layer(x, **k)).detach() for x, k in zip(xs, kws)]
+            fp_out, maxima = _fp_pass(layer, xs, kws)
             if cfg.method == "flatquant" and cfg.diag:
-                _smooth_init(lq, layer, _act_maxima(layer, xs, kws), cfg.diag_alpha)
+                _smooth_init(lq, layer, maxima, cfg.diag_alpha)
         if cfg.learns:
             losses.append(_calibrate_layer(lq, layer, xs, kws, fp_out, cfg))
             bar.set_postfix(mse=f"{losses[-1][1]:.3g}")
