@@ -243,3 +243,14 @@ def test_flatquant_bench_table(smollm2, tmp_path):
     assert 0 < overhead["ratio"] < 10 and (tmp_path / "q.json").is_file() and "0.07x" in "\n".join(lines)
     args = build_parser().parse_args(["bench", "flatquant", "--epochs", "1", "--weights", "gptq"])
     assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq"
+
+
+def test_calibration_weight_quantizer_matches_rtn():
+    """The differentiable (STE) weight quantizer used while calibrating lands on RTN's grid."""
+    from mmeff.flatquant import _fake_quant_weight
+    from mmeff.gptq import fake_quant_rtn
+
+    w = torch.randn(16, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    clip = torch.full((16, 1), 0.9, dtype=torch.float64)
+    torch.testing.assert_close(_fake_quant_weight(w, 4, clip), fake_quant_rtn(w, 4, clip))
+    torch.testing.assert_close(_fake_quant_weight(w, 8, None), fake_quant_rtn(w, 8))
