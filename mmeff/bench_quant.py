@@ -135,8 +135,8 @@ def run_flatquant_bench(
     base = QuantConfig(samples=samples, seq_len=calib_len, epochs=epochs, weights=weights)
     runs = [
         ("FP32", None),
-        ("RTN", replace(base, method="rtn", kv_bits=16)),
-        ("QuaRot-style (Hadamard) RTN", replace(base, method="hadamard", kv_bits=16)),
+        ("no transform", replace(base, method="rtn", kv_bits=16)),
+        ("QuaRot-style (Hadamard)", replace(base, method="hadamard", kv_bits=16)),
         ("FlatQuant", replace(base, method="flatquant", kv_bits=16)),
         ("FlatQuant", replace(base, method="flatquant", kv_bits=4)),
     ]
