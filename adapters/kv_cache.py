@@ -154,7 +154,7 @@ class KVCacheAdapter(Adapter):
         if ids is not None:
             ids = ids.to(device)
             flags |= self.press.token_flags(ids)
-            if self.visual_ids:
+            if self.visual_ids and self.press.protect_visual:
                 vis = torch.isin(ids, torch.tensor(self.visual_ids, device=device))
                 flags |= vis.to(torch.uint8) * FLAG_PROTECTED
             if self.vision_end_id is not None and not self.press.protect_visual:

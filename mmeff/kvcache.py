@@ -385,12 +385,9 @@ class EvictingLayer(CacheLayerMixin):
                 "for this forward (use the cache inside mmeff.apply(model, press))"
             )
         new_valid = step.valid
-        new_flags = step.flags.clone()
         init = self.budget.init if self.budget is not None else self.cache.press.init_size
         rank = self.real_seen[:, None] + torch.cumsum(new_valid.long(), 1)
-        new_flags |= ((new_valid & (rank <= init)).to(torch.uint8) * FLAG_SINK)
-        if not self.cache.press.protect_visual:
-            new_flags &= ~torch.tensor(FLAG_PROTECTED, dtype=torch.uint8)
+        new_flags = step.flags | ((new_valid & (rank <= init)).to(torch.uint8) * FLAG_SINK)
 
         # bookkeeping for "average KV": real keys each real query attends (stored real + causal new)
         stored = self.valid.sum(1, keepdim=True)
