@@ -28,6 +28,7 @@ and a registered transformers attention function; no host forward is copied.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -278,10 +279,10 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> QuantLinear:
         self._deq = None  # device/dtype moves invalidate the cache
-        out = super()._apply(fn, recurse)
-        if self.bias is not None:
-            self.dtype = self.bias.dtype
-        return out
+        # The codes are integers, so .to(dtype) leaves them alone; follow the float dtype through ``fn``
+        # itself (a bias-free layer has no float tensor to read it from).
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return super()._apply(fn, recurse)
 
     def forward(self, x: Tensor) -> Tensor:
         packed = getattr(x, "_mmeff_int4", None)
@@ -465,7 +466,9 @@ def _fq_attention(base: str) -> Callable[..., Any]:
     return fn
 
 
+@functools.cache
 def _register_attention(base: str) -> str:
+    """Register the K/V-quantizing wrapper of ``base`` attention (once per base); returns its name."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 

@@ -142,6 +142,9 @@ def test_save_and_load_round_trip(llama, tmp_path):
     assert h2.cfg == h.cfg and m2.config._attn_implementation.startswith("mmeff_flatquant")
     gen = m2.generate(ev[:1, :8], max_new_tokens=5, do_sample=False)
     assert gen.shape == (1, 13)
+    m3, _ = load_quantized(tmp_path / "q", dtype=torch.bfloat16)  # bias-free QuantLinears follow .to(dtype)
+    with torch.no_grad():
+        assert _rel(m3(ev).logits.float(), out) < 0.05
     assert size > 0
     with pytest.raises(FileNotFoundError, match="mmeff_quant.json"):
         load_quantized(tmp_path)
