@@ -3,7 +3,8 @@
 :func:`bipartite_soft_matching` decides, from a metric ``(B, N, C)``, which ``r`` tokens of the
 alternate set A (even indices) are merged into their most similar token of set B (odd indices), and
 returns ``merge`` / ``unmerge`` closures. The output order is ``[unmerged A (original order), B]``, so a
-CLS token at index 0 stays first.
+CLS token at index 0 stays first; with ``prefix=P`` all P protected tokens (class, registers,
+distillation) come first in their original order.
 
 The reduction inside ``merge`` (each output row = its base token, plus the A tokens merged into it,
 summed or averaged) runs as a Triton kernel for CUDA tensors and as the PyTorch ``scatter_reduce``
@@ -12,7 +13,10 @@ output row, sources in a CSR list), so it needs no atomics and is deterministic.
 
 Differences from ToMe's reference code: the matching scores are computed in fp32 (metrics in fp16/bf16
 are upcast), the metric norm is clamped away from zero, and ties in the top-r selection break towards
-the lower A index (stable sort), so results are deterministic.
+the lower A index (stable sort), so results are deterministic; the unmerged A tokens always keep their
+original order (ToMe sorts them only when there is a class token and otherwise leaves them in score
+order), so on models without a class token later blocks can pair tokens differently from the official
+code: mmeff keeps the alternating A/B split spatial instead of reshuffling it by similarity.
 """
 
 from __future__ import annotations
@@ -74,9 +78,10 @@ class _MergePlan:
     offsets: Tensor  # (B, n_out + 1) CSR offsets into ``extra`` per output row
     extra: Tensor  # (B, r) original token indices of merged A tokens, grouped by output row
     inverse: Tensor  # (B, n) output row that holds each original token
+    perm: Tensor | None  # (B, n_out) rows of ``[unm A, B]`` in output order (prefix first), None = as is
 
 
-def _build_plan(unm_a: Tensor, src_a: Tensor, dst_b: Tensor, n: int) -> _MergePlan:
+def _build_plan(unm_a: Tensor, src_a: Tensor, dst_b: Tensor, n: int, prefix: int = 0) -> _MergePlan:
     bsz, r = src_a.shape
     n_unm = unm_a.shape[1]
     n_b = n // 2
@@ -84,17 +89,26 @@ def _build_plan(unm_a: Tensor, src_a: Tensor, dst_b: Tensor, n: int) -> _MergePl
     n_out = n_unm + n_b
     b_orig = (2 * torch.arange(n_b, device=dev) + 1).expand(bsz, n_b)
     base = torch.cat([2 * unm_a, b_orig], dim=1)
+    out_rows = torch.arange(n_out, device=dev).expand(bsz, n_out)
+    perm = None
+    dst_row = n_unm + dst_b
+    if prefix > 1:
+        # protected tokens 1, 3, .. sit in B: move every protected token to the front, in original order
+        key = torch.where(base < prefix, base - n, out_rows)
+        perm = key.argsort(dim=1)
+        base = base.gather(1, perm)
+        new_row = torch.empty_like(perm).scatter_(1, perm, out_rows)
+        dst_row = new_row.gather(1, dst_row)
     # CSR: sources grouped by destination row (stable, so each group keeps ascending score rank order)
-    order = torch.sort(dst_b, dim=1, stable=True).indices
+    order = torch.sort(dst_row, dim=1, stable=True).indices
     extra = (2 * src_a).gather(1, order)
     counts = torch.zeros(bsz, n_out, dtype=torch.long, device=dev)
-    counts.scatter_add_(1, n_unm + dst_b, torch.ones_like(dst_b))
+    counts.scatter_add_(1, dst_row, torch.ones_like(dst_row))
     offsets = torch.cat([torch.zeros(bsz, 1, dtype=torch.long, device=dev), counts.cumsum(1)], dim=1)
     inverse = torch.empty(bsz, n, dtype=torch.long, device=dev)
-    out_rows = torch.arange(n_out, device=dev).expand(bsz, n_out)
     inverse.scatter_(1, base, out_rows)
-    inverse.scatter_(1, 2 * src_a, n_unm + dst_b)
-    return _MergePlan(n, r, unm_a, src_a, dst_b, base, offsets.contiguous(), extra.contiguous(), inverse)
+    inverse.scatter_(1, 2 * src_a, dst_row)
+    return _MergePlan(n, r, unm_a, src_a, dst_b, base, offsets.contiguous(), extra.contiguous(), inverse, perm)
 
 
 def bipartite_soft_matching(
@@ -102,17 +116,20 @@ def bipartite_soft_matching(
     r: int,
     class_token: bool = False,
     distill_token: bool = False,
+    prefix: int = 0,
 ) -> tuple[MergeFn, UnmergeFn]:
     """ToMe bipartite soft matching on ``metric`` ``(B, N, C)``; merges ``r`` tokens.
 
     A = even token indices, B = odd. Each A token picks its most cosine-similar B token; the ``r`` A
     tokens with the highest similarity are merged into their match. A CLS token (index 0, in A) is never
-    merged away; nothing is merged into a distillation token (index 1, in B). ``r`` is clamped to
-    ``(N - protected) // 2``.
+    merged away; nothing is merged into a distillation token (index 1, in B). ``prefix=P`` protects
+    the first P tokens both ways (class, register and distillation tokens of current ViTs): none of
+    them is merged away and nothing is merged into them. ``r`` is clamped to ``(N - protected) // 2``.
 
     Returns ``(merge, unmerge)``:
 
-    * ``merge(x (B, N, D), mode="mean"|"sum") -> (B, N - r, D)``, rows ``[unmerged A in original order, B]``;
+    * ``merge(x (B, N, D), mode="mean"|"sum") -> (B, N - r, D)``, rows ``[unmerged A in original order, B]``
+      (with ``prefix > 1`` the protected tokens come first, in their original order, then the rest so);
     * ``unmerge(x (B, N - r, D)) -> (B, N, D)``: every original token gets the value of the row it went to.
 
     With ``r <= 0`` (after clamping) both are identities.
@@ -120,7 +137,9 @@ def bipartite_soft_matching(
     if metric.dim() != 3:
         raise ValueError(f"metric must have shape (B, N, C), got {tuple(metric.shape)}")
     n = metric.shape[1]
-    protected = int(class_token) + int(distill_token)
+    if prefix < 0:
+        raise ValueError(f"prefix must be >= 0, got {prefix}")
+    protected = max(int(class_token) + int(distill_token), int(prefix))
     r = min(int(r), (n - protected) // 2)
     if r <= 0:
         return _identity_merge, _identity_unmerge
@@ -134,12 +153,15 @@ def bipartite_soft_matching(
             scores[:, 0, :] = -torch.inf
         if distill_token:
             scores[:, :, 0] = -torch.inf
+        if prefix:
+            scores[:, : (prefix + 1) // 2, :] = -torch.inf  # A tokens 0, 2, .. below prefix
+            scores[:, :, : prefix // 2] = -torch.inf  # B tokens 1, 3, .. below prefix
         node_max, node_idx = scores.max(dim=-1)  # (B, nA)
         edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
         src_a = edge_idx[:, :r]
         unm_a = edge_idx[:, r:].sort(dim=-1).values
         dst_b = node_idx.gather(1, src_a)
-        plan = _build_plan(unm_a, src_a, dst_b, n)
+        plan = _build_plan(unm_a, src_a, dst_b, n, prefix)
 
     def merge(x: Tensor, mode: str = "mean") -> Tensor:
         """``(B, N, D)`` → ``(B, N - r, D)``; ``mode`` "mean" or "sum" over each merged group."""
@@ -178,7 +200,10 @@ def _merge_reference(x: Tensor, plan: _MergePlan, mode: str) -> Tensor:
     unm = a.gather(1, plan.unm_a.unsqueeze(-1).expand(-1, -1, d))
     src = a.gather(1, plan.src_a.unsqueeze(-1).expand(-1, -1, d))
     dst = b.scatter_reduce(1, plan.dst_b.unsqueeze(-1).expand(-1, -1, d), src, reduce=mode, include_self=True)
-    return torch.cat([unm, dst], dim=1)
+    out = torch.cat([unm, dst], dim=1)
+    if plan.perm is not None:
+        out = out.gather(1, plan.perm.unsqueeze(-1).expand(-1, -1, d))
+    return out
 
 
 # --------------------------------------------------------------------------------------------- Triton

@@ -5,7 +5,7 @@
         model.generate(**inputs)
 """
 
-from mmeff import flatquant
+from mmeff import flatquant, tome
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
@@ -26,6 +26,7 @@ from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
 from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.sepllm import SepLLM, separator_ids
+from mmeff.tome import ToMe
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "ScoreTopK",
     "SepLLM",
     "StreamingLLM",
+    "ToMe",
     "TokenContext",
     "TokenReducer",
     "UniformKeep",
@@ -61,5 +63,6 @@ __all__ = [
     "patch",
     "register",
     "separator_ids",
+    "tome",
     "unpatch",
 ]

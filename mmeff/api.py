@@ -1,7 +1,8 @@
 """Applying methods to models: ``with mmeff.apply(model, method): ...`` and ``mmeff.patch(model, method)``.
 
-A method is a token reducer (attached by the model's adapter) or a KV-cache press (attached to the
-model's decoder by ``KVCacheAdapter``); one call may combine reducers with one press.
+A method is a token reducer (attached by the model's adapter), a KV-cache press (attached to the
+model's decoder by ``KVCacheAdapter``) or ToMe token merging inside the vision encoder
+(``ToMeAdapter``); one call may combine reducers with one press and one ToMe.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mmeff.adapters import Adapter, find_adapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.core import TokenReducer, compose
 from mmeff.kvcache import KVPress
+from mmeff.tome import ToMe, ToMeAdapter
 
 __all__ = ["apply", "patch", "unpatch", "attach"]
 
@@ -49,24 +51,38 @@ class AdapterGroup(Adapter):
             a.detach()
 
 
-def attach(model: nn.Module, *methods: TokenReducer | KVPress, **options: Any) -> Adapter:
+Method = TokenReducer | KVPress | ToMe
+
+
+def attach(model: nn.Module, *methods: Method, **options: Any) -> Adapter:
     """Attach ``methods`` to ``model``; returns the adapter, whose ``detach()`` undoes everything.
 
-    Token reducers run in sequence on the visual tokens; at most one KV-cache press may join them
-    (``options`` then go to the reducers' adapter). Raises ``TypeError`` for an unsupported model class
-    or an argument that is neither a reducer nor a press.
+    Token reducers run in sequence on the visual tokens; at most one KV-cache press and one
+    :class:`~mmeff.tome.ToMe` may join them (``options`` then go to the reducers' adapter). Raises
+    ``TypeError`` for an unsupported model class or an argument that is none of these.
     """
     if not methods:
-        raise ValueError("attach/apply/patch need at least one reducer or KV-cache press")
+        raise ValueError("attach/apply/patch need at least one reducer, KV-cache press or ToMe")
     presses = [m for m in methods if isinstance(m, KVPress)]
-    reducers = [m for m in methods if not isinstance(m, KVPress)]
+    tomes = [m for m in methods if isinstance(m, ToMe)]
+    reducers = [m for m in methods if not isinstance(m, (KVPress, ToMe))]
     if len(presses) > 1:
         raise ValueError(f"one KV-cache press at a time, got {[p.name for p in presses]}")
+    if len(tomes) > 1:
+        raise ValueError("one ToMe at a time")
     adapters: list[Adapter] = []
+    if tomes:
+        tome = ToMeAdapter(model, tomes[0])
+        if reducers and tome.host.kind != "hf":
+            # an in-encoder reducer would see a token count that ToMe changes block by block
+            raise ValueError(
+                "ToMe and an in-encoder token reducer cannot share a timm/open_clip ViT; use one of them"
+            )
+        adapters.append(tome)
     if reducers:
         adapters.append(find_adapter(model)(model, compose(*reducers), **options))
     elif options:
-        raise TypeError(f"KV-cache presses take no adapter options, got {sorted(options)}")
+        raise TypeError(f"KV-cache presses and ToMe take no adapter options, got {sorted(options)}")
     if presses:
         adapters.append(KVCacheAdapter(model, presses[0]))
     adapter = adapters[0] if len(adapters) == 1 else AdapterGroup(adapters)
@@ -79,7 +95,7 @@ def attach(model: nn.Module, *methods: TokenReducer | KVPress, **options: Any) -
 
 
 @contextmanager
-def apply(model: nn.Module, *reducers: TokenReducer | KVPress, **options: Any) -> Iterator[Adapter]:
+def apply(model: nn.Module, *reducers: Method, **options: Any) -> Iterator[Adapter]:
     """Context manager: the model runs with ``reducers`` inside the block and is restored after it.
 
     Example::
@@ -95,15 +111,15 @@ def apply(model: nn.Module, *reducers: TokenReducer | KVPress, **options: Any) -
         adapter.detach()
 
 
-def patch(model: nn.Module, *reducers: TokenReducer | KVPress, **options: Any) -> Adapter:
+def patch(model: nn.Module, *reducers: Method, **options: Any) -> Adapter:
     """Attach permanently (until :func:`unpatch`); returns the adapter."""
     return attach(model, *reducers, **options)
 
 
 def unpatch(model: nn.Module) -> bool:
-    """Remove the methods attached with :func:`patch` (reducers and press); returns whether any was."""
+    """Remove the methods attached with :func:`patch` (reducers, press, ToMe); returns whether any was."""
     found = False
-    for key in ("_mmeff_kv_adapter", "_mmeff_adapter"):
+    for key in ("_mmeff_kv_adapter", "_mmeff_adapter", "_mmeff_tome_adapter"):
         adapter = model.__dict__.get(key)
         if adapter is not None:
             adapter.detach()

@@ -79,7 +79,36 @@ def _cmd_bench_flatquant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_tome(args: argparse.Namespace) -> int:
+    from mmeff.bench_tome import run_tome_bench
+
+    def split(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    try:
+        rs = [int(v) for v in split(args.tome_r)]
+    except ValueError:
+        raise ValueError(f"--tome-r takes comma-separated integers, got {args.tome_r!r}") from None
+    run_tome_bench(
+        split(args.tome_models),
+        rs,
+        batch_size=args.tome_batch_size,
+        dtype=args.tome_dtype,
+        device=args.tome_device,
+        warmup=args.tome_warmup,
+        repeats=args.tome_repeats,
+        latency_batch=args.tome_latency_batch,
+        pretrained=split(args.tome_pretrained) if args.tome_pretrained else None,
+        out_dir=args.tome_out,
+        json_path=args.json,
+        plot_path=args.plot,
+    )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "tome":
+        return _cmd_bench_tome(args)
     if args.suite == "sepllm":
         return _cmd_bench_sepllm(args)
     if args.suite == "flatquant":
@@ -244,9 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="'mmeff bench': every token reducer on a VLM with a real image and video; "
         "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text; "
-        "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity",
+        "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity; "
+        "'mmeff bench tome': ToMe token merging on timm ViTs (images/s, latency, GFLOPs, agreement per r)",
     )
-    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm", "flatquant"],
+    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm", "flatquant", "tome"],
                    help="what to benchmark (default: tokens)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -280,6 +310,26 @@ def build_parser() -> argparse.ArgumentParser:
     fq.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
     fq.add_argument("--epochs", type=int, default=3, help="FlatQuant calibration epochs per layer")
     fq.add_argument("--weights", default="rtn", choices=["rtn", "gptq"], help="weight quantizer after merging")
+    tm = b.add_argument_group("tome suite", "ToMe on timm ViTs (random-init weights unless --tome-pretrained); "
+                              "--json / --plot override the files written under --tome-out")
+    tm.add_argument("--tome-models", default="vit_small_patch16_224,vit_base_patch16_224",
+                    help="comma-separated timm model names (created with pretrained=False: nothing is downloaded)")
+    tm.add_argument("--tome-r", default="0,4,8,13,16",
+                    help="comma-separated tokens merged per block; r=0 (the unmerged model) is the baseline, always run")
+    tm.add_argument("--tome-batch-size", type=int, default=None, help="images per timed forward (default: 64 on CUDA, 8 on CPU)")
+    tm.add_argument("--tome-dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                    help="model and input dtype (auto: float16 on CUDA, float32 on CPU)")
+    tm.add_argument("--tome-device", default="auto", help="torch device (auto: CUDA when available, else CPU)")
+    tm.add_argument("--tome-warmup", type=int, default=1, help="untimed passes of every configuration (at least 1)")
+    tm.add_argument("--tome-repeats", type=int, default=5,
+                    help="timed rounds, configurations interleaved; the median is reported")
+    tm.add_argument("--tome-latency-batch", type=int, default=1,
+                    help="also time forwards of this many images (latency column; 0 skips it)")
+    tm.add_argument("--tome-pretrained", default=None,
+                    help="comma-separated local timm checkpoint files, one per --tome-models entry "
+                    "(timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)))")
+    tm.add_argument("--tome-out", default="bench_tome",
+                    help="folder for tome.json and tome_throughput.png (default: ./bench_tome)")
     b.set_defaults(fn=_cmd_bench)
 
     f = sub.add_parser("finetune", help="fine-tune a LLaVA model with a method in place on LLaVA-format JSON data")

@@ -251,3 +251,140 @@ def test_triton_path_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
         assert merge(x).shape == (2, 6, 5)
     with forced_backend("torch"), pytest.raises(AssertionError):
         merge(x)
+
+
+# ------------------------------------------------------------------------------ protected prefix
+
+
+def _brute_force_prefix(metric: torch.Tensor, x: torch.Tensor, r: int, prefix: int) -> torch.Tensor:
+    """Independent prefix-protected ToMe (Python loops), mean-merged ``x``.
+
+    Rows: the ``prefix`` tokens in order, then the unmerged A tokens, then the B tokens (both in order).
+    """
+    bsz, n, _ = metric.shape
+    r = min(r, (n - prefix) // 2)
+    outs = []
+    for bi in range(bsz):
+        if r <= 0:
+            outs.append(x[bi])
+            continue
+        unit = [metric[bi, t].float() / metric[bi, t].float().norm() for t in range(n)]
+        a_ids = [t for t in range(0, n, 2) if t >= prefix]
+        b_ids = [t for t in range(1, n, 2) if t >= prefix]
+        best = {}
+        for ta in a_ids:
+            cands = [(float(torch.dot(unit[ta], unit[tb])), tb) for tb in b_ids]
+            best_s = max(c[0] for c in cands)
+            best[ta] = next(c for c in cands if c[0] == best_s)
+        merged = set(sorted(a_ids, key=lambda ta: (-best[ta][0], ta))[:r])
+        out = [x[bi, t] for t in range(prefix)]
+        out += [x[bi, ta] for ta in a_ids if ta not in merged]
+        for tb in b_ids:
+            group = [tb] + [ta for ta in merged if best[ta][1] == tb]
+            out.append(torch.stack([x[bi, t].double() for t in group]).mean(0).to(x.dtype))
+        outs.append(torch.stack(out))
+    return torch.stack(outs)
+
+
+PREFIXES = [0, 1, 2, 3, 5]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("n,r", [(17, 7), (13, 100), (10, 3)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefix_matches_brute_force(prefix: int, n: int, r: int, backend: str) -> None:
+    bsz, d = 3, 6
+    metric = _rand(bsz, n, 5, seed=10 + prefix)
+    x = _rand(bsz, n, d, seed=20 + n)
+    merge, unmerge = bipartite_soft_matching(metric, r, prefix=prefix)
+    r_eff = min(r, (n - prefix) // 2)
+    with forced_backend(backend):
+        out = merge(x)
+        source = merge_source(merge, x)
+        merged, size = merge_wavg(merge, x)
+    assert out.shape == (bsz, n - r_eff, d)
+    torch.testing.assert_close(out, _brute_force_prefix(metric, x, r, prefix), atol=1e-5, rtol=1e-5)
+    # protected tokens: first, in order, alone (never merged away, nothing merged into them)
+    eye = torch.eye(n)[:prefix].expand(bsz, prefix, n)
+    assert torch.equal(source[:, :prefix], eye)
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    assert torch.equal(size[:, :prefix], torch.ones(bsz, prefix, 1))
+    # bookkeeping: each original token in exactly one row; unmerge follows the same plan
+    assert torch.equal(source.sum(1), torch.ones(bsz, n))
+    torch.testing.assert_close(source.sum(-1, keepdim=True), size)
+    back = unmerge(merged)
+    assert back.shape == (bsz, n, d)
+    torch.testing.assert_close(back, source.transpose(1, 2) @ merged, atol=1e-6, rtol=1e-6)
+    assert torch.equal(back[:, :prefix], x[:, :prefix])
+    torch.testing.assert_close(merge(back), merged, atol=1e-5, rtol=1e-5)  # merge(unmerge(y)) = y
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["mean", "sum"])
+def test_prefix_triton_matches_reference(prefix: int, dtype: torch.dtype, mode: str) -> None:
+    metric = _rand(2, 19, 6, seed=30 + prefix, dtype=dtype)
+    x = _rand(2, 19, 40, seed=31, dtype=dtype)
+    merge, _ = bipartite_soft_matching(metric, 6, prefix=prefix)
+    with forced_backend("torch"):
+        ref = merge(x, mode=mode)
+        ref32 = merge(x.float(), mode=mode)
+    with forced_backend("triton"):
+        out = merge(x, mode=mode)
+    assert out.shape == (2, 13, 40) and out.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.float(), ref32, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref.float(), atol=4 * tol, rtol=4 * tol)
+
+
+def test_prefix_all_tokens_want_a_protected_destination() -> None:
+    """Every token is a copy of protected token 1 (in B): it must still receive nothing."""
+    x = _rand(2, 12, 4, seed=40)
+    x[:, 2:] = x[:, 1:2] + 1e-3 * _rand(2, 10, 4, seed=41)
+    for backend in ("torch", "triton"):
+        merge, _ = bipartite_soft_matching(x, 5, prefix=3)
+        with forced_backend(backend):
+            src = merge_source(merge, x)
+        assert src.shape == (2, 12 - 4, 12)
+        assert torch.equal(src[:, :3], torch.eye(12)[:3].expand(2, 3, 12))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_prefix_one_equals_class_token(backend: str) -> None:
+    for seed, (n, r) in enumerate([(11, 3), (16, 7), (9, 9), (5, 1)]):
+        metric = _rand(3, n, 4, seed=50 + seed)
+        x = _rand(3, n, 7, seed=60 + seed)
+        m_p, u_p = bipartite_soft_matching(metric, r, prefix=1)
+        m_c, u_c = bipartite_soft_matching(metric, r, class_token=True)
+        with forced_backend(backend):
+            out = m_p(x)
+            assert torch.equal(out, m_c(x))
+            assert torch.equal(m_p(x, mode="sum"), m_c(x, mode="sum"))
+        assert torch.equal(u_p(out), u_c(out))
+
+
+def test_prefix_errors_and_identity() -> None:
+    x = _rand(2, 8, 3, seed=70)
+    with pytest.raises(ValueError):
+        bipartite_soft_matching(x, 2, prefix=-1)
+    merge, unmerge = bipartite_soft_matching(x, 3, prefix=7)  # (8 - 7) // 2 = 0: nothing to merge
+    assert merge(x) is x and unmerge(x) is x
+    merge, _ = bipartite_soft_matching(x, 3, prefix=6)  # clamped to 1
+    assert merge(x).shape == (2, 7, 3)
+
+
+@settings(max_examples=12, deadline=None)
+@given(shapes, st.integers(0, 6), st.sampled_from(["torch", "triton"]))
+def test_prefix_properties(spec: tuple[int, int, int, int, bool, int], prefix: int, backend: str) -> None:
+    bsz, n, d, r, _, seed = spec
+    metric = _rand(bsz, n, 4, seed=seed)
+    x = _rand(bsz, n, d, seed=seed + 1)
+    merge, unmerge = bipartite_soft_matching(metric, r, prefix=prefix)
+    with forced_backend(backend):
+        out = merge(x)
+        source = merge_source(merge, x)
+    torch.testing.assert_close(out, _brute_force_prefix(metric, x, r, prefix), atol=1e-5, rtol=1e-5)
+    p = min(prefix, n)
+    assert torch.equal(source[:, :p], torch.eye(n)[:p].expand(bsz, p, n))
+    assert torch.equal(source.sum(1), torch.ones(bsz, n))
+    torch.testing.assert_close(unmerge(out), source.transpose(1, 2) @ out, atol=1e-6, rtol=1e-6)
