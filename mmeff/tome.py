@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff.adapters.base import Adapter
-from mmeff.kernels.merge import bipartite_soft_matching, merge_wavg
+from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg
 
 __all__ = ["ToMe", "ToMeAdapter", "parse_r", "patch", "unpatch", "find_host", "ToMeHost"]
 
@@ -322,18 +322,17 @@ class ToMeAdapter(Adapter):
             return x
         if metric is None or metric.shape[:2] != x.shape[:2]:
             raise RuntimeError(f"ToMe: block {i} produced no key metric for its {x.shape[1]} tokens")
-        merge, unmerge = bipartite_soft_matching(metric, r, prefix=self.host.prefix)
         b, n = x.shape[:2]
         n_out = n - min(r, (n - self.host.prefix) // 2)
         if n_out == n:
             return x
+        merge, unmerge = bipartite_soft_matching(metric, r, prefix=self.host.prefix)
         # row of each current token after the merge (unmerge copies a row index to every member)
         inv = unmerge(torch.arange(n_out, device=x.device).view(1, n_out, 1).expand(b, n_out, 1))[..., 0]
         if self.tome.trace_source:
-            src = self.source
-            if src is None:
-                src = torch.eye(n, device=x.device, dtype=torch.float32).expand(b, n, n)
-            self.source = merge(src, mode="sum")
+            # float32 one-hot rows: counts stay exact in half-precision models
+            src = self.source if self.source is not None else torch.eye(n, device=x.device).expand(b, n, n)
+            self.source = merge_source(merge, x, src)
         size = self.size if self.size is not None else x.new_ones(b, n, 1, dtype=torch.float32)
         merged, self.size = merge_wavg(merge, x.float() if x.dtype != torch.float32 else x, size)
         self.pos = inv if self.pos is None else inv.gather(1, self.pos)

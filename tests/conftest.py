@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
 
 from mmeff.models import default_model, load_smollm2
 
@@ -26,3 +27,13 @@ def smollm2(model_cache):
 @pytest.fixture(scope="session")
 def default(model_cache, smollm2):
     return default_model(model_cache)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny models: more only adds synchronisation, which turns into
+    seconds per forward when the CPU is shared with other jobs."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

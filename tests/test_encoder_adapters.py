@@ -25,14 +25,7 @@ IMG = 64  # 4x4 patches of 16 pixels
 DEPTH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the models are tiny: intra-op threads only add synchronisation, which turns into seconds per
-    # forward when the CPU is shared with other jobs
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------- helpers

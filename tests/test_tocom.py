@@ -34,12 +34,7 @@ STEPS, STEP_RANK = 4, 2
 HOSTS = ["timm", "hf", "open_clip"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def images(b: int = 3, seed: int = 0) -> Tensor:

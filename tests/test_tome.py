@@ -42,13 +42,7 @@ N_PATCH = (IMG // PATCH) ** 2  # 36
 ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add synchronisation on a shared CPU
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def images(b: int = 3, size: int = IMG, seed: int = 0) -> Tensor:
