@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmeff.api import apply
 from mmeff.tocom import Batches, ToCom, train_tocom
-from mmeff.tome import ToMe, ToMeAdapter
+from mmeff.tome import ToMe
 
 __all__ = ["ToComRow", "digits_splits", "tiny_vit", "train_classifier", "accuracy", "run_tocom_bench"]
 
@@ -117,11 +119,8 @@ def train_classifier(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    tome = ToMeAdapter(model, ToMe(r=r)) if r else None
-    if tome is not None:
-        tome.attach()
     model.train()
-    try:
+    with _tome(model, r):
         for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
             perm = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), batch_size):
@@ -131,9 +130,6 @@ def train_classifier(
                 loss.backward()
                 opt.step()
                 sched.step()
-    finally:
-        if tome is not None:
-            tome.detach()
     return model.eval()
 
 
@@ -150,37 +146,24 @@ def accuracy(
 ) -> float:
     """Top-1 accuracy (%) of ``model`` at ToMe degree ``r``, optionally with ``tocom`` as ``source → r``."""
     model.eval()
-    with ToMeContext(model, r):
-        handle = (
+    with (
+        _tome(model, r),
+        (
             tocom.compensate(model, source=int(source or 0), target=r, scale=scale)
             if tocom is not None
-            else None
+            else nullcontext()
+        ),
+    ):
+        correct = sum(
+            int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
+            for i in range(0, len(x), batch_size)
         )
-        try:
-            correct = sum(
-                int((model(x[i : i + batch_size]).argmax(-1) == y[i : i + batch_size]).sum())
-                for i in range(0, len(x), batch_size)
-            )
-        finally:
-            if handle is not None:
-                handle.detach()
     return 100.0 * correct / len(x)
 
 
-class ToMeContext:
-    """``with ToMeContext(model, r):`` ToMe at ``r`` (nothing attached for ``r = 0``)."""
-
-    def __init__(self, model: nn.Module, r: int) -> None:
-        self.adapter = ToMeAdapter(model, ToMe(r=r)) if r else None
-
-    def __enter__(self) -> ToMeContext:
-        if self.adapter is not None:
-            self.adapter.attach()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.adapter is not None:
-            self.adapter.detach()
+def _tome(model: nn.Module, r: int) -> AbstractContextManager[Any]:
+    """ToMe at ``r`` for a ``with`` block; nothing attached at ``r = 0`` (the plain model)."""
+    return apply(model, ToMe(r=r)) if r else nullcontext()
 
 
 @dataclass
