@@ -87,10 +87,9 @@ def _fmt_rows(rows: list[KVBenchRow], cuda: bool) -> str:
 
 
 def _plot(rows: list[KVBenchRow], path: str | Path, chunk: int) -> None:
-    import matplotlib
+    from mmeff.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = sorted({r.run for r in rows}, key=[r.run for r in rows].index)
     fig, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4), squeeze=False)
@@ -106,9 +105,7 @@ def _plot(rows: list[KVBenchRow], path: str | Path, chunk: int) -> None:
         ax.set_ylabel(f"PPL (moving average over {k} chunks)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_sepllm_bench(

@@ -305,10 +305,9 @@ def format_table(rows: list[ToComRow], report: dict[str, Any]) -> str:
 
 def plot_rows(rows: list[ToComRow], path: str | Path) -> Path:
     """Accuracy vs ``r_t``: one panel per downstream model, ToMe alone vs ToMe + ToCom."""
-    import matplotlib
+    from mmeff.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = sorted({(r.task, r.r_source) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2), squeeze=False, sharey=True)
@@ -322,9 +321,4 @@ def plot_rows(rows: list[ToComRow], path: str | Path) -> Path:
         ax.set_xlabel("inference r per block")
     axes[0][0].set_ylabel("test accuracy (%)")
     axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -256,10 +256,9 @@ def format_table(rows: Sequence[TomeBenchRow], pretrained: bool) -> str:
 
 
 def _plot(rows: Sequence[TomeBenchRow], path: str | Path, title: str) -> None:
-    import matplotlib
+    from mmeff.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(r.model for r in rows))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -283,9 +282,7 @@ def _plot(rows: Sequence[TomeBenchRow], path: str | Path, title: str) -> None:
     ax2.set_title("measured speed-up vs GFLOPs(r=0) / GFLOPs(r)", fontsize=9)
     ax2.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _one_pass(
