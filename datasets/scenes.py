@@ -25,6 +25,7 @@ model can be scored by multiple choice as well as by exact match.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "scene_sample",
     "scene_samples",
     "scene_videoqa",
+    "scene_video_sample",
 ]
 
 #: colour name -> RGB; far apart, so a decoded (lossy) pixel still names its colour
@@ -236,18 +238,26 @@ def scene_samples(
     return [scene_sample(seed, i, kinds[i % len(kinds)], size, photo_background) for i in range(n)]
 
 
+@functools.cache
+def _photo_source(name: str) -> Any:
+    from PIL import Image
+    from skimage import data
+
+    # decoded once per process: reading the PNG dominated the cost of a photo-background sample
+    return Image.fromarray(getattr(data, name)())
+
+
 def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random crop of a real scikit-image photo, dimmed so the shapes stay the brightest thing."""
-    from skimage import data
-    from skimage.transform import resize
+    from PIL import Image
 
     name = str(rng.choice(["astronaut", "coffee", "chelsea", "rocket"]))
-    photo = getattr(data, name)()
-    h, w = photo.shape[:2]
+    photo = _photo_source(name)
+    w, h = photo.size
     s = int(min(h, w) * rng.uniform(0.5, 1.0))
     y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-    crop = resize(photo[y : y + s, x : x + s], (size, size), anti_aliasing=True)
-    return (crop * 255 * 0.5).astype(np.uint8)
+    crop = photo.resize((size, size), Image.Resampling.BILINEAR, box=(x, y, x + s, y + s), reducing_gap=2.0)
+    return (np.asarray(crop, dtype=np.float32) * 0.5).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------------------- videos
@@ -257,7 +267,7 @@ _VIDEO_FPS = 25  # the rate videoqa._write_mp4 encodes at
 
 
 def _video_frames(
-    rng: np.random.Generator, kind: str, size: int
+    rng: np.random.Generator, kind: str, size: int, frames_to_draw: Sequence[int] | None = None
 ) -> tuple[np.ndarray, list[SceneObject], str, str, list[str], dict[str, Any]]:
     total = _VIDEO_SECONDS * _VIDEO_FPS
     n = int(rng.integers(2, 5)) if kind == "appear" else 3
@@ -276,7 +286,9 @@ def _video_frames(
     direction = str(rng.choice(DIRECTIONS))
     step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
     frames = []
-    for f in range(total):
+    for f in range(total) if frames_to_draw is None else frames_to_draw:
+        if not 0 <= f < total:
+            raise ValueError(f"frame {f} is outside the video's {total} frames")
         visible = []
         for i, o in enumerate(objects):
             if f < starts[i]:
@@ -304,6 +316,21 @@ def _video_frames(
     return np.stack(frames), objects, q, a, pool, meta
 
 
+def scene_video_sample(
+    seed: int, index: int, frames: Sequence[int] | None = None, size: int = 224
+) -> dict[str, Any]:
+    """Video question ``index`` of split ``seed`` in memory (what :func:`scene_videoqa` writes as mp4).
+
+    ``frames`` picks which of the 100 frames to draw (default: all). Returns a dict with ``frames``
+    (T, size, size, 3) uint8, ``kind``, ``question``, ``answer``, ``options``, ``objects`` and ``meta``.
+    """
+    kind = VIDEO_KINDS[index % len(VIDEO_KINDS)]
+    rng = np.random.default_rng([seed, 1_000_000 + index])
+    video, objects, q, a, pool, meta = _video_frames(rng, kind, size, frames)
+    return {"frames": video, "kind": kind, "question": q, "answer": a, "options": _options(rng, a, pool),
+            "objects": objects, "meta": meta}
+
+
 def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 224) -> list[Any]:
     """``n`` video questions of split ``seed`` (kinds cycling through :data:`VIDEO_KINDS`) as
     :class:`~mmeff.datasets.videoqa.VideoQASample` multiple-choice samples; the 4 s, 25 fps mp4 clips are
@@ -314,13 +341,11 @@ def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 2
     out.mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
-        kind = VIDEO_KINDS[i % len(VIDEO_KINDS)]
-        rng = np.random.default_rng([seed, 1_000_000 + i])
-        frames, objects, q, a, pool, meta = _video_frames(rng, kind, size)
-        opts = _options(rng, a, pool)
+        v = scene_video_sample(seed, i, size=size)
+        kind, q, a, opts = v["kind"], v["question"], v["answer"], v["options"]
         path = out / f"scene-s{seed}-{i}-{kind}.mp4"
         if not path.is_file():
-            _write_mp4(path, frames, (size, size))
+            _write_mp4(path, v["frames"], (size, size))
         samples.append(
             VideoQASample(
                 id=f"scene-video-s{seed}-{i}",
@@ -329,7 +354,7 @@ def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 2
                 answer=a,
                 options=opts,
                 answer_index=opts.index(a),
-                meta={"kind": kind, "objects": [o.name() for o in objects], **meta},
+                meta={"kind": kind, "objects": [o.name() for o in v["objects"]], **v["meta"]},
             )
         )
     return samples

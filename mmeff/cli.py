@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmeff.mini import FREEVIDEO_SCENES
+
+FREEVIDEO_RELEASED = "slow_3frms_spatial_1d_max_pool_roi8-middle_5frms_spatial_1d_max_pool_24x12-fast_50frms_4x4"
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     import mmeff
@@ -171,6 +175,24 @@ def _cmd_tocom_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mini_train(args: argparse.Namespace) -> int:
+    import json
+
+    from mmeff.mini import main_train
+
+    manifest = main_train(
+        args.out, device=args.device, clip_steps=args.clip_steps, clip_batch=args.clip_batch,
+        llava_steps=args.llava_steps, llava_batch=args.llava_batch, video_batch=args.video_batch,
+        workers=args.workers, eval_per_kind=args.eval_per_kind, cache_dir=args.cache_dir, skip_clip=args.skip_clip,
+        time_limit=args.time_limit, continue_llava=args.continue_llava, align_steps=args.align_steps,
+    )
+    if "files" not in manifest:  # --llava-steps 0: only the dual encoder was trained
+        print(json.dumps(manifest, indent=1))
+        return 0
+    print(json.dumps({k: manifest[k] for k in ("files", "trained_on", "heldout_accuracy")}, indent=1))
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "tome":
         return _cmd_bench_tome(args)
@@ -180,6 +202,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_sepllm(args)
     if args.suite == "flatquant":
         return _cmd_bench_flatquant(args)
+    if args.suite == "scenes":
+        from mmeff.bench_scenes import run_scenes_bench
+
+        run_scenes_bench(
+            args.model, per_kind=args.per_kind, ratio=args.ratio,
+            methods=[m.strip() for m in args.methods.split(",")] if args.methods else None,
+            media=args.media, repeats=args.repeats, out_dir=args.scenes_out, cache_dir=args.cache_dir,
+        )
+        return 0
     from mmeff.bench import run_bench
 
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
@@ -254,12 +285,19 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     from mmeff.datasets import videoqa
     from mmeff.evaluate import evaluate, format_report, judge_open, llava_predictor, resolve_shard
 
+    if args.frames is None:  # mmeff-mini was trained on 4-frame scene videos
+        args.frames = 4 if args.data == "scenes" else 8
     if args.frames < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--frames, --batch-size and --max-new-tokens must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     out = Path(args.out)
-    if args.data == "synthetic":
+    if args.data == "scenes":
+        from mmeff.datasets.scenes import scene_videoqa
+        from mmeff.mini import HELDOUT_SEED
+
+        samples = scene_videoqa(out.parent / "scenes", seed=HELDOUT_SEED, n=args.limit or 60)
+    elif args.data == "synthetic":
         samples = list(videoqa.synthetic_videoqa(out.parent / "synthetic"))
         samples = samples[: args.limit] if args.limit is not None else samples
     else:
@@ -273,11 +311,18 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     if args.method == "freevideo":
         from mmeff.freevideo import ClipScorer, FreeVideoConfig, FreeVideoLLM
 
+        if args.freevideo is None:  # 4-frame scene videos on an 8x8 grid need far smaller paths than 7B LLaVA
+            args.freevideo = FREEVIDEO_SCENES if args.data == "scenes" else FREEVIDEO_RELEASED
         cfg = FreeVideoConfig.from_official(args.freevideo, faithful=args.faithful)
-        if args.clip_pretrained is None:
-            print(f"mmeff: warning: --clip-pretrained not given: {args.clip_model} scores frames with random weights",
-                  file=sys.stderr)
-        scorer = ClipScorer.from_open_clip(args.clip_model, pretrained=args.clip_pretrained)
+        if args.clip_model == "mmeff-mini-clip" and args.clip_pretrained is None:
+            from mmeff.mini import clip_scorer
+
+            scorer = clip_scorer()
+        else:
+            if args.clip_pretrained is None:
+                print(f"mmeff: warning: --clip-pretrained not given: {args.clip_model} scores frames with random "
+                      "weights", file=sys.stderr)
+            scorer = ClipScorer.from_open_clip(args.clip_model, pretrained=args.clip_pretrained)
         reducer = FreeVideoLLM(cfg, scorer=scorer)
     elif args.method != "none":
         budget = {"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}
@@ -338,18 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="list registered methods and model adapters").set_defaults(fn=_cmd_list)
     b = sub.add_parser(
         "bench",
-        help="'mmeff bench': every token reducer on a VLM with a real image and video; "
+        help="'mmeff bench': accuracy, visual tokens and latency of every method on the held-out scenes with the "
+        "embedded mmeff-mini VLM; 'mmeff bench tokens': every token reducer on a real photo and video clip, "
+        "compared with the unreduced model; "
         "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text; "
         "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity; "
         "'mmeff bench tome': ToMe token merging on timm ViTs (images/s, latency, GFLOPs, agreement per r); "
         "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r)",
     )
-    b.add_argument("suite", nargs="?", default="tokens", choices=["tokens", "sepllm", "flatquant", "tome", "tocom"],
-                   help="what to benchmark (default: tokens)")
+    b.add_argument("suite", nargs="?", default="scenes",
+                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom"],
+                   help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
                    "'tiny-qwen2-vl', or a local checkpoint path / hub id")
-    b.add_argument("--media", default="both", choices=["image", "video", "both"])
+    b.add_argument("--media", default="both", choices=["image", "video", "both"],
+                   help="scenes/tokens: which media to run (scenes: 'image' skips the video questions)")
+    b.add_argument("--per-kind", type=int, default=20, help="scenes: held-out questions per question kind (9 kinds)")
+    b.add_argument("--scenes-out", default="bench_scenes",
+                   help="scenes: folder for scenes.json and accuracy_tokens.png (default: ./bench_scenes)")
     b.add_argument("--ratio", type=float, default=0.25, help="visual-token budget as a fraction of the encoder's tokens")
     b.add_argument("--methods", default=None, help="comma-separated subset of methods (default: all registered)")
     b.add_argument("--question", default=DEFAULT_QUESTION)
@@ -427,6 +479,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint already in --out")
     t.set_defaults(fn=_cmd_tocom_train)
 
+    mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
+    mtasks = mi.add_subparsers(dest="mini_task", required=True)
+    mt = mtasks.add_parser("train", help="train mmeff-mini's dual encoder, projector and LoRA from scratch on "
+                           "generated scenes; writes weights + manifest.json to --out")
+    mt.add_argument("--out", required=True, help="folder for the two safetensors files and manifest.json "
+                    "(copy them to mmeff/weights/ to make them the default)")
+    mt.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
+    mt.add_argument("--clip-steps", type=int, default=3000, help="contrastive steps of the dual encoder")
+    mt.add_argument("--clip-batch", type=int, default=256)
+    mt.add_argument("--align-steps", type=int, default=200,
+                    help="projector steps mapping visual tokens onto the words their patches show (no LM), before "
+                    "the LLaVA stage")
+    mt.add_argument("--llava-steps", type=int, default=3000,
+                    help="projector + LoRA steps (1 in 3 a video batch); 0 trains only the dual encoder")
+    mt.add_argument("--llava-batch", type=int, default=32, help="image questions per step")
+    mt.add_argument("--video-batch", type=int, default=8, help="4-frame video questions per video step")
+    mt.add_argument("--workers", type=int, default=None, help="data-rendering worker processes (default: cores - 2, at most 12)")
+    mt.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind for the final check")
+    mt.add_argument("--skip-clip", action="store_true", help="reuse the dual encoder already in --out")
+    mt.add_argument("--time-limit", type=float, default=None, help="stop the LLaVA stage after this many seconds")
+    mt.add_argument("--continue", dest="continue_llava", action="store_true",
+                    help="train the projector and LoRA on from the weights in --out (new questions; use with --skip-clip)")
+    mt.add_argument("--cache-dir", default=None, help="where the SmolLM2 conversion is cached")
+    mt.set_defaults(fn=_cmd_mini_train)
+
     f = sub.add_parser("finetune", help="fine-tune a LLaVA model with a method in place on LLaVA-format JSON data")
     f.add_argument("--model", default="default", help="'default' or a local LLaVA checkpoint folder with its processor")
     f.add_argument("--data", required=True, help="LLaVA instruction JSON: [{image, conversations: [{from, value}]}]")
@@ -459,14 +536,19 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--ratio", type=float, default=0.25, help="budget as a fraction of the encoder's tokens")
     v.add_argument("--stage", default=None, choices=["pre_projector", "post_projector"],
                    help="where the method runs (default: where its paper runs it)")
-    v.add_argument("--frames", type=int, default=8, help="frames sampled uniformly per video (or per clip window)")
-    v.add_argument("--freevideo", default="slow_3frms_spatial_1d_max_pool_roi8-middle_5frms_spatial_1d_max_pool_24x12-fast_50frms_4x4",
-                   help="--method freevideo: the official path string (default: the released configuration)")
+    v.add_argument("--frames", type=int, default=None,
+                   help="frames sampled uniformly per video (or per clip window); default 4 for scenes, else 8")
+    v.add_argument("--freevideo", default=None,
+                   help="--method freevideo: the official path string (default: the released configuration, or for "
+                   f"--data scenes {FREEVIDEO_SCENES})")
     v.add_argument("--faithful", action="store_true", help="--method freevideo: the official crop layout quirk")
-    v.add_argument("--clip-model", default="ViT-B-32", help="--method freevideo: open_clip architecture of the scorer")
+    v.add_argument("--clip-model", default="mmeff-mini-clip",
+                   help="--method freevideo: open_clip architecture of the scorer (default: mmeff-mini's trained "
+                   "dual encoder; any other name needs --clip-pretrained for real weights)")
     v.add_argument("--clip-pretrained", default=None, help="--method freevideo: local open_clip checkpoint for the scorer")
-    v.add_argument("--data", default="synthetic",
-                   help="'synthetic' (12 questions on clips generated under the --out folder) or an annotation format: "
+    v.add_argument("--data", default="scenes",
+                   help="'scenes' (held-out scene videos written under the --out folder: --limit of them, default 60), "
+                   "'synthetic' (12 questions on the bundled real clips) or an annotation format: "
                         "msvd-qa, msrvtt-qa, activitynet-qa, tgif-qa, nextqa, videomme, mvbench")
     v.add_argument("--annotations", default=None, help="annotation file or folder of the --data format")
     v.add_argument("--video-root", default=None, help="folder holding the format's videos")

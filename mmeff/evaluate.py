@@ -42,6 +42,7 @@ __all__ = [
     "Prediction",
     "PredictFn",
     "build_question",
+    "format_question",
     "evaluate",
     "extract_option",
     "format_report",
@@ -350,14 +351,19 @@ def read_clip(
     return clip.frames, clip.timestamps
 
 
-def build_question(sample: VideoQASample) -> str:
-    """The text turn for a sample: the question, then lettered options and the letter instruction for
-    multiple choice, or the short-answer instruction for open-ended questions."""
-    q = sample.question.strip()
-    if sample.options is None:
+def format_question(question: str, options: Sequence[str] | None) -> str:
+    """The text turn for a question: then lettered options and the letter instruction for multiple
+    choice (``options`` given), or the short-answer instruction for open-ended questions."""
+    q = question.strip()
+    if options is None:
         return f"{q}\n{OPEN_INSTRUCTION}"
-    lines = [f"({OPTION_LETTERS[i]}) {opt}" for i, opt in enumerate(sample.options)]
+    lines = [f"({OPTION_LETTERS[i]}) {opt}" for i, opt in enumerate(options)]
     return q + "\nOptions:\n" + "\n".join(lines) + "\n" + MC_INSTRUCTION
+
+
+def build_question(sample: VideoQASample) -> str:
+    """The text turn for a sample (:func:`format_question` of its question and options)."""
+    return format_question(sample.question, sample.options)
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

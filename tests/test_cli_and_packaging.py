@@ -52,7 +52,7 @@ def test_list_shows_reducers_and_adapters(capsys):
 
 def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "tiny-llava", "--media", "image", "--repeats", "1", "--decode-tokens", "2",
+    rc = main(["bench", "tokens", "--model", "tiny-llava", "--media", "image", "--repeats", "1", "--decode-tokens", "2",
                "--answer-tokens", "3", "--methods", "pool,random", "--json", str(path)])
     assert rc == 0
     data = json.loads(path.read_text())
@@ -68,8 +68,12 @@ def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
 
 
 def test_bench_rejects_bad_arguments(capsys):
-    assert main(["bench", "--model", "tiny-llava", "--methods", "nope"]) == 2
+    assert main(["bench", "tokens", "--model", "tiny-llava", "--methods", "nope"]) == 2
     assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--methods", "nope"]) == 2  # the scenes suite checks names before loading a model
+    assert "unknown method(s) ['nope']" in capsys.readouterr().err
+    assert main(["bench", "--model", "tiny-llava"]) == 2
+    assert "scenes bench runs LLaVA models with a chat tokenizer" in capsys.readouterr().err
     assert main(["bench", "--ratio", "1.5"]) == 2
     assert main(["bench", "--model", "/no/such/folder"]) == 2
     assert "cannot load model '/no/such/folder'" in capsys.readouterr().err

@@ -474,8 +474,8 @@ def _video_samples() -> list[VideoQASample]:
 @pytest.mark.parametrize("method", ["none", "pool"])
 def test_llava_predict_and_evaluate(default, tmp_path: Path, method: str) -> None:
     model, tok, _ = default
-    reducer = mmeff.create_reducer("pool", tokens=144) if method == "pool" else None
-    per_video = 2 * (144 if reducer else 576)
+    reducer = mmeff.create_reducer("pool", tokens=16) if method == "pool" else None
+    per_video = 2 * (16 if reducer else 64)
     samples = _video_samples()
     singles = [predict_llava(model, tok, s, reducer=reducer, num_frames=2, max_new_tokens=4) for s in samples]
     for s, p in zip(samples, singles):
@@ -518,12 +518,12 @@ def test_cli_eval_videoqa(default, model_cache, tmp_path: Path, monkeypatch, cap
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "cli" / "res.jsonl"
     args = ["eval", "videoqa", "--model", "default", "--cache-dir", str(model_cache), "--method", "pool",
-            "--tokens", "144", "--frames", "2", "--data", "synthetic", "--out", str(out), "--limit", "1",
+            "--tokens", "16", "--frames", "2", "--data", "synthetic", "--out", str(out), "--limit", "1",
             "--max-new-tokens", "2", "--json", str(tmp_path / "rep.json")]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert made == [out.parent / "synthetic"]
-    assert "pool" in printed and "visual tokens / video" in printed and "288.0" in printed
+    assert "pool" in printed and "visual tokens / video" in printed and "32.0" in printed
     assert [r["id"] for r in load_results(out)] == ["open"]
     assert json.loads((tmp_path / "rep.json").read_text())["n"] == 1
 

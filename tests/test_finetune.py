@@ -161,8 +161,8 @@ def test_load_llava_json_errors(tmp_path):
 
 def test_cli_finetune_on_default_model(tmp_path, default, model_cache, capsys):
     path = _write_dataset(tmp_path, n=2)
-    rc = main(["finetune", "--data", str(path), "--tokens", "64", "--steps", "1", "--batch-size", "2",
+    rc = main(["finetune", "--data", str(path), "--tokens", "16", "--steps", "1", "--batch-size", "2",
                "--cache-dir", str(model_cache)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert "fourier(tokens=64" in out and "for 1 steps" in out and "'visual_tokens_out': 128" in out
+    assert "fourier(tokens=16" in out and "for 1 steps" in out and "'visual_tokens_out': 32" in out

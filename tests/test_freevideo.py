@@ -396,10 +396,25 @@ def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default,
                "--max-new-tokens", "2", "--out", str(out), "--cache-dir", str(model_cache)])
     text = capsys.readouterr()
     assert rc == 0, text.err
-    assert "random weights" in text.err  # no scorer checkpoint offline: said, not hidden
+    assert "random weights" not in text.err  # the default scorer is mmeff-mini's trained dual encoder
+    assert "data: scenes" in text.out
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    expect = FreeVideoConfig().num_tokens(4)  # 3 slow + 5 middle crops of 231, 4 fast frames of 16
-    assert len(lines) == 2 and all(r["visual_tokens"] == expect == 8 * 231 + 4 * 16 for r in lines)
+    from mmeff.mini import FREEVIDEO_SCENES
+
+    # on the 8x8 grid: 1 slow + 1 middle crop of 7x4 (roi 0.8 of the 8x4 pooled layout), 4 fast frames of 2x2
+    expect = FreeVideoConfig.from_official(FREEVIDEO_SCENES, faithful=False).num_tokens(4, (8, 8))
+    assert len(lines) == 2 and all(r["visual_tokens"] == expect == 2 * 28 + 4 * 4 for r in lines)
+
+
+def test_cli_eval_videoqa_warns_about_a_random_scorer(tmp_path, default, model_cache, capsys):
+    from mmeff.cli import main
+
+    out = tmp_path / "r.jsonl"
+    rc = main(["eval", "videoqa", "--method", "freevideo", "--clip-model", "ViT-B-32", "--limit", "1",
+               "--max-new-tokens", "1", "--out", str(out), "--cache-dir", str(model_cache)])
+    text = capsys.readouterr()
+    assert rc == 0, text.err
+    assert "random weights" in text.err  # no scorer checkpoint offline: said, not hidden
 
 
 def test_freevideo_is_registered_on_import_of_mmeff():
