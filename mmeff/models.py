@@ -838,7 +838,9 @@ def llava_pixel_values(
             raise TypeError(f"images[{i}] has dtype {img.dtype}, expected uint8")
         if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
             raise ValueError(f"images[{i}] has shape {img.shape}, expected (H, W, 3) with H, W > 0")
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)  # uint8 (3, H, W)
+        arr = np.ascontiguousarray(img)
+        # PIL-backed arrays are read-only; torch would warn (and must not share them writably)
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy()).permute(2, 0, 1)  # uint8 (3, H, W)
         h, w = x.shape[1:]
         if mode == "pad" and h != w:
             side = max(h, w)
