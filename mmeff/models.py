@@ -701,8 +701,10 @@ def default_model(cache_dir: str | Path | None = None) -> tuple[LlavaForConditio
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = cache / _DEFAULT_SUBDIR
-    hashes = {k: mini.weights_path(k).name + ":" + mini._expected_hashes()[mini.weights_path(k).name]
-              for k in ("clip", "llava")}
+    # each file is hashed once (weights_path checks it against the manifest); the cache key is that hash
+    paths = {k: mini.weights_path(k) for k in ("clip", "llava")}
+    expected = mini._expected_hashes()
+    hashes = {k: f"{path.name}:{expected[path.name]}" for k, path in paths.items()}
     expect = {"artefact": _DEFAULT_SUBDIR, "recipe": _DEFAULT_RECIPE, "weights": hashes}
     if not _cache_complete(final, expect):
         model, tokenizer, info = mini.build_llava(cache)
