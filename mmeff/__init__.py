@@ -5,7 +5,7 @@
         model.generate(**inputs)
 """
 
-from mmeff import flatquant, tome
+from mmeff import flatquant, tome, vistog
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
@@ -27,6 +27,7 @@ from mmeff.freevideo import FreeVideoLLM
 from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.sepllm import SepLLM, separator_ids
 from mmeff.tome import ToMe
+from mmeff.vistog import VisToG
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "SepLLM",
     "StreamingLLM",
     "ToMe",
+    "VisToG",
     "TokenContext",
     "TokenReducer",
     "UniformKeep",
@@ -64,5 +66,6 @@ __all__ = [
     "register",
     "separator_ids",
     "tome",
+    "vistog",
     "unpatch",
 ]

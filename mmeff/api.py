@@ -1,8 +1,9 @@
 """Applying methods to models: ``with mmeff.apply(model, method): ...`` and ``mmeff.patch(model, method)``.
 
 A method is a token reducer (attached by the model's adapter), a KV-cache press (attached to the
-model's decoder by ``KVCacheAdapter``) or ToMe token merging inside the vision encoder
-(``ToMeAdapter``); one call may combine reducers with one press and one ToMe.
+model's decoder by ``KVCacheAdapter``), ToMe token merging inside the vision encoder
+(``ToMeAdapter``) or VisToG grouping (``VisToGAdapter``); one call may combine reducers with one press
+and one ToMe, or VisToG with one press.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.core import TokenReducer, compose
 from mmeff.kvcache import KVPress
 from mmeff.tome import ToMe, ToMeAdapter
+from mmeff.vistog import VisToG, VisToGAdapter
 
 __all__ = ["apply", "patch", "unpatch", "attach"]
 
@@ -51,7 +53,7 @@ class AdapterGroup(Adapter):
             a.detach()
 
 
-Method = TokenReducer | KVPress | ToMe
+Method = TokenReducer | KVPress | ToMe | VisToG
 
 
 def attach(model: nn.Module, *methods: Method, **options: Any) -> Adapter:
@@ -65,12 +67,19 @@ def attach(model: nn.Module, *methods: Method, **options: Any) -> Adapter:
         raise ValueError("attach/apply/patch need at least one reducer, KV-cache press or ToMe")
     presses = [m for m in methods if isinstance(m, KVPress)]
     tomes = [m for m in methods if isinstance(m, ToMe)]
-    reducers = [m for m in methods if not isinstance(m, (KVPress, ToMe))]
+    groupers = [m for m in methods if isinstance(m, VisToG)]
+    reducers = [m for m in methods if not isinstance(m, (KVPress, ToMe, VisToG))]
     if len(presses) > 1:
         raise ValueError(f"one KV-cache press at a time, got {[p.name for p in presses]}")
     if len(tomes) > 1:
         raise ValueError("one ToMe at a time")
     adapters: list[Adapter] = []
+    if groupers:
+        if len(groupers) > 1 or tomes or reducers:
+            raise ValueError("VisToG produces the visual tokens itself; combine it only with a KV-cache press")
+        if options:
+            raise TypeError(f"VisToG takes no adapter options, got {sorted(options)}")
+        adapters.append(VisToGAdapter(model, groupers[0]))
     if tomes:
         tome = ToMeAdapter(model, tomes[0])
         if reducers and tome.host.kind != "hf":
@@ -119,7 +128,7 @@ def patch(model: nn.Module, *reducers: Method, **options: Any) -> Adapter:
 def unpatch(model: nn.Module) -> bool:
     """Remove the methods attached with :func:`patch` (reducers, press, ToMe); returns whether any was."""
     found = False
-    for key in ("_mmeff_kv_adapter", "_mmeff_adapter", "_mmeff_tome_adapter"):
+    for key in ("_mmeff_kv_adapter", "_mmeff_vistog_adapter", "_mmeff_adapter", "_mmeff_tome_adapter"):
         adapter = model.__dict__.get(key)
         if adapter is not None:
             adapter.detach()

@@ -202,6 +202,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_sepllm(args)
     if args.suite == "flatquant":
         return _cmd_bench_flatquant(args)
+    if args.suite == "vistog":
+        from mmeff.bench_vistog import run_vistog_bench
+
+        run_vistog_bench(
+            [m.strip() for m in args.vistog_models.split(",") if m.strip()],
+            groups={m: [int(g) for g in args.vistog_groups.split(",")] for m in ("tiny-llava", "mmeff-mini")},
+            config_groups=[int(g) for g in args.vistog_config_groups.split(",")],
+            repeats=args.repeats, decode_tokens=args.decode_tokens, cache_dir=args.cache_dir,
+            out_dir=args.vistog_out,
+        )
+        return 0
     if args.suite == "scenes":
         from mmeff.bench_scenes import run_scenes_bench
 
@@ -389,10 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'mmeff bench sepllm': KV-cache presses by streaming perplexity on real text; "
         "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity; "
         "'mmeff bench tome': ToMe token merging on timm ViTs (images/s, latency, GFLOPs, agreement per r); "
-        "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r)",
+        "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r); "
+        "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs)",
     )
     b.add_argument("suite", nargs="?", default="scenes",
-                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom"],
+                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog"],
                    help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -456,6 +468,14 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--tocom-epochs", type=int, default=20, help="ToCom self-distillation epochs")
     tc.add_argument("--tocom-out", default="bench_tocom",
                     help="folder for checkpoints, tocom.json and tocom_accuracy.png (default: ./bench_tocom)")
+    vg = b.add_argument_group("vistog suite", "VisToG (untrained grouping weights: cost only) vs the plain model")
+    vg.add_argument("--vistog-models", default="tiny-llava,mmeff-mini",
+                    help="comma-separated measured models: tiny-llava, mmeff-mini")
+    vg.add_argument("--vistog-groups", default="8,16,32", help="comma-separated M (groups) for the measured models")
+    vg.add_argument("--vistog-config-groups", default="64,144",
+                    help="comma-separated M counted on the llava-1.5-7b config (576 patches)")
+    vg.add_argument("--vistog-out", default="bench_vistog",
+                    help="folder for vistog.json and vistog_cost.png (default: ./bench_vistog)")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")
