@@ -332,8 +332,8 @@ class HFVLMAdapter(Adapter):
 
 
 def select_row(red: Reduction, j: int) -> Reduction:
-    """Row ``j`` of a batched reduction, as a batch of one."""
-    return Reduction(
+    """Row ``j`` of a batched reduction, as a batch of one (of the same class, so overrides survive)."""
+    return type(red)(
         tokens=red.tokens[j : j + 1],
         assignment=red.assignment[j : j + 1],
         indices=None if red.indices is None else red.indices[j : j + 1],

@@ -31,16 +31,20 @@ No official code exists; the spec is reconstructed from the abstract and reviews
   values ``v(P)`` of its patches (empty groups get zero), projected and added to its semantic token,
   followed by a residual MLP (ratio 4). At inference the assignment is the noise-free argmax.
 * **Which tokens are grouped**: the projector's input rows except the semantic tokens, i.e. the patches
-  (LLaVA's ``"default"`` strategy) or class + patches (``"full"``).
+  (LLaVA's ``"default"`` strategy) or class + patches (``"full"``); on Qwen2-VL the merged 2x2 tokens of
+  each image or video (M groups per video, not per frame).
 * **Positions** of the M grouped tokens in the LLM: consecutive, as text (LLaVA's 1-D positions are
-  recomputed after the placeholders shrink); with explicit ``position_ids`` a group takes its members'
-  mean position (the library's rule for merged tokens).
+  recomputed after the placeholders shrink); with explicit ``position_ids`` and on Qwen2-VL (M-RoPE,
+  ``mrope="gather"``) a group takes its members' mean position, an empty group its image's centre.
 * **Training**: stage 1 trains semantic tokens, grouping layer and projector with the LLM and tower
   frozen; stage 2 also unfreezes the LLM (LLaVA-1.5's recipe).
 
 Hosts: HF ``LlavaForConditionalGeneration`` with a CLIP/SigLIP tower (and a bare HF CLIP/SigLIP vision
-model, where the tower's output simply gains the M semantic tokens). Qwen2-VL is refused for now: its
-windowed ``cu_seqlens`` attention and 2x2 patch merger need their own handling of the semantic tokens.
+model, where the tower's output simply gains the M semantic tokens), and Qwen2-VL, whose packed
+per-frame attention and 2x2 PatchMerger cannot take extra tokens: there the semantic tokens run as a side
+stream through the ViT's own block modules (:class:`VisToGAdapter`), enter the merger as 2x2 windows of
+copies of themselves, and the grouping runs on the merger's output. Qwen2.5-VL (windowed attention) is
+refused.
 """
 
 from __future__ import annotations
@@ -142,20 +146,22 @@ class VisToG(nn.Module):
 
     name: ClassVar[str] = "vistog"
 
-    def __init__(self, dim: int, num_groups: int = 64, *, mlp_ratio: float = 4.0, gumbel: bool = True,
-                 tau: float = 1.0, hard: bool = True, semantic_self_attention: bool = True,
+    def __init__(self, dim: int, num_groups: int = 64, *, token_dim: int | None = None, mlp_ratio: float = 4.0,
+                 gumbel: bool = True, tau: float = 1.0, hard: bool = True, semantic_self_attention: bool = True,
                  init_std: float = 0.02) -> None:
         super().__init__()
-        if num_groups < 1 or dim < 1:
-            raise ValueError(f"VisToG needs num_groups >= 1 and dim >= 1, got {num_groups}, {dim}")
+        token_dim = dim if token_dim is None else token_dim
+        if num_groups < 1 or dim < 1 or token_dim < 1:
+            raise ValueError(f"VisToG needs num_groups, dim, token_dim >= 1, got {num_groups}, {dim}, {token_dim}")
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        self.dim, self.num_groups = int(dim), int(num_groups)
+        self.dim, self.num_groups, self.token_dim = int(dim), int(num_groups), int(token_dim)
         self.semantic_self_attention = semantic_self_attention
-        self.semantic = nn.Parameter(torch.randn(num_groups, dim) * init_std)
+        self.semantic = nn.Parameter(torch.randn(num_groups, token_dim) * init_std)
         self.grouping = GroupingLayer(dim, mlp_ratio, gumbel, tau, hard)
-        self._cfg = {"dim": self.dim, "num_groups": self.num_groups, "mlp_ratio": mlp_ratio, "gumbel": gumbel,
-                     "tau": tau, "hard": hard, "semantic_self_attention": semantic_self_attention}
+        self._cfg = {"dim": self.dim, "num_groups": self.num_groups, "token_dim": self.token_dim,
+                     "mlp_ratio": mlp_ratio, "gumbel": gumbel, "tau": tau, "hard": hard,
+                     "semantic_self_attention": semantic_self_attention}
 
     @property
     def config(self) -> dict[str, Any]:
@@ -164,10 +170,15 @@ class VisToG(nn.Module):
 
     @classmethod
     def for_model(cls, model: nn.Module, num_groups: int = 64, **kwargs: Any) -> VisToG:
-        """A fresh VisToG sized for ``model``'s vision tower (LLaVA or a bare HF CLIP/SigLIP vision model),
-        on its device and dtype."""
-        tower = vision_encoder(model)
+        """A fresh VisToG sized for ``model``'s vision tower, on its device and dtype: LLaVA or a bare HF
+        CLIP/SigLIP vision model (grouping at the tower's width), or Qwen2-VL (semantic tokens at the
+        ViT's width, grouping at the PatchMerger's output width)."""
+        kind, tower = vision_host(model)
         param = next(tower.parameters())
+        if kind == "qwen2_vl":
+            vc = tower.config
+            return cls(int(vc.hidden_size), num_groups, token_dim=int(vc.embed_dim), **kwargs).to(param.device,
+                                                                                                  param.dtype)
         n = _num_patches(tower)
         if num_groups > n:
             raise ValueError(f"num_groups={num_groups} exceeds the {n} patch tokens of the vision tower")
@@ -180,7 +191,7 @@ class VisToG(nn.Module):
     def forward(self, patches: Tensor, semantic: Tensor) -> tuple[Tensor, Tensor]:
         """Group ``patches`` ``(B, N, D)`` with the encoded semantic tokens ``(B, M, D)`` ->
         grouped tokens ``(B, M, D)`` and each patch's group ``(B, N)``."""
-        if patches.dim() != 3 or semantic.shape != (patches.shape[0], self.num_groups, self.dim):
+        if patches.dim() != 3 or patches.shape[-1] != self.dim or semantic.shape != (patches.shape[0], self.num_groups, self.dim):
             raise ValueError(f"VisToG expects patches (B, N, {self.dim}) and semantic (B, {self.num_groups}, "
                              f"{self.dim}); got {tuple(patches.shape)} and {tuple(semantic.shape)}")
         return self.grouping(semantic, patches)
@@ -222,35 +233,72 @@ class _Grouping(TokenReducer):
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         m = self.vistog.num_groups
-        if tokens.shape[1] <= m:
-            raise ValueError(f"VisToG: the projector got {tokens.shape[1]} rows, not originals + {m} semantic tokens; "
-                             "was the vision tower run without VisToG's hooks?")
-        grouped, index = self.vistog(tokens[:, :-m], tokens[:, -m:])
-        return Reduction(tokens=grouped.to(tokens.dtype), assignment=index)
+        semantic = ctx.extras.get(SEMANTIC_KEY)
+        if semantic is not None:  # Qwen2-VL: merged patches here, merged semantic tokens beside them
+            if any(t is None for t in semantic):
+                raise ValueError("VisToG needs pixel values: pre-encoded features have no semantic tokens")
+            if m > tokens.shape[1]:
+                raise ValueError(f"VisToG: num_groups={m} exceeds the {tokens.shape[1]} merged tokens of this image")
+            patches, sem = tokens, torch.stack(list(semantic)).to(tokens.dtype)
+        else:  # LLaVA: the projector's rows are the originals, then the semantic tokens
+            if tokens.shape[1] <= m:
+                raise ValueError(f"VisToG: the projector got {tokens.shape[1]} rows, not originals + {m} semantic "
+                                 "tokens; was the vision tower run without VisToG's hooks?")
+            patches, sem = tokens[:, :-m], tokens[:, -m:]
+        grouped, index = self.vistog(patches, sem)
+        return GroupReduction(tokens=grouped.to(tokens.dtype), assignment=index)
 
     def default_stage(self, host: str) -> str:
-        return "pre_projector"
+        # LLaVA: before the projector, as the paper; Qwen2-VL: after the PatchMerger (it needs 2x2 windows)
+        return "post_projector" if host == "qwen2_vl" else "pre_projector"
 
     def describe(self) -> str:
         return self.vistog.describe()
 
 
+SEMANTIC_KEY = "vistog_semantic"
+
+
+@dataclass
+class GroupReduction(Reduction):
+    """A grouping's bookkeeping (``assignment``: each patch's group). Positions: a group takes its members'
+    mean; an empty group the mean of all its image's patches (the centre), not position 0."""
+
+    def positions(self, pos: Tensor) -> Tensor:
+        out = super().positions(pos)
+        empty = self.sizes == 0  # (B, M)
+        if not bool(empty.any()):
+            return out
+        squeeze = pos.dim() == 2
+        p, o = (pos.unsqueeze(-1), out.unsqueeze(-1)) if squeeze else (pos, out)
+        centre = p.to(torch.float64).mean(1, keepdim=True).round().to(o.dtype).expand_as(o)
+        o = torch.where(empty.unsqueeze(-1), centre, o)
+        return o.squeeze(-1) if squeeze else o
+
+
 # ------------------------------------------------------------------------------------------ hosts
 
 
-def vision_encoder(model: nn.Module) -> nn.Module:
-    """The HF CLIP/SigLIP vision encoder inside ``model`` (the module with ``embeddings`` and
-    ``encoder.layers``); ``TypeError`` naming the class for unsupported models."""
+def vision_host(model: nn.Module) -> tuple[str, nn.Module]:
+    """``("clip", tower)`` for HF LLaVA / CLIP / SigLIP vision models (the module with ``embeddings`` and
+    ``encoder.layers``), ``("qwen2_vl", visual)`` for Qwen2-VL; ``TypeError`` naming the class otherwise."""
     from mmeff.tome import _hf_tower
 
-    if "qwen2_vl" in type(model).__module__ or "qwen2_5_vl" in type(model).__module__:
-        raise TypeError(f"VisToG does not support {type(model).__name__} yet: its windowed (cu_seqlens) attention and "
-                        "2x2 PatchMerger need their own handling of the semantic tokens; use LLaVA or a CLIP tower")
-    tower = _hf_tower(model) if isinstance(model, nn.Module) else None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if "qwen2_5_vl" in type(model).__module__:
+        raise TypeError(f"VisToG does not support {type(model).__name__}: Qwen2.5-VL's windowed attention reorders "
+                        "the patches; supported: HF LLaVA, CLIP/SigLIP vision models and Qwen2-VL")
+    if "qwen2_vl" in type(model).__module__:
+        visual = getattr(getattr(model, "model", model), "visual", None)
+        if visual is None or not hasattr(visual, "merger"):
+            raise TypeError(f"VisToG: cannot find the vision transformer of {type(model).__name__}")
+        return "qwen2_vl", visual
+    tower = _hf_tower(model)
     if tower is None:
-        raise TypeError(f"VisToG does not support {type(model).__name__}; supported: HF LLaVA and HF CLIP/SigLIP "
-                        "vision models")
-    return tower
+        raise TypeError(f"VisToG does not support {type(model).__name__}; supported: HF LLaVA, CLIP/SigLIP vision "
+                        "models and Qwen2-VL")
+    return "clip", tower
 
 
 def _num_patches(tower: nn.Module) -> int:
@@ -259,42 +307,72 @@ def _num_patches(tower: nn.Module) -> int:
 
 
 class VisToGAdapter(Adapter):
-    """Attaches a :class:`VisToG`: hooks on the tower (semantic tokens after the patch embedding, the
-    isolation mask into every layer) plus, in a VLM, the host's reducer adapter running the grouping
-    before the projector (which also shrinks the image placeholders to M per image).
+    """Attaches a :class:`VisToG` to a model; ``detach()`` undoes everything.
 
-    ``stats`` after a forward: ``{"tokens_in": N, "tokens_out": M, ...}`` (plus the VLM adapter's)."""
+    CLIP towers (LLaVA): the semantic tokens join the sequence after the patch embedding and the isolation
+    mask goes into every layer; the host's reducer adapter runs the grouping before the projector (and
+    shrinks the image placeholders to M per image).
+
+    Qwen2-VL: the ViT packs all images into one sequence with per-frame attention and a 2x2 PatchMerger,
+    so the semantic tokens run beside it instead. After each block, hooks update them with the block's
+    own modules (``norm1``, ``attn.qkv`` with the patches' keys/values as the host computed and rotated
+    them, ``attn.proj``, ``norm2``, ``mlp``): they attend to every patch of their image and to each other,
+    without rotary position. That is exactly the joint sequence under the isolation mask, and the host's
+    patch computation is untouched. Each semantic token then goes through the PatchMerger as a 2x2 window
+    of copies of itself, and the grouping runs on the merger's output (where this library's reducers run
+    on Qwen2-VL), M tokens per image or video.
+
+    ``stats`` after a forward: ``{"tokens_in": N, "tokens_out": M, ...}`` plus the VLM adapter's.
+    """
 
     name = "vistog"
-    description = "VisToG semantic-token grouping inside HF CLIP towers (LLaVA)"
+    description = "VisToG semantic-token grouping (HF CLIP towers / LLaVA, Qwen2-VL)"
     method_type: ClassVar[type] = VisToG
 
     def __init__(self, model: nn.Module, vistog: VisToG, **options: Any) -> None:
         super().__init__(model, vistog, **options)
         self.vistog = vistog
-        self.tower = vision_encoder(model)
-        if vistog.dim != int(self.tower.config.hidden_size):
-            raise ValueError(f"VisToG dim {vistog.dim} does not match the vision tower's hidden size "
-                             f"{self.tower.config.hidden_size}")
+        self.kind, self.tower = vision_host(model)
+        width = int(self.tower.config.embed_dim if self.kind == "qwen2_vl" else self.tower.config.hidden_size)
+        out = int(self.tower.config.hidden_size)
+        if vistog.token_dim != width or vistog.dim != out:
+            raise ValueError(f"VisToG (token_dim {vistog.token_dim}, dim {vistog.dim}) does not match the vision tower "
+                             f"(width {width}, grouping width {out}); build it with VisToG.for_model(model)")
         impl = str(getattr(self.tower.config, "_attn_implementation", "") or "")
-        if "flash" in impl:
+        if "flash" in impl and self.kind == "clip":
             raise ValueError("VisToG's isolation mask needs eager or sdpa attention in the vision tower, not " + impl)
         self.vlm = self.tower is not model and hasattr(model, "get_image_features")
         self.inner: Adapter | None = None
         self._own: dict[str, Any] = {}
         self._mask: Tensor | None = None
-        self._n = 0
+        # Qwen2-VL side stream of one vision call: image ranges, running semantic tokens, merged results
+        self._ranges: list[tuple[int, int]] = []
+        self._sem: Tensor | None = None
+        self._qkv: Tensor | None = None
+        self._merged: list[Tensor] = []
 
     def attach(self) -> None:
         for m in (self.model, self.tower):
             if m.__dict__.get("_mmeff_vistog_adapter") is not None:
                 raise ValueError("VisToG is already attached to this model; unpatch it first")
-        self._hook(self.tower.embeddings.register_forward_hook(self._append))
-        for layer in self.tower.encoder.layers:
-            self._hook(layer.register_forward_pre_hook(self._isolate, with_kwargs=True))
+        if self.kind == "clip":
+            self._hook(self.tower.embeddings.register_forward_hook(self._append))
+            for layer in self.tower.encoder.layers:
+                self._hook(layer.register_forward_pre_hook(self._isolate, with_kwargs=True))
+        else:
+            if not self.vlm:
+                raise TypeError("VisToG on Qwen2-VL attaches to the whole Qwen2VLForConditionalGeneration")
+            self._hook(self.tower.register_forward_pre_hook(self._q_begin, with_kwargs=True))
+            for block in self.tower.blocks:
+                self._hook(block.attn.qkv.register_forward_hook(self._q_keys))
+                self._hook(block.register_forward_hook(self._q_block, with_kwargs=True))
+            self._hook(self.tower.register_forward_hook(self._q_end))
         if self.vlm:
-            self.inner = find_adapter(self.model)(self.model, _Grouping(vistog=self.vistog), stage="pre_projector")
+            stage = "post_projector" if self.kind == "qwen2_vl" else "pre_projector"
+            self.inner = find_adapter(self.model)(self.model, _Grouping(vistog=self.vistog), stage=stage)
             self.inner.attach()
+            if self.kind == "qwen2_vl":
+                self._override(self.inner, "encode", self._q_encode(self.inner.encode))
         for m in {id(self.model): self.model, id(self.tower): self.tower}.values():
             self._override(m, "_mmeff_vistog_adapter", self)
 
@@ -305,6 +383,8 @@ class VisToGAdapter(Adapter):
                 self.inner = None
         finally:
             super().detach()
+            self._sem = self._qkv = None
+            self._merged = []
 
     @property
     def stats(self) -> dict[str, Any]:  # type: ignore[override]
@@ -323,10 +403,10 @@ class VisToGAdapter(Adapter):
         reds = getattr(self.inner, "last_reductions", None) or []
         return [r.assignment for r in reds]
 
+    # ------------------------------------------------------------------------------- CLIP towers
     def _append(self, module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         b, n, _ = out.shape
         sem = self.vistog.semantic.to(out.dtype).unsqueeze(0).expand(b, -1, -1)
-        self._n = n
         self._mask = isolation_mask(n, self.vistog.num_groups, out.dtype, out.device,
                                     self.vistog.semantic_self_attention)
         self._own = {"tokens_in": n - 1 if hasattr(module, "class_embedding") else n,
@@ -346,6 +426,71 @@ class VisToGAdapter(Adapter):
             return (args[0], mask, *args[2:]), kwargs
         return args, {**kwargs, "attention_mask": mask}
 
+    # ---------------------------------------------------------------------------------- Qwen2-VL
+    def _q_begin(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is None:
+            raise ValueError("VisToG: the Qwen2-VL vision transformer was called without grid_thw")
+        sizes = [int(t) * int(h) * int(w) for t, h, w in grid.tolist()]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self._ranges = [(a, a + n) for a, n in zip(starts, sizes)]
+        self._sem = self.vistog.semantic.unsqueeze(0).expand(len(sizes), -1, -1)
+        self._own = {"tokens_in": sum(sizes) // int(module.spatial_merge_size) ** 2,
+                     "tokens_out": len(sizes) * self.vistog.num_groups}
+
+    def _q_keys(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        self._qkv = out
+
+    def _q_block(self, block: nn.Module, args: tuple, kwargs: dict[str, Any], out: Tensor) -> None:
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+        if self._sem is None or self._qkv is None:
+            raise RuntimeError("VisToG: a Qwen2-VL block ran outside a hooked vision forward")
+        attn = block.attn
+        heads = int(attn.num_heads)
+        qkv, self._qkv = self._qkv, None
+        n = qkv.shape[0]
+        _, k, v = qkv.reshape(n, 3, heads, -1).unbind(1)  # (N, H, hd) each, split as the host splits them
+        cos, sin = kwargs["position_embeddings"]
+        _, k = apply_rotary_pos_emb_vision(k, k, cos, sin)  # the patches' keys as the host rotates them
+        sem = self._sem.to(qkv.dtype)
+        i, m, e = sem.shape
+        sq, sk, sv = attn.qkv(block.norm1(sem)).reshape(i, m, 3, heads, -1).unbind(2)  # (I, M, H, hd)
+        work = torch.promote_types(qkv.dtype, torch.float32)  # softmax in fp32 for half models, fp64 stays
+        outs = []
+        for j, (a, b) in enumerate(self._ranges):
+            keys, vals = torch.cat([k[a:b], sk[j]]), torch.cat([v[a:b], sv[j]])
+            bias = None  # without semantic self-attention each semantic token sees the patches and itself
+            if not self.vistog.semantic_self_attention:
+                bias = isolation_mask(b - a, m, work, sem.device, False)[0, 0, b - a:]
+            logits = torch.einsum("mhd,nhd->hmn", sq[j].to(work), keys.to(work)) * attn.scaling
+            if bias is not None:
+                logits = logits + bias
+            outs.append(torch.einsum("hmn,nhd->mhd", logits.softmax(-1), vals.to(work)).reshape(m, e))
+        sem = sem + attn.proj(torch.stack(outs).to(sem.dtype))
+        self._sem = sem + block.mlp(block.norm2(sem))
+
+    def _q_end(self, module: nn.Module, args: tuple, out: Any) -> None:
+        merger = module.merger
+        window = int(module.spatial_merge_size) ** 2
+        # a semantic token is no 2x2 window: it enters the merger as a window of copies of itself
+        merged = merger.mlp(merger.ln_q(self._sem).repeat(1, 1, window))
+        self._merged.extend(merged.unbind(0))
+        self._sem = None
+
+    def _q_encode(self, encode: Any) -> Any:
+        def vistog_encode(call: dict[str, Any]) -> list[Any]:
+            self._merged = []
+            items = encode(call)
+            merged, self._merged = self._merged, []
+            if merged and len(merged) != len(items):
+                raise RuntimeError(f"VisToG: {len(merged)} semantic sets for {len(items)} visual items")
+            for j, it in enumerate(items):
+                it.extras[SEMANTIC_KEY] = merged[j] if merged else None
+            return items
+
+        return vistog_encode
+
 
 # ----------------------------------------------------------------------------------------- training
 
@@ -355,7 +500,9 @@ def _freeze(model: nn.Module, vistog: VisToG, stage: int) -> list[nn.Parameter]:
     for p in model.parameters():
         p.requires_grad_(False)
     inner = model.model
-    groups = [vistog, inner.multi_modal_projector] + ([inner.language_model, model.lm_head] if stage == 2 else [])
+    # the projector: LLaVA's MLP, or Qwen2-VL's PatchMerger (which the semantic tokens also pass)
+    projector = inner.visual.merger if hasattr(inner, "visual") else inner.multi_modal_projector
+    groups = [vistog, projector] + ([inner.language_model, model.lm_head] if stage == 2 else [])
     params: dict[int, nn.Parameter] = {}
     for g in groups:
         for p in g.parameters():
@@ -387,12 +534,14 @@ def train_vistog(
     warmup: int = 0,
     progress: bool = True,
 ) -> TrainLog:
-    """One stage of VisToG's two-stage recipe on a HF LLaVA model (tower frozen throughout).
+    """One stage of VisToG's two-stage recipe on HF LLaVA or Qwen2-VL (vision tower frozen throughout).
 
-    ``stage=1`` (alignment): semantic tokens, grouping layer and projector learn, at ``lr``; the LLM is
+    ``stage=1`` (alignment): semantic tokens, grouping layer and projector (Qwen2-VL: the PatchMerger)
+    learn, at ``lr``; the LLM is
     frozen. ``stage=2`` (joint tuning): the LLM (and its head) also learns, at ``lm_lr``. ``batches``
-    yields LLaVA inputs with the *unreduced* image placeholders (N per image): ``input_ids``,
-    ``attention_mask``, ``labels`` (-100 where no loss), ``pixel_values``; VisToG shrinks them to M.
+    yields the host's inputs with the *unreduced* image placeholders (LLaVA: ``input_ids``,
+    ``attention_mask``, ``labels`` with -100 where no loss, ``pixel_values``; Qwen2-VL adds its grid and
+    ``mm_token_type_ids``); VisToG shrinks them to M per image.
     Loss: the model's next-token cross-entropy. Runs ``steps`` batches (cycling ``batches``).
     """
     if stage not in (1, 2):
@@ -458,6 +607,8 @@ def vistog_flops(config: Any, num_groups: int, images: int = 1) -> dict[str, int
     N + 1 + M tokens) and ``grouping`` (q/k/v/proj, the M x N assignment and pooling, the MLP)."""
     from mmeff.profile import _clip_vision_flops
 
+    if getattr(config, "model_type", None) != "llava":
+        raise TypeError(f"vistog_flops models LLaVA configs (CLIP towers), got {getattr(config, 'model_type', None)!r}")
     vc = config.vision_config
     n = (int(vc.image_size) // int(vc.patch_size)) ** 2
     d = int(vc.hidden_size)

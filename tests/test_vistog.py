@@ -182,9 +182,14 @@ def test_bad_uses_fail_clearly(llava, tmp_path) -> None:
         mmeff.apply(llava, VisToG(16, 4)).__enter__()
     with pytest.raises(ValueError, match="only with a KV-cache press"):
         mmeff.attach(llava, fresh(llava), mmeff.AvgPool(tokens=16))
-    qwen = models.build_tiny("qwen2_vl", tmp_path / "qwen", seed=0)
-    with pytest.raises(TypeError, match="Qwen2VLForConditionalGeneration"):
-        VisToG.for_model(qwen)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = models.tiny_qwen2_vl_config()
+    cfg = Qwen2_5_VLConfig(text_config=base.text_config.to_dict(), vision_config=dict(
+        depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]))
+    with pytest.raises(TypeError, match="Qwen2.5-VL's windowed attention"):
+        VisToG.for_model(Qwen2_5_VLForConditionalGeneration(cfg))
     with pytest.raises(TypeError, match="does not support Linear"):
         mmeff.attach(torch.nn.Linear(2, 2), VisToG(2, 1))
     model = copy.deepcopy(llava)
@@ -245,6 +250,98 @@ def test_save_load_round_trip(llava, tmp_path) -> None:
     save_file({"x": torch.zeros(1)}, str(bad))
     with pytest.raises(ValueError, match="not a VisToG file"):
         VisToG.load(bad)
+
+
+# ------------------------------------------------------------------------------------------- Qwen2-VL
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    return models.build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen_vistog"), seed=0)
+
+
+def test_qwen_reads_m_tokens_per_image_and_video(qwen) -> None:
+    # 112x84 image: 8x6 patches -> 12 merged tokens; video 4x56x56: 2 temporal x 4x4 -> 2x2x2 = 8 merged
+    inp = models.qwen2_vl_inputs(qwen.config, batch=2, image_hw=[(112, 84)], video=[None, (4, 56, 56)], seed=0)
+    vt = fresh(qwen, m=4)
+    assert (vt.token_dim, vt.dim) == (qwen.config.vision_config.embed_dim, qwen.config.vision_config.hidden_size)
+    visual = qwen.model.visual
+    with torch.no_grad():
+        base = qwen(**inp).logits
+        ref = visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+        with mmeff.apply(qwen, vt) as handle:
+            out = qwen(**inp).logits
+            stats = handle.stats
+            assign = handle.last_assignment
+            gen = qwen.generate(**inp, max_new_tokens=2, do_sample=False)
+            hooked = visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+        again = qwen(**inp).logits
+    assert stats["visual_tokens_in"] == 12 + 12 + 8 and stats["visual_tokens_out"] == 3 * 4
+    assert out.shape[1] == inp["input_ids"].shape[1] - (12 - 4) - (8 - 4)
+    assert sorted(a.shape[1] for a in assign) == [8, 12, 12]
+    assert gen.shape == (2, inp["input_ids"].shape[1] + 2)
+    # the host's own patch computation is untouched: bit-identical features with VisToG attached
+    assert torch.equal(hooked.last_hidden_state, ref.last_hidden_state)
+    assert torch.equal(hooked.pooler_output, ref.pooler_output)
+    torch.testing.assert_close(again, base, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exceeds the 12 merged tokens"):
+        with torch.no_grad(), mmeff.apply(qwen, fresh(qwen, m=13)):
+            qwen(**models.qwen2_vl_inputs(qwen.config, batch=1, image_hw=[(112, 84)], video=None))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_qwen_side_stream_equals_the_masked_joint_sequence(qwen, self_attention) -> None:
+    """Reference: run one image's patches and the semantic tokens as ONE sequence through each block's
+    own modules with the isolation mask (semantic tokens unrotated), then merge; compare."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    model = copy.deepcopy(qwen).double()
+    inp = models.qwen2_vl_inputs(model.config, batch=1, image_hw=[(56, 84)], seed=4)
+    vt = fresh(model, m=3, semantic_self_attention=self_attention).double()
+    visual = model.model.visual
+    rope: list = []
+    hook = visual.blocks[0].register_forward_pre_hook(
+        lambda mod, a, kw: rope.append(kw["position_embeddings"]), with_kwargs=True)
+    with torch.no_grad():
+        px, grid = inp["pixel_values"].double(), inp["image_grid_thw"]
+        host = visual(px, grid_thw=grid)
+        hook.remove()
+        got: list = []
+        with mmeff.apply(model, vt) as handle:
+            handle._merged = got  # what the side stream hands the grouping
+            visual(px, grid_thw=grid)
+        cos, sin = rope[0]
+        n, m = cos.shape[0], vt.num_groups
+        x = torch.cat([visual.patch_embed(px), vt.semantic.double()])
+        mask = isolation_mask(n, m, torch.float64, semantic_self_attention=self_attention)[0, 0]
+        for blk in visual.blocks:
+            heads = blk.attn.num_heads
+            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(n + m, 3, heads, -1).unbind(1)
+            # rotary on the patches only (the host rounds it through float32; the semantic tokens get none)
+            rq, rk = apply_rotary_pos_emb_vision(q[:n], k[:n], cos, sin)
+            q, k = torch.cat([rq, q[n:]]), torch.cat([rk, k[n:]])
+            w = (torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling + mask).softmax(-1)
+            x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", w, v).reshape(n + m, -1))
+            x = x + blk.mlp(blk.norm2(x))
+        merger = visual.merger
+        want = merger.mlp(merger.ln_q(x[n:]).repeat(1, 4))
+    torch.testing.assert_close(x[:n], host.last_hidden_state, atol=1e-10, rtol=0)  # the reference is right
+    assert len(got) == 1
+    torch.testing.assert_close(got[0], want, atol=1e-10, rtol=0)
+
+
+def test_qwen_training_stage_one_moves_merger_and_vistog_only(qwen) -> None:
+    model = copy.deepcopy(qwen)
+    vt = fresh(model, m=4)
+    inp = models.qwen2_vl_inputs(model.config, batch=2, image_hw=[(56, 84)], left_pad=False, seed=5)
+    labels = inp["input_ids"].clone()
+    labels[(inp["mm_token_type_ids"] != 0) | (inp["attention_mask"] == 0)] = -100
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sem0 = vt.semantic.detach().clone()
+    log = train_vistog(model, vt, [{**inp, "labels": labels}], stage=1, steps=6, lr=3e-3, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("model.visual.merger") for k in changed), sorted(changed)[:5]
+    assert not torch.equal(vt.semantic, sem0) and log.losses[-1] < log.losses[0]
 
 
 def test_flops_match_the_flop_counter(llava) -> None:
