@@ -393,3 +393,14 @@ def test_cli_bench_vistog(tmp_path, capsys) -> None:
     assert rc == 0
     out = capsys.readouterr().out
     assert "vistog M=4" in out and "llava-1.5-7b" in out and (tmp_path / "vistog.json").is_file()
+
+
+def test_group_positions_are_member_means_and_empty_groups_sit_at_the_centre() -> None:
+    from mmeff.vistog import GroupReduction
+
+    red = GroupReduction(tokens=torch.zeros(1, 3, 4), assignment=torch.tensor([[0, 0, 2, 2, 2]]))
+    pos = torch.tensor([[0, 2, 4, 6, 11]])
+    assert red.positions(pos).tolist() == [[1, 5, 7]]  # group 1 is empty: the mean of all five, 4.6 -> 5
+    thw = torch.stack([pos, pos + 100, pos * 2], dim=-1)  # (1, N, 3) M-RoPE-like positions
+    assert red.positions(thw).tolist() == [[[1, 101, 2], [5, 105, 9], [7, 107, 14]]]
+    assert red.sizes.tolist() == [[2.0, 0.0, 3.0]]
