@@ -5,7 +5,7 @@
         model.generate(**inputs)
 """
 
-from mmeff import flatquant, tome, vistog
+from mmeff import flatquant, squeezetime, tome, vistog
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
@@ -26,6 +26,7 @@ from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
 from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.sepllm import SepLLM, separator_ids
+from mmeff.squeezetime import create_model, list_models
 from mmeff.tome import ToMe
 from mmeff.vistog import VisToG
 
@@ -66,6 +67,9 @@ __all__ = [
     "register",
     "separator_ids",
     "tome",
+    "squeezetime",
+    "create_model",
+    "list_models",
     "vistog",
     "unpatch",
 ]
