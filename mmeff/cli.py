@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmeff.mini import FREEVIDEO_SCENES
 
@@ -175,6 +176,42 @@ def _cmd_tocom_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _video_model(args: argparse.Namespace, num_classes: int) -> Any:
+    from mmeff.squeezetime import create_model, load_checkpoint
+
+    model = create_model(args.model, num_classes=num_classes, num_frames=args.frames, img_size=args.size)
+    if args.pretrained:
+        load_checkpoint(model, args.pretrained, skip_mismatched=args.task == "train")
+    return model
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mmeff.videocls import TrainConfig, VideoFolder, evaluate, train
+
+    if args.task == "train":
+        train_set = VideoFolder(args.data, args.frames, args.size, train=True)
+        val_set = (VideoFolder(args.val, args.frames, args.size, train=False, clips=args.clips, crops=args.crops,
+                               classes=train_set.classes) if args.val else None)
+        model = _video_model(args, len(train_set.classes))
+        cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                          lr=args.lr if args.lr is not None else 0.015 / 64 * args.batch_size,
+                          workers=args.workers, seed=args.seed)
+        hist = train(model, train_set, args.out, cfg, val_set=val_set, resume=not args.no_resume)
+        print(json.dumps(hist["epochs"][-1] if hist["epochs"] else {}, indent=1))
+        return 0
+    test_set = VideoFolder(args.data, args.frames, args.size, train=False, clips=args.clips, crops=args.crops)
+    model = _video_model(args, len(test_set.classes))
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"] if "model" in state else state)
+    print(json.dumps(evaluate(model, test_set, batch_size=args.batch_size), indent=1))
+    return 0
+
+
 def _cmd_mini_train(args: argparse.Namespace) -> int:
     import json
 
@@ -202,6 +239,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return _cmd_bench_sepllm(args)
     if args.suite == "flatquant":
         return _cmd_bench_flatquant(args)
+    if args.suite == "squeezetime":
+        from mmeff.bench_squeezetime import run_miniature
+
+        run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs)
+        return 0
     if args.suite == "vistog":
         from mmeff.bench_vistog import run_vistog_bench
 
@@ -401,10 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'mmeff bench flatquant': W4A4 quantizers by held-out perplexity; "
         "'mmeff bench tome': ToMe token merging on timm ViTs (images/s, latency, GFLOPs, agreement per r); "
         "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r); "
-        "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs)",
+        "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs); "
+        "'mmeff bench squeezetime': SqueezeTime vs a frame-averaging 2-D baseline on generated motion clips",
     )
     b.add_argument("suite", nargs="?", default="scenes",
-                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog"],
+                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime"],
                    help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -476,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated M counted on the llava-1.5-7b config (576 patches)")
     vg.add_argument("--vistog-out", default="bench_vistog",
                     help="folder for vistog.json and vistog_cost.png (default: ./bench_vistog)")
+    sq = b.add_argument_group("squeezetime suite", "generated motion clips only temporal order separates")
+    sq.add_argument("--squeezetime-out", default="bench_squeezetime",
+                    help="folder for the clips, checkpoints and miniature.json (default: ./bench_squeezetime)")
+    sq.add_argument("--squeezetime-epochs", type=int, default=12, help="training epochs of each model")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")
@@ -498,6 +545,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     t.add_argument("--no-resume", action="store_true", help="ignore a checkpoint already in --out")
     t.set_defaults(fn=_cmd_tocom_train)
+
+    vd = sub.add_parser("video", help="video recognition (SqueezeTime) on a Kinetics-style folder root/<class>/<clip>.mp4")
+    vtasks = vd.add_subparsers(dest="task", required=True)
+    for task, text in (("train", "train (resumes from --out/last.pt; DDP under torchrun)"),
+                       ("eval", "multi-clip x multi-crop top-1 / top-5")):
+        vp = vtasks.add_parser(task, help=text)
+        vp.add_argument("--data", required=True, help="folder of class sub-folders with videos")
+        vp.add_argument("--model", default="squeezetime_k400", help="a SqueezeTime configuration (mmeff.list_models())")
+        vp.add_argument("--frames", type=int, default=16, help="frames per clip (the stem is built for it)")
+        vp.add_argument("--size", type=int, default=224, help="crop size in pixels")
+        vp.add_argument("--clips", type=int, default=10, help="test clips per video (consecutive windows)")
+        vp.add_argument("--crops", type=int, default=3, choices=[1, 3], help="test crops per clip (3: ThreeCrop)")
+        vp.add_argument("--batch-size", type=int, default=8)
+        vp.add_argument("--pretrained", default=None,
+                        help="local checkpoint to start from (own or official names; train skips shape mismatches, "
+                        "naming them)")
+        if task == "train":
+            vp.add_argument("--val", default=None, help="validation folder (evaluated every epoch; best.pt kept)")
+            vp.add_argument("--out", required=True, help="checkpoints (last.pt, best.pt) and history.json")
+            vp.add_argument("--epochs", type=int, default=100)
+            vp.add_argument("--lr", type=float, default=None, help="default: 0.015 per 64 clips, scaled to the batch")
+            vp.add_argument("--workers", type=int, default=4, help="decoding worker processes")
+            vp.add_argument("--seed", type=int, default=0)
+            vp.add_argument("--no-resume", action="store_true", help="start over even if --out/last.pt exists")
+        else:
+            vp.add_argument("--checkpoint", default=None, help="a last.pt / best.pt from mmeff video train")
+        vp.set_defaults(fn=_cmd_video)
 
     mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
     mtasks = mi.add_subparsers(dest="mini_task", required=True)

@@ -254,14 +254,25 @@ def _official_key(key: str) -> str:
     return key
 
 
-def load_checkpoint(model: SqueezeTime, path: str) -> list[str]:
-    """Load a local checkpoint strictly (own or official key names); returns the keys it renamed."""
+def load_checkpoint(model: SqueezeTime, path: str, skip_mismatched: bool = False) -> list[str]:
+    """Load a local checkpoint (own or official key names); returns the official keys it renamed.
+
+    Strict by default. ``skip_mismatched=True`` leaves parameters whose shape differs (e.g. the classifier
+    when fine-tuning K400 weights on other classes) at their initialisation and *says so* in the printed
+    list, instead of the official loader's silent filter."""
     sd = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
     renamed = [k for k in sd if _official_key(k) != k]
     sd = {_official_key(k): v for k, v in sd.items()}
+    if skip_mismatched:
+        own = model.state_dict()
+        skipped = sorted(k for k, v in sd.items() if k in own and own[k].shape != v.shape)
+        if skipped:
+            print(f"{path}: left at initialisation (shape differs): {', '.join(skipped)}")
+        sd = {k: v for k, v in sd.items() if k not in skipped}
+        sd.update({k: own[k] for k in skipped})
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:  # shape mismatches (another class count, frame count or depth)
