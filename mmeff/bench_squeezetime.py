@@ -1,4 +1,10 @@
-"""``mmeff bench squeezetime``: the miniature real run. Does SqueezeTime learn time?
+"""``mmeff bench squeezetime``: the miniature real run (does SqueezeTime learn time?) and throughput.
+
+Throughput (:func:`run_throughput`): SqueezeTime (paper config) against torchvision's ``r3d_18`` (a 3-D
+ResNet-18 of similar K400 accuracy class) at the same input, 16 frames at 224 px, in one process: one
+untimed warm-up, then the median of ``repeats`` timed forwards (CUDA synchronised when on GPU), as clips/s
+at ``batch`` and ms per clip at batch 1, with params and FLOPs (``torch.utils.flop_counter``, 2 per
+multiply-add); plus SqueezeTime exported to ONNX and run by onnxruntime on CPU (checked against PyTorch).
 
 A generated action set whose classes only temporal order separates: a shape moving ``left``, ``right``,
 ``up`` or ``down`` across the frame, or one that ``appear``s or ``disappear``s halfway. Paths are
@@ -24,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["CLASSES", "motion_dataset", "run_miniature"]
+__all__ = ["CLASSES", "motion_dataset", "run_miniature", "run_throughput"]
 
 CLASSES = ("appear", "disappear", "down", "left", "right", "up")
 
@@ -127,3 +133,89 @@ def run_miniature(
     result = {"classes": list(CLASSES), "frames": frames, "size": size, "epochs": epochs, "rows": rows}
     (out / "miniature.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+def _time(fn: Callable[..., Any], args: tuple, repeats: int, sync: Callable[[], None]) -> float:
+    import time
+
+    fn(*args)  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run_throughput(
+    out_dir: str | Path = "bench_squeezetime",
+    *,
+    batch: int = 4,
+    repeats: int = 3,
+    frames: int = 16,
+    size: int = 224,
+    device: str | None = None,
+    onnx: bool = True,
+    models: dict[str, Callable[[], torch.nn.Module]] | None = None,
+    print_fn: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """Time the models (default SqueezeTime K400 and ``r3d_18``, random weights: speed does not depend on
+    them); print the table and write ``out_dir/throughput.json``. Ratios are against the first model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmeff.squeezetime import check_onnx, create_model, export_onnx
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if models is None:
+        from torchvision.models.video import r3d_18
+
+        models = {"squeezetime_k400": lambda: create_model("squeezetime_k400"), "r3d_18": lambda: r3d_18()}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for name, build in models.items():
+        torch.manual_seed(0)
+        model = build().eval().to(dev)
+        one = torch.randn(1, 3, frames, size, size, device=dev)
+        many = torch.randn(batch, 3, frames, size, size, device=dev)
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as fc:
+                model(one)
+            latency = _time(model, (one,), repeats, sync)
+            per_batch = _time(model, (many,), repeats, sync)
+        rows.append({"model": name, "runtime": f"pytorch ({dev.type})",
+                     "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+                     "gflops": fc.get_total_flops() / 1e9, "ms_per_clip": latency * 1e3,
+                     "clips_per_s": batch / per_batch})
+        if onnx and name.startswith("squeezetime") and hasattr(model, "num_frames"):
+            import onnxruntime as ort
+
+            cpu_model = model.cpu()
+            path = export_onnx(cpu_model, out / f"{name}.onnx")
+            diff = check_onnx(cpu_model, path, batch_sizes=(1, 2))
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            feed = session.get_inputs()[0].name
+            x1, xb = {feed: one.cpu().numpy()}, {feed: many.cpu().numpy()}
+            rows.append({"model": name, "runtime": "onnxruntime (cpu)", "params_m": rows[-1]["params_m"],
+                         "gflops": rows[-1]["gflops"],
+                         "ms_per_clip": _time(session.run, (None, x1), repeats, lambda: None) * 1e3,
+                         "clips_per_s": batch / _time(session.run, (None, xb), repeats, lambda: None),
+                         "onnx_max_abs_diff": diff})
+    base = rows[0]
+    print_fn(f"{frames} frames at {size}px; batch {batch} for clips/s, batch 1 for ms/clip; median of {repeats} after "
+             f"a warm-up; {dev}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print_fn(f"{'model':<18}{'runtime':<20}{'params M':>9}{'GFLOPs':>9}{'ms/clip':>10}{'clips/s':>9}"
+             f"{'speed x':>9}")
+    for r in rows:
+        r["speedup_vs_first"] = r["clips_per_s"] / base["clips_per_s"]
+        print_fn(f"{r['model']:<18}{r['runtime']:<20}{r['params_m']:>9.2f}{r['gflops']:>9.1f}{r['ms_per_clip']:>10.1f}"
+                 f"{r['clips_per_s']:>9.2f}{r['speedup_vs_first']:>9.2f}")
+    (out / "throughput.json").write_text(json.dumps(rows, indent=1))
+    return rows

@@ -240,9 +240,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.suite == "flatquant":
         return _cmd_bench_flatquant(args)
     if args.suite == "squeezetime":
-        from mmeff.bench_squeezetime import run_miniature
+        from mmeff.bench_squeezetime import run_miniature, run_throughput
 
-        run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs)
+        if args.squeezetime_part in ("miniature", "all"):
+            run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs)
+        if args.squeezetime_part in ("throughput", "all"):
+            run_throughput(args.squeezetime_out, batch=args.squeezetime_batch, repeats=args.repeats)
         return 0
     if args.suite == "vistog":
         from mmeff.bench_vistog import run_vistog_bench
@@ -523,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--squeezetime-out", default="bench_squeezetime",
                     help="folder for the clips, checkpoints and miniature.json (default: ./bench_squeezetime)")
     sq.add_argument("--squeezetime-epochs", type=int, default=12, help="training epochs of each model")
+    sq.add_argument("--squeezetime-part", default="all", choices=["miniature", "throughput", "all"],
+                    help="the miniature training run, the throughput table (vs r3d_18, + onnxruntime), or both")
+    sq.add_argument("--squeezetime-batch", type=int, default=4, help="throughput: clips per timed forward")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")

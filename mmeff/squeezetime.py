@@ -26,13 +26,14 @@ Every model is also registered with timm (``timm.create_model("squeezetime_k400"
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CTL", "SqueezeTime", "create_model", "list_models", "squeeze_time"]
+__all__ = ["CTL", "SqueezeTime", "create_model", "list_models", "squeeze_time", "export_onnx", "check_onnx"]
 
 _GATE = 16  # channels of the IOI gate branch (fixed in the paper's code)
 
@@ -281,6 +282,50 @@ def load_checkpoint(model: SqueezeTime, path: str, skip_mismatched: bool = False
         raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}; missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
     return renamed
+
+
+def export_onnx(model: SqueezeTime, path: str | Path, *, dynamic_batch: bool = True) -> Path:
+    """Export ``model`` (eval mode) to ONNX with the ``torch.export`` exporter: input ``clips``
+    ``(B, 3, T, S, S)`` at the model's frames and ``img_size``, output ``logits``; ``dynamic_batch`` keeps
+    B free. Needs the ``onnx`` and ``onnxscript`` packages (dev extras)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was = model.training
+    model.eval()
+    x = torch.zeros(2, model.in_chans, model.num_frames, model.img_size, model.img_size)
+    shapes = {"x": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
+    try:
+        torch.onnx.export(model, (x,), str(path), input_names=["clips"], output_names=["logits"],
+                          dynamic_shapes=shapes, dynamo=True, verbose=False)
+    finally:
+        model.train(was)
+    return path
+
+
+def check_onnx(model: SqueezeTime, path: str | Path, batch_sizes: Sequence[int] = (1, 3), atol: float = 1e-4,
+               seed: int = 0) -> float:
+    """Run the exported file with onnxruntime (CPU) on random clips of each batch size and compare with
+    ``model`` in eval mode; returns the largest absolute logit difference, ``ValueError`` above ``atol``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    g = torch.Generator().manual_seed(seed)
+    was = model.training
+    model.eval()
+    worst = 0.0
+    try:
+        for b in batch_sizes:
+            x = torch.randn(b, model.in_chans, model.num_frames, model.img_size, model.img_size, generator=g)
+            got = session.run(None, {name: x.numpy()})[0]
+            with torch.no_grad():
+                want = model(x).numpy()
+            worst = max(worst, float(abs(got - want).max()))
+    finally:
+        model.train(was)
+    if worst > atol:
+        raise ValueError(f"{path}: onnxruntime differs from PyTorch by {worst:.3g} (> {atol})")
+    return worst
 
 
 _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")

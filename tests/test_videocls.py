@@ -114,3 +114,37 @@ def test_cli_video_train_and_eval(clips, tmp_path, capsys) -> None:
                  *common]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["clips"] == 2 * len(CLASSES) and set(out) == {"top1", "top5", "clips"}
+
+
+def test_throughput_table_and_onnx_export(tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from mmeff.bench_squeezetime import run_throughput
+    from mmeff.squeezetime import check_onnx, export_onnx
+
+    class Conv3dNet(torch.nn.Module):  # a stand-in 3-D CNN: the table's mechanics, not r3d_18's cost
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv3d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 6)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean((2, 3, 4)))
+
+    lines: list[str] = []
+    rows = run_throughput(tmp_path, batch=2, repeats=1, frames=4, size=48, device="cpu", print_fn=lines.append,
+                          models={"squeezetime": lambda: small(), "conv3d": Conv3dNet})
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        ("squeezetime", "pytorch (cpu)"), ("squeezetime", "onnxruntime (cpu)"), ("conv3d", "pytorch (cpu)")]
+    assert rows[1]["onnx_max_abs_diff"] < 1e-4 and rows[0]["speedup_vs_first"] == 1.0
+    # the conv3d's FLOPs by hand: 2 * (8 * 3 * 27) MACs per output voxel, + the linear layer
+    assert rows[2]["gflops"] * 1e9 == pytest.approx(2 * 8 * 3 * 27 * 4 * 48 * 48 + 2 * 8 * 6)
+    assert (tmp_path / "squeezetime.onnx").is_file() and json.loads((tmp_path / "throughput.json").read_text())
+    assert len(lines) == 2 + len(rows)
+    # the exported graph is checked, and a wrong one is caught
+    model = small().eval()
+    path = export_onnx(model, tmp_path / "again.onnx")
+    assert check_onnx(model, path, batch_sizes=(1, 4)) < 1e-4
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    with pytest.raises(ValueError, match="onnxruntime differs"):
+        check_onnx(model, path)
