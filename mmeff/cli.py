@@ -187,6 +187,7 @@ def _video_model(args: argparse.Namespace, num_classes: int) -> Any:
 
 def _cmd_video(args: argparse.Namespace) -> int:
     import json
+    import os
 
     import torch
 
@@ -201,7 +202,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
                           lr=args.lr if args.lr is not None else 0.015 / 64 * args.batch_size,
                           workers=args.workers, seed=args.seed)
         hist = train(model, train_set, args.out, cfg, val_set=val_set, resume=not args.no_resume)
-        print(json.dumps(hist["epochs"][-1] if hist["epochs"] else {}, indent=1))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here; one report
+            print(json.dumps(hist["epochs"][-1] if hist["epochs"] else {}, indent=1))
         return 0
     test_set = VideoFolder(args.data, args.frames, args.size, train=False, clips=args.clips, crops=args.crops)
     model = _video_model(args, len(test_set.classes))

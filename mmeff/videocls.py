@@ -9,7 +9,8 @@ Used by SqueezeTime (:mod:`mmeff.squeezetime`) and any model mapping clips ``(B,
   3: the official ThreeCrop along the long side) after resizing the short side to ``size``.
 * :func:`train` runs SGD with momentum, linear warm-up and a cosine schedule, gradient clipping, progress
   bars, and writes ``last.pt`` every epoch (``resume=True`` continues bit-for-bit from it). Under
-  ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP: NCCL on CUDA, Gloo on CPU; rank 0 logs and saves.
+  ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP: NCCL on CUDA, Gloo on CPU; rank 0 logs and saves (its
+  logged loss and accuracy are over its own shard of the data).
 * :func:`evaluate` averages softmax probabilities over a clip's views (``average_clips='prob'``) and
   reports top-1 / top-5.
 
