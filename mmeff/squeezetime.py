@@ -87,49 +87,55 @@ def _downsample(channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(channels, channels, 2, stride=2, groups=channels), nn.BatchNorm2d(channels))
 
 
-class _Bottleneck(nn.Module):
+class _Block(nn.Module):
+    """What both block kinds share: the depthwise pre-downsampling of the input (residual included) and
+    the residual add with the optional 1x1 shortcut; subclasses define ``body``."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, stride: int, shortcut: nn.Module | None) -> None:
+        super().__init__()
+        self.down = _downsample(in_planes) if stride != 1 else None
+        self.shortcut = shortcut
+        self.relu = nn.ReLU(inplace=True)
+
+    def body(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.down is not None:
+            x = self.down(x)
+        return self.relu(self.body(x) + (x if self.shortcut is None else self.shortcut(x)))
+
+
+class _Bottleneck(_Block):
     expansion = 4
 
     def __init__(self, in_planes: int, planes: int, stride: int, shortcut: nn.Module | None, pos_dim: int) -> None:
-        super().__init__()
-        self.down = _downsample(in_planes) if stride != 1 else None
+        super().__init__(in_planes, stride, shortcut)
         self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = CTL(planes, planes, pos_dim)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.shortcut = shortcut
-        self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.down is not None:
-            x = self.down(x)
+    def body(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return self.bn3(self.conv3(out))
 
 
-class _Basic(nn.Module):
-    expansion = 1
-
+class _Basic(_Block):
     def __init__(self, in_planes: int, planes: int, stride: int, shortcut: nn.Module | None, pos_dim: int) -> None:
-        super().__init__()
-        self.down = _downsample(in_planes) if stride != 1 else None
+        super().__init__(in_planes, stride, shortcut)
         self.conv1 = CTL(in_planes, planes, 7)  # as released: the first CTL keeps the default pos_dim
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = CTL(planes, planes, pos_dim)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = shortcut
-        self.relu = nn.ReLU(inplace=True)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.down is not None:
-            x = self.down(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+    def body(self, x: Tensor) -> Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
 
 
 _DEPTHS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
