@@ -54,16 +54,6 @@ def heldout_ppl(model: nn.Module, ids: torch.Tensor, seq_len: int = 512) -> floa
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.no_grad()
 def transform_overhead(handle: Any, tokens: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Seconds per layer of the online transforms vs the layer's seven linears on ``tokens`` tokens.
@@ -73,6 +63,7 @@ def transform_overhead(handle: Any, tokens: int = 2048, repeats: int = 5) -> dic
     """
     from mmeff.flatquant import _decoder
     from mmeff.kernels.quant import kron_transform
+    from mmeff.profile import median_seconds
 
     layer = _decoder(handle.model).layers[0]
     lq = handle.layers[0]
@@ -100,7 +91,7 @@ def transform_overhead(handle: Any, tokens: int = 2048, repeats: int = 5) -> dic
         F.linear(xi, m.down_proj.weight.float())
         sync()
 
-    t_tr, t_lin = _median_time(transforms, repeats), _median_time(linears, repeats)
+    t_tr, t_lin = median_seconds(transforms, repeats=repeats), median_seconds(linears, repeats=repeats)
     return {"transform_s": t_tr, "linear_s": t_lin, "ratio": t_tr / t_lin}
 
 

@@ -135,20 +135,6 @@ def run_miniature(
     return result
 
 
-def _time(fn: Callable[..., Any], args: tuple, repeats: int, sync: Callable[[], None]) -> float:
-    import time
-
-    fn(*args)  # warm-up
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn(*args)
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def run_throughput(
     out_dir: str | Path = "bench_squeezetime",
     *,
@@ -165,6 +151,7 @@ def run_throughput(
     them); print the table and write ``out_dir/throughput.json``. Ratios are against the first model."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mmeff.profile import median_seconds
     from mmeff.squeezetime import check_onnx, create_model, export_onnx
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,10 +159,6 @@ def run_throughput(
         from torchvision.models.video import r3d_18
 
         models = {"squeezetime_k400": lambda: create_model("squeezetime_k400"), "r3d_18": lambda: r3d_18()}
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -188,8 +171,8 @@ def run_throughput(
         with torch.no_grad():
             with FlopCounterMode(display=False) as fc:
                 model(one)
-            latency = _time(model, (one,), repeats, sync)
-            per_batch = _time(model, (many,), repeats, sync)
+            latency = median_seconds(model, one, repeats=repeats, device=dev)
+            per_batch = median_seconds(model, many, repeats=repeats, device=dev)
         rows.append({"model": name, "runtime": f"pytorch ({dev.type})",
                      "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
                      "gflops": fc.get_total_flops() / 1e9, "ms_per_clip": latency * 1e3,
@@ -205,8 +188,8 @@ def run_throughput(
             x1, xb = {feed: one.cpu().numpy()}, {feed: many.cpu().numpy()}
             rows.append({"model": name, "runtime": "onnxruntime (cpu)", "params_m": rows[-1]["params_m"],
                          "gflops": rows[-1]["gflops"],
-                         "ms_per_clip": _time(session.run, (None, x1), repeats, lambda: None) * 1e3,
-                         "clips_per_s": batch / _time(session.run, (None, xb), repeats, lambda: None),
+                         "ms_per_clip": median_seconds(session.run, None, x1, repeats=repeats) * 1e3,
+                         "clips_per_s": batch / median_seconds(session.run, None, xb, repeats=repeats),
                          "onnx_max_abs_diff": diff})
     base = rows[0]
     print_fn(f"{frames} frames at {size}px; batch {batch} for clips/s, batch 1 for ms/clip; median of {repeats} after "

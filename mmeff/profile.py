@@ -56,6 +56,7 @@ __all__ = [
     "llm_prefill_reduction",
     "load_config",
     "measure_latency",
+    "median_seconds",
     "meta_model",
     "prefill_flops",
     "profile",
@@ -676,6 +677,25 @@ def _decode_position_ids(model: nn.Module, batch: int, position: int, device: to
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Any, *args: Any, repeats: int = 5, device: torch.device | str | None = None) -> float:
+    """Median wall time of ``fn(*args)`` over ``repeats`` calls after one untimed warm-up; with a CUDA
+    ``device`` each call is synchronised before the clock stops (the benchmarks' one timing loop)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    dev = torch.device(device) if device is not None else None
+    fn(*args)
+    if dev is not None:
+        _sync(dev)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args)
+        if dev is not None:
+            _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
 
 
 @dataclass

@@ -444,3 +444,13 @@ def test_bad_input_is_named(llava):
     with pytest.raises(ValueError, match="repeats"):
         measure_latency(llava, llava_batch(llava.config), repeats=0)
     assert isinstance(prefill_flops(cfg, text_tokens=5, visual_tokens=0, images=0), FlopBreakdown)
+
+
+def test_median_seconds_warms_up_once_and_checks_repeats() -> None:
+    from mmeff.profile import median_seconds
+
+    calls: list[int] = []
+    t = median_seconds(lambda a, b: calls.append(a + b), 1, 2, repeats=4)
+    assert calls == [3] * 5 and t >= 0.0  # one untimed warm-up + 4 timed calls
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        median_seconds(lambda: None, repeats=0)
