@@ -1,0 +1,20 @@
+"""mmeff.datasets: media loading, video-QA formats, scenes, degradations and restoration data."""
+
+import sys as _sys
+
+if __name__ != "mmeff.datasets":
+    # The repository root is on sys.path (``python -m`` run from a checkout), so this folder was found as
+    # the top-level ``datasets``: that name belongs to the PyPI package (Hugging Face datasets). Load the installed one
+    # in this module's place, so nothing here shadows it.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
+    if _spec is None or _spec.loader is None:
+        raise ImportError(f"No module named {__name__!r} ({_root}/{__name__} is mmeff.{__name__})", name=__name__)
+    _real = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _real
+    _spec.loader.exec_module(_real)

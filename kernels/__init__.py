@@ -11,38 +11,62 @@ same functions (``MMEFF_KERNELS=torch|triton`` forces one; see ``mmeff.kernels.d
   ``quantize_sym_per_token_ref``, ``pack_int4``, ``unpack_int4``, ``int4_matmul``
 """
 
-from mmeff.kernels.dct import dct2, dct_lowpass, dct_matrix, idct2, lowpass_matrix
-from mmeff.kernels.gather import gather_tokens, gather_tokens_ref, prune, topk_indices_sorted
-from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg, proportional_attention_bias
-from mmeff.kernels.quant import (
-    int4_matmul,
-    kron_factors,
-    kron_transform,
-    kron_transform_quant,
-    pack_int4,
-    quantize_sym_per_token_ref,
-    unpack_int4,
-)
+import sys as _sys
 
-__all__ = [
-    "bipartite_soft_matching",
-    "dct2",
-    "dct_lowpass",
-    "dct_matrix",
-    "gather_tokens",
-    "gather_tokens_ref",
-    "idct2",
-    "int4_matmul",
-    "kron_factors",
-    "kron_transform",
-    "kron_transform_quant",
-    "lowpass_matrix",
-    "merge_source",
-    "merge_wavg",
-    "pack_int4",
-    "prune",
-    "proportional_attention_bias",
-    "quantize_sym_per_token_ref",
-    "topk_indices_sorted",
-    "unpack_int4",
-]
+if __name__ != "mmeff.kernels":
+    # The repository root is on sys.path (``python -m`` run from a checkout), so this folder was found as
+    # the top-level ``kernels``: that name belongs to the PyPI package (transformers imports it when installed). Load the installed one
+    # in this module's place, so nothing here shadows it.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _spec = _machinery.PathFinder.find_spec(
+        __name__, [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
+    if _spec is None or _spec.loader is None:
+        raise ImportError(f"No module named {__name__!r} ({_root}/{__name__} is mmeff.{__name__})", name=__name__)
+    _real = _util.module_from_spec(_spec)
+    _sys.modules[__name__] = _real
+    _spec.loader.exec_module(_real)
+else:
+    from mmeff.kernels.dct import dct2, dct_lowpass, dct_matrix, idct2, lowpass_matrix
+    from mmeff.kernels.gather import gather_tokens, gather_tokens_ref, prune, topk_indices_sorted
+    from mmeff.kernels.merge import (
+        bipartite_soft_matching,
+        merge_source,
+        merge_wavg,
+        proportional_attention_bias,
+    )
+    from mmeff.kernels.quant import (
+        int4_matmul,
+        kron_factors,
+        kron_transform,
+        kron_transform_quant,
+        pack_int4,
+        quantize_sym_per_token_ref,
+        unpack_int4,
+    )
+
+    __all__ = [
+        "bipartite_soft_matching",
+        "dct2",
+        "dct_lowpass",
+        "dct_matrix",
+        "gather_tokens",
+        "gather_tokens_ref",
+        "idct2",
+        "int4_matmul",
+        "kron_factors",
+        "kron_transform",
+        "kron_transform_quant",
+        "lowpass_matrix",
+        "merge_source",
+        "merge_wavg",
+        "pack_int4",
+        "prune",
+        "proportional_attention_bias",
+        "quantize_sym_per_token_ref",
+        "topk_indices_sorted",
+        "unpack_int4",
+    ]

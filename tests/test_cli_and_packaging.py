@@ -27,6 +27,31 @@ def test_repo_folders_do_not_shadow_pypi_packages():
     assert Path(mmeff.kernels.__file__).parent.resolve() == ROOT / "kernels"
 
 
+def test_repo_root_on_sys_path_still_imports_the_pypi_packages():
+    # `python -m ...` / torchrun from a checkout put the repo root first on sys.path; transformers then
+    # imports PyPI's `kernels`, which our kernels/ folder must hand over to instead of shadowing.
+    import subprocess
+    import sys
+
+    code = ("import importlib.util, sys\n"
+            "for name in ('kernels', 'datasets'):\n"
+            "    try:\n"
+            "        m = __import__(name)\n"
+            "        print(name, m.__file__)\n"
+            "    except ImportError as e:\n"
+            "        print(name, 'missing', e)\n"
+            "import mmeff.kernels, mmeff.datasets.media\n"
+            "print('mmeff', mmeff.kernels.__file__, len(mmeff.kernels.__all__))\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    for name in ("kernels", "datasets"):
+        assert lines[name].startswith("missing") or str(ROOT) not in lines[name], lines[name]
+        if lines[name].startswith("missing"):
+            assert f"{ROOT}/{name} is mmeff.{name}" in lines[name]
+    assert lines["mmeff"].startswith(str(ROOT / "kernels" / "__init__.py"))
+
+
 def _readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- commands -->\s*```bash\n(.*?)```", text, re.S)

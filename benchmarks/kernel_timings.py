@@ -1,7 +1,7 @@
 """Time mmeff's token primitives: the dispatched path against the plain PyTorch reference.
 
-    python benchmarks/kernels.py            # LLaVA sizes (B in 1/8/32, N in 576/2304, D 1024) + ViT-B (N 197, D 768)
-    python benchmarks/kernels.py --quick    # B in 1/8 only, for a CPU
+    python benchmarks/kernel_timings.py            # LLaVA sizes (B in 1/8/32, N in 576/2304, D 1024) + ViT-B (N 197, D 768)
+    python benchmarks/kernel_timings.py --quick    # B in 1/8 only, for a CPU
 
 Reports median time over repeats after warm-up (CUDA synchronised around each timing), the ratio to the
 reference, and achieved GB/s (bytes read + written by the ideal kernel / time), with the fraction of the
