@@ -26,9 +26,9 @@ from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
 from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.sepllm import SepLLM, separator_ids
-from mmeff.squeezetime import create_model, list_models
 from mmeff.tome import ToMe
 from mmeff.vistog import VisToG
+from mmeff.zoo import create_model, list_models
 
 __version__ = "0.1.0"
 

@@ -243,6 +243,16 @@ def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> Squ
 _OFFICIAL = (("backbone.net.conv1.", "stem.0."), ("backbone.net.bn1.", "stem.1."), ("cls_head.fc_cls.", "head."))
 
 
+def _register() -> None:
+    from mmeff.zoo import register_model
+
+    for name in _CONFIGS:
+        register_model(name, "squeezetime", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw))
+
+
+_register()
+
+
 def _official_key(key: str) -> str:
     """Map a key of the official MMAction2 checkpoint to this module's names."""
     for old, new in _OFFICIAL:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from mmeff.distributed import init_distributed
 
 __all__ = ["VideoFolder", "TrainConfig", "train", "evaluate", "frame_average_model", "FrameAverage"]
 
@@ -168,22 +169,6 @@ class TrainConfig:
     seed: int = 0
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
 def _lr_at(step: float, total: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
@@ -210,7 +195,7 @@ def train(
     history ``{"epochs": [...], ...}``."""
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
-    rank, world, device = _distributed()
+    rank, world, device = init_distributed()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
