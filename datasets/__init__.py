@@ -14,7 +14,10 @@ if __name__ != "mmeff.datasets":
     _spec = _machinery.PathFinder.find_spec(
         __name__, [p for p in _sys.path if _os.path.abspath(p or _os.getcwd()) != _root])
     if _spec is None or _spec.loader is None:
-        raise ImportError(f"No module named {__name__!r} ({_root}/{__name__} is mmeff.{__name__})", name=__name__)
-    _real = _util.module_from_spec(_spec)
-    _sys.modules[__name__] = _real
-    _spec.loader.exec_module(_real)
+        # Not installed: stay the empty namespace Python makes of a bare folder (no __file__, no version),
+        # which is how transformers' availability checks recognise an absent package.
+        del __file__
+    else:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules[__name__] = _real
+        _spec.loader.exec_module(_real)
