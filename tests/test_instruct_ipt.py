@@ -1,0 +1,269 @@
+"""Instruct-IPT: the IPT body against torch's own attention, per-sample task biases against dense W + B A,
+tiling, folding a task into the weights, save/load, training (exact resume, synchronous updates), evaluation
+and the bias analysis."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mmeff
+from mmeff.datasets.restoration import DegradedImages
+from mmeff.instruct_ipt import (
+    InstructIPT,
+    IPTConfig,
+    ModulatedLinear,
+    _starts,
+    bias_report,
+    create_model,
+    param_counts,
+)
+from mmeff.restoration import RestorationTrainConfig, evaluate_restoration, train_restoration
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _randomise_biases(model: InstructIPT, scale: float = 0.05, seed: int = 0) -> InstructIPT:
+    """Trained-looking models: non-zero B (zero at initialisation) and perturbed task queries."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modulated_layers().values():
+            if mod.rank is None:
+                mod.delta.copy_(torch.randn(mod.delta.shape, generator=g) * scale)
+            else:
+                mod.lora_b.copy_(torch.randn(mod.lora_b.shape, generator=g) * scale)
+        model.body.query.add_(torch.randn(model.body.query.shape, generator=g))
+    return model
+
+
+def tiny(**kw) -> InstructIPT:
+    torch.manual_seed(0)
+    return create_model("instruct_ipt_tiny", **kw).double().eval()
+
+
+def test_paper_size_parameter_counts_on_meta() -> None:
+    with torch.device("meta"):
+        ipt = create_model("ipt")
+        instruct = create_model("instruct_ipt")
+    enc = sum(p.numel() for p in ipt.body.encoder.parameters())
+    dec = sum(p.numel() for p in ipt.body.decoder.parameters())
+    # IPT's body at 576 wide: 12 encoder layers (4 d^2 attention + 2 * 4 d^2 FFN + biases/norms) = 47.84M,
+    # 12 decoder layers (two attentions) = 63.78M
+    assert enc == 12 * (4 * 576**2 + 2 * 576 * 2304 + 2304 + 576 + 4 * 576)
+    assert dec == 12 * (8 * 576**2 + 2 * 576 * 2304 + 2304 + 576 + 6 * 576)
+    assert round(enc / 1e6, 2) == 47.84 and round(dec / 1e6, 2) == 63.78
+    c, i = param_counts(ipt), param_counts(instruct)
+    assert c["biases"] == 0 and c["shared"] == i["shared"] and c["heads_tails"] == i["heads_tails"]
+    # rank 8 on q/k/v/o (576 -> 576) and fc1/fc2 (576 <-> 2304), 12 encoder + 12 decoder layers
+    per_task = 12 * (4 * 8 * (576 + 576) + 2 * 8 * (576 + 2304)) + 12 * (8 * 8 * (576 + 576) + 2 * 8 * (576 + 2304))
+    assert i["per_task_bias"] == per_task and i["biases"] == 5 * per_task
+    assert "instruct_ipt" in mmeff.list_models("instruct_ipt") and "squeezetime_k400" in mmeff.list_models()
+
+
+def test_attention_equals_torch_multihead_attention_without_bias() -> None:
+    cfg = IPTConfig(channels=8, patch_dim=2, patch_size=8, heads=4, enc_layers=1, dec_layers=0, rank=0, overlap=2)
+    model = InstructIPT(cfg).double()
+    attn = model.body.encoder[0].attn
+    ref = nn.MultiheadAttention(cfg.dim, cfg.heads, bias=False, batch_first=True).double()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(torch.cat([attn.q.weight, attn.k.weight, attn.v.weight]))
+        ref.out_proj.weight.copy_(attn.o.weight)
+    q, k, v = (torch.randn(3, 16, cfg.dim, dtype=torch.float64) for _ in range(3))
+    task = torch.zeros(3, dtype=torch.long)
+    want = ref(q, k, v, need_weights=False)[0]
+    assert torch.allclose(attn(q, k, v, task), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("rank", [3, None, 0])
+def test_modulated_linear_is_dense_w_plus_ba_per_sample(rank) -> None:
+    torch.manual_seed(1)
+    lin = ModulatedLinear(6, 5, num_tasks=4, rank=rank, bias=True).double()
+    if rank is None:
+        nn.init.normal_(lin.delta)
+    elif rank:
+        nn.init.normal_(lin.lora_b)
+    x = torch.randn(4, 7, 6, dtype=torch.float64)
+    for task in (torch.tensor([2, 0, 3, 2]), torch.tensor([1, 1, 1, 1])):
+        want = torch.stack([x[i] @ (lin.weight + lin.task_delta(int(t))).T + lin.bias for i, t in enumerate(task)])
+        assert torch.allclose(lin(x, task), want, atol=1e-12)
+    if rank:
+        dense = lin.task_delta(2)
+        assert torch.linalg.matrix_rank(dense) == (rank if rank is not None else 5)
+
+
+def test_biases_start_at_zero_so_every_task_starts_shared() -> None:
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    assert torch.equal(tiny()(x, "derain"), x)  # zero tails + image residual: an untrained model is the identity
+    model = tiny(task_heads=False, task_query=False)
+    with torch.no_grad():
+        model.tails[0].weight.normal_()
+    outs = [model(x, t) for t in model.tasks]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    _randomise_biases(model)
+    assert not torch.allclose(model(x, 0), model(x, 1))
+
+
+def test_mixed_task_batch_equals_each_sample_alone() -> None:
+    model = _randomise_biases(tiny())
+    x = torch.rand(5, 3, 16, 16, dtype=torch.float64)
+    tasks = ["derain", "denoise", "derain", "desnow", "dehaze"]
+    joint = model(x, tasks)
+    alone = torch.cat([model(x[i:i + 1], t) for i, t in enumerate(tasks)])
+    assert torch.allclose(joint, alone, atol=1e-10)
+    assert torch.equal(model.task_ids(torch.tensor(2), 3), torch.tensor([2, 2, 2]))
+
+
+def test_tiles_cover_the_image_with_the_overlap() -> None:
+    for length, tile, overlap in ((16, 16, 4), (17, 16, 4), (50, 16, 4), (64, 48, 12), (100, 48, 12)):
+        starts = _starts(length, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + tile == max(length, tile)
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+        assert starts == sorted(set(starts))
+
+
+def test_tiled_body_equals_per_tile_reference_and_sizes_are_kept() -> None:
+    model = _randomise_biases(tiny())
+    s = model.cfg.patch_size
+    feats = torch.randn(2, model.cfg.channels, 27, 40, dtype=torch.float64)
+    ids = torch.tensor([1, 3])
+    got = model.run_body(feats, ids, tile_batch=3)
+    # reference: every tile through the body on its own, each pixel the mean of the tiles covering it
+    total = torch.zeros_like(feats)
+    count = torch.zeros(27, 40, dtype=torch.float64)
+    for y in _starts(27, s, model.cfg.overlap):
+        for x in _starts(40, s, model.cfg.overlap):
+            total[:, :, y:y + s, x:x + s] += model.body(feats[:, :, y:y + s, x:x + s].clone(), ids)
+            count[y:y + s, x:x + s] += 1
+    assert torch.allclose(got, total / count, atol=1e-10)
+    one = feats[:, :, :s, :s].contiguous()
+    assert torch.equal(model.run_body(one, ids), model.body(one, ids))
+    for h, w in ((16, 16), (9, 30), (37, 21), (3, 3)):  # exact tile, smaller than a tile, odd sizes
+        assert model(torch.rand(1, 3, h, w, dtype=torch.float64), "denoise").shape == (1, 3, h, w)
+
+
+def test_specialize_folds_one_task_into_a_plain_ipt() -> None:
+    for kw in ({}, {"rank": None}, {"task_heads": False, "task_query": False}):
+        model = _randomise_biases(tiny(**kw))
+        x = torch.rand(2, 3, 20, 24, dtype=torch.float64)
+        for task in ("deblur", "desnow"):
+            plain = model.specialize(task)
+            assert plain.tasks == (task,) and plain.cfg.rank == 0 and not plain.modulated_layers()
+            assert torch.allclose(plain(x, 0), model(x, task), atol=1e-10)
+            assert param_counts(plain)["total"] < param_counts(model)["total"]
+
+
+def test_save_load_and_registry_checkpoints(tmp_path: Path) -> None:
+    model = _randomise_biases(tiny()).float()
+    path = model.save(tmp_path / "ipt.safetensors")
+    x = torch.rand(1, 3, 20, 20)
+    back = InstructIPT.load(path)
+    assert back.cfg == model.cfg and torch.equal(back(x, "derain"), model(x, "derain"))
+    again = mmeff.create_model("instruct_ipt_tiny", pretrained=str(path))
+    assert torch.equal(again(x, 2), model(x, 2))
+    with pytest.raises(ValueError, match="another configuration"):
+        mmeff.create_model("instruct_ipt_tiny", pretrained=str(path), rank=3)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        InstructIPT.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not an Instruct-IPT checkpoint"):
+        InstructIPT.load(tmp_path / "other.safetensors")
+
+
+def test_bad_arguments_fail_clearly() -> None:
+    model = tiny()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown task 'colourise'"):
+        model(x, "colourise")
+    with pytest.raises(ValueError, match="out of range"):
+        model(x, 7)
+    with pytest.raises(ValueError, match="3 task ids for a batch of 2"):
+        model(x, [0, 1, 2])
+    with pytest.raises(ValueError, match=r"float RGB images \(B, 3, H, W\)"):
+        model(torch.rand(2, 1, 16, 16, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="unknown modulation targets"):
+        IPTConfig(targets=("q", "gate"))
+    with pytest.raises(ValueError, match="not divisible"):
+        IPTConfig(channels=5, patch_dim=2, heads=3)
+    with pytest.raises(TypeError, match="unknown IPTConfig fields"):
+        create_model("instruct_ipt_tiny", depth=3)
+    with pytest.raises(KeyError, match="unknown model 'ipt_huge'"):
+        mmeff.create_model("ipt_huge")
+
+
+def test_bias_report_reads_rank_and_relative_size() -> None:
+    model = tiny(rank=None)
+    layer = model.body.encoder[0].attn.q
+    u, v = torch.randn(layer.out_features, 2, dtype=torch.float64), torch.randn(2, layer.in_features, dtype=torch.float64)
+    with torch.no_grad():
+        layer.delta[1].copy_(u @ v)
+    rows = {(r["layer"], r["task"]): r for r in bias_report(model)}
+    row = rows[("body.encoder.0.attn.q", model.tasks[1])]
+    assert row["rank99"] <= 2 and row["rank90"] <= 2 and len(row["singular_values"]) == layer.out_features
+    assert row["rel_norm"] == pytest.approx(float((u @ v).norm() / layer.weight.norm()))
+    assert rows[("body.encoder.0.attn.q", model.tasks[0])]["rank99"] == 0  # untouched task: no bias at all
+
+
+def _data(n: int) -> DegradedImages:
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 24, 28, generator=g) for _ in range(3)]
+    return DegradedImages(images, crop=16, length=n, seed=0)
+
+
+def test_training_resumes_bit_exactly_and_updates_shared_and_task_weights(tmp_path: Path) -> None:
+    cfg = RestorationTrainConfig(steps=6, batch_size=4, lr=2e-3, warmup_steps=2, save_every=3)
+
+    def fresh() -> InstructIPT:
+        torch.manual_seed(0)
+        return create_model("instruct_ipt_tiny")
+
+    start = {k: v.clone() for k, v in fresh().state_dict().items()}
+    full = fresh()
+    train_restoration(full, _data(24), tmp_path / "a", cfg, progress=False, log=lambda s: None)
+    part = fresh()
+    train_restoration(part, _data(24), tmp_path / "b", cfg, stop_after=3, progress=False, log=lambda s: None)
+    resumed = fresh()
+    hist = train_restoration(resumed, _data(24), tmp_path / "b", cfg, progress=False, log=lambda s: None)
+    assert hist["step"] == 6 and [e["step"] for e in hist["log"]] == [3, 6]
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    moved = {k for k, v in full.state_dict().items() if not torch.equal(v, start[k])}
+    assert "body.encoder.0.attn.q.weight" in moved and "body.encoder.0.attn.q.lora_b" in moved
+    assert "body.decoder.0.ffn.fc1.lora_a" in moved  # A moves once B is non-zero
+    with pytest.raises(ValueError, match="need 24"):
+        train_restoration(fresh(), _data(10), tmp_path / "c", cfg, progress=False)
+
+
+def test_training_beats_the_identity(tmp_path: Path) -> None:
+    # the untrained model is the identity, so its loss is the degradation's own L1; training must go below it
+    data = _data(960)
+    identity = sum(float((data[i][0] - data[i][1]).abs().mean()) for i in range(len(data))) / len(data)
+    model = create_model("instruct_ipt_tiny")
+    cfg = RestorationTrainConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=5, save_every=40)
+    hist = train_restoration(model, data, tmp_path, cfg, progress=False, log=lambda s: None)
+    assert hist["log"][-1]["loss"] < 0.85 * identity
+
+
+def test_evaluation_scores_per_task_against_the_inputs() -> None:
+    class Identity(nn.Module):
+        tasks = ("derain", "dehaze")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, task):
+            return x + self.w
+
+    g = torch.Generator().manual_seed(0)
+    pairs = DegradedImages([torch.rand(3, 24, 30, generator=g) for _ in range(2)], tasks=("derain", "dehaze"))
+    res = evaluate_restoration(Identity(), pairs, progress=False)
+    assert set(res) == {"derain", "dehaze", "average"} and res["average"]["images"] == 4
+    for t in ("derain", "dehaze"):
+        assert res[t]["psnr_y"] == pytest.approx(res[t]["input_psnr_y"]) and res[t]["images"] == 2
+    assert res["average"]["psnr_rgb"] == pytest.approx((res["derain"]["psnr_rgb"] + res["dehaze"]["psnr_rgb"]) / 2)
