@@ -56,6 +56,18 @@ def read_image(path: str | Path) -> Tensor:
         raise ValueError(f"cannot decode image {path}: {e}") from e
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header (no decoding); ``ValueError`` naming a broken file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"cannot decode image {path}: {e}") from e
+    return h, w
+
+
 def save_image(img: Tensor, path: str | Path) -> Path:
     """Write ``(3, H, W)`` in [0, 1] as an 8-bit PNG (folders created)."""
     from PIL import Image
@@ -82,7 +94,7 @@ def _task_index(tasks: Sequence[str]) -> list[str]:
 class DegradedImages(Dataset):
     """Synthetic restoration pairs from clean images.
 
-    ``images``: a folder (every image under it, recursively) or a sequence of ``(3, H, W)`` tensors /
+    ``images``: a folder (every image under it, recursively; decoded when an item needs it) or a sequence of ``(3, H, W)`` tensors /
     ``(H, W, 3)`` uint8 arrays. ``crop``: training crops of ``crop x crop`` (random position and flip,
     images smaller than the crop are refused), or ``None`` for the whole image. Item ``i`` is
     ``(degraded, clean, task_index)``; ``len`` is ``length`` (default: images x tasks, each image once per
@@ -93,26 +105,34 @@ class DegradedImages(Dataset):
     def __init__(self, images: str | Path | Sequence[Tensor | np.ndarray], tasks: Sequence[str] = TASKS, *,
                  crop: int | None = None, length: int | None = None, seed: int = 0,
                  params: dict[str, dict[str, object]] | None = None) -> None:
+        # A folder is decoded lazily, one file per item (a training set of 2K photos does not fit in memory
+        # as float tensors); in-memory images are converted once.
+        self.images: list[Tensor | Path]
         if isinstance(images, (str, Path)):
             root = Path(images)
             if not root.is_dir():
                 raise FileNotFoundError(f"image folder {root} does not exist")
-            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not files:
+            self.images = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not self.images:
                 raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-            self.images = [read_image(p) for p in files]
+            sizes = [_image_size(p) for p in self.images]
         else:
             self.images = [im if isinstance(im, Tensor) else to_tensor(im) for im in images]
             if not self.images:
                 raise ValueError("DegradedImages needs at least one image")
+            sizes = [tuple(im.shape[-2:]) for im in self.images]
         self.tasks = _task_index(tasks)
         self.crop, self.seed = crop, seed
         self.params = {TASK_OF.get(k, k): dict(v) for k, v in (params or {}).items()}
         if crop is not None:
-            small = [tuple(im.shape[-2:]) for im in self.images if min(im.shape[-2:]) < crop]
+            small = [s for s in sizes if min(s) < crop]
             if small:
                 raise ValueError(f"{len(small)} images are smaller than the {crop}px crop, e.g. {small[0]}")
         self.length = length if length is not None else len(self.images) * len(self.tasks)
+
+    def _image(self, i: int) -> Tensor:
+        im = self.images[i]
+        return read_image(im) if isinstance(im, Path) else im
 
     def __len__(self) -> int:
         return self.length
@@ -123,11 +143,11 @@ class DegradedImages(Dataset):
         g = torch.Generator().manual_seed(seed_for(self.seed, i))
         if self.crop is None:
             img_i, task_i = divmod(i % (len(self.images) * len(self.tasks)), len(self.tasks))
-            clean = self.images[img_i]
+            clean = self._image(img_i)
         else:
             img_i = int(torch.randint(len(self.images), (), generator=g))
             task_i = int(torch.randint(len(self.tasks), (), generator=g))
-            im = self.images[img_i]
+            im = self._image(img_i)
             h, w = im.shape[-2:]
             top = int(torch.randint(h - self.crop + 1, (), generator=g))
             left = int(torch.randint(w - self.crop + 1, (), generator=g))

@@ -146,6 +146,19 @@ def test_degraded_images_items_are_pure_functions_of_the_index(photo: torch.Tens
     assert len(full) == 2 and [full[i][2] for i in range(2)] == [0, 1] and full[0][1].shape == photo.shape
 
 
+def test_a_folder_gives_the_same_items_as_the_images_in_memory(tmp_path: Path, photo: torch.Tensor) -> None:
+    images = [photo, photo[:, :40, :50].flip(-1).contiguous()]
+    for i, im in enumerate(images):
+        save_image(im, tmp_path / "sub" / f"{i}.png")
+    a = DegradedImages(tmp_path, crop=32, length=6, seed=1)
+    b = DegradedImages(images, crop=32, length=6, seed=1)
+    assert all(isinstance(p, Path) for p in a.images)  # decoded on access, not held in memory
+    for i in range(6):
+        assert all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(a[i], b[i]))
+    with pytest.raises(ValueError, match="smaller than the 48px crop, e.g. \\(40, 50\\)"):
+        DegradedImages(tmp_path, crop=48)
+
+
 def test_degraded_images_refuse_bad_sources(tmp_path: Path, photo: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="smaller than the 128px crop"):
         DegradedImages([photo], crop=128)
