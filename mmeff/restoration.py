@@ -97,7 +97,9 @@ def train_restoration(
     model.to(device)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # a batch rarely holds every task, so some heads, tails and biases get no gradient on a rank
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: dict[str, Any] = {"config": asdict(cfg), "log": [], "step": 0}
     ckpt = out / "last.pt"

@@ -129,3 +129,20 @@ def test_instruct_ipt_restores_by_instruction(router: InstructionRouter) -> None
         assert torch.equal(model.instruct(x, "remove the fog"), model(x, "dehaze"))  # default router
     with pytest.raises(UnknownInstruction):
         model.instruct(x, "write a poem about cats", router)
+
+
+def test_open_clip_text_tower_as_the_encoder() -> None:
+    from mmeff.instructions import OpenCLIPTextEncoder
+    from mmeff.mini import clip_tokenizer, create_clip
+
+    model, tok = create_clip(), clip_tokenizer()
+    enc = OpenCLIPTextEncoder(model, tok)
+    texts = ["remove the rain", "a red square at the top left"]
+    got = enc(texts)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(model.encode_text(tok(texts)).float(), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(got.norm(dim=1), torch.ones(2), atol=1e-5)
+    r = InstructionRouter(enc, tasks=("derain", "dehaze"), examples={"derain": ["remove the rain"],
+                                                                     "dehaze": ["remove the haze"]},
+                          out_of_scope=(), threshold=0.99, margin=0.0)
+    assert r("remove the rain") == "derain"  # its own example, similarity 1
