@@ -67,6 +67,9 @@ __all__ = [
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
 TaskArg = int | str | Sequence[int | str] | Tensor
+# What the layers receive: one task index for the whole batch, or a (B,) tensor when samples differ. Deciding
+# once per forward keeps per-layer checks (a host sync each on GPU) out of the network.
+Route = int | Tensor
 
 
 @dataclass
@@ -117,8 +120,8 @@ class IPTConfig:
 class ModulatedLinear(nn.Module):
     """``y = x (W + B_t A_t)^T + b`` with one low-rank bias per task ``t``.
 
-    ``x``: ``(B, N, in)``; ``task``: ``(B,)`` task indices (samples may differ). ``rank=0``: a plain linear
-    layer; ``rank=None``: a full ``(out, in)`` bias per task."""
+    ``x``: ``(B, N, in)``; ``task``: one task index for the batch, or ``(B,)`` indices (samples may differ).
+    ``rank=0``: a plain linear layer; ``rank=None``: a full ``(out, in)`` bias per task."""
 
     def __init__(self, in_features: int, out_features: int, num_tasks: int, rank: int | None, bias: bool) -> None:
         super().__init__()
@@ -149,15 +152,14 @@ class ModulatedLinear(nn.Module):
             return torch.zeros_like(self.weight)
         return self.lora_b[t] @ self.lora_a[t]
 
-    def forward(self, x: Tensor, task: Tensor) -> Tensor:
+    def forward(self, x: Tensor, task: Route) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
         if not self.modulated:
             return y
-        if bool((task == task[0]).all()):  # one task in the batch: two small matmuls, no gather
-            t = int(task[0])
+        if isinstance(task, int):  # one task in the batch: two small matmuls, no gather
             if self.rank is None:
-                return y + F.linear(x, self.delta[t])
-            return y + F.linear(F.linear(x, self.lora_a[t]), self.lora_b[t])
+                return y + F.linear(x, self.delta[task])
+            return y + F.linear(F.linear(x, self.lora_a[task]), self.lora_b[task])
         if self.rank is None:
             return y + torch.bmm(x, self.delta[task].transpose(1, 2))
         h = torch.bmm(x, self.lora_a[task].transpose(1, 2))  # (B, N, r)
@@ -174,7 +176,7 @@ class _Attention(nn.Module):
         for name in ("q", "k", "v", "o"):
             setattr(self, name, ModulatedLinear(d, d, nt, cfg.rank if name in cfg.targets else 0, bias=False))
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, task: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, task: Route) -> Tensor:
         b, n, d = q.shape
 
         def split(x: Tensor) -> Tensor:
@@ -191,7 +193,7 @@ class _FFN(nn.Module):
         self.fc1 = ModulatedLinear(cfg.dim, hidden, nt, cfg.rank if "fc1" in cfg.targets else 0, bias=True)
         self.fc2 = ModulatedLinear(hidden, cfg.dim, nt, cfg.rank if "fc2" in cfg.targets else 0, bias=True)
 
-    def forward(self, x: Tensor, task: Tensor) -> Tensor:
+    def forward(self, x: Tensor, task: Route) -> Tensor:
         return self.fc2(F.relu(self.fc1(x, task)), task)
 
 
@@ -201,7 +203,7 @@ class _EncoderLayer(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
         self.attn, self.ffn = _Attention(cfg, nt), _FFN(cfg, nt)
 
-    def forward(self, x: Tensor, pos: Tensor, task: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, task: Route) -> Tensor:
         h = self.norm1(x)
         x = x + self.attn(h + pos, h + pos, h, task)
         return x + self.ffn(self.norm2(x), task)
@@ -213,7 +215,7 @@ class _DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.dim) for _ in range(3))
         self.self_attn, self.cross_attn, self.ffn = _Attention(cfg, nt), _Attention(cfg, nt), _FFN(cfg, nt)
 
-    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, query: Tensor, task: Tensor) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, query: Tensor, task: Route) -> Tensor:
         h = self.norm1(x)
         x = x + self.self_attn(h + query, h + query, h, task)
         x = x + self.cross_attn(self.norm2(x) + query, memory + pos, memory, task)
@@ -249,14 +251,17 @@ class _Body(nn.Module):
         hidden = int(d * cfg.mlp_ratio)
         self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
 
-    def forward(self, feats: Tensor, task: Tensor) -> Tensor:
+    def forward(self, feats: Tensor, task: Route) -> Tensor:
         p, s = self.cfg.patch_dim, self.cfg.patch_size
         b, c = feats.shape[:2]
         x = F.unfold(feats, p, stride=p).transpose(1, 2)  # (B, N, C p p)
         x = self.encoding(x) + x
         for layer in self.encoder:
             x = layer(x, self.pos, task)
-        query = self.query[task] if self.cfg.task_query else self.query
+        if not self.cfg.task_query:
+            query = self.query
+        else:
+            query = self.query[task:task + 1] if isinstance(task, int) else self.query[task]
         memory = x
         for layer in self.decoder:
             x = layer(x, memory, self.pos, query, task)
@@ -327,11 +332,16 @@ class InstructIPT(nn.Module):
             raise ValueError(f"got {ids.numel()} task ids for a batch of {batch}")
         return ids.to(self.mean.device)
 
-    def _per_head(self, mods: nn.ModuleList, x: Tensor, ids: Tensor) -> Tensor:
+    @staticmethod
+    def route(ids: Tensor) -> Route:
+        """``ids`` ``(B,)`` as the layers take them: one index when the whole batch shares a task."""
+        return int(ids[0]) if bool((ids == ids[0]).all()) else ids
+
+    def _per_head(self, mods: nn.ModuleList, x: Tensor, ids: Route) -> Tensor:
         if len(mods) == 1:
             return mods[0](x)
-        if bool((ids == ids[0]).all()):
-            return mods[int(ids[0])](x)
+        if isinstance(ids, int):
+            return mods[ids](x)
         out = None
         for t in ids.unique().tolist():
             sel = (ids == t).nonzero().squeeze(1)
@@ -341,9 +351,9 @@ class InstructIPT(nn.Module):
             out[sel] = y
         return out
 
-    def run_body(self, feats: Tensor, ids: Tensor, tile_batch: int = 64) -> Tensor:
+    def run_body(self, feats: Tensor, ids: Route, tile_batch: int = 64) -> Tensor:
         """The body over ``feats`` ``(B, C, H, W)`` with ``H, W >= patch_size``: in overlapping tiles
-        (averaged) unless the map is exactly one tile."""
+        (averaged) unless the map is exactly one tile. ``ids``: as :meth:`route` gives."""
         s = self.cfg.patch_size
         b, c, h, w = feats.shape
         if (h, w) == (s, s):
@@ -356,7 +366,7 @@ class InstructIPT(nn.Module):
         for i in range(0, len(coords), per):
             chunk = coords[i:i + per]
             tiles = torch.cat([feats[:, :, y:y + s, x:x + s] for y, x in chunk])
-            res = self.body(tiles, ids.repeat(len(chunk)))
+            res = self.body(tiles, ids if isinstance(ids, int) else ids.repeat(len(chunk)))
             for j, (y, x) in enumerate(chunk):
                 out[:, :, y:y + s, x:x + s] += res[j * b:(j + 1) * b]
                 count[:, :, y:y + s, x:x + s] += 1
@@ -367,7 +377,7 @@ class InstructIPT(nn.Module):
             raise ValueError(f"expected float RGB images (B, 3, H, W) in [0, 1], got {tuple(images.shape)} "
                              f"{images.dtype}")
         b, _, h, w = images.shape
-        ids = self.task_ids(task, b)
+        ids = self.route(self.task_ids(task, b))
         s = self.cfg.patch_size
         ph, pw = max(0, s - h), max(0, s - w)
         x = images

@@ -83,7 +83,8 @@ def train_restoration(
     """Train ``model(images, task_ids)`` on ``dataset`` items ``(degraded, clean, task)``; checkpoint to
     ``out_dir/last.pt``. ``stop_after``: return after this many steps of this call (the schedule stays
     that of ``cfg.steps``; a later call resumes). The dataset must hold ``steps * batch * world`` items.
-    Returns the history ``{"config", "log": [{"step", "loss", "lr", "seconds"}...], "step"}``."""
+    Returns the history ``{"config", "log": [{"step", "loss", "lr", "seconds"}...], "step", "train_seconds"}``
+    (``seconds``: since this call started; ``train_seconds``: all calls together)."""
     cfg = cfg or RestorationTrainConfig()
     out = Path(out_dir)
     rank, world, device = init_distributed()
@@ -111,6 +112,7 @@ def train_restoration(
         torch.set_rng_state(state["rng"])
         history, start = state["history"], state["step"]
         log(f"resumed from {ckpt} at step {start}")
+    base_seconds = float(history.get("train_seconds", 0.0))  # over all calls, for reports of resumed runs
     stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     if start >= stop:
         return history
@@ -122,6 +124,7 @@ def train_restoration(
         if rank != 0:
             return
         history["step"] = step
+        history["train_seconds"] = base_seconds + time.perf_counter() - t0
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "history": history, "rng": torch.get_rng_state()}, ckpt)
         (out / "history.json").write_text(json.dumps(history, indent=1))

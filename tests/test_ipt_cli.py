@@ -97,3 +97,5 @@ def test_bench_writes_tables_json_and_figures(tmp_path: Path) -> None:
         assert (tmp_path / name).is_file()
     assert (tmp_path / "test" / "derain" / "input").is_dir()
     assert any(line.startswith("instruct_ipt ") for line in lines)
+    assert len(res["speed"]) == 3 and all(ms > 0 for ms in res["speed"].values())
+    assert all(r["train_seconds"] > 0 for r in res["models"].values())
