@@ -42,7 +42,6 @@ without biases); ``instruct_ipt_small`` / ``ipt_small`` and ``instruct_ipt_tiny`
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -66,6 +65,7 @@ __all__ = [
 ]
 
 TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+_FORMAT = "mmeff.instruct_ipt"
 TaskArg = int | str | Sequence[int | str] | Tensor
 # What the layers receive: one task index for the whole batch, or a (B,) tensor when samples differ. Deciding
 # once per forward keeps per-layer checks (a host sync each on GPU) out of the network.
@@ -429,33 +429,19 @@ class InstructIPT(nn.Module):
         return out.train(self.training)
 
     def save(self, path: str | Path) -> Path:
-        """Write weights and config to one safetensors file."""
-        from safetensors.torch import save_file
+        """Write weights and config to one safetensors file (:mod:`mmeff.checkpoint`)."""
+        from mmeff.checkpoint import save_module
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"format": "mmeff.instruct_ipt", "config": json.dumps(asdict(self.cfg))})
-        return path
+        return save_module(self, path, _FORMAT, asdict(self.cfg))
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> InstructIPT:
         """Rebuild a model written by :meth:`save` (``ValueError`` for other files)."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from mmeff.checkpoint import read_module
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no Instruct-IPT checkpoint at {path}")
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # not a safetensors file at all
-            raise ValueError(f"{path} is not a safetensors file: {e}") from e
-        if meta.get("format") != "mmeff.instruct_ipt":
-            raise ValueError(f"{path} is not an Instruct-IPT checkpoint written by InstructIPT.save")
-        model = cls(IPTConfig(**json.loads(meta["config"])))
-        model.load_state_dict(load_file(str(path), device=str(map_location)))
+        config, _, state = read_module(path, _FORMAT, "an Instruct-IPT checkpoint written by InstructIPT.save")
+        model = cls(IPTConfig(**config))
+        model.load_state_dict(state)
         return model.to(map_location)
 
 

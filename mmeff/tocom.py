@@ -29,7 +29,6 @@ Hosts: timm ``VisionTransformer`` (hooks on ``attn.qkv``) and HF CLIP/SigLIP tow
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator
@@ -227,35 +226,18 @@ class ToCom(nn.Module):
     # ------------------------------------------------------------------------------------ checkpoint
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write weights and config as safetensors (``extra`` goes into the metadata as JSON)."""
-        from safetensors.torch import save_file
+        from mmeff.checkpoint import save_module
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": "mmeff.tocom", "config": json.dumps(self.config())}
-        if extra:
-            meta["extra"] = json.dumps(extra)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(path), metadata=meta
-        )
-        return path
+        return save_module(self, path, "mmeff.tocom", self.config(), extra)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToCom:
         """Load a plug-in written by :meth:`save`."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from mmeff.checkpoint import read_module
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no ToCom checkpoint at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "mmeff.tocom":
-            raise ValueError(
-                f"{path} is not an mmeff ToCom checkpoint (metadata format={meta.get('format')!r})"
-            )
-        tocom = cls(**json.loads(meta["config"]))
-        tocom.load_state_dict(load_file(str(path), device=str(device)))
+        config, _, state = read_module(path, "mmeff.tocom", "an mmeff ToCom checkpoint")
+        tocom = cls(**config)
+        tocom.load_state_dict(state)
         return tocom.to(device).eval()
 
 

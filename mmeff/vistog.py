@@ -49,7 +49,6 @@ refused.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -198,24 +197,16 @@ class VisToG(nn.Module):
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write the parameters as safetensors with the configuration (and ``extra``) in the metadata."""
-        from safetensors.torch import save_file
+        from mmeff.checkpoint import save_module
 
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        meta = {"format": _FORMAT, "config": json.dumps(self.config), "extra": json.dumps(dict(extra or {}))}
-        save_file(sd, str(path), metadata=meta)
-        return Path(path)
+        return save_module(self, path, _FORMAT, self.config, extra)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VisToG:
         """Rebuild a saved VisToG (refuses files of another format)."""
-        from safetensors import safe_open
+        from mmeff.checkpoint import read_module
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{path} is not a VisToG file (format {meta.get('format')!r})")
-            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iterator)
-        cfg = json.loads(meta["config"])
+        cfg, _, sd = read_module(path, _FORMAT, "a VisToG file")
         dim, m = cfg.pop("dim"), cfg.pop("num_groups")
         out = cls(dim, m, **cfg)
         out.load_state_dict(sd, strict=True)
