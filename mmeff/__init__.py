@@ -5,7 +5,7 @@
         model.generate(**inputs)
 """
 
-from mmeff import flatquant, squeezetime, tome, vistog
+from mmeff import flatquant, instruct_ipt, squeezetime, tome, vistog
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.core import (
@@ -24,6 +24,7 @@ from mmeff.core import (
 )
 from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
+from mmeff.instruct_ipt import InstructIPT
 from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.sepllm import SepLLM, separator_ids
 from mmeff.tome import ToMe
@@ -42,6 +43,7 @@ __all__ = [
     "KVPress",
     "FourierLowPass",
     "FreeVideoLLM",
+    "InstructIPT",
     "GridReducer",
     "RandomKeep",
     "Reduction",
@@ -60,6 +62,7 @@ __all__ = [
     "create_reducer",
     "flatquant",
     "fourier_compress",
+    "instruct_ipt",
     "get_reducer_class",
     "list_presses",
     "list_reducers",
