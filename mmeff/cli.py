@@ -253,7 +253,8 @@ def _cmd_ipt(args: argparse.Namespace) -> int:
             print(json.dumps({"checkpoint": str(path), "step": hist["step"],
                               "last": hist["log"][-1] if hist["log"] else None}, indent=1))
         return 0
-    model = InstructIPT.load(args.checkpoint).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = InstructIPT.load(args.checkpoint, map_location=device).eval()
     if args.task == "eval":
         root = Path(args.data)
         tasks = [t for t in model.tasks if (root / t).is_dir()]
@@ -271,7 +272,7 @@ def _cmd_ipt(args: argparse.Namespace) -> int:
     # restore
     if (args.instruction is None) == (args.for_task is None):
         raise ValueError("give exactly one of --instruction TEXT or --task NAME")
-    image = read_image(args.input)[None]
+    image = read_image(args.input)[None].to(device)
     with torch.no_grad():
         if args.instruction is not None:
             from mmeff.instructions import default_router
@@ -706,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--output", required=True)
     rs.add_argument("--instruction", default=None, help='e.g. "remove the rain" (routed by the bundled MiniLM)')
     rs.add_argument("--task", dest="for_task", default=None, help="a task name instead of an instruction")
+    for q in (ev, rs):
+        q.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
     for q in (dg, tr, ev, rs):
         q.set_defaults(fn=_cmd_ipt)
 
