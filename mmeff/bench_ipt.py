@@ -74,7 +74,7 @@ def _plot(results: dict[str, Any], spectra: dict[str, list[float]], examples: li
     ax.set_xticks([i + width * len(names) / 2 for i in range(len(tasks))], tasks)
     ax.set_ylabel("PSNR (Y), dB")
     ax.set_ylim(bottom=min(results["input_psnr_y"].values()) - 2)
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=len(names) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.set_title("held-out photos, per task")
     paths.append(save_figure(fig, out / "ipt_psnr.png"))
 
@@ -182,6 +182,7 @@ def run_ipt_bench(
         for kind in ("q", "k", "v", "o", "fc1", "fc2"):
             svs = [torch.tensor(r["singular_values"]) for r in rows if r["kind"] == kind]
             spectra[kind] = torch.stack([s / s[0] for s in svs]).mean(0).tolist()
+        results["spectra_full"] = spectra  # sigma_i / sigma_1 per weight kind, mean over layers and tasks
     results["rank_analysis_lowrank"] = _summarise_biases(bias_report(trained["instruct_ipt"]))
 
     # instructions -> tasks with the bundled MiniLM, then restore one test picture per task by instruction
