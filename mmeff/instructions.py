@@ -189,9 +189,17 @@ def _cached_minilm() -> MiniLMEncoder:
     return MiniLMEncoder()
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_router(tasks: tuple[str, ...]) -> InstructionRouter:
+    return InstructionRouter(_cached_minilm(), tasks=tasks)
+
+
 def default_router(tasks: Sequence[str], **kwargs: Any) -> InstructionRouter:
-    """An :class:`InstructionRouter` over the bundled MiniLM (loaded once per process) for ``tasks``."""
+    """An :class:`InstructionRouter` over the bundled MiniLM (loaded once per process) for ``tasks``;
+    without ``kwargs`` the router (its embedded examples) is built once per task set."""
     unknown = [t for t in tasks if t not in INSTRUCTIONS]
     if unknown and "examples" not in kwargs:
         raise ValueError(f"no built-in instructions for tasks {unknown}; pass examples={{task: [...]}}")
+    if not kwargs:
+        return _cached_router(tuple(tasks))
     return InstructionRouter(_cached_minilm(), tasks=tuple(tasks), **kwargs)
