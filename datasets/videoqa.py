@@ -813,10 +813,13 @@ def _chroma(path: Path) -> float:
 
 
 def _write_mp4(
-    path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], *, grey: bool = False
+    path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], *, grey: bool = False,
+    fps: float = _SYNTH_FPS,
 ) -> None:
-    """Encode RGB frames at ``_SYNTH_FPS`` as an mp4 of ``size`` (width, height), through a temporary
-    file so an interrupted run never leaves a half-written clip that a later run would reuse."""
+    """Encode RGB frames at ``fps`` (default ``_SYNTH_FPS``) as an mp4 of ``size`` (width, height), through
+    a temporary file so an interrupted run never leaves a half-written clip that a later run would reuse."""
+    from fractions import Fraction
+
     import av
 
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
@@ -824,7 +827,7 @@ def _write_mp4(
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
-            stream = container.add_stream(codec, rate=_SYNTH_FPS)
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             for i, rgb in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")

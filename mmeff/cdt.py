@@ -735,7 +735,8 @@ class CDT(nn.Module):
             pred = context[0]
         else:
             b = video.shape[0]
-            t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator).to(video.device)
+            t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator,
+                              device=generator.device if generator is not None else video.device).to(video.device)
             eps = _randn(target.shape, generator, video.device).to(video.dtype)
             ab = self._alphas_cumprod[t.cpu()].view(b, 1, 1, 1, 1).to(device=video.device, dtype=video.dtype)
             x_t = ab.sqrt() * target + (1 - ab).sqrt() * eps

