@@ -5,9 +5,10 @@
         model.generate(**inputs)
 """
 
-from mmeff import flatquant, instruct_ipt, squeezetime, tome, vistog
+from mmeff import cdt, flatquant, instruct_ipt, squeezetime, tome, vistog
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
+from mmeff.cdt import CDT
 from mmeff.core import (
     BudgetReducer,
     Compose,
@@ -35,6 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AvgPool",
+    "CDT",
     "BudgetReducer",
     "CLSAttnTopK",
     "Compose",
@@ -60,6 +62,7 @@ __all__ = [
     "compose",
     "create_press",
     "create_reducer",
+    "cdt",
     "flatquant",
     "fourier_compress",
     "instruct_ipt",

@@ -336,7 +336,8 @@ def _cmd_cdt(args: argparse.Namespace) -> int:
 
         clips = [centre_clip(v, args.frames, args.size) for v in _cdt_videos(args.data, args.short_side, "test")]
         lp = lpips_model().to(device) if args.lpips else None
-        res = evaluate_tokenizer(model, clips, steps, lpips=lp, chunk_latents=args.chunk_latents, device=device)
+        res = evaluate_tokenizer(model, clips, steps, lpips=lp, chunk_latents=args.chunk_latents, device=device,
+                                 fvd_detector=args.fvd_detector)
         print(json.dumps(res, indent=1))
         return 0
     # reconstruct one video file
@@ -827,6 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--size", type=int, default=64, help="centre-crop side (a multiple of 16)")
     ce.add_argument("--chunk-latents", type=int, default=None, help="decode this many latent frames at a time")
     ce.add_argument("--lpips", action="store_true", help="also LPIPS (needs its weights on this machine)")
+    ce.add_argument("--fvd-detector", default=None,
+                    help="also FVD, with this local I3D TorchScript (StyleGAN-V's i3d_torchscript.pt)")
     cr = ctasks.add_parser("reconstruct", help="encode and decode one video file (any length, any size)")
     cr.add_argument("--input", required=True)
     cr.add_argument("--output", required=True, help="an .mp4 to write")

@@ -10,7 +10,7 @@
   reconstruction MSE + KL + perceptual), Adam with warm-up and cosine decay, gradient clipping, a progress
   bar, ``out_dir/last.pt`` every ``save_every`` steps and exact resume (as :mod:`mmeff.restoration`).
 * :func:`evaluate_tokenizer`: PSNR / SSIM (8-bit, per frame, averaged) and LPIPS when available, at each
-  number of sampling steps.
+  number of sampling steps; :func:`fvd` (Fréchet video distance) with a local I3D detector.
 
 Videos are ``(3, T, H, W)`` float tensors in [-1, 1] (``(B, 3, T, H, W)`` for models).
 """
@@ -34,7 +34,8 @@ from mmeff.distributed import init_distributed
 from mmeff.metrics import psnr, quantize_8bit, ssim
 from mmeff.restoration import _lr_at, _StepSampler
 
-__all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "offline_videos", "to_model_range",
+__all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "frechet_distance", "fvd",
+           "i3d_features", "offline_videos", "to_model_range",
            "train_tokenizer", "video_tensor"]
 
 
@@ -257,28 +258,38 @@ def evaluate_tokenizer(
     *,
     chunk_latents: int | None = None,
     lpips: nn.Module | None = None,
+    fvd_detector: str | Path | nn.Module | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> dict[int, dict[str, float]]:
     """Reconstruction quality of ``videos`` (each ``(3, T, H, W)`` in [-1, 1], coded whole) at each number
     of sampling ``steps``: ``{steps: {"psnr", "ssim", ("lpips"), "frames", "decode_seconds"}}``, PSNR and
     SSIM on 8-bit-quantised RGB per frame and averaged over all frames; ``lpips`` (a model from
-    :func:`mmeff.perceptual.lpips_model`) when given."""
+    :func:`mmeff.perceptual.lpips_model`) when given; ``fvd`` between the videos and their reconstructions
+    when ``fvd_detector`` (see :func:`i3d_features`) is given."""
     if not videos:
         raise ValueError("evaluate_tokenizer got no videos")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was = model.training
     model.eval()
     out: dict[int, dict[str, float]] = {}
+    if isinstance(fvd_detector, (str, Path)):
+        path = Path(fvd_detector)
+        if not path.is_file():
+            raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt")
+        fvd_detector = torch.jit.load(str(path), map_location=device).eval()
     try:
         latents = [model.encode(v[None].to(device)) for v in videos]
         for s in steps:
             sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "frames": 0, "decode_seconds": 0.0}
+            recs = []
             for v, z in tqdm(list(zip(videos, latents)), desc=f"evaluate {s} step(s)", disable=not progress,
                              leave=False):
                 t0 = time.perf_counter()
                 rec = model.decode(z, steps=s, chunk_latents=chunk_latents)
                 sums["decode_seconds"] += time.perf_counter() - t0
+                if fvd_detector is not None:
+                    recs.append(rec[0].float().cpu())
                 pred = quantize_8bit(((rec[0].float().cpu() + 1) / 2).transpose(0, 1))  # (T, 3, H, W)
                 ref = ((v.float() + 1) / 2).transpose(0, 1)
                 sums["psnr"] += float(psnr(pred, ref).sum())
@@ -291,7 +302,61 @@ def evaluate_tokenizer(
                    "decode_seconds": sums["decode_seconds"]}
             if lpips is not None:
                 row["lpips"] = sums["lpips"] / n
+            if fvd_detector is not None:
+                row["fvd"] = fvd([v.float().cpu() for v in videos], recs, fvd_detector, device=device)
             out[int(s)] = row
     finally:
         model.train(was)
     return out
+
+
+# --------------------------------------------------------------------------------------------- FVD
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets ``a`` ``(N, D)`` and ``b`` ``(M, D)``:
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, in float64. The matrix square root's trace
+    is taken from the eigenvalues of the symmetric ``S_a^(1/2) S_b S_a^(1/2)``, which stays real and
+    stable where ``scipy.linalg.sqrtm`` of the non-symmetric product can turn complex."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError("each feature set needs at least 2 samples for a covariance")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = torch.cov(a.T).reshape(a.shape[1], -1), torch.cov(b.T).reshape(b.shape[1], -1)
+
+    def psd_sqrt(m: Tensor) -> Tensor:
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp_min(0).sqrt()) @ v.T
+
+    r = psd_sqrt(s_a)
+    cross = torch.linalg.eigvalsh(r @ s_b @ r).clamp_min(0).sqrt().sum()
+    return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross)
+
+
+def i3d_features(videos: Sequence[Tensor], detector: str | Path | nn.Module, batch_size: int = 8,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """I3D features ``(N, 400)`` of videos ``(3, T, H, W)`` in [-1, 1], resized to 224x224, the FVD
+    protocol of StyleGAN-V's ``i3d_torchscript.pt`` (called with ``rescale=False, resize=False,
+    return_features=True``). ``detector``: a local path to that TorchScript file (nothing is downloaded)
+    or a module with the same call."""
+    if isinstance(detector, (str, Path)):
+        path = Path(detector)
+        if not path.is_file():
+            raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt "
+                                    "on this machine")
+        detector = torch.jit.load(str(path), map_location=device).eval()
+    feats = []
+    with torch.no_grad():
+        for i in range(0, len(videos), batch_size):
+            batch = torch.stack([v.float() for v in videos[i:i + batch_size]]).to(device)
+            b, c, t, h, w = batch.shape
+            x = F.interpolate(batch.transpose(1, 2).reshape(b * t, c, h, w), size=(224, 224), mode="bilinear",
+                              align_corners=False).reshape(b, t, c, 224, 224).transpose(1, 2)
+            feats.append(detector(x, rescale=False, resize=False, return_features=True).float().cpu())
+    return torch.cat(feats)
+
+
+def fvd(real: Sequence[Tensor], fake: Sequence[Tensor], detector: str | Path | nn.Module, **kw: Any) -> float:
+    """Fréchet video distance between two sets of videos ``(3, T, H, W)`` in [-1, 1] through
+    :func:`i3d_features`. Meaningful only over hundreds of videos (the covariance is 400 x 400)."""
+    return frechet_distance(i3d_features(real, detector, **kw), i3d_features(fake, detector, **kw))

@@ -244,3 +244,48 @@ def test_bench_writes_table_json_and_figures(tmp_path: Path, monkeypatch: pytest
     for name in ("cdt.json", "cdt_psnr_steps.png", "cdt_examples.png"):
         assert (tmp_path / name).is_file()
     assert any(line.startswith("cdt_tiny ") for line in lines) and any("long video" in line for line in lines)
+
+
+# ------------------------------------------------------------------------------------------ FVD
+def test_frechet_distance_against_scipy_and_closed_form() -> None:
+    from scipy import linalg
+
+    from mmeff.videotok import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(150, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64) + 1
+    s_a, s_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    ref = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a + s_b - 2 * linalg.sqrtm(s_a @ s_b).real))
+    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+    # shifted copy: the distance is the squared shift
+    assert frechet_distance(a, a + 2) == pytest.approx(4 * 6, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frechet_distance(a[:1], b)
+
+
+def test_fvd_runs_a_local_torchscript_detector(tmp_path: Path) -> None:
+    from mmeff.videotok import fvd, i3d_features
+
+    class Stand(torch.nn.Module):  # I3D's call signature; features: per-channel mean and std over time
+        def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                    return_features: bool = True) -> torch.Tensor:
+            return torch.cat([x.mean((2, 3, 4)), x.std((2, 3, 4))], 1)
+
+    path = tmp_path / "i3d.pt"
+    torch.jit.script(Stand()).save(str(path))
+    vids = [torch.rand(3, 5, 20, 30) * 2 - 1 for _ in range(4)]
+    f = i3d_features(vids, path, batch_size=3)
+    assert f.shape == (4, 6)
+    assert fvd(vids, vids, path) == pytest.approx(0, abs=1e-8)
+    assert fvd(vids, [v * 0.5 for v in vids], path) > 0
+    with pytest.raises(FileNotFoundError, match="i3d_torchscript.pt"):
+        i3d_features(vids, tmp_path / "none.pt")
+    # through the evaluation: FVD of the reconstructions at each step count
+    torch.manual_seed(0)
+    m = create_model("cdt_tiny").eval()
+    clips = [torch.rand(3, 5, 16, 16) * 2 - 1 for _ in range(3)]
+    res = evaluate_tokenizer(m, clips, steps=(1,), fvd_detector=path, progress=False)
+    recs = [m.decode(m.encode(v[None]))[0] for v in clips]
+    assert res[1]["fvd"] == pytest.approx(fvd(clips, recs, path), rel=1e-6)
