@@ -7,8 +7,8 @@
   2, horizontal flip) of a list of videos; item ``i`` is a pure function of ``(seed, i)``, so training
   resumes exactly with no data state.
 * :func:`train_tokenizer`: :meth:`CDT.training_losses <mmeff.cdt.CDT.training_losses>` (diffusion or
-  reconstruction MSE + KL + perceptual), Adam with warm-up and cosine decay, gradient clipping, a progress
-  bar, ``out_dir/last.pt`` every ``save_every`` steps and exact resume (as :mod:`mmeff.restoration`).
+  reconstruction MSE + KL + perceptual) through the library's step loop (:func:`mmeff.training.train_steps`:
+  Adam with warm-up and cosine decay, clipping, progress bar, ``out_dir/last.pt``, exact resume, DDP).
 * :func:`evaluate_tokenizer`: PSNR / SSIM (8-bit, per frame, averaged) and LPIPS when available, at each
   number of sampling steps; :func:`fvd` (Fréchet video distance) with a local I3D detector.
 
@@ -17,10 +17,10 @@ Videos are ``(3, T, H, W)`` float tensors in [-1, 1] (``(B, 3, T, H, W)`` for mo
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmeff.distributed import init_distributed
 from mmeff.metrics import psnr, quantize_8bit, ssim
-from mmeff.restoration import _lr_at, _StepSampler
+from mmeff.training import train_steps
 
 __all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "frechet_distance", "fvd",
            "i3d_features", "offline_videos", "to_model_range",
@@ -154,100 +153,30 @@ def train_tokenizer(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train a :class:`~mmeff.cdt.CDT` on ``dataset`` items ``(3, T, H, W)``; checkpoint to
-    ``out_dir/last.pt`` and resume from it. ``stop_after``: return after that many steps of this call.
+    """Train a :class:`~mmeff.cdt.CDT` on ``dataset`` items ``(3, T, H, W)`` with its
+    :meth:`~mmeff.cdt.CDT.training_losses`; checkpoint to ``out_dir/last.pt`` and resume from it
+    (:func:`mmeff.training.train_steps`). ``stop_after``: return after that many steps of this call.
     Returns the history ``{"config", "log": [{"step", "loss", "rec", "kl", "perceptual", "lr", "seconds"}],
     "step", "train_seconds", "perceptual"}`` (the perceptual loss used: ``lpips``, ``ssim`` or ``none``)."""
     from mmeff.perceptual import perceptual_loss
 
     cfg = cfg or TokenizerTrainConfig()
-    out = Path(out_dir)
-    rank, world, device = init_distributed()
-    need = cfg.steps * cfg.batch_size * world
-    if len(dataset) < need:
-        raise ValueError(f"dataset has {len(dataset)} items; {cfg.steps} steps of {cfg.batch_size} x {world} "
-                         f"ranks need {need} (give VideoCrops length={need})")
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
     percep = perceptual_loss(cfg.perceptual)
-    if percep is not None:
-        percep.to(device)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: dict[str, Any] = {"config": asdict(cfg), "log": [], "step": 0,
-                               "perceptual": getattr(percep, "name", "none")}
-    ckpt = out / "last.pt"
-    start = 0
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"{ckpt} holds another model configuration; train into another folder or start "
-                             f"over without resuming ({str(e).splitlines()[0]})") from e
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        history, start = state["history"], state["step"]
-        log(f"resumed from {ckpt} at step {start}")
-    base_seconds = float(history.get("train_seconds", 0.0))
-    stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    if start >= stop:
-        return history
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                         sampler=_StepSampler(start, stop, cfg.batch_size, rank, world),
-                                         num_workers=cfg.workers)
-    losses = (net.module if world > 1 else net).training_losses
+    rank = int(os.environ.get("RANK", "0"))
 
-    def save(step: int) -> None:
-        if rank != 0:
-            return
-        history["step"] = step
-        history["train_seconds"] = base_seconds + time.perf_counter() - t0
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "history": history, "rng": torch.get_rng_state()}, ckpt)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-
-    model.train()
-    bar = tqdm(loader, total=stop - start, desc=f"train {start}->{stop}/{cfg.steps}",
-               disable=not progress or rank != 0, leave=False)
-    t0, window, step = time.perf_counter(), [], start
-    for video in bar:
-        lr = _lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    def loss(net: nn.Module, video: Tensor, step: int, device: torch.device) -> dict[str, Tensor]:
+        if percep is not None:
+            percep.to(device)
         # the step's noise (latent draw, diffusion step, eps) is a pure function of (seed, step, rank), like
-        # its data: resuming needs no RNG state, and ranks draw different noise
+        # its data: ranks draw different noise and a resumed run the same
         gen = torch.Generator(device=device).manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
-        parts = losses(video.to(device), kl_weight=cfg.kl_weight, perceptual=percep,
-                       perceptual_weight=cfg.perceptual_weight, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        if world > 1:  # training_losses bypasses DDP's forward, so average the gradients by hand
-            for p in model.parameters():
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
-        step += 1
-        window.append({k: float(v.detach()) for k, v in parts.items()})
-        bar.set_postfix(loss=f"{np.mean([w['loss'] for w in window[-50:]]):.4f}")
-        if step % cfg.save_every == 0 or step == stop:
-            row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            history["log"].append({"step": step, **row, "lr": lr, "seconds": time.perf_counter() - t0})
-            window = []
-            save(step)
-    bar.close()
-    if rank == 0 and history["log"]:
-        e = history["log"][-1]
-        log(f"step {e['step']}/{cfg.steps} loss {e['loss']:.4f} rec {e['rec']:.4f} "
-            f"({e['seconds']:.0f} s this call)")
-    return history
+        return net.training_losses(video.to(device), kl_weight=cfg.kl_weight, perceptual=percep,
+                                   perceptual_weight=cfg.perceptual_weight, generator=gen)
+
+    # training_losses is not forward, so DDP cannot hook it: the loop averages the gradients itself
+    return train_steps(model, dataset, out_dir, cfg, loss, resume=resume, stop_after=stop_after, progress=progress,
+                       log=log, ddp_forward=False, history_extra={"perceptual": getattr(percep, "name", "none")},
+                       length_hint="VideoCrops length")
 
 
 @torch.no_grad()
