@@ -48,6 +48,7 @@ Videos are ``(B, 3, T, H, W)`` float in [-1, 1]; latents ``(B, C, 1 + (T - 1) / 
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -770,9 +771,11 @@ class CDT(nn.Module):
         model.load_state_dict(state)
         return model.to(map_location)
 
-    def load_official(self, path: str | Path) -> CDT:
+    def load_official(self, path: str | Path, trust_pickle: bool = False) -> CDT:
         """Load an official checkpoint (``cdt_base.ckpt`` into ``cdt_base``, ``cdt_small.ckpt`` into
-        ``cdt_small``; ``.ckpt``/``.pt`` or ``.safetensors``), strictly. Returns ``self``."""
+        ``cdt_small``; ``.ckpt``/``.pt`` or ``.safetensors``), strictly. Returns ``self``.
+        ``trust_pickle``: also read checkpoints that pickle Python objects besides tensors (runs code from
+        the file; only for files you trust)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path} (expected an official CDT checkpoint)")
@@ -781,7 +784,11 @@ class CDT(nn.Module):
 
             sd: dict[str, Tensor] = load_file(str(path))
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{path} pickles objects besides tensors; if you trust the file, load it with "
+                                 f"load_official(path, trust_pickle=True) ({str(e).splitlines()[0]})") from e
         for key in ("state_dict", "module"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]

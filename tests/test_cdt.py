@@ -274,6 +274,10 @@ def test_save_load_and_official_checkpoints(tmp_path: Path) -> None:
     torch.testing.assert_close(off.encode(_video()), z, rtol=5e-2, atol=5e-2)
     assert any(k.startswith("model.context_fn.enc.0.0.block1.block.0") for k in sd)
     assert any(k.startswith("model.denoise_fn.downs.0.2.fn.fn.to_qkv") for k in sd)
+    torch.save({"state_dict": sd, "callbacks": {"cb": Path("x")}}, tmp_path / "pickled.ckpt")
+    with pytest.raises(ValueError, match="trust_pickle=True"):
+        create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt")
+    create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt", trust_pickle=True)
     sd["model.extra.weight"] = torch.zeros(1)
     del sd["model.denoise_fn.final_conv.1.weight"]
     torch.save(sd, tmp_path / "bad.ckpt")
