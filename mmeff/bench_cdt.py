@@ -50,6 +50,7 @@ def run_cdt_bench(
     ``steps`` steps each and compare them (module docstring). Writes ``out/cdt.json`` and figures;
     checkpoints in ``out/<model>/`` (resumed when present)."""
     from mmeff.cdt import create_model, param_counts
+    from mmeff.metrics import psnr, quantize_8bit
     from mmeff.perceptual import lpips_model, lpips_status
     from mmeff.profile import median_seconds
     from mmeff.videotok import (
@@ -57,6 +58,7 @@ def run_cdt_bench(
         VideoCrops,
         centre_clip,
         evaluate_tokenizer,
+        offline_video_names,
         offline_videos,
         train_tokenizer,
     )
@@ -75,6 +77,7 @@ def run_cdt_bench(
     results: dict[str, Any] = {
         "setup": {"train_steps": steps, "batch_size": batch_size, "train_clip": [frames, size, size],
                   "test_clip": [test_frames, test_size, test_size], "test_videos": len(tests),
+                  "test_names": offline_video_names("test")[:len(tests)],
                   "long_video_frames": long_frames, "threads": torch.get_num_threads(),
                   "lpips": "yes" if lp is not None else f"n/a: {lp_reason}"},
         "models": {},
@@ -106,10 +109,16 @@ def run_cdt_bench(
             # the same latents decoded whole and in chunks of 4 latent frames (16 video frames)
             rec_whole = model.decode(z_whole)
             rec_chunk = model.decode(z_whole, chunk_latents=4)
+            # quality at the start and at the end of the long video (does it drift through the caches?)
+            pred = quantize_8bit((rec_chunk[0] + 1) / 2).transpose(0, 1)
+            ref = ((x[0] + 1) / 2).transpose(0, 1)
+            ends = {"psnr_first_17": float(psnr(pred[:17], ref[:17]).mean()),
+                    "psnr_last_17": float(psnr(pred[-17:], ref[-17:]).mean())}
             q = evaluate_tokenizer(model, [long_video], [1], chunk_latents=4, lpips=lp, progress=False)[1]
             long_rows[name] = {"latent_max_diff": float((z_whole - z_chunk).abs().max()),
                                "video_max_diff": float((rec_whole - rec_chunk).abs().max()),
-                               "psnr": q["psnr"], "ssim": q["ssim"], **({"lpips": q["lpips"]} if lp else {})}
+                               "psnr": q["psnr"], "ssim": q["ssim"], **ends,
+                               **({"lpips": q["lpips"]} if lp else {})}
     results["long_video"] = long_rows
 
     # decode speed per frame: one test clip, median of `repeats`
@@ -184,7 +193,12 @@ def _report(results: dict[str, Any], print_fn: Callable[[str], None]) -> None:
             lp = f"{q['lpips']:.3f}" if "lpips" in q else "n/a"
             print_fn(f"{name:<10} {k:>5} {q['psnr']:7.2f} {q['ssim']:6.3f} {lp:>6} {sp['seconds_per_frame']:8.4f} "
                      f"{sp['vs_cdt_1_step']:8.2f} {m['params']['total']:9d}")
+    names = s.get("test_names") or [str(i) for i in range(s["test_videos"])]
+    print_fn("PSNR per held-out clip: " + ", ".join(names))
+    for name, m in results["models"].items():
+        for k, q in m["quality"].items():
+            print_fn(f"  {name}@{k}: " + "  ".join(f"{p:.2f}" for p in q["psnr_per_video"]))
     for name, r in results["long_video"].items():
         print_fn(f"long video ({s['long_video_frames']} frames, chunked) {name}: PSNR {r['psnr']:.2f} SSIM "
-                 f"{r['ssim']:.3f}; chunked vs whole max |diff| latents {r['latent_max_diff']:.2e}, "
-                 f"video {r['video_max_diff']:.2e}")
+                 f"{r['ssim']:.3f} (first 17 frames {r['psnr_first_17']:.2f}, last 17 {r['psnr_last_17']:.2f}); "
+                 f"chunked vs whole max |diff| latents {r['latent_max_diff']:.2e}, video {r['video_max_diff']:.2e}")

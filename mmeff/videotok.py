@@ -34,7 +34,7 @@ from mmeff.metrics import psnr, quantize_8bit, ssim
 from mmeff.training import train_steps
 
 __all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "frechet_distance", "fvd",
-           "i3d_features", "offline_videos", "to_model_range",
+           "i3d_features", "offline_video_names", "offline_videos", "to_model_range",
            "train_tokenizer", "video_tensor"]
 
 
@@ -56,6 +56,17 @@ def video_tensor(frames: np.ndarray, short_side: int | None = None) -> Tensor:
 def to_model_range(x: Tensor) -> Tensor:
     """[0, 1] -> [-1, 1] (the tokenizers' range)."""
     return x * 2 - 1
+
+
+def offline_video_names(split: str, rendered: int = 3) -> list[str]:
+    """Names of :func:`offline_videos` ``(split, rendered=...)``, in order."""
+    from mmeff.datasets.scenes import VIDEO_KINDS
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    clips = ["bikes", "bigbuckbunny"] if split == "train" else ["carphone"]
+    seed = 0 if split == "train" else 1
+    return clips + [f"scene{seed}_{i} ({VIDEO_KINDS[i % len(VIDEO_KINDS)]})" for i in range(rendered)]
 
 
 def offline_videos(split: str, short_side: int = 96, rendered: int = 3) -> list[Tensor]:
@@ -192,8 +203,9 @@ def evaluate_tokenizer(
     device: torch.device | str | None = None,
 ) -> dict[int, dict[str, float]]:
     """Reconstruction quality of ``videos`` (each ``(3, T, H, W)`` in [-1, 1], coded whole) at each number
-    of sampling ``steps``: ``{steps: {"psnr", "ssim", ("lpips"), "frames", "decode_seconds"}}``, PSNR and
-    SSIM on 8-bit-quantised RGB per frame and averaged over all frames; ``lpips`` (a model from
+    of sampling ``steps``: ``{steps: {"psnr", "ssim", ("lpips"), "frames", "decode_seconds",
+    "psnr_per_video"}}``, PSNR and SSIM on 8-bit-quantised RGB per frame and averaged over all frames
+    (``psnr_per_video``: each video's own mean); ``lpips`` (a model from
     :func:`mmeff.perceptual.lpips_model`) when given; ``fvd`` between the videos and their reconstructions
     when ``fvd_detector`` (see :func:`i3d_features`) is given."""
     if not videos:
@@ -211,7 +223,7 @@ def evaluate_tokenizer(
         latents = [model.encode(v[None].to(device)) for v in videos]
         for s in steps:
             sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0, "frames": 0, "decode_seconds": 0.0}
-            recs = []
+            recs, per_video = [], []
             for v, z in tqdm(list(zip(videos, latents)), desc=f"evaluate {s} step(s)", disable=not progress,
                              leave=False):
                 t0 = time.perf_counter()
@@ -221,14 +233,16 @@ def evaluate_tokenizer(
                     recs.append(rec[0].float().cpu())
                 pred = quantize_8bit(((rec[0].float().cpu() + 1) / 2).transpose(0, 1))  # (T, 3, H, W)
                 ref = ((v.float() + 1) / 2).transpose(0, 1)
-                sums["psnr"] += float(psnr(pred, ref).sum())
+                frame_psnr = psnr(pred, ref)
+                per_video.append(float(frame_psnr.mean()))
+                sums["psnr"] += float(frame_psnr.sum())
                 sums["ssim"] += float(ssim(pred, ref).sum())
                 if lpips is not None:
                     sums["lpips"] += float(lpips(pred.to(device) * 2 - 1, ref.to(device) * 2 - 1).sum())
                 sums["frames"] += ref.shape[0]
             n = sums["frames"]
             row = {"psnr": sums["psnr"] / n, "ssim": sums["ssim"] / n, "frames": n,
-                   "decode_seconds": sums["decode_seconds"]}
+                   "decode_seconds": sums["decode_seconds"], "psnr_per_video": per_video}
             if lpips is not None:
                 row["lpips"] = sums["lpips"] / n
             if fvd_detector is not None:
