@@ -32,7 +32,7 @@ __all__ = ["run_cdt_bench"]
 def run_cdt_bench(
     out_dir: str | Path = "runs/bench_cdt",
     *,
-    steps: int = 300,
+    steps: int = 600,
     batch_size: int = 8,
     frames: int = 9,
     size: int = 32,

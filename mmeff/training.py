@@ -81,6 +81,8 @@ def train_steps(
     find_unused_parameters: bool = False,
     history_extra: dict[str, Any] | None = None,
     length_hint: str = "length",
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    trainable_only: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg.steps`` steps of ``loss_fn(net, batch, step, device) -> {"loss": ..., other parts}``.
 
@@ -89,7 +91,9 @@ def train_steps(
     ``stop_after``: return after that many steps of this call (the schedule stays that of ``cfg.steps``;
     a later call resumes). Returns the history ``{"config", "log": [{"step", <part means>, "lr",
     "seconds"}], "step", "train_seconds", **history_extra}`` (``seconds``: since this call started;
-    ``train_seconds``: all calls together). The dataset must hold ``steps * batch * world`` items."""
+    ``train_seconds``: all calls together). The dataset must hold ``steps * batch * world`` items.
+    Only parameters with ``requires_grad`` train; ``trainable_only`` saves only those in ``last.pt`` (a
+    model with a large frozen part, e.g. a VLM's language model)."""
     out = Path(out_dir)
     rank, world, device = init_distributed()
     need = cfg.steps * cfg.batch_size * world
@@ -104,14 +108,24 @@ def train_steps(
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                                   find_unused_parameters=find_unused_parameters)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (every requires_grad is False)")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     history: dict[str, Any] = {"config": asdict(cfg), "log": [], "step": 0, **(history_extra or {})}  # type: ignore[call-overload]
     ckpt = out / "last.pt"
     start = 0
     if resume and ckpt.is_file():
         state = torch.load(ckpt, map_location=device, weights_only=False)
         try:
-            model.load_state_dict(state["model"])
+            if trainable_only:
+                missing = trainable - set(state["model"])
+                if missing:
+                    raise RuntimeError(f"trainable parameters missing from the checkpoint: {sorted(missing)[:4]}")
+                model.load_state_dict(state["model"], strict=False)
+            else:
+                model.load_state_dict(state["model"])
         except RuntimeError as e:
             raise ValueError(f"{ckpt} holds another model configuration; train into another folder or start "
                              f"over without resuming ({str(e).splitlines()[0]})") from e
@@ -127,7 +141,8 @@ def train_steps(
     # later random draw of a resumed run
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
                                          sampler=StepSampler(start, stop, cfg.batch_size, rank, world),
-                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed))
+                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
+                                         collate_fn=collate_fn)
     use = net if ddp_forward else model
 
     def save(step: int) -> None:
@@ -135,7 +150,10 @@ def train_steps(
             return
         history["step"] = step
         history["train_seconds"] = base_seconds + time.perf_counter() - t0
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        sd = model.state_dict()
+        if trainable_only:
+            sd = {k: v for k, v in sd.items() if k in trainable}
+        torch.save({"model": sd, "optimizer": opt.state_dict(), "step": step,
                     "history": history, "rng": torch.get_rng_state()}, ckpt)
         (out / "history.json").write_text(json.dumps(history, indent=1))
 
@@ -151,12 +169,12 @@ def train_steps(
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         if world > 1 and not ddp_forward:
-            for p in model.parameters():
+            for p in params:
                 if p.grad is not None:
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
         if cfg.clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         opt.step()
         step += 1
         window.append({k: float(v.detach()) for k, v in parts.items()})
