@@ -302,6 +302,45 @@ def _cdt_videos(data: str, short_side: int, split: str) -> list:
     return [video_tensor(load_video(p, fps=load_video(p, num_frames=1).native_fps).frames, short_side) for p in paths]
 
 
+def _cmd_eve(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mmeff.eve import EveForConditionalGeneration, EveTrainConfig, answer_loss, eve_smollm2, train_stage
+
+    if args.task == "build":
+        model, tok = eve_smollm2(experts=args.experts)
+        model.save_pretrained(args.out)
+        tok.save_pretrained(args.out)
+        print(f"wrote {args.out}")
+        return 0
+    model = EveForConditionalGeneration.from_pretrained(args.model).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    if args.task == "train":
+        train = tuple(t.strip() for t in args.train.split(",")) if args.train else None
+        cfg = EveTrainConfig(args.stage, steps=args.steps, batch_size=args.batch_size, lr=args.lr, train=train,
+                             save_every=args.save_every, seed=args.seed)
+        train_stage(model, tok, args.out, cfg, resume=not args.no_resume)
+        print(f"wrote {args.out}/model")
+        return 0
+    from mmeff.bench_eve import offline_text_ids, perplexity
+    from mmeff.mini import accuracy_by_kind, answer_scenes, heldout_items
+
+    res = answer_scenes(model, tok, heldout_items(args.per_kind, video=False), batch_size=8, progress=True)
+    text = offline_text_ids(tok, args.text_tokens)
+    ppl = {"model": perplexity(model, text)}
+    if args.compare_smollm2:
+        from mmeff.models import load_smollm2
+
+        ppl["smollm2"] = perplexity(load_smollm2()[0], text)
+    report = {"accuracy": accuracy_by_kind(res), "heldout_answer_loss": answer_loss(model, tok),
+              "text_perplexity": ppl}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _cmd_cdt(args: argparse.Namespace) -> int:
     import json
     import os
@@ -414,6 +453,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from mmeff.bench_cdt import run_cdt_bench
 
         run_cdt_bench(args.cdt_out, steps=args.cdt_steps, batch_size=args.cdt_batch_size, repeats=args.repeats)
+        return 0
+    if args.suite == "eve":
+        from mmeff.bench_eve import run_eve_bench
+
+        run_eve_bench(args.eve_out, steps=[int(v) for v in args.eve_steps.split(",")],
+                      batch_size=args.eve_batch_size, repeats=args.repeats)
         return 0
     if args.suite == "vistog":
         from mmeff.bench_vistog import run_vistog_bench
@@ -617,11 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'mmeff bench vistog': VisToG's visual tokens, FLOPs and latency vs the plain model (and LLaVA-1.5-7B FLOPs); "
         "'mmeff bench squeezetime': SqueezeTime vs a frame-averaging 2-D baseline on generated motion clips; "
         "'mmeff bench ipt': Instruct-IPT vs a shared IPT and one IPT per task on degraded real photos; "
-        "'mmeff bench cdt': the CDT video tokenizer vs a plain VAE decoder on real and rendered clips",
+        "'mmeff bench cdt': the CDT video tokenizer vs a plain VAE decoder on real and rendered clips; "
+        "'mmeff bench eve': Eve on SmolLM2 (three stages, text perplexity, FLOPs/latency vs mmeff-mini)",
     )
     b.add_argument("suite", nargs="?", default="scenes",
                    choices=["scenes", "tokens", "sepllm", "flatquant", "tome", "tocom", "vistog", "squeezetime", "ipt",
-                            "cdt"],
+                            "cdt", "eve"],
                    help="what to benchmark (default: scenes)")
     b.add_argument("--model", default="default",
                    help="'default' (embedded LLaVA + SmolLM2-135M; for sepllm: SmolLM2-135M-Instruct), 'tiny-llava', "
@@ -712,6 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--cdt-out", default="bench_cdt", help="folder for checkpoints, cdt.json and figures")
     cd.add_argument("--cdt-steps", type=int, default=600, help="training steps of each tokenizer")
     cd.add_argument("--cdt-batch-size", type=int, default=8, help="9-frame 32x32 clips per step")
+    ev = b.add_argument_group("eve suite", "Eve on the real SmolLM2 and mmeff-mini's CLIP tower vs mmeff-mini")
+    ev.add_argument("--eve-out", default="bench_eve", help="folder for each stage's model, eve.json and eve.png")
+    ev.add_argument("--eve-steps", default="150,150,150", help="steps of stages 1 (align), 2 (instruct), 3 (experts)")
+    ev.add_argument("--eve-batch-size", type=int, default=8)
     b.set_defaults(fn=_cmd_bench)
 
     t = sub.add_parser("tocom-train", help="train a ToCom plug-in for a timm ViT by self-distillation on a folder of images")
@@ -844,6 +894,34 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--short-side", type=int, default=None if q is cr else 96,
                        help="resize videos to this short side first" + (" (default: keep the size)" if q is cr else ""))
         q.set_defaults(fn=_cmd_cdt)
+
+    ev = sub.add_parser("eve", help="Eve (elastic visual experts): build from SmolLM2, train a stage, evaluate")
+    etasks = ev.add_subparsers(dest="task", required=True)
+    eb = etasks.add_parser("build", help="Eve from SmolLM2-135M-Instruct (its wheel) and mmeff-mini's CLIP tower, "
+                           "saved with save_pretrained")
+    eb.add_argument("--out", required=True)
+    eb.add_argument("--experts", action="store_true", help="insert the experts now (default: stage 3 does)")
+    et = etasks.add_parser("train", help="one training stage on rendered scenes (resumes from --out/last.pt; DDP "
+                           "under torchrun); writes --out/model")
+    et.add_argument("--model", required=True, help="a folder from 'mmeff eve build' or an earlier stage's --out/model")
+    et.add_argument("--stage", required=True, choices=["align", "instruct", "experts"])
+    et.add_argument("--out", required=True)
+    et.add_argument("--steps", type=int, default=150)
+    et.add_argument("--batch-size", type=int, default=8, help="conversations per step (per rank under torchrun)")
+    et.add_argument("--lr", type=float, default=None, help="default: 1e-3 for stages 1-2, 1e-4 for stage 3")
+    et.add_argument("--train", default=None,
+                    help="comma-separated parts to train (projector, experts, adapters, vision_tower, language_model); "
+                    "default per stage")
+    et.add_argument("--save-every", type=int, default=50)
+    et.add_argument("--seed", type=int, default=1234)
+    et.add_argument("--no-resume", action="store_true")
+    ee = etasks.add_parser("eval", help="held-out scene accuracy and answer loss, and text perplexity vs the base LM")
+    ee.add_argument("--model", required=True)
+    ee.add_argument("--per-kind", type=int, default=8, help="held-out image questions per kind")
+    ee.add_argument("--text-tokens", type=int, default=2048, help="tokens of offline text for the perplexity")
+    ee.add_argument("--compare-smollm2", action="store_true", help="also the base SmolLM2's perplexity")
+    for q in (eb, et, ee):
+        q.set_defaults(fn=_cmd_eve)
 
     mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
     mtasks = mi.add_subparsers(dest="mini_task", required=True)

@@ -866,7 +866,8 @@ def answer_scenes(
 
     cfg = model.config
     param = next(model.parameters())
-    per_image = llava_tokens_per_image(cfg)
+    # Eve's config says how many tokens its projector leaves; LLaVA's are the tower's patches
+    per_image = int(getattr(cfg, "tokens_per_image", 0) or llava_tokens_per_image(cfg))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out: list[dict[str, Any]] = []
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
