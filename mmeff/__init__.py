@@ -5,7 +5,7 @@
         model.generate(**inputs)
 """
 
-from mmeff import cdt, flatquant, instruct_ipt, squeezetime, tome, vistog
+from mmeff import cdt, eve, flatquant, instruct_ipt, squeezetime, tome, vistog
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.cdt import CDT
@@ -23,6 +23,7 @@ from mmeff.core import (
     list_reducers,
     register,
 )
+from mmeff.eve import EveForConditionalGeneration
 from mmeff.fourier import FourierLowPass, fourier_compress
 from mmeff.freevideo import FreeVideoLLM
 from mmeff.instruct_ipt import InstructIPT
@@ -37,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AvgPool",
     "CDT",
+    "EveForConditionalGeneration",
     "BudgetReducer",
     "CLSAttnTopK",
     "Compose",
@@ -63,6 +65,7 @@ __all__ = [
     "create_press",
     "create_reducer",
     "cdt",
+    "eve",
     "flatquant",
     "fourier_compress",
     "instruct_ipt",

@@ -525,6 +525,23 @@ AutoConfig.register("mmeff_eve", EveConfig, exist_ok=True)
 AutoModelForImageTextToText.register(EveConfig, EveForConditionalGeneration, exist_ok=True)
 
 
+def _register() -> None:
+    from mmeff.zoo import register_model
+
+    def smollm2(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
+        if pretrained is not None:
+            return EveForConditionalGeneration.from_pretrained(pretrained, **kw).eval()
+        return eve_smollm2(**kw)[0]
+
+    def paper(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
+        if pretrained is not None:
+            return EveForConditionalGeneration.from_pretrained(pretrained).eval()
+        return EveForConditionalGeneration(paper_config(**kw)).eval()
+
+    register_model("eve_smollm2", "eve", smollm2)
+    register_model("eve_paper", "eve", paper)
+
+
 # --------------------------------------------------------------------------------------------- building
 def build_eve(
     lm: PreTrainedModel,
@@ -802,3 +819,6 @@ def answer_loss(model: EveForConditionalGeneration, tokenizer: Any, n: int = 64,
         total += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
         count += int(keep.sum())
     return total / max(1, count)
+
+
+_register()

@@ -18,7 +18,7 @@ __all__ = ["create_model", "list_models", "register_model"]
 # name -> (family, factory(pretrained: str | None, **kwargs) -> nn.Module)
 _REGISTRY: dict[str, tuple[str, Callable[..., nn.Module]]] = {}
 # modules that register models on import; imported lazily so `import mmeff` stays light
-_FAMILIES = ("mmeff.squeezetime", "mmeff.instruct_ipt", "mmeff.cdt")
+_FAMILIES = ("mmeff.squeezetime", "mmeff.instruct_ipt", "mmeff.cdt", "mmeff.eve")
 
 
 def register_model(name: str, family: str, factory: Callable[..., nn.Module]) -> None:

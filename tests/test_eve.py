@@ -198,6 +198,11 @@ def test_save_load_generate_and_cache(tmp_path):
     slow = m2.generate(input_ids=ids, pixel_values=px, max_new_tokens=5, do_sample=False, use_cache=False)
     assert torch.equal(fast, slow)
     assert not (fast[:, ids.shape[1]:] == m.config.image_token_id).any()
+    import mmeff
+
+    assert set(mmeff.list_models("eve")) == {"eve_paper", "eve_smollm2"}
+    m3 = mmeff.create_model("eve_smollm2", pretrained=str(tmp_path))  # any saved Eve folder
+    assert isinstance(m3, mmeff.EveForConditionalGeneration) and m3.config.adapter_layers == [3]
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -320,3 +325,27 @@ def test_loss_only_equals_the_full_logits_loss():
     ref = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
     torch.testing.assert_close(full.lm_loss, ref)
     torch.testing.assert_close(full.loss, ref + 0.01 * full.aux_loss)
+
+
+def test_stage3_under_torchrun_ddp(smollm2, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, tok = smollm2
+    torch.manual_seed(0)
+    lmc = tiny_lm_config(vocab_size=len(tok) + 1, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model, tok2 = build_eve(AutoModelForCausalLM.from_config(lmc), tok, CLIPVisionConfig(**VISION))
+    model.save_pretrained(tmp_path / "m")
+    tok2.save_pretrained(tmp_path / "m")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+           "-m", "mmeff.cli", "eve", "train", "--model", str(tmp_path / "m"), "--stage", "experts",
+           "--steps", "2", "--batch-size", "1", "--save-every", "1", "--out", str(tmp_path / "ddp")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "history.json").read_text())["step"] == 2
+    assert EveForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "model").config.expert_layers == [0]
