@@ -280,13 +280,7 @@ def test_cli_train_and_eval(smollm2, tmp_path, capsys):
 
     from mmeff.cli import main
 
-    _, tok = smollm2
-    torch.manual_seed(0)
-    lmc = tiny_lm_config(vocab_size=len(tok) + 1, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model, tok2 = build_eve(AutoModelForCausalLM.from_config(lmc), tok, CLIPVisionConfig(**VISION))
-    model.save_pretrained(tmp_path / "m")
-    tok2.save_pretrained(tmp_path / "m")
+    _save_tiny_eve(smollm2[1], tmp_path / "m")
     out = tmp_path / "s3"
     assert main(["eve", "train", "--model", str(tmp_path / "m"), "--stage", "experts", "--steps", "2",
                  "--batch-size", "2", "--out", str(out)]) == 0
@@ -334,13 +328,7 @@ def test_stage3_under_torchrun_ddp(smollm2, tmp_path):
     import sys
     from pathlib import Path
 
-    _, tok = smollm2
-    torch.manual_seed(0)
-    lmc = tiny_lm_config(vocab_size=len(tok) + 1, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    model, tok2 = build_eve(AutoModelForCausalLM.from_config(lmc), tok, CLIPVisionConfig(**VISION))
-    model.save_pretrained(tmp_path / "m")
-    tok2.save_pretrained(tmp_path / "m")
+    _save_tiny_eve(smollm2[1], tmp_path / "m")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
            "-m", "mmeff.cli", "eve", "train", "--model", str(tmp_path / "m"), "--stage", "experts",
            "--steps", "2", "--batch-size", "1", "--save-every", "1", "--out", str(tmp_path / "ddp")]
@@ -349,3 +337,13 @@ def test_stage3_under_torchrun_ddp(smollm2, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "history.json").read_text())["step"] == 2
     assert EveForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "model").config.expert_layers == [0]
+
+
+def _save_tiny_eve(tok, folder):
+    # a 2-layer random LM on SmolLM2's real tokenizer, saved as an Eve folder for the CLI
+    torch.manual_seed(0)
+    lmc = tiny_lm_config(vocab_size=len(tok) + 1, num_hidden_layers=2, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model, tok2 = build_eve(AutoModelForCausalLM.from_config(lmc), tok, CLIPVisionConfig(**VISION))
+    model.save_pretrained(folder)
+    tok2.save_pretrained(folder)
