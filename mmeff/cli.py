@@ -638,7 +638,10 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
         if args.json:
             import json
 
-            Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+            # the method and model travel with the numbers, so `mmeff report` can label a set of such files
+            payload = {"method": reducer.describe() if reducer else "none", "model": info.get("name", args.model),
+                       "frames": args.frames, **report.as_dict()}
+            Path(args.json).write_text(json.dumps(payload, indent=2))
             print(f"wrote {args.json}")
     return 0
 
@@ -1010,7 +1013,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", default=None, help="also write the report to this JSON file")
     v.add_argument("--cache-dir", default=None, help="where converted weights are cached (default $MMEFF_CACHE or ~/.cache/mmeff)")
     v.set_defaults(fn=_cmd_eval_videoqa)
+
+    rp = sub.add_parser("report", help="turn bench/eval JSON files into plots (accuracy and latency against "
+                        "visual tokens) and a markdown table")
+    rp.add_argument("files", nargs="+", help="JSON files written by mmeff bench / mmeff eval (--json)")
+    rp.add_argument("--out", default="report", help="folder for report.md and the PNGs")
+    rp.add_argument("--title", default="mmeff report")
+    rp.set_defaults(fn=_cmd_report)
+
+    dm = sub.add_parser("demo", help="start the Gradio demo app (video QA, token maps, restoration, LLM backbone) "
+                        "on localhost; needs the demo extra: pip install 'mmeff[demo]'")
+    dm.add_argument("--host", default="127.0.0.1")
+    dm.add_argument("--port", type=int, default=7860)
+    dm.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    dm.set_defaults(fn=_cmd_demo)
     return p
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mmeff.report import write_report
+
+    for path in write_report(args.files, args.out, args.title).values():
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mmeff.demos.app import main as demo_main
+
+    return demo_main(["--host", args.host, "--port", str(args.port), *(["--share"] if args.share else [])])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,6 +145,8 @@ class FreeVideoOutput:
         out_idx, in_idx: ``(K,)`` long pairs, output token ``out_idx[k]`` draws on input token ``in_idx[k]``
             of the flattened ``(T*H*W)`` frames (pooled pairs, crop boxes, fast-path bins); the fast path
             re-uses frames of the other paths, so inputs overlap (see ``Reduction.from_sources``).
+        scores: ``(T,)`` cosine similarity of each frame's CLIP embedding to the question's, the ranking
+            the slow and fast paths pick their frames by.
     """
 
     tokens: Tensor
@@ -155,6 +157,7 @@ class FreeVideoOutput:
     counts: dict[str, int] = field(default_factory=dict)
     out_idx: Tensor | None = None
     in_idx: Tensor | None = None
+    scores: Tensor | None = None
 
 
 def spatial_1d_max_pool(x: Tensor) -> Tensor:
@@ -300,8 +303,9 @@ def free_video_tokens(
                 rows, cols = _window(h, cfg.fast_grid[0], i), _window(w, cfg.fast_grid[1], j)
                 record((f * n + rows[:, None] * w + cols[None, :]).reshape(1, -1))
     src = torch.cat(pairs).to(feats.device)
+    scores = F.cosine_similarity(text_emb.float()[None], frame_emb.float(), dim=-1)
     return FreeVideoOutput(tokens=torch.cat(parts), slow=slow, middle=middle, fast=fast, boxes=boxes, counts=counts,
-                           out_idx=src[:, 0], in_idx=src[:, 1])
+                           out_idx=src[:, 0], in_idx=src[:, 1], scores=scores)
 
 
 def _window(size: int, out: int, i: int) -> Tensor:
@@ -441,7 +445,8 @@ class FreeVideoLLM(TokenReducer):
     ``scorer`` or precomputed :class:`FrameEmbeddings` (``extras["clip"]``). Through ``mmeff.apply`` on LLaVA a
     run of image placeholders holding T frames is one video, and questions come from
     ``model.generate(**inputs, mmeff_text=[question per row])``. ``config`` holds the path budgets (default:
-    the released configuration); the scorer's time of the last call is in ``last_scorer_s``.
+    the released configuration); the scorer's time of the last call is in ``last_scorer_s`` and each row's
+    :class:`FreeVideoOutput` (frames per path, RoI boxes, frame scores) in ``last_outputs``.
     """
 
     config: FreeVideoConfig = field(default_factory=FreeVideoConfig)
@@ -453,6 +458,7 @@ class FreeVideoLLM(TokenReducer):
         if not isinstance(self.config, FreeVideoConfig):
             raise TypeError(f"config must be a FreeVideoConfig, got {type(self.config).__name__}")
         self.last_scorer_s = 0.0
+        self.last_outputs: list[FreeVideoOutput] = []
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         grid = ctx.grid
@@ -478,6 +484,7 @@ class FreeVideoLLM(TokenReducer):
             outs.append(free_video_tokens(tokens[i].view(t, h * w, -1), (h, w), emb.frames.to(tokens.device),
                                           emb.text.to(tokens.device), emb.patches_on((h, w)).to(tokens.device),
                                           self.config))
+        self.last_outputs = outs
         return Reduction.from_sources(
             torch.stack([o.tokens for o in outs]),
             torch.stack([o.out_idx for o in outs]),

@@ -61,6 +61,7 @@ __all__ = [
     "bias_report",
     "create_model",
     "list_models",
+    "shipped_model",
     "param_counts",
 ]
 
@@ -515,6 +516,32 @@ def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> Ins
             raise ValueError(f"{pretrained} was saved with another configuration (built vs saved): {diff}")
         model = loaded
     return model
+
+
+#: the trained miniature that ships with mmeff (the restoration demo's model): file and its record
+SHIPPED_FILE = "instruct-ipt-mini.safetensors"
+SHIPPED_RECORD = "instruct-ipt-mini.json"
+
+
+def shipped_model(folder: str | Path | None = None) -> InstructIPT:
+    """The ``instruct_ipt_small`` (rank-4) model trained by ``mmeff ipt train`` on the bundled photos and
+    shipped in ``mmeff/weights/`` (how it was trained and its held-out scores: ``instruct-ipt-mini.json``
+    beside it). The file's sha256 is checked against that record; a missing or altered file raises an error
+    naming the command that regenerates it."""
+    import hashlib
+    import json
+
+    root = Path(folder) if folder is not None else Path(__file__).resolve().parent / "weights"
+    path, record = root / SHIPPED_FILE, root / SHIPPED_RECORD
+    if not path.is_file() or not record.is_file():
+        raise FileNotFoundError(f"{path} or {record} is missing; restore it from git or regenerate it with "
+                                f"`mmeff ipt train --data photos --out DIR --model instruct_ipt_small --steps 2000`")
+    meta = json.loads(record.read_text())
+    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    if got != meta.get("sha256"):
+        raise ValueError(f"{path} does not match {record.name} (sha256 {got[:16]}..., expected "
+                         f"{str(meta.get('sha256'))[:16]}...): the file is corrupt or was replaced")
+    return InstructIPT.load(path)
 
 
 def _register() -> None:

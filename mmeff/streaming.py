@@ -55,6 +55,7 @@ class StreamResult:
     seconds: float
     peak_cuda_bytes: int | None = None
     curve: list[float] = field(default_factory=list, repr=False)  # mean NLL per chunk
+    kept: list[float] = field(default_factory=list, repr=False)  # real KV entries held after each chunk (layer mean)
 
     @property
     def tokens_per_s(self) -> float:
@@ -64,6 +65,7 @@ class StreamResult:
         """Plain dict (for JSON), without the per-chunk curve."""
         d = asdict(self)
         d.pop("curve")
+        d.pop("kept")
         d["tokens_per_s"] = self.tokens_per_s
         return d
 
@@ -111,7 +113,7 @@ def streaming_perplexity(
         torch.cuda.reset_peak_memory_stats(device)
     model.eval()
     name = press.describe() if press is not None else "dynamic_cache"
-    nll_sum, count, processed, curve = 0.0, 0, 0, []
+    nll_sum, count, processed, curve, held = 0.0, 0, 0, [], []
     peak_plain, stored_max = 0, 0
     ctx = apply(model, press) if press is not None else nullcontext()
     t0 = time.perf_counter()
@@ -131,6 +133,9 @@ def streaming_perplexity(
             if press is None:
                 peak_plain = max(peak_plain, _kv_bytes(cache))
                 stored_max = cache.get_seq_length()
+                held.append(float(stored_max))
+            else:
+                held.append(float(cache.stats()["kv_kept"]))
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -153,4 +158,5 @@ def streaming_perplexity(
         seconds=seconds,
         peak_cuda_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         curve=curve,
+        kept=held,
     )
