@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from mmeff.demos.common import DemoError  # noqa: E402
 __all__ = ["build_app", "main"]
 
 VIDEO_HEADERS = ["run", "visual tokens", "prefill ms", "generate s", "answer"]
+FRAME_HEADERS = ["frame", "t (s)", "score", "tokens", "path"]
 
 
 def _gradio() -> Any:
@@ -68,12 +70,21 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
     photos = [n for n in IMAGE_NAMES if n not in ("logo", "colorwheel")]
 
     # ------------------------------------------------------------------------------------ handlers
+    clips = Path(tempfile.mkdtemp(prefix="mmeff-demo-clips-"))
+
     def pick_sample(name: str) -> tuple[Any, str, str, str]:
+        if name not in video_qa.samples():
+            raise DemoError(f"unknown bundled clip {name!r}; choose one of {', '.join(video_qa.samples())}")
         s = video_qa.samples()[name]
-        return s["video"], s["question"], ", ".join(s["options"]), s["answer"] or ""
+        # Gradio serves files only from the temp dir or the working directory: the bundled clips live in
+        # site-packages and the mmeff cache, so the page gets a copy
+        copy = clips / Path(s["video"]).name
+        if not copy.is_file():
+            shutil.copy(s["video"], copy)
+        return str(copy), s["question"], ", ".join(s["options"]), s["answer"] or ""
 
     def answer(video: str | None, question: str, options: str, reference: str, method: str, ratio: float,
-               frames: float) -> tuple[str, list, list, str]:
+               frames: float) -> tuple[str, list, list, list]:
         opts = [o.strip() for o in (options or "").split(",") if o.strip()]
         res = video_qa.run_video_qa(video, question, method, ratio, int(frames), opts or None,
                                     reference=reference or None, model=model, tokenizer=tokenizer)
@@ -87,9 +98,10 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
                          f"({red['prefill_ms'] / base['prefill_ms']:.2f}x), "
                          f"tokens {red['visual_tokens'] / base['visual_tokens']:.2f}x")
         lines += [f"_{n}_" for n in res.notes]
-        lines.append("_mmeff-mini answers at chance level (it is not yet grounded in the image): read the tokens, "
-                     "frames and latency, not the answer._")
-        return "\n\n".join(lines), res.frames, res.table(), ""
+        if model is None:
+            lines.append("_mmeff-mini answers at chance level (it is not yet grounded in the image): read the "
+                         "tokens, frames and latency, not the answer._")
+        return "\n\n".join(lines), res.frames, res.table(), res.frame_table()
 
     def maps(image: np.ndarray | None, tokens: float, methods: list[str]) -> tuple[list, str]:
         if image is None:
@@ -112,8 +124,8 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
         res = llm.run_kv_occupancy(int(tokens), chunk=32, cache_size=int(cache_size),
                                    local_size=int(cache_size) // 2)
         png = llm.plot_kv_occupancy(res, 32, out / f"kv_{int(tokens)}_{int(cache_size)}.png")
-        rows = [["full cache" if r.method == "dynamic_cache" else r.method, round(r.ppl, 3), round(r.avg_kv, 1),
-                 round(r.kept[-1], 1), round(r.tokens_per_s, 1)] for r in res]
+        rows = [[llm.short_name(r.method), round(r.ppl, 3), round(r.avg_kv, 1), round(r.kept[-1], 1),
+                 round(r.tokens_per_s, 1)] for r in res]
         return str(png), rows
 
     def quant_fn(method: str, bits: str, samples: float, epochs: float,
@@ -131,9 +143,12 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
         paths = [getattr(f, "name", f) for f in files]
         written = write_report(paths, out / "report")
         pngs = [(str(p), n) for n, p in written.items() if n.endswith(".png")]
-        return pngs, written["report.md"].read_text()
+        # the gallery shows the plots; report.md's relative image links would be broken in the page
+        md = "\n".join(line for line in written["report.md"].read_text().splitlines() if not line.startswith("!["))
+        return pngs, md
 
     # ---------------------------------------------------------------------------------------- layout
+    # pictures travel as PNG: Gradio's default WebP is lossy, which would move the PSNRs shown
     with gr.Blocks(title="mmeff demos") as app:
         gr.Markdown("# mmeff: cheaper vision-language and video models\nEverything here runs offline on the "
                     "embedded models (mmeff-mini, the shipped Instruct-IPT miniature, SmolLM2-135M).")
@@ -142,7 +157,7 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
                 with gr.Column():
                     sample = gr.Dropdown(list(video_qa.samples()), value="scene 0", label="bundled clip")
                     video = gr.Video(label="video (upload your own or pick a bundled clip)", format=None,
-                                     sources=["upload"])
+                                     sources=["upload"], height=320)
                     question = gr.Textbox(label="question")
                     options = gr.Textbox(label="options (comma-separated; empty for an open question)")
                     reference = gr.Textbox(label="reference answer (if known)")
@@ -153,23 +168,26 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
                 with gr.Column():
                     answer_md = gr.Markdown(label="answer")
                     runs = gr.Dataframe(headers=VIDEO_HEADERS, label="tokens and latency", interactive=False)
-                    gallery = gr.Gallery(label="frames: score, tokens kept, Free Video-LLM path and RoI box",
-                                         columns=4, height="auto")
-                    status = gr.Markdown()
-            sample.change(pick_sample, sample, [video, question, options, reference])
-            app.load(pick_sample, sample, [video, question, options, reference])
+                    gallery = gr.Gallery(format="png", label="frames as the model saw them: tokens kept, RoI box",
+                                         columns=4, height="auto", object_fit="contain")
+                    # gallery captions are cut to one line in the thumbnails: the scores get a table
+                    frame_table = gr.Dataframe(headers=FRAME_HEADERS, label="frames: CLIP score to the question, "
+                                               "tokens to the LLM, Free Video-LLM path", interactive=False)
+            sample.change(_guard(pick_sample), sample, [video, question, options, reference], api_name="pick_sample")
+            app.load(_guard(pick_sample), sample, [video, question, options, reference])
             ask.click(_guard(answer), [video, question, options, reference, method, ratio, frames],
-                      [answer_md, gallery, runs, status], api_name="video_qa")
+                      [answer_md, gallery, runs, frame_table], api_name="video_qa")
         with gr.Tab("Image tokens"):
             with gr.Row():
                 with gr.Column():
                     photo_name = gr.Dropdown(photos, value="astronaut", label="bundled photo")
-                    photo = gr.Image(type="numpy", label="photo", value=sample_image("astronaut"))
+                    photo = gr.Image(type="numpy", label="photo", value=sample_image("astronaut"), format="png")
                     tokens = gr.Slider(16, 576, value=144, step=1, label="tokens kept (of 576)")
                     which = gr.CheckboxGroup(list(token_maps.METHODS), value=list(token_maps.METHODS), label="methods")
                     show = gr.Button("Show", variant="primary")
                 with gr.Column():
-                    panels = gr.Gallery(label="what reaches the LLM", columns=3, height="auto")
+                    panels = gr.Gallery(format="png", label="what reaches the LLM", columns=3, height="auto",
+                                        object_fit="contain")
                     captions = gr.Markdown()
             photo_name.change(lambda n: sample_image(n), photo_name, photo)
             show.click(_guard(maps), [photo, tokens, which], [panels, captions], api_name="token_maps")
@@ -177,13 +195,14 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
             with gr.Row():
                 with gr.Column():
                     r_name = gr.Dropdown(photos, value="chelsea", label="bundled photo (chelsea and coffee are held out)")
-                    r_photo = gr.Image(type="numpy", label="clean photo", value=sample_image("chelsea"))
+                    r_photo = gr.Image(type="numpy", label="clean photo", value=sample_image("chelsea"), format="png")
                     degradation = gr.Radio(list(restore.DEGRADATIONS), value="rain", label="degradation")
                     instruction = gr.Textbox(value=restore.DEGRADATIONS["rain"], label="instruction")
                     seed = gr.Number(value=0, precision=0, label="seed")
                     go = gr.Button("Degrade and restore", variant="primary")
                 with gr.Column():
-                    r_gallery = gr.Gallery(label="degraded, restored, clean", columns=3, height="auto")
+                    r_gallery = gr.Gallery(format="png", label="degraded, restored, clean", columns=3, height="auto",
+                                           object_fit="contain")
                     r_table = gr.Dataframe(headers=["picture", "PSNR-Y dB", "SSIM-Y", "PSNR-RGB dB"], interactive=False)
                     r_task = gr.Markdown()
             r_name.change(lambda n: sample_image(n), r_name, r_photo)
@@ -218,7 +237,7 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
             gr.Markdown("JSON from `mmeff bench` (`bench_scenes/scenes.json`, `--json`) or `mmeff eval videoqa --json`.")
             files = gr.File(file_count="multiple", file_types=[".json"], label="JSON files")
             rep_go = gr.Button("Report", variant="primary")
-            rep_plots = gr.Gallery(label="plots", columns=2, height="auto")
+            rep_plots = gr.Gallery(format="png", label="plots", columns=2, height=460, object_fit="contain")
             rep_md = gr.Markdown()
             rep_go.click(_guard(report_fn), files, [rep_plots, rep_md], api_name="report")
     return app

@@ -27,7 +27,7 @@ from torch import nn
 
 from mmeff.demos.common import DemoError
 
-__all__ = ["QUANT_METHODS", "default_lm", "run_kv_occupancy", "plot_kv_occupancy", "state_bytes", "run_quant", "main"]
+__all__ = ["QUANT_METHODS", "default_lm", "run_kv_occupancy", "short_name", "plot_kv_occupancy", "state_bytes", "run_quant", "main"]
 
 QUANT_METHODS = ("flatquant", "hadamard", "rtn")
 
@@ -69,6 +69,16 @@ def run_kv_occupancy(tokens: int = 1024, chunk: int = 32, cache_size: int = 256,
             for press in (None, sep, stream)]
 
 
+def short_name(method: str) -> str:
+    """A press's description shortened for a legend or table: ``SepLLM (cache 256)``."""
+    if method == "dynamic_cache":
+        return "full cache"
+    name = {"sepllm": "SepLLM", "streamingllm": "StreamingLLM"}.get(method.split("(")[0], method.split("(")[0])
+    args = dict(kv.split("=") for kv in method[method.find("(") + 1 : -1].split(", ") if "=" in kv)
+    size = args.get("cache_size") or (int(args["init_size"]) + int(args["local_size"]) if "local_size" in args else None)
+    return f"{name} (cache {size})" if size else name
+
+
 def plot_kv_occupancy(results: list[Any], chunk: int, path: str | Path) -> Path:
     """KV entries held against tokens streamed, one line per run (perplexity in the legend), as a PNG."""
     from mmeff.plotting import pyplot, save_figure
@@ -77,8 +87,7 @@ def plot_kv_occupancy(results: list[Any], chunk: int, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         x = [min((i + 1) * chunk, r.tokens + 1) for i in range(len(r.kept))]
-        label = "full cache" if r.method == "dynamic_cache" else r.method
-        ax.plot(x, r.kept, label=f"{label[:60]}: PPL {r.ppl:.2f}, avg KV {r.avg_kv:.0f}")
+        ax.plot(x, r.kept, label=f"{short_name(r.method)}: PPL {r.ppl:.2f}, avg KV {r.avg_kv:.0f}")
     ax.set_xlabel("tokens streamed")
     ax.set_ylabel("KV entries held (mean over layers)")
     ax.set_title("SmolLM2-135M on the pydoc text: cache occupancy")
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     res = run_kv_occupancy(args.tokens, args.chunk, args.cache_size, local_size=args.cache_size // 2)
     for r in res:
-        print(f"{r.method[:60]:<60} PPL {r.ppl:7.3f}  avg KV {r.avg_kv:7.1f}  held at end {r.kept[-1]:.0f}")
+        print(f"{short_name(r.method):<24} PPL {r.ppl:7.3f}  avg KV {r.avg_kv:7.1f}  held at end {r.kept[-1]:.0f}")
     print(f"wrote {plot_kv_occupancy(res, args.chunk, args.out)}")
     return 0
 

@@ -49,6 +49,8 @@ class VideoQAResult:
 
     ``frames``: per sampled frame, the annotated model view ``(S, S, 3)`` uint8 and its caption.
     ``rows``: one dict per run (``run``, ``visual_tokens``, ``prefill_ms``, ``generate_s``, ``answer``).
+    ``frame_rows``: one dict per sampled frame (``frame``, ``t_s``, ``score``, ``tokens``: LLM tokens drawn
+    from it, ``path``: Free Video-LLM's use of it, else ``""``).
     ``scores``: ``(T,)`` CLIP similarity of each frame to the question.
     """
 
@@ -62,11 +64,17 @@ class VideoQAResult:
     timestamps: list[float]
     reference: str | None = None
     notes: list[str] = field(default_factory=list)
+    frame_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> list[list[Any]]:
         """``rows`` as a list of lists for a table widget: run, visual tokens, prefill ms, generate s, answer."""
         return [[r["run"], r["visual_tokens"], round(r["prefill_ms"], 1), round(r["generate_s"], 2), r["answer"]]
                 for r in self.rows]
+
+    def frame_table(self) -> list[list[Any]]:
+        """``frame_rows`` for a table widget: frame, time s, CLIP score, tokens to the LLM, path."""
+        return [[r["frame"], round(r["t_s"], 2), round(r["score"], 3), r["tokens"], r["path"]]
+                for r in self.frame_rows]
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,9 +222,15 @@ def run_video_qa(
     else:
         emb = default_scorer().embed_pixels(pixels, question)
         scores = F.cosine_similarity(emb.text.float()[None], emb.frames.float(), dim=-1).cpu()
+    if fv_out is not None and fv_out.in_idx is not None:
+        # a frame on two paths (slow and fast) feeds tokens to both, which one assignment per patch cannot show
+        frame_of = (fv_out.in_idx.cpu() // per_image).tolist()
+        per_frame = [len({o for o, f in zip(fv_out.out_idx.cpu().tolist(), frame_of) if f == i}) for i in range(t)]
+    else:
+        per_frame = [int(np.unique(a[a >= 0]).size) for a in assignment]
     views = model_view(pixels)
     factor = max(1, 256 // views[0].shape[0] + 1)
-    annotated = []
+    annotated, frame_rows = [], []
     for i, view in enumerate(views):
         img = token_overlay(upscale(view, factor), assignment[i])
         roles = []
@@ -234,13 +248,15 @@ def run_video_qa(
                 roles.append("fast 2x2")
             if not roles:
                 roles.append("not used")
-        kept = int(np.unique(assignment[i][assignment[i] >= 0]).size)
         caption = (f"frame {i} · t={clip.timestamps[i]:.2f}s · score {float(scores[i]):.3f} · "
-                   f"{kept} of {per_image} tokens" + (f" · {', '.join(roles)}" if roles else ""))
+                   f"{per_frame[i]} of {per_image} tokens" + (f" · {', '.join(roles)}" if roles else ""))
         annotated.append((img, caption))
+        frame_rows.append({"frame": i, "t_s": float(clip.timestamps[i]), "score": float(scores[i]),
+                           "tokens": per_frame[i], "path": ", ".join(roles)})
     return VideoQAResult(question=question, method=method, answer=answer, baseline_answer=baseline,
                          frames=annotated, rows=rows, scores=scores.tolist(),
-                         timestamps=[float(x) for x in clip.timestamps], reference=reference, notes=notes)
+                         timestamps=[float(x) for x in clip.timestamps], reference=reference, notes=notes,
+                         frame_rows=frame_rows)
 
 
 def plot_video_qa(result: VideoQAResult, path: str | Path) -> Path:
@@ -298,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in res.rows:
         print(f"  {r['run']:<32} {r['visual_tokens']:>5} tokens  prefill {r['prefill_ms']:7.1f} ms  "
               f"generate {r['generate_s']:5.2f} s  -> {r['answer']!r}")
+    for f in res.frame_rows:
+        print(f"  frame {f['frame']:>2}  t={f['t_s']:5.2f} s  score {f['score']:.3f}  {f['tokens']:>3} tokens"
+              + (f"  {f['path']}" if f["path"] else ""))
     for note in res.notes:
         print(f"  note: {note}")
     print(f"wrote {plot_video_qa(res, args.out)}")

@@ -51,13 +51,17 @@ def _num(v: Any) -> float | None:
 
 
 def _flat(row: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Scalars of ``row``, one level of nested dicts as ``outer.inner``; lists and deeper nests left out."""
+    """Scalars of ``row`` first, then one level of nested dicts as ``outer.inner`` (so a wide nest such as
+    accuracy per kind does not push the row's own numbers out of the table); lists and deeper nests are
+    left out."""
     out: dict[str, Any] = {}
     for k, v in row.items():
-        if isinstance(v, dict) and not prefix:
-            out.update(_flat(v, f"{k}."))
-        elif isinstance(v, (str, int, float, bool)) or v is None:
+        if isinstance(v, (str, int, float, bool)) or v is None:
             out[f"{prefix}{k}"] = v
+    if not prefix:
+        for k, v in row.items():
+            if isinstance(v, dict):
+                out.update(_flat(v, f"{k}."))
     return out
 
 
@@ -101,7 +105,9 @@ def read_report_file(path: str | Path, label: str | None = None) -> ReportFile:
         kind = "eval"
         for r in rows:
             lat = _num(r.get("latency_mean_s"))
-            points.append(ReportPoint(label, str(r.get("method") or label), "video",
+            # one file per method: files of one model form one series (the latency is a whole answer's)
+            source = f"eval {r['model']}" if r.get("model") else label
+            points.append(ReportPoint(source, str(r.get("method") or label), "video, per answer",
                                       _num(r.get("visual_tokens_mean")) or 0.0, _num(r.get("accuracy")),
                                       None if lat is None else lat * 1e3))
     elif "visual_tokens" in first:  # mmeff bench tokens, bench vistog, ...
@@ -128,7 +134,7 @@ def _fmt(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown_table(rows: list[dict[str, Any]], max_columns: int = 14) -> str:
+def markdown_table(rows: list[dict[str, Any]], max_columns: int = 20) -> str:
     """Rows of scalars as a markdown table (columns in first-seen order; the first ``max_columns``)."""
     cols: list[str] = []
     for r in rows:
@@ -140,30 +146,56 @@ def markdown_table(rows: list[dict[str, Any]], max_columns: int = 14) -> str:
 
 
 def plot_points(points: list[ReportPoint], y: str, path: str | Path) -> Path | None:
-    """``y`` (``"accuracy"`` or ``"latency_ms"``) against visual tokens, one line per source and medium,
-    each point labelled with its method. Returns ``None`` when no point has ``y``."""
+    """``y`` (``"accuracy"`` or ``"latency_ms"``) against visual tokens: one colour per method (the same in
+    both plots), one marker per source and medium. Points at one token count whose values are within 3%
+    of the y range are spread sideways by a few pixels (their values are unchanged) so none hides another. Returns ``None`` when no point has ``y``."""
+    from matplotlib.lines import Line2D
+    from matplotlib.transforms import offset_copy
+
     from mmeff.plotting import pyplot, save_figure
 
     pts = [p for p in points if getattr(p, y) is not None]
     if not pts:
         return None
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    series: dict[tuple[str, str], list[ReportPoint]] = {}
-    for p in pts:
-        series.setdefault((p.source, p.medium), []).append(p)
-    for (source, medium), ps in series.items():
-        ps = sorted(ps, key=lambda p: p.tokens)
-        scale = 100.0 if y == "accuracy" else 1.0
-        xs, ys = [p.tokens for p in ps], [getattr(p, y) * scale for p in ps]
-        ax.plot(xs, ys, marker="o", lw=0.8, label=f"{source} ({medium})")
-        for p, xv, yv in zip(ps, xs, ys):
-            ax.annotate(p.method[:28], (xv, yv), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    # colours follow every point's method (not only those plotted here), so the two plots agree
+    methods = list(dict.fromkeys(p.method for p in points))
+    colours = {m: plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")(i % 20) for i, m in enumerate(methods)}
+    series = list(dict.fromkeys((p.source, p.medium) for p in pts))
+    markers = {s: "osD^vP*Xhp"[i % 10] for i, s in enumerate(series)}
+    scale = 100.0 if y == "accuracy" else 1.0
+    values = [getattr(p, y) * scale for p in pts]
+    near = 0.03 * ((max(values) - min(values)) or 1.0)  # closer than 3% of the y range overlaps on the page
+    clusters: list[list[tuple[float, ReportPoint]]] = []
+    for v, p in sorted(zip(values, pts), key=lambda vp: (vp[1].tokens, vp[0])):
+        last = clusters[-1] if clusters else None
+        if last and last[-1][1].tokens == p.tokens and v - last[-1][0] <= near:
+            last.append((v, p))
+        else:
+            clusters.append([(v, p)])
+    for cluster in clusters:
+        for i, (v, p) in enumerate(cluster):
+            dx = 7.0 * (i - (len(cluster) - 1) / 2)
+            ax.plot([p.tokens], [v], ls="none", marker=markers[(p.source, p.medium)], ms=7, mec="black", mew=0.5,
+                    color=colours[p.method], transform=offset_copy(ax.transData, fig=fig, x=dx, y=0, units="points"))
+    xs = [p.tokens for p in pts]
+    if min(xs) > 0 and max(xs) / min(xs) >= 8:  # token budgets are ratios: 16, 64, 256 read evenly on log 2
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
+    # the offset transforms keep the points out of the data limits: set those from the values
+    ax.update_datalim([(p.tokens, v) for v, p in zip(values, pts)])
+    ax.margins(x=0.08, y=0.1)
+    ax.autoscale_view()
     names = {p.quality_name for p in pts} if y == "accuracy" else set()
     ax.set_xlabel("visual tokens reaching the LLM")
     ax.set_ylabel(f"{' / '.join(sorted(names))} (%)" if y == "accuracy" else "latency (ms)")
     ax.set_title(("quality" if y == "accuracy" else "latency") + " against visual tokens")
-    ax.legend(fontsize=7)
+    shown = list(dict.fromkeys(p.method for p in pts))
+    handles = [Line2D([], [], ls="none", marker="s", ms=7, color=colours[m], label=m[:40]) for m in shown]
+    handles += [Line2D([], [], ls="none", marker=markers[s], ms=7, color="white", mec="black", label=f"{s[0]} ({s[1]})")
+                for s in series]
+    ax.legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return save_figure(fig, path)
 
 
@@ -177,9 +209,10 @@ def write_report(paths: list[str | Path], out_dir: str | Path, title: str = "mme
     labels = [f.label for f in files]
     for f in files:  # two files with one stem (bench_a/scenes.json, bench_b/scenes.json) keep their folder
         if labels.count(f.label) > 1:
-            f.label = f"{f.path.parent.name}/{f.path.stem}"
-            for p in f.points:
-                p.source = f.label
+            old, f.label = f.label, f"{f.path.parent.name}/{f.path.stem}"
+            for p in f.points:  # eval files name their series by model, not by file: those stay
+                if p.source == old:
+                    p.source = f.label
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     points = [p for f in files for p in f.points]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +88,7 @@ def test_video_qa_pool_against_uncompressed(default, scene):
     assert [r["visual_tokens"] for r in res.rows] == [256, 64]
     assert all(r["prefill_ms"] > 0 and isinstance(r["answer"], str) for r in res.rows)
     assert len(res.frames) == 4 and all("16 of 64 tokens" in cap for _, cap in res.frames)
+    assert [f["tokens"] for f in res.frame_rows] == [16] * 4 and [f["path"] for f in res.frame_rows] == [""] * 4
     assert res.baseline_answer == res.rows[0]["answer"] and res.answer == res.rows[1]["answer"]
     # a 4x4 pool outlines 16 cells of 2x2 patches in every frame: white borders, nothing darkened
     img = res.frames[0][0]
@@ -107,6 +108,14 @@ def test_video_qa_freevideo_frames_scores_and_boxes(default, scene):
     assert ((img == np.array([255, 64, 32], np.uint8)).all(-1)).sum() > 100
     assert res.rows[1]["visual_tokens"] < res.rows[0]["visual_tokens"] == 512
     assert any("budget is set by its paths" in n for n in res.notes)
+    # every LLM token comes from one frame, so the per-frame counts add up to the run's visual tokens;
+    # the slow frame gives its 7x4 RoI crop (plus 2x2 when the fast path takes it too), a fast-only frame 4
+    rows = res.frame_rows
+    assert sum(f["tokens"] for f in rows) == res.rows[1]["visual_tokens"]
+    assert rows[slow[0]]["tokens"] == 28 + (4 if "fast" in rows[slow[0]]["path"] else 0)
+    assert all(f["tokens"] == 4 for f in rows if f["path"] == "fast 2x2")
+    assert all(f["tokens"] == 0 for f in rows if f["path"] == "not used")
+    assert [round(f["score"], 6) for f in rows] == [round(x, 6) for x in res.scores]
 
 
 def test_video_qa_bad_input(default, tmp_path, scene):
@@ -182,6 +191,8 @@ def test_kv_occupancy_bounds(smollm2):
     assert full.kept == [32, 64, 96, 128, 160, 192]
     assert max(sep.kept) <= 96 and max(stream.kept) <= 96
     assert sep.kept[0] == 32 and stream.kept[-1] == 96
+    assert [llm.short_name(r.method) for r in (full, sep, stream)] == ["full cache", "SepLLM (cache 96)",
+                                                                       "StreamingLLM (cache 96)"]
     assert sep.avg_kv < full.avg_kv and stream.avg_kv < full.avg_kv and all(np.isfinite([full.ppl, sep.ppl, stream.ppl]))
     with pytest.raises(DemoError, match="between"):
         llm.run_kv_occupancy(16, chunk=32, model=model, tokenizer=tok)
@@ -209,7 +220,8 @@ def _write_inputs(tmp_path):
     (tmp_path / "scenes.json").write_text(json.dumps(scenes))
     for m, acc, tok in (("none", 0.4, 256.0), ("uniform(ratio=0.25)", 0.35, 64.0)):
         (tmp_path / f"eval_{m[:4]}.json").write_text(json.dumps(
-            {"method": m, "n": 12, "accuracy": acc, "visual_tokens_mean": tok, "latency_mean_s": 0.5}))
+            {"method": m, "model": "mmeff-mini", "n": 12, "accuracy": acc, "visual_tokens_mean": tok,
+             "latency_mean_s": 0.5}))
     (tmp_path / "kv.json").write_text(json.dumps([{"run": "in-context", "method": "sepllm", "ppl": 12.5}]))
     return sorted(tmp_path.glob("*.json"))
 
@@ -229,12 +241,42 @@ def test_report_plots_and_tables(tmp_path):
     for name in ("accuracy_vs_tokens.png", "latency_vs_tokens.png"):
         assert Image.open(written[name]).size[0] > 400
     md = written["report.md"].read_text()
-    assert "| uniform(ratio=0.25) | video | 64 | 0.35 | 500 |" in md
+    assert "| eval mmeff-mini | uniform(ratio=0.25) | video, per answer | 64 | 0.35 | 500 |" in md
     assert "| in-context | sepllm | 12.5 |" in md and md.count("\n## ") == 5
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not JSON"):
         read_report_file(bad)
+
+
+def test_report_plot_shows_coinciding_points(tmp_path):
+    from PIL import Image
+
+    from mmeff.report import ReportPoint, plot_points
+
+    # none and ToMe at the same tokens and accuracy (as in scenes.json): both colours must reach the page
+    pts = [ReportPoint("scenes", "none", "video", 256, 0.3), ReportPoint("scenes", "ToMe(r=8)", "video", 256, 0.3),
+           ReportPoint("scenes", "pool", "video", 16, 0.2)]
+    img = np.asarray(Image.open(plot_points(pts, "accuracy", tmp_path / "a.png")).convert("RGB")).astype(int)
+    # tab10's first three, one per method; each shows in the legend and in its marker. pool's marker stands
+    # alone: a hidden marker would leave only the legend swatch, about half of pool's count
+    blue, orange, green = ((np.abs(img - rgb).sum(-1) < 12).sum() for rgb in ((31, 119, 180), (255, 127, 14),
+                                                                              (44, 160, 44)))
+    assert green > 100 and blue > 0.85 * green and orange > 0.85 * green, (blue, orange, green)
+    assert plot_points(pts, "latency_ms", tmp_path / "l.png") is None  # no point has a latency
+
+
+def test_report_same_file_names_in_two_folders(tmp_path):
+    from mmeff.report import write_report
+
+    for run in ("a", "b"):  # two runs of each: the scenes series keep their folders apart ...
+        (tmp_path / run).mkdir()
+        _write_inputs(tmp_path / run)
+    files = sorted(tmp_path.glob("*/scenes.json")) + sorted(tmp_path.glob("*/eval_unif.json"))
+    md = write_report(files, tmp_path / "out")["report.md"].read_text()
+    assert "| a/scenes | none | image |" in md and "| b/scenes | none | image |" in md
+    # ... while an eval file's series is its model's, whatever folder it came from
+    assert md.count("| eval mmeff-mini | uniform(ratio=0.25) |") == 2 and "| a/eval_unif |" not in md
 
 
 def test_report_cli(tmp_path, capsys):
@@ -278,11 +320,16 @@ def test_app_serves_page_and_answers(served, scene, photo_png):
     c = Client(url, verbose=False)
     assert {"/video_qa", "/token_maps", "/restore", "/kv_cache", "/quantize", "/report"} <= set(
         c.view_api(return_format="dict")["named_endpoints"])
-    md, gallery, table, _ = c.predict(handle_file(scene["video"]), scene["question"], ", ".join(scene["options"]),
+    clip, q, opts, ref = c.predict("bikes", api_name="/pick_sample")  # a bundled clip, served from a copy
+    assert q == video_qa.samples()["bikes"]["question"] and opts == "" and ref == ""
+    path = clip["video"] if isinstance(clip, dict) else clip  # gradio_client's Video payload or a path
+    assert Path(path).read_bytes()[4:8] == b"ftyp"
+    md, gallery, table, frame_table = c.predict(handle_file(scene["video"]), scene["question"], ", ".join(scene["options"]),
                                       scene["answer"], "uniform", 0.25, 4, api_name="/video_qa")
     assert "visual tokens" in md and f"reference answer: {scene['answer']}" in md
     assert [row[1] for row in table["data"]] == [256, 64]
     assert len(gallery) == 4 and "16 of 64 tokens" in gallery[0]["caption"]
+    assert frame_table["headers"] == ["frame", "t (s)", "score", "tokens", "path"] and [r[3] for r in frame_table["data"]] == [16] * 4
     assert Image.open(gallery[0]["image"]).size[0] >= 224
     panels, _ = c.predict(handle_file(str(photo_png)), 144, ["pool", "tome"], api_name="/token_maps")
     assert [p["caption"].split(":")[0] for p in panels] == ["input", "pool", "ToMe"]
@@ -314,15 +361,50 @@ def test_app_bad_uploads_show_readable_errors(served, tmp_path, photo_png):
         c.predict(handle_file(str(photo_png)), "rain", "make it pop", 0, api_name="/restore")
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium is not installed")
-def test_app_renders_in_headless_chromium(served, tmp_path):
-    from PIL import Image
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (.ci/run installs it with apt-get)")
+def test_app_in_headless_chromium(served, tmp_path):
+    """A person's path through the page: the bundled clip is loaded, Answer is clicked, the answer and the
+    frames appear; then an empty upload and a text file show the library's message in the page."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
     _, url = served
-    shot = tmp_path / "app.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1280,900",
-                    "--virtual-time-budget=15000", f"--screenshot={shot}", url],
-                   check=True, timeout=120, capture_output=True)
-    img = np.asarray(Image.open(shot).convert("RGB"))
-    # the page rendered (text, widgets), not a blank or error page
-    assert img.shape[:2] == (900, 1280) and img.std() > 10
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    notes = tmp_path / "notes.mp4"
+    notes.write_text("not a video at all\n")
+    with sync_api.sync_playwright() as pw:
+        # no background connections: the CI machine has no network beyond the package registries
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(url)
+            page.get_by_role("button", name="Answer").wait_for(timeout=60_000)
+            page.locator("video").first.wait_for(timeout=60_000)  # app.load put the bundled clip in place
+            page.get_by_role("button", name="Answer").click()
+            page.get_by_text("visual tokens):").first.wait_for(timeout=300_000)
+            page.get_by_text("frame 7 ·").first.wait_for(timeout=30_000)
+            # the frame table: Free Video-LLM's slow frame is listed with its path
+            page.get_by_role("gridcell").filter(has_text="slow (RoI)").first.wait_for(timeout=30_000)
+            assert page.get_by_text("reference answer:").count() == 1
+            page.screenshot(path=str(tmp_path / "answered.png"), full_page=True)
+            for bad, msg in ((empty, "video file is empty"), (notes, "not a readable video")):
+                page.get_by_role("button", name="Clear").first.click()
+                page.locator("input[type=file]").first.set_input_files(str(bad))
+                page.get_by_role("button", name="Answer").click()
+                page.get_by_text(msg).first.wait_for(timeout=60_000)
+        finally:
+            browser.close()
+
+
+def test_demo_cli_forwards_to_the_app(monkeypatch):
+    import mmeff.demos.app as app_module
+    from mmeff.cli import main
+
+    seen = []
+    monkeypatch.setattr(app_module, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["demo", "--port", "7999"]) == 0
+    assert seen == [["--host", "127.0.0.1", "--port", "7999"]]
