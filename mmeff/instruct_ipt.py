@@ -528,8 +528,9 @@ def shipped_model(folder: str | Path | None = None) -> InstructIPT:
     shipped in ``mmeff/weights/`` (how it was trained and its held-out scores: ``instruct-ipt-mini.json``
     beside it). The file's sha256 is checked against that record; a missing or altered file raises an error
     naming the command that regenerates it."""
-    import hashlib
     import json
+
+    from mmeff.checkpoint import file_sha256
 
     root = Path(folder) if folder is not None else Path(__file__).resolve().parent / "weights"
     path, record = root / SHIPPED_FILE, root / SHIPPED_RECORD
@@ -537,7 +538,7 @@ def shipped_model(folder: str | Path | None = None) -> InstructIPT:
         raise FileNotFoundError(f"{path} or {record} is missing; restore it from git or regenerate it with "
                                 f"`mmeff ipt train --data photos --out DIR --model instruct_ipt_small --steps 2000`")
     meta = json.loads(record.read_text())
-    got = hashlib.sha256(path.read_bytes()).hexdigest()
+    got = file_sha256(path)
     if got != meta.get("sha256"):
         raise ValueError(f"{path} does not match {record.name} (sha256 {got[:16]}..., expected "
                          f"{str(meta.get('sha256'))[:16]}...): the file is corrupt or was replaced")

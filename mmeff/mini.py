@@ -21,7 +21,6 @@ The trained weights ship in ``mmeff/weights/`` as fp16 safetensors with their sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from mmeff.checkpoint import file_sha256
 
 __all__ = [
     "CLIP_NAME",
@@ -82,14 +83,6 @@ WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "llava": "mmeff-mini-llav
 # --------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _expected_hashes() -> dict[str, str]:
     manifest = WEIGHTS_DIR / "manifest.json"
     if not manifest.is_file():
@@ -114,7 +107,7 @@ def weights_path(which: str, folder: str | Path | None = None, check: bool = Tru
         raise FileNotFoundError(f"mmeff-mini weights {path} are missing: {regen}")
     if check and folder is None:
         want = _expected_hashes().get(WEIGHT_FILES[which])
-        got = _sha256(path)
+        got = file_sha256(path)
         if want is None or got != want:
             raise ValueError(
                 f"mmeff-mini weights {path} do not match manifest.json (sha256 {got[:16]}..., expected "
@@ -1020,7 +1013,7 @@ def main_train(
     if continue_llava:
         commands = [*json.loads((out / "manifest.json").read_text()).get("command", "").split(" && "), command]
     manifest = {
-        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in (clip_file, llava_file)},
+        "files": {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for p in (clip_file, llava_file)},
         "trained_on": logs.get("llava", {}).get("device", str(dev)),
         "command": " && ".join(commands),
         "train": logs,

@@ -12,6 +12,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from mmeff import mini
+from mmeff.checkpoint import file_sha256
 from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS, scene_sample, scene_video_sample, scene_videoqa
 from mmeff.models import build_tiny, tiny_lm_config
 
@@ -231,7 +232,7 @@ def test_mini_train_cli_end_to_end_at_toy_size(tmp_path, model_cache, smollm2, c
     assert manifest["train"]["clip"]["steps"] == 2 and manifest["train"]["llava"]["steps"] == 2
     assert manifest["heldout_accuracy"]["n_per_kind"] == 1 and "all" in manifest["heldout_accuracy"]
     for name, entry in manifest["files"].items():
-        assert entry["sha256"] == mini._sha256(out / name)
+        assert entry["sha256"] == file_sha256(out / name)
     first = mini._read_llava_file(out / mini.WEIGHT_FILES["llava"])[0]
     rc = main(["mini", "train", *common, "--skip-clip", "--continue", "--llava-steps", "1", "--llava-batch", "1",
                "--video-batch", "1", "--eval-per-kind", "1"])
