@@ -73,9 +73,10 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
     clips = Path(tempfile.mkdtemp(prefix="mmeff-demo-clips-"))
 
     def pick_sample(name: str) -> tuple[Any, str, str, str]:
-        if name not in video_qa.samples():
-            raise DemoError(f"unknown bundled clip {name!r}; choose one of {', '.join(video_qa.samples())}")
-        s = video_qa.samples()[name]
+        bundled = video_qa.samples()
+        if name not in bundled:
+            raise DemoError(f"unknown bundled clip {name!r}; choose one of {', '.join(bundled)}")
+        s = bundled[name]
         # Gradio serves files only from the temp dir or the working directory: the bundled clips live in
         # site-packages and the mmeff cache, so the page gets a copy
         copy = clips / Path(s["video"]).name

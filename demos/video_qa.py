@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,8 +225,8 @@ def run_video_qa(
         scores = F.cosine_similarity(emb.text.float()[None], emb.frames.float(), dim=-1).cpu()
     if fv_out is not None and fv_out.in_idx is not None:
         # a frame on two paths (slow and fast) feeds tokens to both, which one assignment per patch cannot show
-        frame_of = (fv_out.in_idx.cpu() // per_image).tolist()
-        per_frame = [len({o for o, f in zip(fv_out.out_idx.cpu().tolist(), frame_of) if f == i}) for i in range(t)]
+        drawn = Counter(f for f, _ in set(zip((fv_out.in_idx.cpu() // per_image).tolist(), fv_out.out_idx.tolist())))
+        per_frame = [drawn[i] for i in range(t)]
     else:
         per_frame = [int(np.unique(a[a >= 0]).size) for a in assignment]
     views = model_view(pixels)

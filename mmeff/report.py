@@ -148,7 +148,8 @@ def markdown_table(rows: list[dict[str, Any]], max_columns: int = 20) -> str:
 def plot_points(points: list[ReportPoint], y: str, path: str | Path) -> Path | None:
     """``y`` (``"accuracy"`` or ``"latency_ms"``) against visual tokens: one colour per method (the same in
     both plots), one marker per source and medium. Points at one token count whose values are within 3%
-    of the y range are spread sideways by a few pixels (their values are unchanged) so none hides another. Returns ``None`` when no point has ``y``."""
+    of the y range are spread sideways by a few pixels (their values are unchanged) so none hides another.
+    Returns ``None`` when no point has ``y``."""
     from matplotlib.lines import Line2D
     from matplotlib.transforms import offset_copy
 
