@@ -43,6 +43,7 @@ __all__ = [
     "SceneObject",
     "SceneQA",
     "render",
+    "label_map",
     "scene_sample",
     "scene_samples",
     "scene_videoqa",
@@ -67,6 +68,7 @@ VIDEO_KINDS = ("after", "direction", "appear")
 BACKGROUND = (90, 90, 90)
 NUMBERS = ("1", "2", "3", "4")
 DIRECTIONS = ("left", "right", "up", "down")
+TEXT_LABEL = 255  # label_map value of the written word's pixels
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def render(
     ``text`` is written at the bottom centre in PIL's built-in font, scaled to about ``size/8`` high;
     ``background`` ``(size, size, 3)`` replaces the flat grey.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     if background is not None:
         if background.shape != (size, size, 3):
@@ -128,13 +130,20 @@ def render(
         img = Image.fromarray(np.ascontiguousarray(background.astype(np.uint8)))
     else:
         img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for o in objects:
+    _draw(ImageDraw.Draw(img), objects, size, text, [COLOURS[o.colour] for o in objects], (255, 255, 255))
+    return np.asarray(img)
+
+
+def _draw(draw: Any, objects: Sequence[SceneObject], size: int, text: str | None, fills: Sequence[Any],
+          text_fill: Any) -> None:
+    # one drawing routine for the picture and its label map, so the two agree pixel for pixel
+    from PIL import ImageFont
+
+    for o, fill in zip(objects, fills):
         if o.shape not in SHAPES or o.colour not in COLOURS:
             raise ValueError(f"unknown shape or colour in {o}")
         cx, cy, h = o.cx * size, o.cy * size, o.size * size / 2
         box = (cx - h, cy - h, cx + h, cy + h)
-        fill = COLOURS[o.colour]
         if o.shape == "circle":
             draw.ellipse(box, fill=fill)
         elif o.shape == "square":
@@ -144,8 +153,26 @@ def render(
     if text:
         font = ImageFont.load_default(size=max(8, size // 8))
         w = draw.textlength(text, font=font)
-        draw.text(((size - w) / 2, size * 0.8), text, fill=(255, 255, 255), font=font)
-    return np.asarray(img)
+        draw.text(((size - w) / 2, size * 0.8), text, fill=text_fill, font=font)
+
+
+def label_map(objects: Sequence[SceneObject], size: int = 224, text: str | None = None) -> np.ndarray:
+    """What :func:`render` draws, as labels: ``(size, size)`` uint8, 0 background, ``k + 1`` where
+    ``objects[k]`` is the visible surface (later objects cover earlier ones), :data:`TEXT_LABEL` on the
+    written word's pixels."""
+    from PIL import Image, ImageDraw
+
+    if len(objects) >= TEXT_LABEL - 1:
+        raise ValueError(f"label_map takes at most {TEXT_LABEL - 2} objects, got {len(objects)}")
+    img = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(img), objects, size, None, range(1, len(objects) + 1), 0)
+    out = np.array(img)
+    if text:
+        # the font is anti-aliased: a word pixel is one at least half covered
+        ink = Image.new("L", (size, size), 0)
+        _draw(ImageDraw.Draw(ink), [], size, text, [], 255)
+        out[np.asarray(ink) >= 128] = TEXT_LABEL
+    return out
 
 
 def _place(
@@ -285,7 +312,7 @@ def _video_frames(
         starts = [0] * n
     direction = str(rng.choice(DIRECTIONS))
     step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
-    frames = []
+    frames, frame_objects = [], []
     for f in range(total) if frames_to_draw is None else frames_to_draw:
         if not 0 <= f < total:
             raise ValueError(f"frame {f} is outside the video's {total} frames")
@@ -303,6 +330,7 @@ def _video_frames(
             elif not (kind == "direction"):
                 visible.append(o)
         frames.append(render(visible, size))
+        frame_objects.append(visible)
     if kind == "after":
         k = int(rng.integers(0, n - 1))
         q, a = f"What appears after the {objects[k].name()}?", objects[k + 1].name()
@@ -313,7 +341,7 @@ def _video_frames(
     else:
         q, a, pool = "How many objects appear in the video?", str(n), list(NUMBERS)
     meta = {"starts": starts, "fps": _VIDEO_FPS, "direction": direction if kind == "direction" else None}
-    return np.stack(frames), objects, q, a, pool, meta
+    return np.stack(frames), objects, q, a, pool, meta, frame_objects
 
 
 def scene_video_sample(
@@ -322,13 +350,14 @@ def scene_video_sample(
     """Video question ``index`` of split ``seed`` in memory (what :func:`scene_videoqa` writes as mp4).
 
     ``frames`` picks which of the 100 frames to draw (default: all). Returns a dict with ``frames``
-    (T, size, size, 3) uint8, ``kind``, ``question``, ``answer``, ``options``, ``objects`` and ``meta``.
+    (T, size, size, 3) uint8, ``kind``, ``question``, ``answer``, ``options``, ``objects``, ``meta`` and
+    ``frame_objects`` (per drawn frame, the objects as drawn there: a mover at its position of that frame).
     """
     kind = VIDEO_KINDS[index % len(VIDEO_KINDS)]
     rng = np.random.default_rng([seed, 1_000_000 + index])
-    video, objects, q, a, pool, meta = _video_frames(rng, kind, size, frames)
+    video, objects, q, a, pool, meta, frame_objects = _video_frames(rng, kind, size, frames)
     return {"frames": video, "kind": kind, "question": q, "answer": a, "options": _options(rng, a, pool),
-            "objects": objects, "meta": meta}
+            "objects": objects, "meta": meta, "frame_objects": frame_objects}
 
 
 def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 224) -> list[Any]:

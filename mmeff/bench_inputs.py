@@ -22,13 +22,13 @@ from mmeff.hfconfig import pad_token_id
 
 __all__ = ["load_bench_model", "media_inputs", "BUILTIN_MODELS"]
 
-BUILTIN_MODELS = ("default", "tiny-llava", "tiny-qwen2-vl")
+BUILTIN_MODELS = ("default", "mmeff-mini", "mmeff-mini-smollm", "tiny-llava", "tiny-qwen2-vl")
 
 
 def load_bench_model(name: str = "default", cache_dir: str | Path | None = None) -> tuple[nn.Module, Any, dict]:
     """Return ``(model.eval(), tokenizer_or_processor_or_None, info)`` for a bench model name or path."""
-    if name == "default":
-        return models.default_model(cache_dir=cache_dir)
+    if name in ("default", *models.MINI_MODELS):
+        return models.default_model(cache_dir=cache_dir, name="mmeff-mini" if name == "default" else name)
     if name in ("tiny-llava", "tiny-qwen2-vl"):
         kind = "llava" if name == "tiny-llava" else "qwen2_vl"
         folder = Path(tempfile.mkdtemp(prefix="mmeff-tiny-"))

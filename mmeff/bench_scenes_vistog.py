@@ -161,9 +161,9 @@ def model_key(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
     """What identifies the model a cached VisToG was trained on: the shipped weights' sha256 for the
     default model, else its name and path (a checkpoint changed in place is not noticed)."""
     if model_name == "default":
-        from mmeff.mini import _expected_hashes
+        from mmeff.mini import expected_hashes
 
-        return {"name": "default", "weights": dict(sorted(_expected_hashes().items()))}
+        return {"name": "default", "weights": dict(sorted(expected_hashes().items()))}
     return {"name": model_name, "path": info.get("path")}
 
 

@@ -32,6 +32,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
     from mmeff.adapters.kv_cache import KVCacheAdapter
 
     print(f"  {KVCacheAdapter.name:<12} {KVCacheAdapter.description}")
+    from mmeff.models import MINI_MODELS
+
+    print("embedded VLMs (mmeff bench --model NAME; 'default' is mmeff-mini):")
+    for name in MINI_MODELS:
+        print(f"  {name}")
+    print("model families (mmeff.create_model):")
+    for name in mmeff.list_models():
+        print(f"  {name}")
     return 0
 
 
@@ -411,18 +419,36 @@ def _split(text: str) -> list[str]:
 def _cmd_mini_train(args: argparse.Namespace) -> int:
     import json
 
-    from mmeff.mini import main_train
+    if args.variant == "smollm":
+        from mmeff.mini import main_train_smollm
 
-    manifest = main_train(
-        args.out, device=args.device, clip_steps=args.clip_steps, clip_batch=args.clip_batch,
-        llava_steps=args.llava_steps, llava_batch=args.llava_batch, video_batch=args.video_batch,
-        workers=args.workers, eval_per_kind=args.eval_per_kind, cache_dir=args.cache_dir, skip_clip=args.skip_clip,
-        time_limit=args.time_limit, continue_llava=args.continue_llava, align_steps=args.align_steps,
-    )
-    if "files" not in manifest:  # --llava-steps 0: only the dual encoder was trained
-        print(json.dumps(manifest, indent=1))
+        manifest = main_train_smollm(
+            args.out, device=args.device, clip_steps=args.clip_steps, clip_batch=args.clip_batch,
+            llava_steps=args.llava_steps, llava_batch=args.llava_batch, video_batch=args.video_batch,
+            workers=args.workers, eval_per_kind=args.eval_per_kind, cache_dir=args.cache_dir,
+            skip_clip=args.skip_clip, time_limit=args.time_limit, continue_llava=args.continue_llava,
+            align_steps=args.align_steps,
+        )
+        if "files" not in manifest:  # --llava-steps 0: only the dual encoder was trained
+            print(json.dumps(manifest, indent=1))
+            return 0
+        print(json.dumps({k: manifest[k] for k in ("files", "trained_on", "heldout_accuracy")}, indent=1))
         return 0
-    print(json.dumps({k: manifest[k] for k in ("files", "trained_on", "heldout_accuracy")}, indent=1))
+    from dataclasses import replace
+
+    from mmeff.grounding import LMTrainConfig
+    from mmeff.mini_recipe import MiniRecipe, default_tower_phases, train_mini
+
+    lm = LMTrainConfig() if args.lm_steps is None else LMTrainConfig(steps=args.lm_steps)
+    recipe = MiniRecipe(tower=default_tower_phases(), lm=lm)
+    if args.tower_steps is not None:
+        recipe.tower = [replace(c, steps=s) for c, s in zip(recipe.tower, args.tower_steps)]
+    if args.pool is not None:
+        recipe.pool_images, recipe.pool_videos = args.pool
+    manifest = train_mini(args.out, recipe, eval_per_kind=args.eval_per_kind, time_limit=args.time_limit)
+    v = manifest["vlm"]
+    print(json.dumps({"files": manifest["files"], "complete": v["complete"], "heldout_accuracy": v["heldout_accuracy"],
+                      "blank": v["heldout_accuracy_blank"]}, indent=1))
     return 0
 
 
@@ -954,27 +980,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     mi = sub.add_parser("mini", help="the offline mini VLM (mmeff-mini): regenerate its weights")
     mtasks = mi.add_subparsers(dest="mini_task", required=True)
-    mt = mtasks.add_parser("train", help="train mmeff-mini's dual encoder, projector and LoRA from scratch on "
-                           "generated scenes; writes weights + manifest.json to --out")
-    mt.add_argument("--out", required=True, help="folder for the two safetensors files and manifest.json "
-                    "(copy them to mmeff/weights/ to make them the default)")
-    mt.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
-    mt.add_argument("--clip-steps", type=int, default=3000, help="contrastive steps of the dual encoder")
-    mt.add_argument("--clip-batch", type=int, default=256)
-    mt.add_argument("--align-steps", type=int, default=200,
-                    help="projector steps mapping visual tokens onto the words their patches show (no LM), before "
-                    "the LLaVA stage")
-    mt.add_argument("--llava-steps", type=int, default=3000,
-                    help="projector + LoRA steps (1 in 3 a video batch); 0 trains only the dual encoder")
-    mt.add_argument("--llava-batch", type=int, default=32, help="image questions per step")
-    mt.add_argument("--video-batch", type=int, default=8, help="4-frame video questions per video step")
-    mt.add_argument("--workers", type=int, default=None, help="data-rendering worker processes (default: cores - 2, at most 12)")
+    mt = mtasks.add_parser("train", help="train mmeff-mini (resumable): the grounded default (dense tower, then a small "
+                           "LM from scratch) or, --variant smollm, SmolLM2 + LoRA; writes weights + manifest.json to --out")
+    mt.add_argument("--out", required=True, help="folder for the weights, checkpoints and manifest.json "
+                    "(copy the safetensors files and manifest to mmeff/weights/ to make them the default)")
+    mt.add_argument("--variant", default="grounded", choices=["grounded", "smollm"],
+                    help="grounded: mmeff-mini (the default model); smollm: mmeff-mini-smollm (needs a GPU to learn)")
+    mt.add_argument("--time-limit", type=float, default=None,
+                    help="pause the LM (grounded) / LLaVA (smollm) stage after this many seconds; run again to go on")
     mt.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind for the final check")
-    mt.add_argument("--skip-clip", action="store_true", help="reuse the dual encoder already in --out")
-    mt.add_argument("--time-limit", type=float, default=None, help="stop the LLaVA stage after this many seconds")
-    mt.add_argument("--continue", dest="continue_llava", action="store_true",
+    g = mt.add_argument_group("grounded variant")
+    g.add_argument("--lm-steps", type=int, default=None, help="projector + LM steps (default: the shipped recipe's)")
+    g.add_argument("--tower-steps", type=int, nargs=3, default=None, metavar=("PHASE1", "PHASE2", "PHASE3"),
+                   help="steps of the three dense-tower phases (default: the shipped recipe's)")
+    g.add_argument("--pool", type=int, nargs=2, default=None, metavar=("IMAGES", "VIDEOS"),
+                   help="training pictures whose tower features are cached for the LM stage")
+    s_ = mt.add_argument_group("smollm variant")
+    s_.add_argument("--device", default="auto", help="torch device (auto: CUDA when available)")
+    s_.add_argument("--clip-steps", type=int, default=3000, help="contrastive steps of the dual encoder")
+    s_.add_argument("--clip-batch", type=int, default=256)
+    s_.add_argument("--align-steps", type=int, default=200,
+                    help="projector steps mapping visual tokens onto the words their patches show (no LM)")
+    s_.add_argument("--llava-steps", type=int, default=3000,
+                    help="projector + LoRA steps (1 in 3 a video batch); 0 trains only the dual encoder")
+    s_.add_argument("--llava-batch", type=int, default=32, help="image questions per step")
+    s_.add_argument("--video-batch", type=int, default=8, help="4-frame video questions per video step")
+    s_.add_argument("--workers", type=int, default=None, help="data-rendering worker processes (default: cores - 2, at most 12)")
+    s_.add_argument("--skip-clip", action="store_true", help="reuse the dual encoder already in --out")
+    s_.add_argument("--continue", dest="continue_llava", action="store_true",
                     help="train the projector and LoRA on from the weights in --out (new questions; use with --skip-clip)")
-    mt.add_argument("--cache-dir", default=None, help="where the SmolLM2 conversion is cached")
+    s_.add_argument("--cache-dir", default=None, help="where the SmolLM2 conversion is cached")
     mt.set_defaults(fn=_cmd_mini_train)
 
     f = sub.add_parser("finetune", help="fine-tune a LLaVA model with a method in place on LLaVA-format JSON data")

