@@ -757,7 +757,7 @@ def train_stage(
     pixels)`` (default: :func:`stage_dataset`, ``steps * batch`` items). Writes ``out_dir/model``
     (``save_pretrained`` with the tokenizer) unless ``save_model=False``; ``stop_after`` returns after that
     many steps of this call (a later call resumes). Returns the history."""
-    from mmeff.mini import _collate_vlm
+    from mmeff.mini import collate_conversations
     from mmeff.training import train_steps
 
     if cfg.stage == "experts" and not model.experts:
@@ -774,7 +774,7 @@ def train_stage(
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.text_config.pad_token_id)
 
     def collate(batch: list[Any]) -> dict[str, Tensor]:
-        return _collate_vlm(batch, pad)
+        return collate_conversations(batch, pad)
 
     def loss_fn(net: nn.Module, batch: dict[str, Tensor], step: int, device: torch.device) -> dict[str, Tensor]:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -803,14 +803,14 @@ def train_stage(
 def answer_loss(model: EveForConditionalGeneration, tokenizer: Any, n: int = 64, seed: int = 0,
                 batch_size: int = 8) -> float:
     """Mean cross-entropy (nats per answer token) on ``n`` held-out scene conversations (seed ``seed``)."""
-    from mmeff.mini import _collate_vlm
+    from mmeff.mini import collate_conversations
 
     data = stage_dataset(model, tokenizer, "instruct", n, seed)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, n, batch_size):
-        batch = {k: v.to(device) for k, v in _collate_vlm([data[j] for j in range(i, min(n, i + batch_size))],
+        batch = {k: v.to(device) for k, v in collate_conversations([data[j] for j in range(i, min(n, i + batch_size))],
                                                            pad).items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits[:, :-1].float()

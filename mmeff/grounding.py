@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmeff.mini import chat_turn_text, collate_conversations, init_projector_from_features, scene_questions
+
 __all__ = [
     "HEADS",
     "patch_targets",
@@ -357,18 +359,13 @@ class LMData(torch.utils.data.Dataset):
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.per_image = images.feats.shape[2]
-        a = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
-        full = tokenizer.apply_chat_template([*a, {"role": "user", "content": "Q2"}], tokenize=False,
-                                             add_generation_prompt=True)
-        before, after = full[len(tokenizer.apply_chat_template(a, tokenize=False)):].split("Q2")
-        self.turn = ("\n" + before, after)  # what the template puts between an answer and the next question
+        self.turn = chat_turn_text(tokenizer)
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int], torch.Tensor]:
         from mmeff.evaluate import format_question
-        from mmeff.mini import scene_questions
         from mmeff.models import build_prompt
 
         rng = np.random.default_rng([self.seed, i, 9])
@@ -402,21 +399,6 @@ class LMData(torch.utils.data.Dataset):
             ids += prompt + answer
             labels += [-100] * len(prompt) + answer
         return ids, labels, frames
-
-
-def collate_lm(batch: list[tuple[list[int], list[int], torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-pad :class:`LMData` items: ``input_ids``/``labels``/``attention_mask`` (B, L) and ``feats``
-    (frames of all rows in row order, N, D)."""
-    n = max(len(ids) for ids, _, _ in batch)
-    input_ids = torch.full((len(batch), n), pad, dtype=torch.long)
-    labels = torch.full((len(batch), n), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), n, dtype=torch.long)
-    for r, (ids, lab, _) in enumerate(batch):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        labels[r, : len(lab)] = torch.tensor(lab)
-        mask[r, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
-            "feats": torch.cat([f for _, _, f in batch])}
 
 
 def scene_vocabulary(ds: LMData, samples: int = 3000) -> list[int]:
@@ -482,23 +464,6 @@ def vlm_answer_loss(model: nn.Module, batch: dict[str, torch.Tensor], readout: _
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     return readout.loss(model, h[:, :-1][keep], labels[keep])
-
-
-@torch.no_grad()
-def init_projector_from(model: nn.Module, feats: torch.Tensor) -> None:
-    """Standardise the projector's input (per-channel mean/std of ``feats`` (N, D)) and scale its output
-    to the LM's mean embedding norm, so training starts with visual tokens on the words' scale."""
-    proj = model.model.multi_modal_projector
-    feats = feats.float()
-    mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
-    w1 = proj.linear_1.weight / sd[None, :]
-    proj.linear_1.weight.copy_(w1)
-    proj.linear_1.bias.copy_(-(w1 @ mu))
-    emb = model.get_input_embeddings().weight
-    target = float(emb[emb.norm(dim=-1) > 0].norm(dim=-1).mean())
-    got = float(proj(feats[:4096]).norm(dim=-1).mean())
-    proj.linear_2.weight.mul_(target / got)
-    proj.linear_2.bias.mul_(target / got)
 
 
 def attribute_words(objects: Sequence[Any], text: str | None) -> list[list[str]]:
@@ -583,7 +548,7 @@ def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: Feat
         emb[~keep] = 0
     align: list[float] = []
     if not (out / "last.pt").is_file():
-        init_projector_from(model, images.feats[:256].flatten(0, 2))
+        init_projector_from_features(model, images.feats[:256].flatten(0, 2))
         if cfg.align_steps:
             align = align_projector(model, tokenizer, images, cfg.align_steps, progress=progress)
             (out / "align.json").write_text(json.dumps(align))
@@ -598,7 +563,7 @@ def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: Feat
     hist: dict[str, Any] = {}
     while True:
         hist = train_steps(model, ds, out, cfg, loss_fn, stop_after=cfg.eval_every, progress=progress,
-                           collate_fn=lambda b: collate_lm(b, pad), trainable_only=True,
+                           collate_fn=lambda b: collate_conversations(b, pad, "feats"), trainable_only=True,
                            history_extra={"vocab": len(vocab)})
         step = int(hist["step"])
         if not curve or curve[-1]["step"] != step:

@@ -54,6 +54,9 @@ __all__ = [
     "train_llava",
     "frame_indices",
     "scene_questions",
+    "chat_turn_text",
+    "collate_conversations",
+    "init_projector_from_features",
 ]
 
 CLIP_NAME = "mmeff-mini-clip"
@@ -369,6 +372,20 @@ def scene_questions(sample: Any, rng: np.random.Generator) -> list[tuple[str, li
     return out
 
 
+def chat_turn_text(tokenizer: Any) -> tuple[str, str]:
+    """What ``tokenizer``'s chat template puts between an answer and the next question (with the newline
+    after the end-of-turn token) and after that question, as text: the two pieces around a later turn's
+    question in a multi-turn conversation. Raises ``ValueError`` for templates without that plain layout."""
+    a = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
+    full = tokenizer.apply_chat_template([*a, {"role": "user", "content": "Q2"}], tokenize=False,
+                                         add_generation_prompt=True)
+    prefix = tokenizer.apply_chat_template(a, tokenize=False)
+    if not full.startswith(prefix) or "A1" not in prefix[-len("A1") - 16:]:
+        raise ValueError("chat template has no plain multi-turn layout; ask one question per conversation")
+    before, after = full[len(prefix):].split("Q2")
+    return "\n" + before, after
+
+
 class _VLMData(torch.utils.data.Dataset):
     """Item ``i``: a scene image conversation (its own question first, then up to ``extra_turns`` more
     about the same image; ``video=False``) or one question about a 4-frame scene video."""
@@ -384,16 +401,8 @@ class _VLMData(torch.utils.data.Dataset):
         return self.n
 
     def _turn_text(self) -> tuple[str, str]:
-        # what the chat template puts between an answer and the next question, and after the question
         if self._turn is None:
-            a = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}]
-            full = self.tok.apply_chat_template([*a, {"role": "user", "content": "Q2"}], tokenize=False,
-                                                add_generation_prompt=True)
-            prefix = self.tok.apply_chat_template(a, tokenize=False)
-            if not full.startswith(prefix) or not prefix.endswith("A1" + self.tok.decode([self.eos_id]) + "\n"):
-                raise ValueError("chat template has no plain multi-turn layout; use extra_turns=0")
-            before, after = full[len(prefix):].split("Q2")
-            self._turn = ("\n" + before, after)
+            self._turn = chat_turn_text(self.tok)
         return self._turn
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int], torch.Tensor]:
@@ -427,7 +436,11 @@ class _VLMData(torch.utils.data.Dataset):
         return ids, labels, llava_pixel_values(frames, 224)
 
 
-def _collate_vlm(batch: list[tuple[list[int], list[int], torch.Tensor]], pad: int) -> dict[str, torch.Tensor]:
+def collate_conversations(batch: Sequence[tuple[list[int], list[int], torch.Tensor]], pad: int,
+                          visual_key: str = "pixel_values") -> dict[str, torch.Tensor]:
+    """Right-pad ``(ids, labels, visual)`` rows: ``input_ids`` / ``labels`` (-100 on padding) /
+    ``attention_mask`` (B, L), and every row's visual tensor (pixels (F, 3, S, S) or cached features
+    (F, N, D)) concatenated in row order under ``visual_key``, the order LLaVA fills ``<image>`` positions."""
     n = max(len(ids) for ids, _, _ in batch)
     input_ids = torch.full((len(batch), n), pad, dtype=torch.long)
     mask = torch.zeros(len(batch), n, dtype=torch.long)
@@ -437,7 +450,7 @@ def _collate_vlm(batch: list[tuple[list[int], list[int], torch.Tensor]], pad: in
         mask[r, : len(ids)] = 1
         labels[r, : len(lab)] = torch.tensor(lab)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
-            "pixel_values": torch.cat([px for _, _, px in batch])}
+            visual_key: torch.cat([v for _, _, v in batch])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,22 +547,29 @@ def train_clip(
 
 @torch.no_grad()
 def init_projector(model: nn.Module, pixel_values: torch.Tensor) -> dict[str, float]:
+    """:func:`init_projector_from_features` on the tower's features of ``pixel_values`` (N, 3, S, S)."""
+    from mmeff.models import llava_visual_features
+
+    return init_projector_from_features(model, llava_visual_features(model, pixel_values).flatten(0, 1))
+
+
+@torch.no_grad()
+def init_projector_from_features(model: nn.Module, feats: torch.Tensor) -> dict[str, float]:
     """Data-dependent start for LLaVA's projector: standardise the tower's features, match the LM's scale.
 
     ``linear_1`` is rescaled by the features' per-channel std with its bias centring them, and ``linear_2``
-    scaled so visual tokens start at the mean norm of the LM's word embeddings. ``pixel_values``
-    (N, 3, S, S) are training images; returns the output norms before and after.
+    scaled so visual tokens start at the mean norm of the LM's (non-zero) word embeddings. ``feats``
+    (N, D) are tower features of training images; returns the output norms before and after.
     """
-    from mmeff.models import llava_visual_features
-
     proj = model.model.multi_modal_projector
-    feats = llava_visual_features(model, pixel_values).flatten(0, 1).float()
+    feats = feats.float()
     before = float(proj(feats.to(proj.linear_1.weight.dtype)).norm(dim=-1).mean())
     mu, sd = feats.mean(0), feats.std(0).clamp_min(1e-6)
     w1 = proj.linear_1.weight / sd[None, :]
     proj.linear_1.weight.copy_(w1)
     proj.linear_1.bias.copy_(-(w1 @ mu))
-    target = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
+    norms = model.get_input_embeddings().weight.norm(dim=-1)
+    target = float(norms[norms > 0].mean())  # rows left at zero (unused tokens) are no word's scale
     got = float(proj(feats).norm(dim=-1).mean())
     proj.linear_2.weight.mul_(target / got)
     proj.linear_2.bias.mul_(target / got)
@@ -694,7 +714,7 @@ def train_llava(
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
 
     def collate(b: list[Any]) -> dict[str, torch.Tensor]:
-        return _collate_vlm(b, pad)
+        return collate_conversations(b, pad)
 
     img_it = iter(_loader(img_ds, batch_size, workers, collate))
     vid_it = iter(_loader(vid_ds, video_batch_size, max(1, workers // 2) if workers else 0, collate))

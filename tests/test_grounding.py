@@ -71,7 +71,7 @@ def _pool(tower: torch.nn.Module, n: int = 4) -> grounding.FeaturePool:
 def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> None:
     pool = _pool(tiny_vlm.model.vision_tower)
     ds = grounding.LMData(pool, None, tok, 8, batch=2, seed=1)
-    batch = grounding.collate_lm([ds[0], ds[1]], tok.pad_token_id)
+    batch = mini.collate_conversations([ds[0], ds[1]], tok.pad_token_id, "feats")
     vocab = grounding.scene_vocabulary(ds, 8)
     readout = grounding._Readout(vocab, len(tok))
     with torch.no_grad():
