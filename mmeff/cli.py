@@ -445,7 +445,8 @@ def _cmd_mini_train(args: argparse.Namespace) -> int:
         recipe.tower = [replace(c, steps=s) for c, s in zip(recipe.tower, args.tower_steps)]
     if args.pool is not None:
         recipe.pool_images, recipe.pool_videos = args.pool
-    manifest = train_mini(args.out, recipe, eval_per_kind=args.eval_per_kind, time_limit=args.time_limit)
+    manifest = train_mini(args.out, recipe, eval_per_kind=args.eval_per_kind, time_limit=args.time_limit,
+                          lm_stop_at=args.lm_stop_at)
     v = manifest["vlm"]
     print(json.dumps({"files": manifest["files"], "complete": v["complete"], "heldout_accuracy": v["heldout_accuracy"],
                       "blank": v["heldout_accuracy_blank"]}, indent=1))
@@ -991,6 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind for the final check")
     g = mt.add_argument_group("grounded variant")
     g.add_argument("--lm-steps", type=int, default=None, help="projector + LM steps (default: the shipped recipe's)")
+    g.add_argument("--lm-stop-at", type=int, default=None,
+                   help="pause the LM stage at this step of its schedule (the weights and manifest say where it "
+                   "stopped; run again without it to go on)")
     g.add_argument("--tower-steps", type=int, nargs=3, default=None, metavar=("PHASE1", "PHASE2", "PHASE3"),
                    help="steps of the three dense-tower phases (default: the shipped recipe's)")
     g.add_argument("--pool", type=int, nargs=2, default=None, metavar=("IMAGES", "VIDEOS"),

@@ -519,10 +519,13 @@ def align_projector(model: nn.Module, tokenizer: Any, images: FeaturePool, steps
 
 def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: FeaturePool | None,
              out_dir: str | Path, cfg: LMTrainConfig, *, progress: bool = True,
-             time_limit: float | None = None, single: FeaturePool | None = None) -> dict[str, Any]:
+             time_limit: float | None = None, single: FeaturePool | None = None,
+             stop_at: int | None = None) -> dict[str, Any]:
     """Train the projector and LM of ``model`` (:func:`mmeff.mini_vlm.new_vlm` with a dense tower) on the cached pools,
     evaluating the held-out split every ``cfg.eval_every`` steps. Resumable: ``out_dir/last.pt`` holds the
-    trainable weights, ``out_dir/curve.json`` the held-out curve. Returns ``{"history", "curve", "vocab"}``."""
+    trainable weights, ``out_dir/curve.json`` the held-out curve. ``time_limit`` (seconds) pauses after the
+    evaluation chunk that passes it; ``stop_at`` pauses at that step of the ``cfg.steps`` schedule (a later
+    call goes on). Returns ``{"history", "curve", "vocab"}``."""
     from mmeff.mini import accuracy_by_kind, answer_scenes, heldout_items
     from mmeff.training import train_steps
 
@@ -561,8 +564,11 @@ def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: Feat
 
     t0 = time.perf_counter()
     hist: dict[str, Any] = {}
+    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    done = json.loads((out / "history.json").read_text())["step"] if (out / "history.json").is_file() else 0
     while True:
-        hist = train_steps(model, ds, out, cfg, loss_fn, stop_after=cfg.eval_every, progress=progress,
+        chunk = max(0, min(cfg.eval_every, last - done))
+        hist = train_steps(model, ds, out, cfg, loss_fn, stop_after=chunk, progress=progress,
                            collate_fn=lambda b: collate_conversations(b, pad, "feats"), trainable_only=True,
                            history_extra={"vocab": len(vocab)})
         step = int(hist["step"])
@@ -575,6 +581,7 @@ def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: Feat
             curve_file.write_text(json.dumps(curve, indent=1))
             if progress:
                 print(json.dumps(curve[-1]), flush=True)
-        if step >= cfg.steps or (time_limit is not None and time.perf_counter() - t0 > time_limit):
+        done = step
+        if step >= last or (time_limit is not None and time.perf_counter() - t0 > time_limit):
             break
     return {"history": hist, "curve": curve, "vocab": vocab}

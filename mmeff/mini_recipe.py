@@ -54,6 +54,7 @@ def _device_name() -> str:
 
 
 def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, time_limit: float | None = None,
+               lm_stop_at: int | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Train the grounded mmeff-mini into ``out`` from the shipped dual encoder's image tower: the tower
     phases (``out/tower<k>/``), the feature pools, the projector + LM (``out/lm/``), then
@@ -82,7 +83,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     single = build_pool(tower, recipe.pool_single, video=False, seed=recipe.pool_seed, progress=progress,
                         single=True) if recipe.lm.single_steps else None
     res = train_lm(model, tokenizer, images, videos, out / "lm", recipe.lm, progress=progress,
-                   time_limit=time_limit, single=single)
+                   time_limit=time_limit, single=single, stop_at=lm_stop_at)
     del images, videos, single
     done = int(res["history"]["step"]) >= recipe.lm.steps
     path = save_vlm(model, res["vocab"], out / mini.WEIGHT_FILES["vlm"])
@@ -96,6 +97,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     manifest.setdefault("files", {})[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     manifest["vlm"] = {
         "complete": done,
+        "lm_step": int(res["history"]["step"]),  # of recipe.lm.steps: a paused run says where it stopped
         "command": "mmeff mini train --out DIR (recipe: mmeff.grounding.MiniRecipe defaults)",
         "recipe": asdict(recipe),
         "trained_on": _device_name(),

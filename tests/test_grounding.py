@@ -154,13 +154,13 @@ def test_mini_train_cli_end_to_end_at_toy_size_and_resumes(tmp_path, capsys) -> 
     out = tmp_path / "run"
     args = ["mini", "train", "--out", str(out), "--tower-steps", "2", "2", "1", "--pool", "8", "3", "--lm-steps", "4",
             "--eval-per-kind", "1"]
-    assert main([*args, "--time-limit", "0"]) == 0, capsys.readouterr().err
+    assert main([*args, "--lm-stop-at", "2"]) == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["vlm"]["complete"] is False  # paused by the time limit after one evaluation chunk
+    assert manifest["vlm"]["complete"] is False and manifest["vlm"]["lm_step"] == 2  # paused, weights written
     assert main(args) == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     v = manifest["vlm"]
-    assert v["complete"] is True and v["lm"]["log"][-1]["step"] == 4
+    assert v["complete"] is True and v["lm_step"] == 4 and v["lm"]["log"][-1]["step"] == 4
     assert [c["step"] for c in v["lm"]["heldout_curve"]] == sorted({c["step"] for c in v["lm"]["heldout_curve"]})
     assert v["heldout_accuracy"]["n_per_kind"] == 1 and "all" in v["heldout_accuracy_blank"]
     assert [len(t["log"]) > 0 for t in v["tower"]] == [True, True, True]
