@@ -446,7 +446,7 @@ def _cmd_mini_train(args: argparse.Namespace) -> int:
     if args.pool is not None:
         recipe.pool_images, recipe.pool_videos = args.pool
     manifest = train_mini(args.out, recipe, eval_per_kind=args.eval_per_kind, time_limit=args.time_limit,
-                          lm_stop_at=args.lm_stop_at)
+                          lm_stop_at=args.lm_stop_at, init_from=args.init_from)
     v = manifest["vlm"]
     print(json.dumps({"files": manifest["files"], "complete": v["complete"], "heldout_accuracy": v["heldout_accuracy"],
                       "blank": v["heldout_accuracy_blank"]}, indent=1))
@@ -992,6 +992,9 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind for the final check")
     g = mt.add_argument_group("grounded variant")
     g.add_argument("--lm-steps", type=int, default=None, help="projector + LM steps (default: the shipped recipe's)")
+    g.add_argument("--init-from", default=None,
+                   help="start from this weights file (e.g. mmeff/weights/mmeff-mini-vlm.safetensors): no tower "
+                   "phases, the LM stage trains on with its own schedule")
     g.add_argument("--lm-stop-at", type=int, default=None,
                    help="pause the LM stage at this step of its schedule (the weights and manifest say where it "
                    "stopped; run again without it to go on)")

@@ -520,12 +520,13 @@ def align_projector(model: nn.Module, tokenizer: Any, images: FeaturePool, steps
 def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: FeaturePool | None,
              out_dir: str | Path, cfg: LMTrainConfig, *, progress: bool = True,
              time_limit: float | None = None, single: FeaturePool | None = None,
-             stop_at: int | None = None) -> dict[str, Any]:
+             stop_at: int | None = None, fresh_projector: bool = True) -> dict[str, Any]:
     """Train the projector and LM of ``model`` (:func:`mmeff.mini_vlm.new_vlm` with a dense tower) on the cached pools,
     evaluating the held-out split every ``cfg.eval_every`` steps. Resumable: ``out_dir/last.pt`` holds the
     trainable weights, ``out_dir/curve.json`` the held-out curve. ``time_limit`` (seconds) pauses after the
     evaluation chunk that passes it; ``stop_at`` pauses at that step of the ``cfg.steps`` schedule (a later
-    call goes on). Returns ``{"history", "curve", "vocab"}``."""
+    call goes on). ``fresh_projector=False`` keeps the projector as it is (a model loaded from trained
+    weights) instead of standardising and aligning it first. Returns ``{"history", "curve", "vocab"}``."""
     from mmeff.mini import accuracy_by_kind, answer_scenes, heldout_items
     from mmeff.training import train_steps
 
@@ -550,7 +551,7 @@ def train_lm(model: nn.Module, tokenizer: Any, images: FeaturePool, videos: Feat
         keep[readout.vocab] = True
         emb[~keep] = 0
     align: list[float] = []
-    if not (out / "last.pt").is_file():
+    if fresh_projector and not (out / "last.pt").is_file():
         init_projector_from_features(model, images.feats[:256].flatten(0, 2))
         if cfg.align_steps:
             align = align_projector(model, tokenizer, images, cfg.align_steps, progress=progress)

@@ -54,13 +54,15 @@ def _device_name() -> str:
 
 
 def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, time_limit: float | None = None,
-               lm_stop_at: int | None = None,
+               lm_stop_at: int | None = None, init_from: str | Path | None = None,
                progress: bool = True) -> dict[str, Any]:
     """Train the grounded mmeff-mini into ``out`` from the shipped dual encoder's image tower: the tower
     phases (``out/tower<k>/``), the feature pools, the projector + LM (``out/lm/``), then
     ``out/mmeff-mini-vlm.safetensors`` and its part of ``out/manifest.json`` (recipe, curves, seconds,
     hardware, held-out accuracy with a blank-image control). Every stage resumes where it stopped;
-    ``time_limit`` (seconds) pauses the LM stage, and a second call continues it."""
+    ``time_limit`` (seconds) pauses the LM stage, and a second call continues it. ``init_from`` (a weights
+    file :func:`save_vlm` wrote, e.g. the shipped one) starts from its tower, projector and LM instead: the
+    tower phases and the projector's fresh start are skipped, and the LM stage runs its own schedule."""
     from mmeff import mini
     from mmeff.checkpoint import file_sha256
 
@@ -68,13 +70,26 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     tokenizer = mini_tokenizer()
-    model = new_vlm(tokenizer, recipe.hidden, recipe.layers, recipe.heads)
-    tower = model.model.vision_tower
-    mini.load_hf_vision(tower, mini.create_clip("shipped").visual)
-    tower_logs = []
-    for k, cfg in enumerate(recipe.tower, 1):
-        hist = train_tower(tower, out / f"tower{k}", cfg, progress=progress)
-        tower_logs.append({"config": asdict(cfg), "log": hist["log"], "train_seconds": hist.get("train_seconds")})
+    tower_logs: list[dict[str, Any]] = []
+    start: dict[str, Any] | None = None
+    if init_from is not None:
+        from safetensors import safe_open
+
+        model = load_vlm(init_from, tokenizer)
+        start = {"file": Path(init_from).name, "sha256": file_sha256(init_from)}
+        (out / "lm").mkdir(exist_ok=True)
+        if not (out / "lm" / "vocab.json").is_file():  # the rows the file trained are the vocabulary
+            with safe_open(str(init_from), framework="pt") as f:
+                ids = f.get_tensor("embed.ids").tolist()
+            (out / "lm" / "vocab.json").write_text(json.dumps(ids))
+        tower = model.model.vision_tower
+    else:
+        model = new_vlm(tokenizer, recipe.hidden, recipe.layers, recipe.heads)
+        tower = model.model.vision_tower
+        mini.load_hf_vision(tower, mini.create_clip("shipped").visual)
+        for k, cfg in enumerate(recipe.tower, 1):
+            hist = train_tower(tower, out / f"tower{k}", cfg, progress=progress)
+            tower_logs.append({"config": asdict(cfg), "log": hist["log"], "train_seconds": hist.get("train_seconds")})
     probe = probe_tower(tower)
     if progress:
         print(f"tower: per-patch linear read-out on held-out scenes {json.dumps(probe)}", flush=True)
@@ -83,7 +98,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     single = build_pool(tower, recipe.pool_single, video=False, seed=recipe.pool_seed, progress=progress,
                         single=True) if recipe.lm.single_steps else None
     res = train_lm(model, tokenizer, images, videos, out / "lm", recipe.lm, progress=progress,
-                   time_limit=time_limit, single=single, stop_at=lm_stop_at)
+                   time_limit=time_limit, single=single, stop_at=lm_stop_at, fresh_projector=start is None)
     del images, videos, single
     done = int(res["history"]["step"]) >= recipe.lm.steps
     path = save_vlm(model, res["vocab"], out / mini.WEIGHT_FILES["vlm"])
@@ -98,6 +113,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     manifest["vlm"] = {
         "complete": done,
         "lm_step": int(res["history"]["step"]),  # of recipe.lm.steps: a paused run says where it stopped
+        "init_from": start,  # None: the tower phases above, from the dual encoder's image tower
         "command": "mmeff mini train --out DIR (recipe: mmeff.grounding.MiniRecipe defaults)",
         "recipe": asdict(recipe),
         "trained_on": _device_name(),

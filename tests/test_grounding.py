@@ -161,10 +161,18 @@ def test_mini_train_cli_end_to_end_at_toy_size_and_resumes(tmp_path, capsys) -> 
     manifest = json.loads((out / "manifest.json").read_text())
     v = manifest["vlm"]
     assert v["complete"] is True and v["lm_step"] == 4 and v["lm"]["log"][-1]["step"] == 4
-    assert [c["step"] for c in v["lm"]["heldout_curve"]] == sorted({c["step"] for c in v["lm"]["heldout_curve"]})
+    assert [c["step"] for c in v["lm"]["heldout_curve"]] == [2, 4]
     assert v["heldout_accuracy"]["n_per_kind"] == 1 and "all" in v["heldout_accuracy_blank"]
     assert [len(t["log"]) > 0 for t in v["tower"]] == [True, True, True]
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == file_sha256(out / name)
     model, _, info = mini_vlm.build_vlm(out / mini.WEIGHT_FILES["vlm"])
     assert info["name"] == "mmeff-mini" and not model.training
+    # going on from a weights file on another machine: no tower phases, the file's weights as the start
+    first = out / mini.WEIGHT_FILES["vlm"]
+    again = tmp_path / "again"
+    assert main(["mini", "train", "--out", str(again), "--init-from", str(first), "--pool", "8", "3",
+                 "--lm-steps", "1", "--eval-per-kind", "1"]) == 0, capsys.readouterr().err
+    v2 = json.loads((again / "manifest.json").read_text())["vlm"]
+    assert v2["tower"] == [] and v2["init_from"]["sha256"] == file_sha256(first) and v2["lm_step"] == 1
+    assert json.loads((again / "lm" / "vocab.json").read_text()) == json.loads((out / "lm" / "vocab.json").read_text())
