@@ -213,8 +213,8 @@ def train_tower(tower: nn.Module, out_dir: str | Path, cfg: TowerTrainConfig, *,
 
 @torch.no_grad()
 def probe_tower(tower: nn.Module, n: int = 256, seed: int = 0, batch: int = 64) -> dict[str, float]:
-    """Held-out linear-probe-free check of a dense tower: fits nothing, trains a fresh least-squares
-    read-out of colour and shape on ``n`` images of split ``seed + 7`` and scores it on ``n`` of ``seed``.
+    """Held-out linear read-out of a tower's patch features: a least-squares map to colour and shape, fitted
+    on ``n`` images of split ``seed + 7`` and scored on ``n`` of split ``seed`` (the trained heads are not used).
 
     Returns accuracy over object patches ``{"colour", "shape", "majority_shape"}``.
     """
