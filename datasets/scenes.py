@@ -44,6 +44,8 @@ __all__ = [
     "SceneQA",
     "render",
     "label_map",
+    "draw_options",
+    "after_pool",
     "scene_sample",
     "scene_samples",
     "scene_videoqa",
@@ -195,7 +197,14 @@ def _place(
     return out
 
 
-def _options(rng: np.random.Generator, answer: str, pool: Sequence[str], k: int = 4) -> list[str]:
+def after_pool(names: Sequence[str], asked: str) -> list[str]:
+    """Answer pool of "what appears after ``asked``": the video's other objects, then every colour-shape name."""
+    pool = [*names, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
+    return list(dict.fromkeys(p for p in pool if p != asked))
+
+
+def draw_options(rng: np.random.Generator, answer: str, pool: Sequence[str], k: int = 4) -> list[str]:
+    """``answer`` and ``k - 1`` distinct others from ``pool``, shuffled by ``rng``."""
     others = [p for p in pool if p != answer]
     picks = list(rng.choice(others, size=min(k - 1, len(others)), replace=False))
     opts = [answer, *picks]
@@ -254,7 +263,7 @@ def scene_sample(
         q, a, pool = f"What colour is the small {first.shape}?", first.colour, colours
     else:
         q, a, pool = "What word is written in the image?", str(text), WORDS
-    return SceneQA(f"s{seed}-{index}-{kind}", kind, q, a, _options(rng, a, pool), image, objects, text)
+    return SceneQA(f"s{seed}-{index}-{kind}", kind, q, a, draw_options(rng, a, pool), image, objects, text)
 
 
 def scene_samples(
@@ -334,8 +343,7 @@ def _video_frames(
     if kind == "after":
         k = int(rng.integers(0, n - 1))
         q, a = f"What appears after the {objects[k].name()}?", objects[k + 1].name()
-        pool = [o.name() for o in objects] + [f"{c} {s}" for c in COLOURS for s in SHAPES]
-        pool = list(dict.fromkeys(p for p in pool if p != objects[k].name()))
+        pool = after_pool([o.name() for o in objects], objects[k].name())
     elif kind == "direction":
         q, a, pool = f"Which way does the {objects[0].name()} move?", direction, list(DIRECTIONS)
     else:
@@ -356,7 +364,7 @@ def scene_video_sample(
     kind = VIDEO_KINDS[index % len(VIDEO_KINDS)]
     rng = np.random.default_rng([seed, 1_000_000 + index])
     video, objects, q, a, pool, meta, frame_objects = _video_frames(rng, kind, size, frames)
-    return {"frames": video, "kind": kind, "question": q, "answer": a, "options": _options(rng, a, pool),
+    return {"frames": video, "kind": kind, "question": q, "answer": a, "options": draw_options(rng, a, pool),
             "objects": objects, "meta": meta, "frame_objects": frame_objects}
 
 

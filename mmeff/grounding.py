@@ -250,7 +250,7 @@ def video_questions(v: dict[str, Any], rng: np.random.Generator) -> list[tuple[s
     """Every question of the video kinds with one answer in ``v`` (:func:`scene_video_sample`), worded as
     the generator words them: its own question and, for "after" videos, "what appears after" every other
     object but the last."""
-    from mmeff.datasets.scenes import COLOURS, SHAPES, _options
+    from mmeff.datasets.scenes import after_pool, draw_options
 
     out = [(v["question"], list(v["options"]), v["answer"])]
     if v["kind"] != "after":
@@ -262,8 +262,7 @@ def video_questions(v: dict[str, Any], rng: np.random.Generator) -> list[tuple[s
         q = f"What appears after the {names[a]}?"
         if q == v["question"]:
             continue
-        pool = list(dict.fromkeys(p for p in names + [f"{c} {s}" for c in COLOURS for s in SHAPES] if p != names[a]))
-        out.append((q, _options(rng, names[b], pool), names[b]))
+        out.append((q, draw_options(rng, names[b], after_pool(names, names[a])), names[b]))
     return out
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "frame_indices",
     "scene_questions",
     "chat_turn_text",
+    "device_name",
     "collate_conversations",
     "init_projector_from_features",
 ]
@@ -350,25 +351,25 @@ def scene_questions(sample: Any, rng: np.random.Generator) -> list[tuple[str, li
     Training asks several of them about one image (a multi-turn conversation), so each image's visual
     tokens are paid for once per several answers.
     """
-    from mmeff.datasets.scenes import CELLS, COLOURS, NUMBERS, SHAPES, WORDS, _options
+    from mmeff.datasets.scenes import CELLS, COLOURS, NUMBERS, SHAPES, WORDS, draw_options
 
     objs = sample.objects
     out: list[tuple[str, list[str], str]] = []
     for o in objs:
         if sum(x.shape == o.shape for x in objs) == 1:
-            out.append((f"What colour is the {o.shape}?", _options(rng, o.colour, list(COLOURS)), o.colour))
+            out.append((f"What colour is the {o.shape}?", draw_options(rng, o.colour, list(COLOURS)), o.colour))
         if sum(x.colour == o.colour for x in objs) == 1:
-            out.append((f"What shape is the {o.colour} object?", _options(rng, o.shape, [*SHAPES, "star"]), o.shape))
+            out.append((f"What shape is the {o.colour} object?", draw_options(rng, o.shape, [*SHAPES, "star"]), o.shape))
         if sum(x.name() == o.name() for x in objs) == 1:
-            out.append((f"Where is the {o.name()}?", _options(rng, o.cell, list(CELLS)), o.cell))
+            out.append((f"Where is the {o.name()}?", draw_options(rng, o.cell, list(CELLS)), o.cell))
         if o.size < 0.12 and sum(x.shape == o.shape for x in objs) == 1:
-            out.append((f"What colour is the small {o.shape}?", _options(rng, o.colour, list(COLOURS)), o.colour))
+            out.append((f"What colour is the small {o.shape}?", draw_options(rng, o.colour, list(COLOURS)), o.colour))
     for shape in SHAPES:
         n = sum(x.shape == shape for x in objs)
         if 1 <= n <= 4:
-            out.append((f"How many {shape}s are there?", _options(rng, str(n), list(NUMBERS)), str(n)))
+            out.append((f"How many {shape}s are there?", draw_options(rng, str(n), list(NUMBERS)), str(n)))
     if sample.text:
-        out.append(("What word is written in the image?", _options(rng, sample.text, list(WORDS)), sample.text))
+        out.append(("What word is written in the image?", draw_options(rng, sample.text, list(WORDS)), sample.text))
     return out
 
 
@@ -479,9 +480,10 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The hardware a run used, for manifests: the CUDA device's name or "CPU (arch, N threads)"."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -541,7 +543,7 @@ def train_clip(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     secs = time.perf_counter() - t0
     log = TrainLog("clip", steps, batch_size, steps * batch_size, secs, float(np.mean(losses[-20:])),
-                   _device_name(device), losses[::max(1, steps // 200)])
+                   device_name(device), losses[::max(1, steps // 200)])
     return model.eval(), log
 
 
@@ -746,7 +748,7 @@ def train_llava(
         p.requires_grad_(False)
     secs = time.perf_counter() - t0
     log = TrainLog("llava", steps, batch_size, steps * batch_size, secs, float(np.mean(losses[-20:])),
-                   _device_name(device), losses[::max(1, steps // 200)])
+                   device_name(device), losses[::max(1, steps // 200)])
     return lora, log
 
 

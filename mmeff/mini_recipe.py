@@ -47,12 +47,6 @@ class MiniRecipe:
     heads: int = 6
 
 
-def _device_name() -> str:
-    import platform
-
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, time_limit: float | None = None,
                lm_stop_at: int | None = None, init_from: str | Path | None = None,
                progress: bool = True) -> dict[str, Any]:
@@ -116,7 +110,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
         "init_from": start,  # None: the tower phases above, from the dual encoder's image tower
         "command": "mmeff mini train --out DIR (recipe: mmeff.grounding.MiniRecipe defaults)",
         "recipe": asdict(recipe),
-        "trained_on": _device_name(),
+        "trained_on": mini.device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "seconds_this_call": time.perf_counter() - t0,
         "tower": tower_logs,
