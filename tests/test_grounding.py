@@ -71,7 +71,7 @@ def _pool(tower: torch.nn.Module, n: int = 4) -> grounding.FeaturePool:
 def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> None:
     pool = _pool(tiny_vlm.model.vision_tower)
     ds = grounding.LMData(pool, None, tok, 8, batch=2, seed=1)
-    batch = mini.collate_conversations([ds[0], ds[1]], tok.pad_token_id, "feats")
+    batch = grounding.collate_lm([ds[0], ds[1]], tok.pad_token_id)
     vocab = grounding.scene_vocabulary(ds, 8)
     readout = grounding._Readout(vocab, len(tok))
     with torch.no_grad():
@@ -97,7 +97,8 @@ def test_conversations_start_with_the_evaluation_prompt_and_label_only_answers(t
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     seen_mc = False
     for i in range(64):
-        ids, labels, feats = ds[i]
+        ids, labels, feats, looks = ds[i]
+        assert looks == []  # looks=False
         assert feats.shape == (1, 64, 192) and ids.count(tok.convert_tokens_to_ids("<image>")) == 64
         answers = [t for t, lab in zip(ids, labels) if lab != -100]
         assert answers and answers[-1] == eos and all(lab in (-100, t) for t, lab in zip(ids, labels))
@@ -112,6 +113,67 @@ def test_conversations_start_with_the_evaluation_prompt_and_label_only_answers(t
     # a step is all images or all videos, and every row of a step asks the same number of turns
     turns = {sum(1 for lab, nxt in zip(ds[i][1], ds[i][1][1:]) if lab == eos and nxt == -100) for i in range(8)}
     assert len(turns) == 1
+
+
+def test_question_patches_are_the_asked_objects_pixels() -> None:
+    sq = SceneObject("square", "blue", 3 / 8, 3 / 8, 0.25)  # patch rows/cols 2-3 exactly
+    small = SceneObject("circle", "red", (6 + 0.5) / 8, (1 + 0.5) / 8, 0.085)  # inside patch (1, 6)
+    objs = [sq, small]
+    square = np.zeros((8, 8), bool)
+    square[2:4, 2:4] = True
+    circle = np.zeros((8, 8), bool)
+    circle[1, 6] = True
+    ask = lambda q: grounding.question_patches(q, objs, "cat")  # noqa: E731
+    assert (ask("What colour is the square?").reshape(8, 8) == square).all()
+    assert (ask("What colour is the small circle?").reshape(8, 8) == circle).all()
+    assert (ask("What shape is the red object?").reshape(8, 8) == circle).all()
+    assert (ask("Where is the blue square?").reshape(8, 8) == square).all()
+    assert (ask("How many squares are there?").reshape(8, 8) == square).all()
+    word = ask("What word is written in the image?").reshape(8, 8)
+    assert word[7].any() and not word[:6].any()
+    assert ask("What colour is the triangle?") is None and ask("Is it raining?") is None
+    # every wording the training conversations use is known, on real generated scenes
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        s = scene_sample(4, i)
+        for q, _, _ in mini.scene_questions(s, rng):
+            assert grounding.question_patches(q, s.objects, s.text) is not None, q
+
+
+def test_look_targets_point_at_the_answer_and_the_loss_reads_attention(tok, tiny_vlm) -> None:
+    pool = _pool(tiny_vlm.model.vision_tower, 8)
+    ds = grounding.LMData(pool, None, tok, 16, batch=4, seed=3, looks=True)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    rows = [ds[i] for i in range(8)]
+    assert any(looks for *_, looks in rows)
+    for ids, labels, _, looks in rows:
+        for pos, mask in looks:
+            assert labels[pos] == -100 and labels[pos + 1] != -100  # the token whose output is the answer
+            assert mask.shape == (ids.count(image_id),) and mask.any()
+    batch = grounding.collate_lm(rows[:4], tok.pad_token_id)
+    cfg = grounding.LMTrainConfig(look_weight=1.0, look_layers=(0, 1), look_heads=1)
+    readout = grounding._Readout(grounding.scene_vocabulary(ds, 8), len(tok))
+    before = tiny_vlm.model.language_model.config._attn_implementation
+    with torch.no_grad():
+        parts = grounding.vlm_losses(tiny_vlm, batch, readout, cfg)
+    assert tiny_vlm.model.language_model.config._attn_implementation == before  # restored
+    torch.testing.assert_close(parts["answer"], grounding.vlm_answer_loss(tiny_vlm, batch, readout), rtol=1e-4, atol=1e-5)
+    # the look term from attention maps built by hand: all mass on the targets -> 0, uniform -> -log(share)
+    n = batch["input_ids"].shape[1]
+    uniform = [torch.full((4, 2, n, n), 1.0 / n) for _ in range(2)]
+    looks = batch["looks"]
+    share = [float(m.sum()) / n for row in looks for _, m in row]
+    want = float(np.mean([-np.log(x + 1e-6) for x in share]))
+    got = grounding.look_loss(uniform, batch["input_ids"], image_id, looks, (0, 1), 1)
+    assert abs(float(got) - want) < 1e-4
+    exact = [torch.zeros(4, 2, n, n) for _ in range(2)]
+    for r, row in enumerate(looks):
+        visual = torch.nonzero(batch["input_ids"][r] == image_id).squeeze(1)
+        for pos, mask in row:
+            for a in exact:
+                a[r, 0, pos, visual[mask]] = 1.0 / int(mask.sum())
+    assert float(grounding.look_loss(exact, batch["input_ids"], image_id, looks, (0, 1), 1)) < 1e-5
+    assert torch.isfinite(parts["look"]) and float(parts["look"]) > 0
 
 
 def test_vlm_weights_round_trip_and_refuse_foreign_files(tmp_path, tok) -> None:
