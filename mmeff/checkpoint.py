@@ -4,18 +4,75 @@ ToCom, VisToG and Instruct-IPT save with :func:`save_module` and load with :func
 refuses a missing file, a file that is not safetensors, and a file of another format, each with a message
 naming the file. :func:`file_sha256` is the checksum the shipped weights (mmeff-mini, the Instruct-IPT
 miniature) are checked with.
+
+Training states (optimizer, RNG, history: what resuming needs besides the weights) are written by
+:func:`save_state` and read by :func:`load_state`: tensors and plain containers only, so ``torch.load``
+reads them with ``weights_only=True`` and a hostile file cannot run code; written to a temporary file in the
+same folder, synced and renamed, so a crash mid-write never leaves a torn checkpoint behind.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["file_sha256", "read_module", "save_module"]
+__all__ = ["atomic_write", "file_sha256", "load_state", "read_module", "save_module", "save_state", "write_text_atomic"]
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it and rename it onto ``path``: readers
+    see the old file or the new one, never half of one. The temporary file is removed if ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of a text file (UTF-8)."""
+    return atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
+
+
+def save_state(state: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a training state (tensors, numbers, strings, ``None`` and lists / tuples / dicts of them) to
+    ``path`` atomically; :func:`load_state` reads it back without unpickling any class."""
+    return atomic_write(path, lambda t: torch.save(dict(state), t))
+
+
+def load_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Read a :func:`save_state` file with ``torch.load(weights_only=True)``.
+
+    ``ValueError`` naming the file when it is damaged (e.g. a truncated copy) or pickles Python objects other
+    than tensors and plain containers (loading those could run code from the file, so mmeff does not)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path} (expected a training checkpoint)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} pickles Python objects besides tensors and plain containers; mmeff reads "
+                         f"checkpoints with weights_only=True and will not unpickle it (that could run code "
+                         f"from the file): {str(e).splitlines()[0][:200]}") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged or not a torch checkpoint ({str(e).splitlines()[0][:160]}); "
+                         f"delete it to start over") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not an mmeff training checkpoint (holds {type(state).__name__}, not a dict)")
+    return state
 
 
 def file_sha256(path: str | Path) -> str:
@@ -31,16 +88,14 @@ def file_sha256(path: str | Path) -> str:
 
 def save_module(module: nn.Module, path: str | Path, fmt: str, config: Mapping[str, Any],
                 extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``module``'s state dict (detached, contiguous, on the CPU) to ``path`` (folders made) with
-    metadata ``{"format": fmt, "config": json, "extra": json}``; returns the path."""
+    """Write ``module``'s state dict (detached, contiguous, on the CPU) to ``path`` (folders made;
+    atomically, :func:`atomic_write`) with metadata ``{"format": fmt, "config": json, "extra": json}``;
+    returns the path."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": fmt, "config": json.dumps(dict(config)), "extra": json.dumps(dict(extra or {}))}
-    save_file(state, str(path), metadata=meta)
-    return path
+    return atomic_write(path, lambda t: save_file(state, str(t), metadata=meta))
 
 
 def read_module(path: str | Path, fmt: str, what: str, device: str = "cpu"

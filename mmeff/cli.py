@@ -197,8 +197,6 @@ def _cmd_video(args: argparse.Namespace) -> int:
     import json
     import os
 
-    import torch
-
     from mmeff.videocls import TrainConfig, VideoFolder, evaluate, train
 
     if args.task == "train":
@@ -216,7 +214,9 @@ def _cmd_video(args: argparse.Namespace) -> int:
     test_set = VideoFolder(args.data, args.frames, args.size, train=False, clips=args.clips, crops=args.crops)
     model = _video_model(args, len(test_set.classes))
     if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+        from mmeff.checkpoint import load_state
+
+        state = load_state(args.checkpoint)  # weights_only: a checkpoint from elsewhere cannot run code
         model.load_state_dict(state["model"] if "model" in state else state)
     print(json.dumps(evaluate(model, test_set, batch_size=args.batch_size), indent=1))
     return 0
@@ -384,7 +384,7 @@ def _cmd_cdt(args: argparse.Namespace) -> int:
         clips = [centre_clip(v, args.frames, args.size) for v in _cdt_videos(args.data, args.short_side, "test")]
         lp = lpips_model().to(device) if args.lpips else None
         res = evaluate_tokenizer(model, clips, steps, lpips=lp, chunk_latents=args.chunk_latents, device=device,
-                                 fvd_detector=args.fvd_detector)
+                                 fvd_detector=args.fvd_detector, trust_torchscript=args.trust_torchscript)
         print(json.dumps(res, indent=1))
         return 0
     # reconstruct one video file
@@ -935,7 +935,10 @@ def build_parser() -> argparse.ArgumentParser:
     ce.add_argument("--chunk-latents", type=int, default=None, help="decode this many latent frames at a time")
     ce.add_argument("--lpips", action="store_true", help="also LPIPS (needs its weights on this machine)")
     ce.add_argument("--fvd-detector", default=None,
-                    help="also FVD, with this local I3D TorchScript (StyleGAN-V's i3d_torchscript.pt)")
+                    help="also FVD, with this local I3D TorchScript (StyleGAN-V's i3d_torchscript.pt; needs "
+                    "--trust-torchscript)")
+    ce.add_argument("--trust-torchscript", action="store_true",
+                    help="allow loading the --fvd-detector TorchScript file, which runs the code stored in it")
     cr = ctasks.add_parser("reconstruct", help="encode and decode one video file (any length, any size)")
     cr.add_argument("--input", required=True)
     cr.add_argument("--output", required=True, help="an .mp4 to write")

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmeff.checkpoint import load_state, save_state
 from mmeff.tome import ToMe, ToMeAdapter, find_host
 
 __all__ = ["Batches", "ToCom", "ToComHandle", "kd_loss", "projection_slots", "train_tocom"]
@@ -443,7 +444,7 @@ def train_tocom(
         and (out / "tocom.safetensors").is_file()
     ):
         tocom.load_state_dict(ToCom.load(out / "tocom.safetensors", device=param.device).state_dict())
-        state = torch.load(out / "train_state.pt", map_location=param.device, weights_only=False)
+        state = load_state(out / "train_state.pt", map_location=param.device)
         opt.load_state_dict(state["optimizer"])
         start, history = int(state["epoch"]) + 1, list(state["history"])
         rng.setstate(state["rng"])
@@ -484,7 +485,7 @@ def train_tocom(
                 tocom.save(
                     out / "tocom.safetensors", extra={"epoch": epoch, "kd_loss": history[-1]["kd_loss"]}
                 )
-                torch.save(
+                save_state(
                     {
                         "optimizer": opt.state_dict(),
                         "epoch": epoch,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmeff.checkpoint import load_state, save_state, write_text_atomic
 from mmeff.distributed import init_distributed
 
 __all__ = ["StepSampler", "StepTrainConfig", "lr_at", "train_steps"]
@@ -117,7 +118,7 @@ def train_steps(
     ckpt = out / "last.pt"
     start = 0
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_state(ckpt, map_location=device)
         try:
             if trainable_only:
                 missing = trainable - set(state["model"])
@@ -153,9 +154,9 @@ def train_steps(
         sd = model.state_dict()
         if trainable_only:
             sd = {k: v for k, v in sd.items() if k in trainable}
-        torch.save({"model": sd, "optimizer": opt.state_dict(), "step": step,
+        save_state({"model": sd, "optimizer": opt.state_dict(), "step": step,
                     "history": history, "rng": torch.get_rng_state()}, ckpt)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
+        write_text_atomic(out / "history.json", json.dumps(history, indent=1))
 
     net.train()
     bar = tqdm(loader, total=stop - start, desc=f"train {start}->{stop}/{cfg.steps}",

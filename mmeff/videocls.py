@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmeff.checkpoint import load_state, save_state, write_text_atomic
 from mmeff.distributed import init_distributed
 
 __all__ = ["VideoFolder", "TrainConfig", "train", "evaluate", "frame_average_model", "FrameAverage"]
@@ -216,7 +217,7 @@ def train(
     start_epoch = 0
     ckpt = out / "last.pt"
     if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+        state = load_state(ckpt, map_location=device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -256,10 +257,10 @@ def train(
         if rank == 0:
             if val_set is not None and (history["best_top1"] is None or entry["val_top1"] > history["best_top1"]):
                 history["best_top1"] = entry["val_top1"]
-                torch.save({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                save_state({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                         "history": history, "rng": torch.get_rng_state(), "loader_rng": g.get_state()}, ckpt)
-            (out / "history.json").write_text(json.dumps(history, indent=1))
+            write_text_atomic(out / "history.json", json.dumps(history, indent=1))
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
     return history
 

@@ -34,7 +34,7 @@ from mmeff.metrics import psnr, quantize_8bit, ssim
 from mmeff.training import train_steps
 
 __all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "frechet_distance", "fvd",
-           "i3d_features", "offline_video_names", "offline_videos", "to_model_range",
+           "i3d_features", "load_torchscript_detector", "offline_video_names", "offline_videos", "to_model_range",
            "train_tokenizer", "video_tensor"]
 
 
@@ -199,6 +199,7 @@ def evaluate_tokenizer(
     chunk_latents: int | None = None,
     lpips: nn.Module | None = None,
     fvd_detector: str | Path | nn.Module | None = None,
+    trust_torchscript: bool = False,
     progress: bool = True,
     device: torch.device | str | None = None,
 ) -> dict[int, dict[str, float]]:
@@ -207,7 +208,7 @@ def evaluate_tokenizer(
     "psnr_per_video"}}``, PSNR and SSIM on 8-bit-quantised RGB per frame and averaged over all frames
     (``psnr_per_video``: each video's own mean); ``lpips`` (a model from
     :func:`mmeff.perceptual.lpips_model`) when given; ``fvd`` between the videos and their reconstructions
-    when ``fvd_detector`` (see :func:`i3d_features`) is given."""
+    when ``fvd_detector`` (see :func:`i3d_features`; a file path needs ``trust_torchscript=True``) is given."""
     if not videos:
         raise ValueError("evaluate_tokenizer got no videos")
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -215,10 +216,7 @@ def evaluate_tokenizer(
     model.eval()
     out: dict[int, dict[str, float]] = {}
     if isinstance(fvd_detector, (str, Path)):
-        path = Path(fvd_detector)
-        if not path.is_file():
-            raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt")
-        fvd_detector = torch.jit.load(str(path), map_location=device).eval()
+        fvd_detector = load_torchscript_detector(fvd_detector, device, trust_torchscript)
     try:
         latents = [model.encode(v[None].to(device)) for v in videos]
         for s in steps:
@@ -276,18 +274,30 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     return float((mu_a - mu_b).pow(2).sum() + torch.trace(s_a) + torch.trace(s_b) - 2 * cross)
 
 
+def load_torchscript_detector(path: str | Path, device: torch.device | str = "cpu", trust: bool = False) -> nn.Module:
+    """StyleGAN-V's ``i3d_torchscript.pt`` (or another TorchScript file) in eval mode. Loading TorchScript
+    runs the code stored in the file, so it happens only with ``trust=True`` (CLI: ``--trust-torchscript``),
+    and with a warning; otherwise ``ValueError`` saying so. ``FileNotFoundError`` if there is no file."""
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt on this machine")
+    if not trust:
+        raise ValueError(f"{path} is TorchScript, and loading it runs the code inside it; pass "
+                         f"trust_torchscript=True (CLI: --trust-torchscript) only for a file you trust")
+    warnings.warn(f"loading TorchScript from {path}: it runs the code stored in the file", stacklevel=2)
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
 def i3d_features(videos: Sequence[Tensor], detector: str | Path | nn.Module, batch_size: int = 8,
-                 device: torch.device | str = "cpu") -> Tensor:
+                 device: torch.device | str = "cpu", trust_torchscript: bool = False) -> Tensor:
     """I3D features ``(N, 400)`` of videos ``(3, T, H, W)`` in [-1, 1], resized to 224x224, the FVD
     protocol of StyleGAN-V's ``i3d_torchscript.pt`` (called with ``rescale=False, resize=False,
-    return_features=True``). ``detector``: a local path to that TorchScript file (nothing is downloaded)
-    or a module with the same call."""
+    return_features=True``). ``detector``: a local path to that TorchScript file (nothing is downloaded;
+    it needs ``trust_torchscript=True``, :func:`load_torchscript_detector`) or a module with the same call."""
     if isinstance(detector, (str, Path)):
-        path = Path(detector)
-        if not path.is_file():
-            raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt "
-                                    "on this machine")
-        detector = torch.jit.load(str(path), map_location=device).eval()
+        detector = load_torchscript_detector(detector, device, trust_torchscript)
     feats = []
     with torch.no_grad():
         for i in range(0, len(videos), batch_size):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +38,25 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+class _Hostile:
+    """Unpickling this creates ``marker``: what a checkpoint from the internet could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):  # noqa: ANN204
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def hostile_checkpoint():
+    """``write(path, marker) -> path``: a torch checkpoint (a dict, like a training state) whose unpickling
+    would create the file ``marker``."""
+
+    def write(path: Path, marker: Path) -> Path:
+        torch.save({"model": {}, "step": 1, "payload": _Hostile(marker)}, path)
+        return path
+
+    return write

@@ -718,3 +718,13 @@ def test_kd_loss_matches_hand_written_kl(tau):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert kd_loss(teacher, teacher, tau).abs().item() < 1e-6
     assert not torch.isclose(kd_loss(student, teacher, tau), kd_loss(teacher, student, tau))
+
+
+def test_resume_refuses_a_hostile_train_state(tmp_path, hostile_checkpoint):
+    vit = make_vit()
+    train(vit, 1, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    hostile_checkpoint(tmp_path / "run" / "train_state.pt", marker)
+    with pytest.raises(ValueError, match=r"train_state\.pt pickles Python objects"):
+        train(vit, 2, tmp_path / "run")
+    assert not marker.exists()

@@ -167,3 +167,21 @@ def test_ddp_under_torchrun_on_cpu(clips, tmp_path) -> None:
     assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
     # two ranks trained (DistributedSampler shards, gloo on CPU); only rank 0 reports
     assert run.stdout.count('"epoch": 2') == 1
+
+
+def test_cli_video_eval_and_resume_refuse_a_hostile_checkpoint(clips, tmp_path, capsys, hostile_checkpoint) -> None:
+    from mmeff.cli import main
+
+    train_root, val_root = clips
+    marker = tmp_path / "pwned"
+    bad = hostile_checkpoint(tmp_path / "from_the_internet.pt", marker)
+    common = ["--model", "squeezetime_10", "--frames", "4", "--size", "48", "--clips", "1", "--crops", "1"]
+    assert main(["video", "eval", "--data", str(val_root), "--checkpoint", str(bad), *common]) == 2
+    err = capsys.readouterr().err
+    assert "from_the_internet.pt pickles Python objects" in err and "Traceback" not in err
+    (tmp_path / "o").mkdir()
+    hostile_checkpoint(tmp_path / "o" / "last.pt", marker)
+    with pytest.raises(ValueError, match=r"last\.pt pickles Python objects"):
+        train(small(), VideoFolder(train_root, 4, 48, train=True), tmp_path / "o", TrainConfig(epochs=1, batch_size=6),
+              progress=False, log=lambda s: None)
+    assert not marker.exists()

@@ -268,7 +268,7 @@ def test_frechet_distance_against_scipy_and_closed_form() -> None:
 
 
 def test_fvd_runs_a_local_torchscript_detector(tmp_path: Path) -> None:
-    from mmeff.videotok import fvd, i3d_features
+    from mmeff.videotok import fvd, i3d_features, load_torchscript_detector
 
     class Stand(torch.nn.Module):  # I3D's call signature; features: per-channel mean and std over time
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
@@ -278,16 +278,23 @@ def test_fvd_runs_a_local_torchscript_detector(tmp_path: Path) -> None:
     path = tmp_path / "i3d.pt"
     torch.jit.script(Stand()).save(str(path))
     vids = [torch.rand(3, 5, 20, 30) * 2 - 1 for _ in range(4)]
-    f = i3d_features(vids, path, batch_size=3)
+    # TorchScript runs the code stored in the file: only on an explicit opt-in, with a warning
+    with pytest.raises(ValueError, match="i3d.pt is TorchScript.*trust_torchscript=True"):
+        i3d_features(vids, path)
+    with pytest.warns(UserWarning, match="runs the code stored in the file"):
+        f = i3d_features(vids, path, batch_size=3, trust_torchscript=True)
     assert f.shape == (4, 6)
-    assert fvd(vids, vids, path) == pytest.approx(0, abs=1e-8)
-    assert fvd(vids, [v * 0.5 for v in vids], path) > 0
+    trusted = load_torchscript_detector(path, trust=True)
+    assert fvd(vids, vids, trusted) == pytest.approx(0, abs=1e-8)
+    assert fvd(vids, [v * 0.5 for v in vids], trusted) > 0
     with pytest.raises(FileNotFoundError, match="i3d_torchscript.pt"):
-        i3d_features(vids, tmp_path / "none.pt")
+        i3d_features(vids, tmp_path / "none.pt", trust_torchscript=True)
     # through the evaluation: FVD of the reconstructions at each step count
     torch.manual_seed(0)
     m = create_model("cdt_tiny").eval()
     clips = [torch.rand(3, 5, 16, 16) * 2 - 1 for _ in range(3)]
-    res = evaluate_tokenizer(m, clips, steps=(1,), fvd_detector=path, progress=False)
+    with pytest.raises(ValueError, match="TorchScript"):
+        evaluate_tokenizer(m, clips, steps=(1,), fvd_detector=path, progress=False)
+    res = evaluate_tokenizer(m, clips, steps=(1,), fvd_detector=trusted, progress=False)
     recs = [m.decode(m.encode(v[None]))[0] for v in clips]
-    assert res[1]["fvd"] == pytest.approx(fvd(clips, recs, path), rel=1e-6)
+    assert res[1]["fvd"] == pytest.approx(fvd(clips, recs, trusted), rel=1e-6)
