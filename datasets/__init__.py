@@ -21,3 +21,27 @@ if __name__ != "mmeff.datasets":
         _real = _util.module_from_spec(_spec)
         _sys.modules[__name__] = _real
         _spec.loader.exec_module(_real)
+else:
+    # The loaders users reach for, importable from the package itself (``from mmeff.datasets import
+    # load_video``), resolved on first use so that importing mmeff.datasets stays cheap.
+    _EXPORTS = {
+        **dict.fromkeys(("IMAGE_NAMES", "VIDEO_NAMES", "VideoClip", "load_video", "read_frames", "sample_image",
+                         "sample_video_path"), "media"),
+        **dict.fromkeys(("VIDEOQA_FORMATS", "VideoQASample", "load_activitynet_qa", "load_msrvtt_qa",
+                         "load_msvd_qa", "load_mvbench", "load_nextqa", "load_tgif_qa", "load_videomme",
+                         "load_videoqa", "synthetic_videoqa"), "videoqa"),
+        **dict.fromkeys(("scene_sample", "scene_samples", "scene_videoqa", "scene_video_sample"), "scenes"),
+    }
+    __all__ = sorted(_EXPORTS)
+
+    def __getattr__(name: str) -> object:
+        if name not in _EXPORTS:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        import importlib as _importlib
+
+        value = getattr(_importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS})

@@ -128,3 +128,31 @@ def test_fourier_benchmark_script_accounting(tmp_path):
     rows = json.loads(out.read_text())["accounting"]
     pre64 = next(r for r in rows if r["model"] == "llava-1.5-7b" and r["visual_tokens"] == 64 and r["stage"] == "pre")
     assert round(pre64["total_saved"], 3) == 0.770
+
+
+def test_every_import_the_readme_shows_works() -> None:
+    # each `import` / `from ... import` line of the README's python blocks, run as written (continuation
+    # lines of a parenthesised import joined); a name the README promises must exist
+    text = (ROOT / "README.md").read_text()
+    lines: list[str] = []
+    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+        pending = ""
+        for line in block.splitlines():
+            stripped = line.strip()
+            if pending:
+                pending += " " + stripped
+                if ")" in stripped:
+                    lines.append(pending)
+                    pending = ""
+            elif re.match(r"(from \S+ import |import )", stripped):
+                code = stripped.split("#")[0].strip()
+                if code.endswith("("):
+                    pending = code
+                else:
+                    lines.append(code)
+    assert len(lines) >= 10, lines
+    for code in lines:
+        try:
+            exec(compile(code, "README.md", "exec"), {})
+        except ImportError as e:
+            pytest.fail(f"README import fails: {code!r}: {e}")
