@@ -300,17 +300,25 @@ def _collect(
     """Build samples from ``(where, VideoQASample fields)`` pairs, stopping after ``limit``."""
     samples: list[VideoQASample] = []
     first_seen: dict[str, str] = {}
+    repeats: list[tuple[str, str]] = []  # (where, id) of each repeat, all named in one error
     for where, fields in items:
         try:
             sample = VideoQASample(**fields)
         except ValueError as exc:
             raise _fail(file, where, str(exc)) from None
         if sample.id in first_seen:
-            raise _fail(file, where, f"duplicate id {sample.id!r} (first at {first_seen[sample.id]})")
+            repeats.append((where, sample.id))
+            continue
         first_seen[sample.id] = where
         samples.append(sample)
         if limit is not None and len(samples) >= limit:
             break
+    if repeats:
+        # results are resumed and merged by id, so a repeated id would silently stand for two questions
+        (where, rid), more = repeats[0], repeats[1:]
+        also = ", ".join(f"{i!r} ({w}, first at {first_seen[i]})" for w, i in more[:_MISSING_SHOWN])
+        extra = f"; {len(more)} more: {also}{', ...' if len(more) > _MISSING_SHOWN else ''}" if more else ""
+        raise _fail(file, where, f"duplicate id {rid!r} (first at {first_seen[rid]}){extra}")
     if not samples:
         raise ValueError(f"{file}: no samples in the annotation file")
     if check_videos:

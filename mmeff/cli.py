@@ -658,9 +658,25 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     # with a process group, rank 0 merges the shards and reports on everything; without one each rank
     # reports on its own shard (join them later with mmeff.evaluate.merge_results)
     merged = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    # everything that changes the answers goes in every row, so resuming --out under another run is refused
+    def where(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).resolve())
+
+    run_config = {
+        "model": info.get("name", args.model), "model_arg": args.model if args.model == "default" else where(args.model),
+        "method": reducer.describe() if reducer else "none", "stage": args.stage, "frames": args.frames,
+        "budget": None if args.method in ("none", "freevideo") else
+        ({"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}),
+        "freevideo": {"path": args.freevideo, "faithful": args.faithful, "clip_model": args.clip_model,
+                      "clip_pretrained": where(args.clip_pretrained)} if args.method == "freevideo" else None,
+        "max_new_tokens": args.max_new_tokens, "data": args.data, "annotations": where(args.annotations),
+        "video_root": where(args.video_root), "judge_model": args.judge_model if args.judge_url else None,
+    }
+    if args.data == "scenes":
+        run_config["seed"] = HELDOUT_SEED
     try:
         report = evaluate(samples, predict, out, batch_size=args.batch_size, resume=not args.no_resume,
-                          rank=rank, world_size=world_size, judge=judge)
+                          rank=rank, world_size=world_size, judge=judge, config=run_config)
     finally:
         if started_group:
             torch.distributed.destroy_process_group()

@@ -7,7 +7,8 @@ The pieces are independent so each can be reused or swapped:
 - prediction: :func:`predict_llava` / :func:`predict_batch` run a HF ``LlavaForConditionalGeneration``
   (optionally with an mmeff reducer applied) on sampled frames and time it;
 - harness: :func:`evaluate` appends one JSON line per sample (fsynced, so a crash loses nothing),
-  resumes by id, shards over ``RANK`` / ``WORLD_SIZE`` and :func:`merge_results` joins the shards;
+  resumes by id (only rows of the same run configuration), records unreadable clips as failed and goes
+  on, shards over ``RANK`` / ``WORLD_SIZE`` and :func:`merge_results` joins the shards;
 - report: :class:`EvalReport` with :func:`format_report`.
 """
 
@@ -326,7 +327,8 @@ class Prediction:
     ``visual_tokens``: visual tokens the LLM read for the whole video (after any reduction);
     ``decode_s``: frame decoding + pixel preprocessing of this sample; ``model_s``: prompt building,
     generation and detokenising (a batch's time split evenly over its samples); ``new_tokens``:
-    generated tokens up to and including the first EOS.
+    generated tokens up to and including the first EOS; ``failed``: why the sample could not be answered
+    (e.g. an unreadable clip), in which case ``text`` is empty and the sample is not scored.
     """
 
     id: str
@@ -335,6 +337,7 @@ class Prediction:
     decode_s: float
     model_s: float
     new_tokens: int
+    failed: str | None = None
 
 
 PredictFn = Callable[[Sequence[VideoQASample]], Sequence[Prediction]]
@@ -412,7 +415,8 @@ def predict_batch(
     whole clip; the raw questions go to the method as ``mmeff_text``; rows
     are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
     ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
-    a chat tokenizer (or a processor with a ``.tokenizer``).
+    a chat tokenizer (or a processor with a ``.tokenizer``). A sample whose clip cannot be read gets a
+    :class:`Prediction` with ``failed`` set to the reason; the other samples are answered as usual.
     """
     from mmeff.api import apply
     from mmeff.hfconfig import pad_token_id
@@ -433,11 +437,22 @@ def predict_batch(
 
     pixels: list[torch.Tensor] = []
     decode_s: list[float] = []
-    for s in samples:
+    results: list[Prediction | None] = [None] * len(samples)  # failed ones filled now, the rest after generate
+    for k, s in enumerate(samples):
         t0 = time.perf_counter()
-        frames, _ = read_clip(s.video, num_frames, s.start, s.end)
+        try:
+            frames, _ = read_clip(s.video, num_frames, s.start, s.end)
+        except ValueError as e:  # load_video's one error type for a missing, empty or corrupt clip
+            # one bad file in a benchmark of thousands should cost that sample, not the run
+            results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
+                                    model_s=0.0, new_tokens=0, failed=str(e))
+            continue
         pixels.append(llava_pixel_values(list(frames), size))
         decode_s.append(time.perf_counter() - t0)
+    todo = [k for k, r in enumerate(results) if r is None]
+    samples = [samples[k] for k in todo]
+    if not samples:
+        return [r for r in results if r is not None]
 
     _sync(device)
     t0 = time.perf_counter()
@@ -465,10 +480,10 @@ def predict_batch(
 
     unreduced = num_frames * per_image
     visual = [unreduced] * len(samples) if handle is None else _rows_visual_tokens(handle, len(samples), num_frames, unreduced)
-    return [
-        Prediction(id=s.id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i], model_s=model_s, new_tokens=counts[i])
-        for i, s in enumerate(samples)
-    ]
+    for i, (k, s) in enumerate(zip(todo, samples)):
+        results[k] = Prediction(id=s.id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
+                                model_s=model_s, new_tokens=counts[i])
+    return [r for r in results if r is not None]
 
 
 def predict_llava(
@@ -537,31 +552,36 @@ def load_results(path: str | Path, *, repair: bool = False) -> list[dict[str, An
     """Records of a results JSONL file (``[]`` if it does not exist).
 
     A last line that is not valid JSON is what a crash mid-write leaves: it is ignored, and with
-    ``repair=True`` cut from the file so appending continues on a clean line. A bad line anywhere else
-    raises ``ValueError``.
+    ``repair=True`` cut from the file so appending continues on a clean line. A bad line anywhere else,
+    or any line that is valid JSON but not an object with an ``id``, raises ``ValueError``.
     """
+    return [rec for _, rec in _load_rows(path, repair=repair)]
+
+
+def _load_rows(path: str | Path, *, repair: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """:func:`load_results` with each record's 1-based line number, for errors that point at a line."""
     path = Path(path)
     if not path.exists():
         return []
     data = path.read_bytes()
-    records: list[dict[str, Any]] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
     good_end = 0  # byte offset just past the last valid line
     pos = 0
     lines = data.split(b"\n")
     last_used = max((i for i, x in enumerate(lines) if x.strip()), default=-1)
     for i, line in enumerate(lines):
         end = pos + len(line)
-        last = i == last_used
         if line.strip():
             try:
                 rec = json.loads(line)
-                if not isinstance(rec, dict) or "id" not in rec:
-                    raise ValueError("not a record with an id")
             except ValueError as e:
-                if last:
+                if i == last_used:
                     break
                 raise ValueError(f"{path}: line {i + 1} is corrupt ({e}); fix or delete it") from None
-            records.append(rec)
+            # whole lines are written at once, so valid JSON is never a torn write: a wrong shape is an error
+            if not isinstance(rec, dict) or "id" not in rec:
+                raise ValueError(f"{path}: line {i + 1} is not a result record (no 'id'); fix or delete it")
+            rows.append((i + 1, rec))
             good_end = end
         pos = end + 1
     if repair:
@@ -575,7 +595,35 @@ def load_results(path: str | Path, *, repair: bool = False) -> list[dict[str, An
                 f.truncate(len(keep))
                 f.flush()
                 os.fsync(f.fileno())
-    return records
+    return rows
+
+
+def _write_atomic(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Replace ``path`` by ``records`` so that a crash leaves either the old or the new file, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _config_text(config: Any) -> str:
+    return json.dumps(config, sort_keys=True, ensure_ascii=False)
+
+
+def _config_mismatch(where: str, theirs: Any, mine: Any, mine_name: str, hint: str) -> ValueError:
+    """One-line error for a row written under another run configuration than ``mine``."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        keys = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        differ = f" (differs in {', '.join(keys)})"
+    else:
+        differ = ""
+    return ValueError(
+        f"{where} comes from another run configuration{differ}: its config {_config_text(theirs)}, "
+        f"{mine_name} {_config_text(mine)}; {hint}"
+    )
 
 
 def _append(f: Any, record: dict[str, Any]) -> None:
@@ -598,11 +646,18 @@ def merge_results(
         raise ValueError(f"cannot merge {out}: missing shard file(s) {', '.join(missing)} (did every rank finish?)")
     records: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
+    first: tuple[str, Any] | None = None  # (where, config) of the first record, which all must share
     for r in range(world_size):
-        for rec in load_results(shard_path(out, r, world_size)):
+        shard = shard_path(out, r, world_size)
+        for line, rec in _load_rows(shard):
             rid = str(rec["id"])
             if rid in seen:
                 raise ValueError(f"cannot merge {out}: sample id {rid!r} is in shard {seen[rid]} and shard {r}")
+            if first is None:
+                first = (f"{shard} line {line}", rec.get("config"))
+            elif rec.get("config") != first[1]:
+                raise _config_mismatch(f"cannot merge {out}: {shard} line {line}", rec.get("config"), first[1],
+                                       f"{first[0]} has", "rerun the shards under one configuration")
             seen[rid] = r
             records.append(rec)
     if expected_ids is not None:
@@ -611,13 +666,7 @@ def merge_results(
             raise ValueError(f"cannot merge {out}: {len(lacking)} sample(s) have no result, e.g. {lacking[:5]}")
     # "index" is the sample's position in the full list, so the order matches a single-process run
     records.sort(key=lambda rec: (rec.get("index", math.inf), str(rec["id"])))
-    tmp = out.with_name(out.name + ".merging")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out)
+    _write_atomic(out, records)
     return records
 
 
@@ -634,6 +683,8 @@ class EvalReport:
     ``kind`` in ``sample.meta``; ``"-"`` when none) to ``{"n", "accuracy"}``; judge fields
     are ``None`` unless open-ended samples were judged (``judge_accuracy`` over judged samples, unreadable
     replies counted in ``judge_errors`` and left out). Latency is ``decode_s + model_s`` per sample.
+    ``n`` and every metric cover the scored samples; ``failed`` counts those that could not be answered
+    (e.g. an unreadable clip), which are neither right nor wrong.
     """
 
     n: int
@@ -655,6 +706,7 @@ class EvalReport:
     decode_mean_s: float | None = None
     model_mean_s: float | None = None
     new_tokens_mean: float | None = None
+    failed: int = 0
     out_path: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -671,7 +723,15 @@ def _median(xs: Sequence[float]) -> float | None:
 
 
 def report_from_records(records: Sequence[dict[str, Any]], out_path: str | Path = "") -> EvalReport:
-    """Aggregate result records (as written by :func:`evaluate`) into an :class:`EvalReport`."""
+    """Aggregate result records (as written by :func:`evaluate`) into an :class:`EvalReport`.
+
+    Records with ``failed`` set are counted, not scored; any other record without ``correct`` raises
+    ``ValueError``."""
+    failed = sum(1 for r in records if r.get("failed"))
+    records = [r for r in records if not r.get("failed")]
+    bad = next((r for r in records if "correct" not in r), None)
+    if bad is not None:
+        raise ValueError(f"{out_path or 'results'}: record {bad.get('id')!r} has no 'correct' field")
     mc = [r for r in records if r.get("multiple_choice")]
     op = [r for r in records if not r.get("multiple_choice")]
     judged = [r["judge"] for r in op if isinstance(r.get("judge"), dict) and r["judge"].get("correct") is not None]
@@ -683,6 +743,7 @@ def report_from_records(records: Sequence[dict[str, Any]], out_path: str | Path 
     return EvalReport(
         n=len(records),
         accuracy=_mean([float(r["correct"]) for r in records]),
+        failed=failed,
         n_multiple_choice=len(mc),
         accuracy_multiple_choice=_mean([float(r["correct"]) for r in mc]),
         n_open=len(op),
@@ -730,6 +791,9 @@ def _record(
         "multiple_choice": sample.multiple_choice,
         "type": _question_type(sample.meta),
     }
+    if pred.failed:  # no answer: neither right nor wrong, so no 'correct'
+        rec.update(failed=str(pred.failed), decode_s=float(pred.decode_s))
+        return rec
     if sample.options is not None:
         choice = extract_option(pred.text, sample.options)
         rec.update(options=list(sample.options), answer_index=sample.answer_index, pred_index=choice,
@@ -777,6 +841,7 @@ def evaluate(
     world_size: int | None = None,
     progress: bool = True,
     judge: Callable[[str, str, str], dict[str, Any]] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Predict, score and record every sample; returns the report of the samples this call covers.
 
@@ -785,6 +850,11 @@ def evaluate(
     fsynced. With ``resume`` the ids already in the file are skipped (a torn last line is dropped and its
     sample redone); without it the file is started afresh. ``judge(question, ref, pred) -> {"correct",
     "score"}`` (e.g. :func:`judge_open` with url/model bound) additionally grades open-ended answers.
+
+    ``config`` (JSON-serialisable: method and its options, model, frames, budget, data...) is stored in
+    every row; resuming a file whose rows carry another config raises ``ValueError`` naming both, so two
+    runs never mix in one file. A prediction with ``failed`` set is recorded as failed (not scored) and
+    the run goes on; such samples are tried again on the next resume.
 
     Sharding: ``rank`` / ``world_size`` default to ``RANK`` / ``WORLD_SIZE``; sample ``i`` goes to rank
     ``i % world_size``, which writes ``shard_path(out_path, rank, world_size)``. If ``torch.distributed``
@@ -797,12 +867,28 @@ def evaluate(
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"sample ids must be unique (results are resumed by id); repeated: {dup[:5]}")
+    try:  # compared with the rows' configs as read back from JSON, so tuples and lists are alike
+        config = None if config is None else json.loads(_config_text(config))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config must be JSON-serialisable ({e})") from None
     rank, world_size = resolve_shard(rank, world_size)
     out = shard_path(out_path, rank, world_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not resume and out.exists():
         out.unlink()
-    done = {str(r["id"]): r for r in load_results(out, repair=True)}
+    rows = _load_rows(out, repair=True)
+    for line, rec in rows:
+        if rec.get("config") != config:
+            raise _config_mismatch(f"{out} line {line}", rec.get("config"), config, "this run's",
+                                   "use another --out, or --no-resume (resume=False) to start it over")
+        if "correct" not in rec and not rec.get("failed"):
+            raise ValueError(f"{out}: line {line} has no 'correct' field (nor 'failed'); fix or delete it, "
+                             "or start over with --no-resume (resume=False)")
+    if any(rec.get("failed") for _, rec in rows):
+        # a failed sample (say, a clip that was unreadable) gets another try: drop its row, atomically
+        _write_atomic(out, [rec for _, rec in rows if not rec.get("failed")])
+        rows = [(line, rec) for line, rec in rows if not rec.get("failed")]
+    done = {str(r["id"]): r for _, r in rows}
     mine = [(i, s) for i, s in enumerate(samples) if i % world_size == rank]
     todo = [(i, s) for i, s in mine if s.id not in done]
 
@@ -811,6 +897,7 @@ def evaluate(
     # running accuracy of this shard, resumed records included
     n_correct = sum(bool(done[s.id]["correct"]) for _, s in mine if s.id in done)
     n_scored = sum(1 for _, s in mine if s.id in done)
+    n_failed = 0
     try:
         with open(out, "a", encoding="utf-8") as f:
             for chunk in _chunks(todo, batch_size):
@@ -821,12 +908,18 @@ def evaluate(
                     raise ValueError(f"predict_fn returned predictions for {got}, expected {[s.id for s in batch]}")
                 for (i, s), p in zip(chunk, preds):
                     rec = _record(s, i, p, judge)
+                    if config is not None:
+                        rec["config"] = config
                     _append(f, rec)
                     done[s.id] = rec
                     bar.update(1)
-                n_correct += sum(bool(done[s.id]["correct"]) for s in batch)
-                n_scored += len(batch)
-                bar.set_postfix_str(f"acc {n_correct / n_scored:.3f}")
+                    if rec.get("failed"):
+                        n_failed += 1
+                    else:
+                        n_correct += bool(rec["correct"])
+                        n_scored += 1
+                acc = f"acc {n_correct / n_scored:.3f}" if n_scored else "acc -"
+                bar.set_postfix_str(acc + (f", failed {n_failed}" if n_failed else ""))
     finally:
         bar.close()
 
@@ -849,6 +942,10 @@ def format_report(report: EvalReport) -> str:
     rows = [
         ("samples", _fmt(report.n)),
         ("accuracy", _fmt(report.accuracy)),
+    ]
+    if report.failed:
+        rows += [("failed (unreadable, not scored)", str(report.failed))]
+    rows += [
         ("multiple choice (n / acc)", f"{report.n_multiple_choice} / {_fmt(report.accuracy_multiple_choice)}"),
         ("open-ended (n / normalized acc)", f"{report.n_open} / {_fmt(report.accuracy_open)}"),
         ("open-ended exact match", _fmt(report.exact_open)),
