@@ -59,6 +59,8 @@ def load_state(path: str | Path, map_location: str | torch.device | None = "cpu"
     ``ValueError`` naming the file when it is damaged (e.g. a truncated copy) or pickles Python objects other
     than tensors and plain containers (loading those could run code from the file, so mmeff does not)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (expected a training checkpoint)")
     try:
@@ -107,6 +109,8 @@ def read_module(path: str | Path, fmt: str, what: str, device: str = "cpu"
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a file (expected {what})")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (expected {what})")
     try:

@@ -13,6 +13,7 @@ decorate it with :func:`register`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Generic, TypeVar
@@ -347,8 +348,12 @@ class BudgetReducer(TokenReducer):
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.ratio is None):
             raise ValueError(f"{type(self).__name__}: give exactly one of tokens= or ratio=")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or int(self.tokens) != self.tokens):
+        if self.tokens is not None and (not isinstance(self.tokens, numbers.Real) or isinstance(self.tokens, bool)
+                                        or int(self.tokens) != self.tokens):
             raise TypeError(f"tokens must be an int, got {self.tokens!r}")
+        # a string ("0.5", e.g. from a config file) would otherwise fail later inside a comparison
+        if self.ratio is not None and (not isinstance(self.ratio, numbers.Real) or isinstance(self.ratio, bool)):
+            raise TypeError(f"ratio must be a number in (0, 1], got {self.ratio!r} ({type(self.ratio).__name__})")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError(f"token budget must be >= 1, got {self.tokens}")
         if self.ratio is not None and not (0.0 < self.ratio <= 1.0):
@@ -429,6 +434,8 @@ class GridReducer(BudgetReducer):
                 raise ValueError(f"out_grid must be (h, w) of positive ints, got {self.out_grid}")
             self.out_grid = (int(og[0]), int(og[1]))
         elif self.axis_ratio is not None:
+            if not isinstance(self.axis_ratio, numbers.Real) or isinstance(self.axis_ratio, bool):
+                raise TypeError(f"axis_ratio must be a number in (0, 1], got {self.axis_ratio!r}")
             if not (0.0 < float(self.axis_ratio) <= 1.0):
                 raise ValueError(f"axis_ratio must be in (0, 1], got {self.axis_ratio}")
         else:

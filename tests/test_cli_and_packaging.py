@@ -156,3 +156,68 @@ def test_every_import_the_readme_shows_works() -> None:
             exec(compile(code, "README.md", "exec"), {})
         except ImportError as e:
             pytest.fail(f"README import fails: {code!r}: {e}")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "squeezetime", "--squeezetime-epochs", "0"], "--squeezetime-epochs must be at least 1, got 0"),
+    (["demo", "--port", "99999"], "--port must be in 1..65535, got 99999"),
+    (["bench", "--ratio", "2"], "--ratio must be in (0, 1], got 2.0"),
+    (["bench", "--ratio", "half"], None),  # argparse's own usage error
+])
+def test_cli_bad_arguments_get_one_line(argv, message, capsys) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if message:
+        assert err.strip() == f"mmeff: {message}"
+
+
+def test_cli_device_cuda_without_a_gpu(capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "sepllm", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_failures_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch) -> None:
+    import argparse
+
+    from mmeff import cli
+
+    def fails(exc: BaseException) -> None:
+        def command(args: argparse.Namespace) -> int:
+            raise exc
+        monkeypatch.setattr(cli, "_cmd_list", command)  # build_parser reads it on every main()
+
+    fails(IsADirectoryError(21, "Is a directory", str(tmp_path)))
+    assert main(["list"]) == 2
+    assert capsys.readouterr().err.strip() == f"mmeff: error: Is a directory ({tmp_path})"
+    fails(RuntimeError("something broke\nsecond line"))
+    assert main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "RuntimeError: something broke" in err and "MMEFF_DEBUG=1" in err
+    with pytest.raises(RuntimeError):
+        main(["--debug", "list"])
+    monkeypatch.setenv("MMEFF_DEBUG", "1")
+    with pytest.raises(RuntimeError):
+        main(["list"])
+    # a folder where a checkpoint file is expected is called a folder, not "not found"
+    monkeypatch.delenv("MMEFF_DEBUG")
+    from mmeff.checkpoint import load_state
+
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint file"):
+        load_state(tmp_path)
+
+
+def test_console_script_prints_no_traceback(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mmeff.cli", "demo", "--port", "99999"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().startswith("mmeff: --port")
