@@ -631,7 +631,12 @@ class FlatQuantHandle:
     def save(self, path: str | Path) -> None:
         """Write ``model.safetensors`` (int4 codes packed two per byte, scales, transforms, the rest of the
         model in its dtype) and ``mmeff_quant.json``; reload with :func:`load_quantized`."""
+        import shutil
+        import tempfile
+
         from safetensors.torch import save_file
+
+        from mmeff.checkpoint import atomic_write, file_sha256
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -647,11 +652,17 @@ class FlatQuantHandle:
             if ptr in seen and sd[k].numel():
                 sd[k] = sd[k].clone()
             seen[ptr] = k
-        save_file(sd, str(path / "model.safetensors"))
-        self.model.config.save_pretrained(path)
+        # each file is replaced atomically, and mmeff_quant.json (which records the weights' sha256) last:
+        # a crash part-way leaves a record that no longer matches, which load_quantized reports
+        weights = atomic_write(path / "model.safetensors", lambda t: save_file(sd, str(t)))
+        with tempfile.TemporaryDirectory(dir=path, prefix=".config-") as staged:  # save_pretrained's own checks
+            self.model.config.save_pretrained(staged)
+            atomic_write(path / "config.json", lambda t: shutil.copyfile(Path(staged) / "config.json", t))
         meta = {"quant_config": asdict(self.cfg), "base_attn": self.base_attn, "decoder_prefix": prefix,
-                "quantized": self.quantized(), "architecture": type(self.model).__name__, "report": self.report}
-        (path / "mmeff_quant.json").write_text(json.dumps(meta, indent=2, default=str))
+                "quantized": self.quantized(), "architecture": type(self.model).__name__, "report": self.report,
+                "sha256": {weights.name: file_sha256(weights)}}
+        text = json.dumps(meta, indent=2, default=str)
+        atomic_write(path / "mmeff_quant.json", lambda t: t.write_text(text))
 
 
 def _prefix_of(model: nn.Module, dec: nn.Module) -> str:
@@ -817,33 +828,68 @@ def _hessians(lq: LayerQuant, layer: nn.Module, xs: list[Tensor], kws: list[dict
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> tuple[nn.Module, FlatQuantHandle]:
     """Rebuild a model written by :meth:`FlatQuantHandle.save`: config → model, codes → weights,
-    transforms → hooks. Returns ``(model, handle)`` ready for inference."""
+    transforms → hooks. Returns ``(model, handle)`` ready for inference.
+
+    ``FileNotFoundError`` / one-line ``ValueError`` naming the file for anything else: not a folder, a
+    missing or unreadable ``mmeff_quant.json`` / ``config.json`` / ``model.safetensors``, weights that no
+    longer match the sha256 recorded at save time (folders saved before that record load unchecked), or
+    tensors that do not fit the recorded model."""
     import transformers
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
+    from mmeff.checkpoint import file_sha256
+
     path = Path(path)
-    meta_file = path / "mmeff_quant.json"
+    what = "a folder written by FlatQuantHandle.save"
+    if path.is_file():
+        raise ValueError(f"{path} is a file, not {what}")
+    meta_file, weights = path / "mmeff_quant.json", path / "model.safetensors"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file} not found: not a folder written by FlatQuantHandle.save")
-    meta = json.loads(meta_file.read_text())
-    cfg = QuantConfig(**{f.name: meta["quant_config"][f.name] for f in fields(QuantConfig)})
-    config = AutoConfig.from_pretrained(path)
-    cls = getattr(transformers, meta["architecture"], None)
+        raise FileNotFoundError(f"{meta_file} not found: {path} is not {what}")
+    try:
+        meta = json.loads(meta_file.read_text())
+        cfg = QuantConfig(**{f.name: meta["quant_config"][f.name] for f in fields(QuantConfig)})
+        arch, quantized, base_attn = meta["architecture"], list(meta["quantized"]), meta["base_attn"]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{meta_file} is not the record FlatQuantHandle.save writes ({e!r})") from e
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found (or not a file): {path} is an incomplete quantized folder")
+    want = (meta.get("sha256") or {}).get(weights.name) if isinstance(meta.get("sha256"), dict) else None
+    if want is not None:
+        got = file_sha256(weights)
+        if got != want:
+            raise ValueError(f"{weights} does not match the sha256 in {meta_file.name} (got {got[:16]}..., "
+                             f"expected {str(want)[:16]}...): the file is corrupt, altered or from another save")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path / 'config.json'} is missing or not a transformers config ({e.__class__.__name__})") from e
+    cls = getattr(transformers, arch, None)
     if cls is None:
-        raise ValueError(f"unknown architecture {meta['architecture']!r} in {meta_file}")
+        raise ValueError(f"unknown architecture {arch!r} in {meta_file}")
     with torch.device("meta"):
         model = cls(config)
-    sd = load_file(str(path / "model.safetensors"))
-    for name in meta["quantized"]:
-        lin = model.get_submodule(name)
+    try:
+        sd = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is not a safetensors file ({' '.join(str(e).split())})") from e
+    for name in quantized:
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError as e:
+            raise ValueError(f"{meta_file} lists {name!r}, which {arch} does not have") from e
         model.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, cfg.w_bits, lin.bias is not None,
                                               lin.weight.dtype, "meta"))
     lq_state = {k: sd.pop(k) for k in [k for k in sd if k.startswith("mmeff_fq.")]}
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"{weights} does not fit {arch}: {str(e).splitlines()[-1].strip()}") from e
     missing = [m for m in missing if not m.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match {meta['architecture']}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{weights} does not match {arch}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.tie_weights()
     _rebuild_buffers(model)
     if dtype is not None:
@@ -856,12 +902,16 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     layers = []
     for i, layer in enumerate(dec.layers):
         lq = LayerQuant(layer, cfg, gen)
-        lq.load_state_dict({k.split(".", 2)[2]: v for k, v in lq_state.items() if k.split(".")[1] == str(i)})
+        try:
+            lq.load_state_dict({k.split(".", 2)[2]: v for k, v in lq_state.items() if k.split(".")[1] == str(i)})
+        except RuntimeError as e:
+            raise ValueError(f"{weights}: the transforms of layer {i} are missing or do not fit "
+                             f"({' '.join(str(e).split())[:200]})") from e
         lq.merged = True
         for p in lq.parameters():
             p.requires_grad_(False)
         layers.append(lq.to(next(model.parameters()).device))
-    handle = FlatQuantHandle(model, cfg, layers, meta["base_attn"], meta.get("report", {}))
+    handle = FlatQuantHandle(model, cfg, layers, base_attn, meta.get("report", {}))
     handle.attach()
     return model, handle
 

@@ -430,20 +430,64 @@ class InstructIPT(nn.Module):
         return out.train(self.training)
 
     def save(self, path: str | Path) -> Path:
-        """Write weights and config to one safetensors file (:mod:`mmeff.checkpoint`)."""
+        """Write weights and config to one safetensors file (:mod:`mmeff.checkpoint`, written atomically)
+        with the sha256 of the weights in its metadata, which :meth:`load` checks."""
         from mmeff.checkpoint import save_module
 
-        return save_module(self, path, _FORMAT, asdict(self.cfg))
+        return save_module(self, path, _FORMAT, asdict(self.cfg), {"weights_sha256": _state_sha256(self.state_dict())})
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> InstructIPT:
-        """Rebuild a model written by :meth:`save` (``ValueError`` for other files)."""
+        """Rebuild a model written by :meth:`save`.
+
+        ``FileNotFoundError`` for a missing file; a one-line ``ValueError`` naming the file for a directory,
+        a file that is not such a checkpoint, weights that no longer match the sha256 recorded at save time
+        (files saved before that record load unchecked), or weights that do not fit the saved config."""
+        import json
+
         from mmeff.checkpoint import read_module
 
-        config, _, state = read_module(path, _FORMAT, "an Instruct-IPT checkpoint written by InstructIPT.save")
-        model = cls(IPTConfig(**config))
+        path = Path(path)
+        what = "an Instruct-IPT checkpoint written by InstructIPT.save"
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not {what}")
+        try:
+            config, extra, state = read_module(path, _FORMAT, what)
+        except (KeyError, json.JSONDecodeError) as e:  # right format tag, broken config / extra metadata
+            raise ValueError(f"{path} is not {what}: its metadata is incomplete or not JSON ({e!r})") from e
+        want = extra.get("weights_sha256") if isinstance(extra, dict) else None
+        if want is not None:
+            got = _state_sha256(state)
+            if got != want:
+                raise ValueError(f"{path}: weights do not match the sha256 recorded when it was saved (got "
+                                 f"{got[:16]}..., expected {str(want)[:16]}...): the file is corrupt or was altered")
+        try:
+            model = cls(IPTConfig(**config))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its config does not describe an Instruct-IPT model ({e})") from e
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f"{path} does not fit its own config: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}, wrong shape {shapes[:3]} (of {len(own)} tensors)")
         model.load_state_dict(state)
         return model.to(map_location)
+
+
+def _state_sha256(state: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict (sorted by name).
+
+    It lives in the file's own metadata, so it cannot be the file's hash; it covers exactly what
+    :meth:`InstructIPT.load` gets back."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- analysis

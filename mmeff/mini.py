@@ -87,18 +87,26 @@ WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "vlm": "mmeff-mini-vlm.sa
 # --------------------------------------------------------------------------------------------------
 
 
-def expected_hashes() -> dict[str, str]:
-    """``{file name: sha256}`` of the shipped weights, from ``mmeff/weights/manifest.json``."""
-    manifest = WEIGHTS_DIR / "manifest.json"
+def expected_hashes(folder: str | Path | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` from ``folder/manifest.json`` (default: the shipped ``mmeff/weights``);
+    ``{}`` when there is no manifest, ``ValueError`` naming it when it cannot be read."""
+    manifest = (Path(folder) if folder is not None else WEIGHTS_DIR) / "manifest.json"
     if not manifest.is_file():
         return {}
-    return {k: v["sha256"] for k, v in json.loads(manifest.read_text())["files"].items()}
+    try:
+        # a manifest mid-training holds only logs (no "files" yet): nothing recorded, not an error
+        return {k: v["sha256"] for k, v in json.loads(manifest.read_text()).get("files", {}).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{manifest} is not a readable weights manifest (no files: {{name: {{sha256}}}}): {e}") from e
 
 
 def weights_path(which: str, folder: str | Path | None = None, check: bool = True) -> Path:
-    """Path of the shipped ``"clip"`` or ``"llava"`` weights, its sha256 checked against the manifest.
+    """Path of the ``"clip"``, ``"vlm"`` or ``"llava"`` weights, its sha256 checked against a manifest.
 
-    Raises ``FileNotFoundError`` / ``ValueError`` that say which command regenerates the file.
+    The manifest is ``folder/manifest.json`` (what ``mmeff mini train --out folder`` writes) when ``folder``
+    has one, else the shipped ``mmeff/weights/manifest.json``. ``check=False`` skips the hash (for files
+    being trained). Raises ``FileNotFoundError`` / ``ValueError`` that name the file and say which command
+    regenerates it.
     """
     if which not in WEIGHT_FILES:
         raise ValueError(f"which must be one of {sorted(WEIGHT_FILES)}, got {which!r}")
@@ -110,13 +118,20 @@ def weights_path(which: str, folder: str | Path | None = None, check: bool = Tru
     )
     if not path.is_file():
         raise FileNotFoundError(f"mmeff-mini weights {path} are missing: {regen}")
-    if check and folder is None:
-        want = expected_hashes().get(WEIGHT_FILES[which])
+    if check:
+        # a user folder is checked like the shipped one: against its own record when it has one, else
+        # against the shipped manifest (a copy of the shipped files), never used unchecked
+        record = root if (root / "manifest.json").is_file() else WEIGHTS_DIR
+        want = expected_hashes(record).get(WEIGHT_FILES[which])
         got = file_sha256(path)
-        if want is None or got != want:
+        where = "" if record == WEIGHTS_DIR and folder is None else f" in {record}"
+        if want is None:
+            raise ValueError(f"mmeff-mini weights {path} have no sha256 in manifest.json{where}, so they cannot "
+                             f"be checked: pass check=False to use them anyway, or {regen}")
+        if got != want:
             raise ValueError(
-                f"mmeff-mini weights {path} do not match manifest.json (sha256 {got[:16]}..., expected "
-                f"{(want or 'none')[:16]}...): the file is corrupt or was replaced; restore it from git or {regen}"
+                f"mmeff-mini weights {path} do not match manifest.json{where} (sha256 {got[:16]}..., expected "
+                f"{want[:16]}...): the file is corrupt or was replaced; restore it from git or {regen}"
             )
     return path
 
@@ -136,17 +151,48 @@ def _register_clip_config() -> None:
 
 
 def create_clip(pretrained: str | Path | None = "shipped", device: str | torch.device = "cpu") -> nn.Module:
-    """The open_clip dual encoder: ``open_clip.create_model("mmeff-mini-clip", pretrained=path)``.
+    """The open_clip dual encoder ``open_clip.create_model("mmeff-mini-clip")`` with its weights.
 
     ``pretrained="shipped"`` loads (and hash-checks) the weights in ``mmeff/weights``; ``None`` gives
-    random initial weights; any other value is a local checkpoint path.
+    random initial weights; any other value is a file written by :func:`save_clip` (``ValueError`` naming
+    the file for anything else: not safetensors, another format, or tensors that do not fit).
     """
     import open_clip
 
     _register_clip_config()
     if pretrained == "shipped":
         pretrained = weights_path("clip")
-    return open_clip.create_model(CLIP_NAME, pretrained=None if pretrained is None else str(pretrained), device=device)
+    model = open_clip.create_model(CLIP_NAME, pretrained=None)
+    if pretrained is not None:
+        # read here rather than by open_clip: it would torch.load a non-safetensors file and fail with a raw
+        # error (or a bare KeyError) on another model's weights
+        _load_clip_file(model, Path(pretrained))
+    return model.to(device)
+
+
+def _load_clip_file(model: nn.Module, path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    what = f"an {CLIP_NAME} weights file (written by mmeff.mini.save_clip)"
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not {what}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path} (expected {what})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fmt = (f.metadata() or {}).get("format")
+            if fmt != CLIP_NAME:
+                raise ValueError(f"{path} is not {what} (metadata format={fmt!r})")
+            sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iterator)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not {what}: not a safetensors file ({' '.join(str(e).split())})") from e
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit {CLIP_NAME}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"wrong shape {shapes[:3]}")
+    model.load_state_dict(sd)
 
 
 def clip_tokenizer() -> Any:
@@ -760,12 +806,15 @@ _LLAVA_FORMAT = "mmeff-mini-llava/1"
 
 
 def save_clip(model: nn.Module, path: str | Path) -> Path:
-    """Write the dual encoder's state dict as fp16 safetensors (what ``create_clip(pretrained=path)`` reads)."""
+    """Write the dual encoder's state dict as fp16 safetensors (what ``create_clip(pretrained=path)`` reads),
+    atomically (temp file, fsync, rename)."""
     from safetensors.torch import save_file
 
+    from mmeff.checkpoint import atomic_write
+
     sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, str(path), metadata={"format": CLIP_NAME, "config": json.dumps(CLIP_CONFIG)})
-    return Path(path)
+    meta = {"format": CLIP_NAME, "config": json.dumps(CLIP_CONFIG)}
+    return atomic_write(path, lambda t: save_file(sd, str(t), metadata=meta))
 
 
 def save_llava(model: nn.Module, lora: LoRA, path: str | Path) -> Path:
