@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar, Generic, TypeVar
@@ -284,6 +285,11 @@ def create_reducer(name: str, **kwargs: Any) -> TokenReducer:
 # ------------------------------------------------------------------------------------------- reducers
 
 
+# NaN/Inf features are refused before any reduction (cls_attn would keep NaN tokens, pooling would spread
+# them): one pass over the tokens and one host sync per call. MMEFF_CHECK_FINITE=0 turns it off.
+CHECK_FINITE: bool = os.environ.get("MMEFF_CHECK_FINITE", "1") != "0"
+
+
 @dataclass
 class TokenReducer:
     """Base class: a pure function from tokens ``(B, N, D)`` + context to a :class:`Reduction`.
@@ -310,6 +316,12 @@ class TokenReducer:
         for need in self.needs:
             if getattr(ctx, need) is None:
                 raise ValueError(f"{type(self).__name__} needs context.{need}, which the caller did not provide")
+        if CHECK_FINITE:
+            for what, t in (("tokens", tokens), ("context.scores", ctx.scores), ("context.prompt", ctx.prompt)):
+                if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise ValueError(f"{type(self).__name__}: {what} {tuple(t.shape)} hold {bad} NaN/Inf values (the "
+                                     f"encoder or its input produced them); a reduction of them would be silently wrong")
         return self.reduce(tokens, ctx)
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:

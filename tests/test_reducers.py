@@ -271,3 +271,21 @@ def test_reduction_with_overlapping_sources():
         Reduction.from_sources(toks, out_idx, in_idx + 5, num_inputs=5)
     with pytest.raises(ValueError, match="out_idx must index the 2 outputs"):
         Reduction.from_sources(toks, out_idx + 2, in_idx, num_inputs=5)
+
+
+@pytest.mark.parametrize("name", [n for n in mmeff.list_reducers() if n != "freevideo"])  # no token budget
+def test_non_finite_features_are_refused_by_every_reducer(name, monkeypatch) -> None:
+    from mmeff import core
+
+    tokens = torch.randn(2, 16, 8)
+    tokens[1, 5, 3] = float("nan")
+    ctx = mmeff.TokenContext(grid=(4, 4), scores=torch.rand(2, 16), prompt=torch.randn(2, 8))
+    reducer = mmeff.create_reducer(name, tokens=4)
+    with pytest.raises(ValueError, match=r"tokens \(2, 16, 8\) hold 1 NaN/Inf"):
+        reducer(tokens, ctx)
+    scores = ctx.scores.clone()
+    scores[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="context.scores .* hold 1 NaN/Inf"):
+        reducer(torch.randn(2, 16, 8), mmeff.TokenContext(grid=(4, 4), scores=scores, prompt=ctx.prompt))
+    monkeypatch.setattr(core, "CHECK_FINITE", False)  # MMEFF_CHECK_FINITE=0: the caller's choice
+    assert reducer(torch.randn(2, 16, 8), ctx).tokens.shape == (2, 4, 8)
