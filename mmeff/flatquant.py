@@ -866,9 +866,12 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{path / 'config.json'} is missing or not a transformers config ({e.__class__.__name__})") from e
-    cls = getattr(transformers, arch, None)
-    if cls is None:
-        raise ValueError(f"unknown architecture {arch!r} in {meta_file}")
+    # the name comes from a file: only a transformers causal-LM class may be built from it, never any other
+    # attribute of the module (e.g. a function that would be called with the config)
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.endswith("ForCausalLM") else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"{meta_file}: architecture {arch!r} is not a transformers *ForCausalLM class; "
+                         f"a FlatQuant folder holds a causal LM")
     with torch.device("meta"):
         model = cls(config)
     try:

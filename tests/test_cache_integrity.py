@@ -169,6 +169,15 @@ def test_load_quantized_refuses_wrong_files_in_one_line(tmp_path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "mmeff_quant.json", "model.safetensors"]
     load_quantized(out)  # intact: loads
 
+    # the class is named by the file: only a transformers causal LM may be built from it
+    meta_file = out / "mmeff_quant.json"
+    good = meta_file.read_text()
+    for arch in ("pipeline", "AutoTokenizer", "LlamaModel", "os"):
+        meta_file.write_text(json.dumps({**json.loads(good), "architecture": arch}))
+        with pytest.raises(ValueError, match=f"architecture '{arch}' is not a transformers \\*ForCausalLM class"):
+            load_quantized(out)
+    meta_file.write_text(good)
+
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(bytes(range(256)) * 8)
     with pytest.raises(ValueError, match="is a file, not a folder") as e:
