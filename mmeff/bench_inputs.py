@@ -36,11 +36,12 @@ def load_bench_model(name: str = "default", cache_dir: str | Path | None = None)
         return model, None, {"name": name, "provenance": "random tiny config, saved and reloaded"}
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
-        raise ValueError(f"cannot load model {name!r}: no such folder")
+    from mmeff.checkpoint import local_or_hub
+
+    ref = local_or_hub(name)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype="auto").eval()
-        processor = AutoProcessor.from_pretrained(name)
+        model = AutoModelForImageTextToText.from_pretrained(ref, dtype="auto").eval()
+        processor = AutoProcessor.from_pretrained(ref)
     except OSError as e:
         raise ValueError(
             f"cannot load model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "

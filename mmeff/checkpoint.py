@@ -23,7 +23,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "file_sha256", "load_state", "read_module", "save_module", "save_state", "write_text_atomic"]
+__all__ = ["atomic_write", "file_sha256", "load_state", "local_or_hub", "read_module", "save_module", "save_state",
+           "write_text_atomic"]
+
+
+def local_or_hub(ref: str | Path, what: str = "model") -> str:
+    """Where ``from_pretrained`` should look: ``ref`` itself (``~`` expanded) when it exists on disk or reads
+    as a hub id (``name`` or ``org/name``). A reference that looks like a local path (starts with ``/``,
+    ``.`` or ``~``, ends with ``/``, or has more than one ``/``) and does not exist raises
+    ``FileNotFoundError`` at once, instead of being sent to the hub (which waits on the network, and with
+    ``HF_HUB_OFFLINE=1`` fails with an error about the hub, not about the typo)."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path)
+    if text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1 or "\\" in text:
+        raise FileNotFoundError(f"no such folder: {text} (the {what}'s local path; a hub id reads org/name)")
+    return text
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:

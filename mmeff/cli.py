@@ -50,8 +50,11 @@ def _cmd_bench_sepllm(args: argparse.Namespace) -> int:
     if args.model != "default":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        from mmeff.checkpoint import local_or_hub
+
+        ref = local_or_hub(args.model)
+        model = AutoModelForCausalLM.from_pretrained(ref).eval()
+        tokenizer = AutoTokenizer.from_pretrained(ref)
     run_sepllm_bench(
         model,
         tokenizer,
@@ -77,8 +80,12 @@ def _cmd_bench_flatquant(args: argparse.Namespace) -> int:
     if args.model != "default":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mmeff.checkpoint import local_or_hub
+
+        ref = local_or_hub(args.model)
+
         def load():  # a fresh copy per method: quantization is in place
-            return AutoModelForCausalLM.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(args.model)
+            return AutoModelForCausalLM.from_pretrained(ref).eval(), AutoTokenizer.from_pretrained(ref)
 
     run_flatquant_bench(
         load,
@@ -323,8 +330,11 @@ def _cmd_eve(args: argparse.Namespace) -> int:
         tok.save_pretrained(args.out)
         print(f"wrote {args.out}")
         return 0
-    model = EveForConditionalGeneration.from_pretrained(args.model).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
+    from mmeff.checkpoint import local_or_hub
+
+    ref = local_or_hub(args.model, "Eve model")
+    model = EveForConditionalGeneration.from_pretrained(ref).eval()
+    tok = AutoTokenizer.from_pretrained(ref)
     tok.padding_side = "left"
     if args.task == "train":
         train = tuple(t.strip() for t in args.train.split(",")) if args.train else None

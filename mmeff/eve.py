@@ -526,16 +526,17 @@ AutoModelForImageTextToText.register(EveConfig, EveForConditionalGeneration, exi
 
 
 def _register() -> None:
+    from mmeff.checkpoint import local_or_hub
     from mmeff.zoo import register_model
 
     def smollm2(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
         if pretrained is not None:
-            return EveForConditionalGeneration.from_pretrained(pretrained, **kw).eval()
+            return EveForConditionalGeneration.from_pretrained(local_or_hub(pretrained, "Eve model"), **kw).eval()
         return eve_smollm2(**kw)[0]
 
     def paper(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
         if pretrained is not None:
-            return EveForConditionalGeneration.from_pretrained(pretrained).eval()
+            return EveForConditionalGeneration.from_pretrained(local_or_hub(pretrained, "Eve model")).eval()
         return EveForConditionalGeneration(paper_config(**kw)).eval()
 
     register_model("eve_smollm2", "eve", smollm2)

@@ -68,8 +68,10 @@ def _load_tokenizer(model: Any) -> Any:
     path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     if not path:
         raise ValueError("model has no name_or_path to load its tokenizer from")
-    local = Path(str(path)).expanduser().is_dir()
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=local)
+    from mmeff.checkpoint import local_or_hub
+
+    ref = local_or_hub(str(path), "model's tokenizer")  # a moved or mistyped folder fails now, not after the hub
+    return AutoTokenizer.from_pretrained(ref, local_files_only=Path(ref).is_dir())
 
 
 @register_press("sepllm")

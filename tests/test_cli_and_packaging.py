@@ -99,7 +99,7 @@ def test_bench_rejects_bad_arguments(capsys):
     assert "scenes bench runs LLaVA models with a chat tokenizer" in capsys.readouterr().err
     assert main(["bench", "--ratio", "1.5"]) == 2
     assert main(["bench", "--model", "/no/such/folder"]) == 2
-    assert "cannot load model '/no/such/folder'" in capsys.readouterr().err
+    assert "no such folder: /no/such/folder" in capsys.readouterr().err
 
 
 def test_token_agreement_handles_early_eos():
@@ -221,3 +221,24 @@ def test_console_script_prints_no_traceback(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "mmeff.cli", "demo", "--port", "99999"], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.strip().startswith("mmeff: --port")
+
+
+def test_mistyped_local_paths_fail_at_once_and_hub_ids_pass_through(tmp_path, capsys, monkeypatch) -> None:
+    from mmeff.checkpoint import local_or_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert local_or_hub("here") == "here" and local_or_hub(str(tmp_path)) == str(tmp_path)
+    assert local_or_hub("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert local_or_hub("gpt2") == "gpt2"
+    for typo in ("./typo", "../typo", "~/typo", "/no/such", "a/b/c", "typo/"):
+        with pytest.raises(FileNotFoundError, match="no such folder"):
+            local_or_hub(typo)
+    # the commands that take a model reference say so in one line, before any model or hub is touched
+    for argv in (["eval", "videoqa", "--model", "./typo", "--out", str(tmp_path / "o.jsonl")],
+                 ["bench", "sepllm", "--model", "./typo"], ["bench", "flatquant", "--model", "./typo"],
+                 ["eve", "eval", "--model", "./typo"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.strip() == "mmeff: error: no such folder: ./typo (the model's local path; a hub id reads org/name)" \
+            or ("no such folder: ./typo" in err and err.count("\n") == 1), (argv, err)
