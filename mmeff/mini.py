@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmeff.checkpoint import file_sha256
+from mmeff.checkpoint import atomic_write, file_sha256, write_text_atomic
 
 __all__ = [
     "CLIP_NAME",
@@ -810,8 +810,6 @@ def save_clip(model: nn.Module, path: str | Path) -> Path:
     atomically (temp file, fsync, rename)."""
     from safetensors.torch import save_file
 
-    from mmeff.checkpoint import atomic_write
-
     sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": CLIP_NAME, "config": json.dumps(CLIP_CONFIG)}
     return atomic_write(path, lambda t: save_file(sd, str(t), metadata=meta))
@@ -827,18 +825,22 @@ def save_llava(model: nn.Module, lora: LoRA, path: str | Path) -> Path:
     sd = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in sd.items()}
     meta = {"format": _LLAVA_FORMAT, "rank": str(lora.rank), "alpha": str(lora.scale * lora.rank),
             "targets": ",".join(LORA_TARGETS)}
-    save_file(sd, str(path), metadata=meta)
-    return Path(path)
+    return atomic_write(path, lambda t: save_file(sd, str(t), metadata=meta))
 
 
 def _read_llava_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != _LLAVA_FORMAT:
-            raise ValueError(f"{path} is not an mmeff-mini-llava weights file (format {meta.get('format')!r})")
-        return {k: f.get_tensor(k).float() for k in f.keys()}, meta  # noqa: SIM118 (no iterator)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such file: {path} (expected an mmeff-mini-llava weights file)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != _LLAVA_FORMAT:
+                raise ValueError(f"{path} is not an mmeff-mini-llava weights file (format {meta.get('format')!r})")
+            return {k: f.get_tensor(k).float() for k in f.keys()}, meta  # noqa: SIM118 (no iterator)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(e).split())[:160]})") from e
 
 
 def _load_llava_weights(model: nn.Module, path: Path) -> None:
@@ -1055,7 +1057,7 @@ def main_train_smollm(
         logs["clip"] = log.__dict__
         print(f"clip: {log.steps} steps in {log.seconds:.0f} s, final loss {log.final_loss:.3f}")
         clip = create_clip(clip_file)  # continue from the fp16 values that ship
-        (out / "manifest.json").write_text(json.dumps({"train": logs}, indent=1))
+        write_text_atomic(out / "manifest.json", json.dumps({"train": logs}, indent=1))
         if llava_steps == 0:
             return {"train": logs}
     init = out / WEIGHT_FILES["llava"] if continue_llava else None
@@ -1094,5 +1096,5 @@ def main_train_smollm(
         "heldout_accuracy": {"n_per_kind": eval_per_kind, "seed": HELDOUT_SEED, **acc},
         "torch": torch.__version__,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest

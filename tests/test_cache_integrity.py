@@ -234,3 +234,13 @@ def test_create_clip_refuses_a_wrong_file_in_one_line(tmp_path) -> None:
     want = model.state_dict()
     assert set(loaded) == set(want)
     assert all(torch.equal(loaded[k], v.half().to(v.dtype)) for k, v in want.items())  # fp16 as stored
+
+
+def test_llava_weights_file_errors_are_one_line(tmp_path) -> None:
+    from mmeff.mini import _read_llava_file
+
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        _read_llava_file(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 32)
+    with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
+        _read_llava_file(tmp_path / "junk.safetensors")
