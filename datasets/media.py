@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +112,44 @@ class VideoClip:
         return int(self.frames.shape[0])
 
 
+# Safety limits. A damaged header can claim any rate or length, and a request (or a rate taken from such a
+# header) can ask for billions of frames: decoders then allocate until the process dies (decord aborts
+# with std::bad_alloc), so every size is checked before anything is allocated.
+MAX_NATIVE_FPS = 1000.0  # above this a stream's rate is taken as header damage, not a real camera
+MAX_DURATION_S = 7 * 24 * 3600.0  # a week; longer claims come from damaged headers
+_MAX_INDEX_FRAMES = 50_000_000  # frames a header may claim before its index alone is a memory hazard
+_MAX_SIDE = 32_768  # pixels; larger frames are header damage
+DEFAULT_FRAME_LIMIT = 10_000  # frames decoded per call; raise with frame_limit= or MMEFF_VIDEO_FRAME_LIMIT
+DEFAULT_BYTE_LIMIT = (
+    8 << 30
+)  # bytes of decoded RGB per call; raise with byte_limit= or MMEFF_VIDEO_BYTE_LIMIT
+FRAME_LIMIT_ENV = "MMEFF_VIDEO_FRAME_LIMIT"
+BYTE_LIMIT_ENV = "MMEFF_VIDEO_BYTE_LIMIT"
+# A header's frame count is exact in mp4/avi, so a shortfall past rounding means lost data; a duration
+# taken from the container may include a longer audio track, so it gets a wider margin.
+_FRAME_SHORTFALL = 0.02
+_CONTAINER_SHORTFALL = 0.10
+
+
 class _RequestError(ValueError):
-    """The file decodes but the request cannot be met on it (window past the end, no frame inside it):
-    trying the other decoder would not help, so this is reported as is."""
+    """The file decodes but the request cannot be met on it (window past the end, no frame inside it,
+    over the frame limit): trying the other decoder would not help, so this is reported as is."""
+
+
+class _Refused(ValueError):
+    """The file's own metadata is damaged or contradicts what decodes (the other decoder reads the same
+    header, so no fallback). The message already names the file."""
+
+
+class _Header(NamedTuple):
+    """What the container claims, read before decoding anything (0 / None where it does not say)."""
+
+    frames: int
+    stream_duration: float | None  # the video stream's own length, seconds
+    container_duration: float | None  # the whole file's length (may include a longer audio track)
+    fps: float | None
+    width: int
+    height: int
 
 
 class _Decoded(NamedTuple):
@@ -123,8 +160,9 @@ class _Decoded(NamedTuple):
     duration: float
 
 
-# (start time of every frame (N,), duration) -> indices of the frames to decode (T,), non-decreasing.
-_Selector = Callable[[np.ndarray, float], np.ndarray]
+# (start time of every frame (N,), duration, native fps) -> indices of the frames to decode (T,),
+# non-decreasing; raises when the stream contradicts its header or the request is over a limit.
+_Selector = Callable[[np.ndarray, float, float], np.ndarray]
 
 
 def _uniform_indices(total: int, num_frames: int) -> np.ndarray:
@@ -142,6 +180,149 @@ def _frame_rate(reported: object, timestamps: np.ndarray) -> float:
     raise ValueError("the stream has no frame rate and too few frames to measure one")
 
 
+def _one_line(exc: BaseException) -> str:
+    # Decoder messages can span lines (decord appends a C++ stack trace); keep the errors one line.
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
+def _probe(path: Path) -> _Header | None:
+    """The container's claims (frame count, durations, rate, size), read without decoding. ``None`` when
+    PyAV is missing or cannot open the file; the decoders then report the file on their own."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return None
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            time_base = float(stream.time_base) if stream.time_base else 0.0
+            ctx = stream.codec_context
+            return _Header(
+                frames=int(stream.frames or 0),
+                stream_duration=float(stream.duration * time_base) if stream.duration and time_base else None,
+                container_duration=float(container.duration) / 1e6 if container.duration else None,
+                fps=float(rate) if rate is not None else None,
+                width=int(ctx.width or 0),
+                height=int(ctx.height or 0),
+            )
+    except Exception:  # noqa: BLE001 - a file PyAV cannot open is reported by the decoders below
+        return None
+
+
+def _check_header(path: Path, header: _Header) -> None:
+    """Refuse metadata no real video has, before a decoder sizes anything from it."""
+    if header.fps is not None and not (0 < header.fps <= MAX_NATIVE_FPS):
+        raise _Refused(
+            f"{path} is damaged: its header reports {header.fps:g} fps (accepted: 0 to {MAX_NATIVE_FPS:g})"
+        )
+    if header.frames > _MAX_INDEX_FRAMES:
+        raise _Refused(
+            f"{path} is damaged: its header reports {header.frames} frames (accepted: <= {_MAX_INDEX_FRAMES})"
+        )
+    for what, value in (("stream", header.stream_duration), ("container", header.container_duration)):
+        if value is not None and not (0 <= value <= MAX_DURATION_S):
+            raise _Refused(
+                f"{path} is damaged: its {what} duration is {value:g} s (accepted: 0 to {MAX_DURATION_S:g} s)"
+            )
+    if header.width > _MAX_SIDE or header.height > _MAX_SIDE:
+        raise _Refused(f"{path} is damaged: its header reports {header.width}x{header.height} pixel frames")
+
+
+def _check_stream(path: Path, native_fps: float, duration: float, count: int) -> None:
+    """The same bounds on what the decoder measured (frame times can be damaged where the header is not)."""
+    if not (0 < native_fps <= MAX_NATIVE_FPS):
+        raise _Refused(
+            f"{path} is damaged: its frames run at {native_fps:g} fps (accepted: 0 to {MAX_NATIVE_FPS:g})"
+        )
+    if not (0 < duration <= MAX_DURATION_S):
+        raise _Refused(
+            f"{path} is damaged: its {count} frames span {duration:g} s (accepted: 0 to {MAX_DURATION_S:g} s)"
+        )
+
+
+def _check_complete(path: Path, header: _Header, count: int, duration: float, native_fps: float) -> None:
+    """Refuse a file whose frames stop well before its header says it ends (a cut-off download or copy),
+    or run far past it (damaged frame times): sampling it would silently return frames from the wrong
+    times. ``allow_truncated=True`` skips this comparison."""
+    said = [f"{header.frames} frames"] if header.frames > 0 else []
+    claimed = header.stream_duration or header.container_duration
+    said += [f"{claimed:.2f} s"] if claimed else []
+    found = f"{count} decode ({duration:.2f} s)"
+    advice = "pass allow_truncated=True to load what decodes"
+    # Container durations can include a longer audio track, so they only bound the far end loosely.
+    margin = (
+        max(2.0 / native_fps, _FRAME_SHORTFALL * header.stream_duration)
+        if header.stream_duration
+        else max(1.0, _CONTAINER_SHORTFALL * (header.container_duration or 0.0))
+    )
+    short = (
+        header.frames - count > max(2, _FRAME_SHORTFALL * header.frames)
+        if header.frames > 0
+        else claimed is not None and claimed - duration > margin
+    )
+    if short:
+        raise _Refused(
+            f"{path} is truncated or damaged: header says {' / '.join(said)}, only {found}; {advice}"
+        )
+    if claimed is not None and duration - claimed > margin:
+        raise _Refused(
+            f"{path} is damaged: header says {' / '.join(said)}, but its {count} frames run to "
+            f"{duration:.2f} s; pass allow_truncated=True to load them anyway"
+        )
+
+
+def _limit(value: int | None, env: str, default: int, name: str, path: Path) -> int:
+    if value is not None:
+        return _count_arg(name, value, path)
+    raw = os.environ.get(env, "").strip()
+    if not raw:
+        return default
+    try:
+        parsed = int(raw)
+    except ValueError:
+        parsed = 0
+    if parsed < 1:
+        raise ValueError(f"{env} must be an int >= 1, got {raw!r} (video {path})")
+    return parsed
+
+
+def _too_many(count: int, limit: int, how: str) -> str:
+    return (
+        f"{how} would decode {count} frames, over the limit of {limit}; raise it with frame_limit= or "
+        f"{FRAME_LIMIT_ENV}"
+    )
+
+
+def _plan(
+    timestamps: np.ndarray,
+    duration: float,
+    native_fps: float,
+    *,
+    path: Path,
+    header: _Header | None,
+    allow_truncated: bool,
+    byte_limit: int,
+    **select_args: object,
+) -> np.ndarray:
+    """Check the decoded stream against its header and the limits, then pick the frames to decode."""
+    _check_stream(path, native_fps, duration, len(timestamps))
+    if header is not None and not allow_truncated:
+        _check_complete(path, header, len(timestamps), duration, native_fps)
+    idx = _select(timestamps, duration, **select_args)  # type: ignore[arg-type]
+    if header is not None and header.width > 0 and header.height > 0:
+        need = len(idx) * header.width * header.height * 3
+        if need > byte_limit:
+            raise _RequestError(
+                f"{len(idx)} frames of {header.width}x{header.height} need {need / 2**30:.1f} GiB, over the limit "
+                f"of {byte_limit / 2**30:.1f} GiB; ask for fewer frames or raise it with byte_limit= or {BYTE_LIMIT_ENV}"
+            )
+    return idx
+
+
 def _select(
     timestamps: np.ndarray,
     duration: float,
@@ -151,6 +332,7 @@ def _select(
     start: float | None,
     end: float | None,
     max_frames: int | None,
+    frame_limit: int = DEFAULT_FRAME_LIMIT,
 ) -> np.ndarray:
     # Without a start the window opens at the first frame, which edit lists can place before 0 s.
     lo = float(timestamps[0]) if start is None else start
@@ -168,10 +350,16 @@ def _select(
     if num_frames is not None:
         return first + _uniform_indices(stop - first, num_frames)
     assert fps is not None
-    count = max(1, int(np.ceil((hi - lo) * fps - 1e-9)))
-    instants = lo + np.arange(count) / fps
-    if max_frames is not None and count > max_frames:
-        instants = instants[_uniform_indices(count, max_frames)]
+    count = max(1, math.ceil((hi - lo) * fps - 1e-9))
+    kept = count if max_frames is None else min(count, max_frames)
+    # Checked before building the instants: a huge rate would otherwise allocate them all first.
+    if kept > frame_limit:
+        raise _RequestError(
+            _too_many(kept, frame_limit, f"sampling {hi - lo:.3f} s at {fps:g} fps")
+            + " (or subsample with max_frames=)"
+        )
+    positions = np.arange(count) if kept == count else _uniform_indices(count, kept)
+    instants = lo + positions / fps
     # The frame on screen at each instant; when the window opens between two frames the first sample
     # takes the first frame inside it instead of one that started before the window.
     shown = np.searchsorted(timestamps, instants + eps, side="right") - 1
@@ -190,7 +378,7 @@ def _read_decord(path: Path, select: _Selector) -> _Decoded:
     native_fps = _frame_rate(reader.get_avg_fps(), timestamps)
     end = float(bounds[-1, 1])
     duration = end if end > timestamps[-1] else float(timestamps[-1] + 1.0 / native_fps)
-    idx = select(timestamps, duration)
+    idx = select(timestamps, duration, native_fps)
     frames = reader.get_batch(idx.tolist()).asnumpy()
     return _Decoded(frames, idx, timestamps[idx], native_fps, duration)
 
@@ -269,7 +457,7 @@ def _read_pyav(path: Path, select: _Selector) -> _Decoded:
         timestamps = np.arange(len(raw), dtype=np.float64) / native_fps
         frame_time = 1.0 / native_fps
     duration = float(timestamps[-1] + frame_time)
-    idx = select(timestamps, duration)
+    idx = select(timestamps, duration, native_fps)
     frames = _pyav_frames_by_pts(path, idx, pts) if pts is not None else None
     if frames is None:
         frames = _pyav_frames_in_order(path, idx)
@@ -299,6 +487,10 @@ def load_video(
     start: float | None = None,
     end: float | None = None,
     max_frames: int | None = None,
+    *,
+    frame_limit: int | None = None,
+    byte_limit: int | None = None,
+    allow_truncated: bool = False,
 ) -> VideoClip:
     """Decode frames from ``path`` inside the window ``[start, end)`` seconds (default: whole video).
 
@@ -310,22 +502,36 @@ def load_video(
       above the native one repeats frames). ``max_frames`` caps the count by subsampling those instants
       uniformly.
 
-    ``end`` past the last frame is clipped to the video's end. Returns a :class:`VideoClip` with
+    ``end`` past the last frame is clipped to the video's end.
+
+    Safety: one call decodes at most ``frame_limit`` frames (default ``DEFAULT_FRAME_LIMIT``, or the
+    ``MMEFF_VIDEO_FRAME_LIMIT`` environment variable) and ``byte_limit`` bytes of RGB (default 8 GiB, or
+    ``MMEFF_VIDEO_BYTE_LIMIT``). A file whose header is absurd (rate outside (0, 1000] fps, negative or
+    week-long durations, giant frames) is refused before decoding, and one whose frames stop well short of
+    what its header claims (a cut-off copy) is refused unless ``allow_truncated=True``, which loads the
+    frames that decode. Returns a :class:`VideoClip` with
     ``frames`` (T, H, W, 3) uint8 RGB, ``timestamps`` (T,) float64 s, ``indices`` (T,) int64,
     ``native_fps`` and ``duration``. Uses decord, falling back to PyAV if decord is missing or fails.
 
     Raises ``ValueError`` naming the file for a missing, empty, corrupt or frameless video, for bad
     arguments (both or neither of ``num_frames``/``fps``, ``fps <= 0``, counts < 1, ``max_frames`` with
     ``num_frames``, ``start < 0``, ``start >= end``), for a window starting at or after the end of the
-    video, and for a window holding no frame.
+    video, for a window holding no frame, for a truncated or damaged file and for a request over a limit;
+    the message is one line naming the file.
     """
     path = Path(path)
     if (num_frames is None) == (fps is None):
         raise ValueError(
             f"pass exactly one of num_frames or fps, got num_frames={num_frames!r}, fps={fps!r} (video {path})"
         )
+    frame_limit = _limit(frame_limit, FRAME_LIMIT_ENV, DEFAULT_FRAME_LIMIT, "frame_limit", path)
+    byte_limit = _limit(byte_limit, BYTE_LIMIT_ENV, DEFAULT_BYTE_LIMIT, "byte_limit", path)
     if num_frames is not None:
         num_frames = _count_arg("num_frames", num_frames, path)
+        if num_frames > frame_limit:
+            raise ValueError(
+                _too_many(num_frames, frame_limit, f"num_frames={num_frames}") + f" (video {path})"
+            )
         if max_frames is not None:
             raise ValueError(
                 f"max_frames only caps fps sampling; ask for fewer num_frames instead (video {path})"
@@ -347,20 +553,37 @@ def load_video(
     if path.stat().st_size == 0:
         raise ValueError(f"video file is empty (0 bytes): {path}")
 
+    header = _probe(path)
+    if header is not None:
+        _check_header(path, header)
     select = functools.partial(
-        _select, num_frames=num_frames, fps=fps, start=start, end=end, max_frames=max_frames
+        _plan,
+        path=path,
+        header=header,
+        allow_truncated=bool(allow_truncated),
+        byte_limit=byte_limit,
+        num_frames=num_frames,
+        fps=fps,
+        start=start,
+        end=end,
+        max_frames=max_frames,
+        frame_limit=frame_limit,
     )
     errors = []
+    cause: BaseException | None = None
     for name, reader in (("decord", _read_decord), ("pyav", _read_pyav)):
         try:
             decoded = reader(path, select)
         except _RequestError as exc:
             raise ValueError(f"{exc} (video {path})") from None
+        except _Refused as exc:
+            raise ValueError(str(exc)) from None
         except ImportError as exc:
             errors.append(f"{name}: not installed ({exc})")
             continue
         except Exception as exc:  # decoders raise library-specific types; normalise to ValueError below
-            errors.append(f"{name}: {type(exc).__name__}: {str(exc).strip()[:200]}")
+            errors.append(f"{name}: {_one_line(exc)}")
+            cause = exc
             continue
         frames = decoded.frames
         if frames.ndim != 4 or frames.shape[0] != len(decoded.indices) or frames.shape[-1] != 3:
@@ -374,7 +597,7 @@ def load_video(
             duration=float(decoded.duration),
             path=path,
         )
-    raise ValueError(f"cannot read video {path}: " + "; ".join(errors))
+    raise ValueError(f"cannot read video {path}: " + "; ".join(errors)) from cause
 
 
 def read_frames(path: str | Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
