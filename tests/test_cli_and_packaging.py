@@ -242,3 +242,12 @@ def test_mistyped_local_paths_fail_at_once_and_hub_ids_pass_through(tmp_path, ca
         err = capsys.readouterr().err
         assert err.strip() == "mmeff: error: no such folder: ./typo (the model's local path; a hub id reads org/name)" \
             or ("no such folder: ./typo" in err and err.count("\n") == 1), (argv, err)
+
+
+def test_eval_out_that_is_a_folder_or_under_a_file_gets_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "afile").write_text("")
+    for out, problem in ((tmp_path, "Is a directory"), (tmp_path / "afile" / "rows.jsonl", "Not a directory")):
+        assert main(["eval", "videoqa", "--out", str(out), "--limit", "1", "--frames", "2"]) == 2
+        err = capsys.readouterr().err  # progress bars go to stderr too; the message is one whole line
+        lines = [line for line in err.splitlines() if line.startswith("mmeff:")]
+        assert len(lines) == 1 and lines[0].startswith(f"mmeff: error: {problem} (") and "Traceback" not in err, err
