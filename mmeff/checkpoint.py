@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "file_sha256", "load_state", "local_or_hub", "read_module", "save_module", "save_state",
-           "write_text_atomic"]
+__all__ = ["atomic_write", "file_sha256", "load_exact", "load_state", "local_or_hub", "read_module", "save_module",
+           "save_state", "write_text_atomic"]
 
 
 def local_or_hub(ref: str | Path, what: str = "model") -> str:
@@ -138,3 +138,15 @@ def read_module(path: str | Path, fmt: str, what: str, device: str = "cpu"
     except SafetensorError as e:
         raise ValueError(f"{path} is not {what}: not a safetensors file ({e})") from e
     return json.loads(meta["config"]), json.loads(meta.get("extra") or "{}"), state
+
+
+def load_exact(module: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str) -> None:
+    """``module.load_state_dict(state)`` when ``state`` has exactly ``module``'s keys and shapes; otherwise
+    ``ValueError`` naming ``path`` and (up to three of each) the missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit {what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                         f"wrong shape {shapes[:3]} (of {len(own)} tensors)")
+    module.load_state_dict(state)

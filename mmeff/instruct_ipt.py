@@ -445,7 +445,7 @@ class InstructIPT(nn.Module):
         (files saved before that record load unchecked), or weights that do not fit the saved config."""
         import json
 
-        from mmeff.checkpoint import read_module
+        from mmeff.checkpoint import load_exact, read_module
 
         path = Path(path)
         what = "an Instruct-IPT checkpoint written by InstructIPT.save"
@@ -465,13 +465,7 @@ class InstructIPT(nn.Module):
             model = cls(IPTConfig(**config))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: its config does not describe an Instruct-IPT model ({e})") from e
-        own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        shapes = [k for k in own if k in state and state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            raise ValueError(f"{path} does not fit its own config: missing {missing[:3]}, unexpected "
-                             f"{unexpected[:3]}, wrong shape {shapes[:3]} (of {len(own)} tensors)")
-        model.load_state_dict(state)
+        load_exact(model, state, path, "its own config")
         return model.to(map_location)
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmeff.checkpoint import atomic_write, file_sha256, write_text_atomic
+from mmeff.checkpoint import atomic_write, file_sha256, load_exact, write_text_atomic
 
 __all__ = [
     "CLIP_NAME",
@@ -186,13 +186,7 @@ def _load_clip_file(model: nn.Module, path: Path) -> None:
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (no iterator)
     except SafetensorError as e:
         raise ValueError(f"{path} is not {what}: not a safetensors file ({' '.join(str(e).split())})") from e
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    shapes = [k for k in own if k in sd and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit {CLIP_NAME}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-                         f"wrong shape {shapes[:3]}")
-    model.load_state_dict(sd)
+    load_exact(model, sd, path, CLIP_NAME)
 
 
 def clip_tokenizer() -> Any:
