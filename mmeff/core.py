@@ -316,7 +316,9 @@ class TokenReducer:
         for need in self.needs:
             if getattr(ctx, need) is None:
                 raise ValueError(f"{type(self).__name__} needs context.{need}, which the caller did not provide")
-        if CHECK_FINITE:
+        # meta tensors (FLOP accounting) and traced or compiled graphs have no values to check
+        if CHECK_FINITE and tokens.device.type != "meta" and not torch.compiler.is_compiling() \
+                and not torch.jit.is_tracing():
             for what, t in (("tokens", tokens), ("context.scores", ctx.scores), ("context.prompt", ctx.prompt)):
                 if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     bad = int((~torch.isfinite(t)).sum())
