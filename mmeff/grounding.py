@@ -82,19 +82,28 @@ _MIN_PIXELS = 40  # an object owns a patch where it covers at least this many of
 _MIN_INK = 12  # a word owns a patch where this many of its pixels are ink
 
 
-def patch_targets(objects: Sequence[Any], text: str | None, size: int = 224, grid: int = 8) -> dict[str, np.ndarray]:
-    """Dense labels of one picture: ``{head: (grid*grid,) int64}`` for :data:`HEADS` (0 = nothing there)
-    and ``"xy"`` ``(grid*grid, 2)`` float32, the owning object's centre (0.5, 0.5 where none)."""
-    from mmeff.datasets.scenes import CELLS, COLOURS, SHAPES, TEXT_LABEL, WORDS, label_map
+def _patch_pixels(objects: Sequence[Any], text: str | None, size: int, grid: int) -> np.ndarray:
+    """``(grid*grid, len(objects) + 1)`` int: per patch, how many pixels of each object's visible surface and
+    (last column) of the written word the label map puts there."""
+    from mmeff.datasets.scenes import TEXT_LABEL, label_map
 
     lab = label_map(objects, size, text)
     p = size // grid
     blocks = lab[: grid * p, : grid * p].reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    return np.stack([(blocks == k + 1).sum(1) for k in range(len(objects))] + [(blocks == TEXT_LABEL).sum(1)], 1)
+
+
+def patch_targets(objects: Sequence[Any], text: str | None, size: int = 224, grid: int = 8) -> dict[str, np.ndarray]:
+    """Dense labels of one picture: ``{head: (grid*grid,) int64}`` for :data:`HEADS` (0 = nothing there)
+    and ``"xy"`` ``(grid*grid, 2)`` float32, the owning object's centre (0.5, 0.5 where none)."""
+    from mmeff.datasets.scenes import CELLS, COLOURS, SHAPES, WORDS
+
+    counts = _patch_pixels(objects, text, size, grid)
     n = grid * grid
     out = {k: np.zeros(n, np.int64) for k in HEADS}
     out["xy"] = np.full((n, 2), 0.5, np.float32)
     if objects:
-        cover = np.stack([(blocks == k + 1).sum(1) for k in range(len(objects))], 1)  # (n, objects)
+        cover = counts[:, :-1]  # (n, objects)
         owner = cover.argmax(1)
         owned = cover.max(1) >= _MIN_PIXELS
         for i in np.flatnonzero(owned):
@@ -108,7 +117,7 @@ def patch_targets(objects: Sequence[Any], text: str | None, size: int = 224, gri
             r, c = min(int(o.cy * grid), grid - 1), min(int(o.cx * grid), grid - 1)
             out["centre"][r * grid + c] = 1
     if text:
-        ink = (blocks == TEXT_LABEL).sum(1) >= _MIN_INK
+        ink = counts[:, -1] >= _MIN_INK
         out["word"][ink] = 1 + WORDS.index(text)
     for shape in ("circle", "square", "triangle"):
         out[f"n_{shape}"][:] = min(6, sum(o.shape == shape for o in objects))
@@ -119,13 +128,8 @@ def patch_targets(objects: Sequence[Any], text: str | None, size: int = 224, gri
 def patch_owners(objects: Sequence[Any], text: str | None, size: int = 224, grid: int = 8) -> np.ndarray:
     """``(len(objects) + 1, grid*grid)`` bool: the patches where each object is visible (at least
     ``_MIN_PIXELS`` of its pixels; an occluded part does not count) and, last row, the written word's."""
-    from mmeff.datasets.scenes import TEXT_LABEL, label_map
-
-    lab = label_map(objects, size, text)
-    p = size // grid
-    blocks = lab[: grid * p, : grid * p].reshape(grid, p, grid, p).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    rows = [(blocks == k + 1).sum(1) >= _MIN_PIXELS for k in range(len(objects))]
-    return np.stack([*rows, (blocks == TEXT_LABEL).sum(1) >= _MIN_INK])
+    counts = _patch_pixels(objects, text, size, grid)
+    return np.concatenate([counts[:, :-1] >= _MIN_PIXELS, counts[:, -1:] >= _MIN_INK], 1).T
 
 
 _ASKS = (  # scene_questions' wordings -> which objects the answer is read from
