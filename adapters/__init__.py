@@ -1,17 +1,31 @@
-"""How mmeff methods attach to host models (HF LLaVA / Qwen2-VL, timm ViT, open_clip)."""
+"""Every hook mmeff puts on a host model lives here.
+
+Host adapters run token reducers at the host's own seams (HF LLaVA / Qwen2-VL, timm ViT, open_clip);
+method adapters attach the methods that are not reducers: ToMe and ToCom inside ViT blocks, VisToG's
+semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
+``mmeff.apply`` picks them.
+"""
 
 from mmeff.adapters.base import Adapter, cls_attention, find_adapter, list_adapters, register_adapter
+from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
 from mmeff.adapters.open_clip import OpenCLIPAdapter
 from mmeff.adapters.qwen2_vl import Qwen2VLAdapter
 from mmeff.adapters.timm_vit import TimmViTAdapter
+from mmeff.adapters.tocom import ToComAdapter
+from mmeff.adapters.tome import ToMeAdapter
+from mmeff.adapters.vistog import VisToGAdapter
 
 __all__ = [
     "Adapter",
+    "KVCacheAdapter",
     "LlavaAdapter",
     "OpenCLIPAdapter",
     "Qwen2VLAdapter",
     "TimmViTAdapter",
+    "ToComAdapter",
+    "ToMeAdapter",
+    "VisToGAdapter",
     "cls_attention",
     "find_adapter",
     "list_adapters",

@@ -12,12 +12,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from mmeff.core import TokenReducer
+from mmeff.core import ADAPTERS, TokenReducer
 
 __all__ = ["Adapter", "register_adapter", "find_adapter", "list_adapters", "cls_attention"]
-
-_ADAPTERS: list[type[Adapter]] = []
-
 
 class Adapter:
     """Base class. Subclasses set ``name``/``description`` and implement ``matches`` and ``attach``."""
@@ -81,24 +78,29 @@ class Adapter:
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator adding an adapter; the first one whose ``matches`` is true is used."""
-    if cls not in _ADAPTERS:
-        _ADAPTERS.append(cls)
+    ADAPTERS.add(cls.name, cls, summary=cls.description)
     return cls
+
+
+def _host_adapters() -> list[type[Adapter]]:
+    """Registered adapters for token reducers, in matching order."""
+    return [e.obj for e in ADAPTERS.entries() if issubclass(e.obj.method_type, TokenReducer)]
 
 
 def list_adapters() -> list[tuple[str, str]]:
     """``(name, description)`` of every registered adapter."""
-    return [(a.name, a.description) for a in _ADAPTERS]
+    return [(e.name, e.summary) for e in ADAPTERS.entries()]
 
 
 def find_adapter(model: nn.Module) -> type[Adapter]:
     """The adapter class for ``model``; ``TypeError`` naming the class and the supported ones otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    for a in _ADAPTERS:
+    adapters = _host_adapters()
+    for a in adapters:
         if a.matches(model):
             return a
-    names = ", ".join(a.name for a in _ADAPTERS)
+    names = ", ".join(a.name for a in adapters)
     raise TypeError(f"unsupported model class {type(model).__name__}; mmeff adapters exist for: {names}")
 
 

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from mmeff.adapters.base import Adapter
-from mmeff.kvcache import FLAG_PROTECTED, FLAG_SEP, EvictingCache, KVPress, Rope, StepInfo
+from mmeff.adapters.base import Adapter, register_adapter
+from mmeff.kv.presses import FLAG_PROTECTED, FLAG_SEP, EvictingCache, KVPress, Rope, StepInfo
 
 __all__ = ["KVCacheAdapter"]
 
@@ -46,6 +46,7 @@ def _decoder_of(model: nn.Module) -> nn.Module | None:
     return dec
 
 
+@register_adapter
 class KVCacheAdapter(Adapter):
     """Attach a :class:`~mmeff.kvcache.KVPress` to an HF causal LM or VLM (see the module doc)."""
 

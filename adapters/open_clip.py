@@ -17,58 +17,19 @@ recomputes the class query and the keys from ``in_proj_weight`` in a pre-hook on
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff.adapters.base import register_adapter
-from mmeff.adapters.timm_vit import EncoderTower, ViTEncoderAdapter, is_timm_vit, timm_tower
+from mmeff.adapters.timm_vit import EncoderTower, ViTEncoderAdapter, timm_tower
 from mmeff.core import Grid
+from mmeff.hosts import class_named as _cls
+from mmeff.hosts import is_timm_vit
+from mmeff.hosts import open_clip_vision as vision_tower
 
 __all__ = ["OpenCLIPAdapter", "open_clip_tower", "vision_tower"]
-
-
-def _cls(module: str, name: str) -> type | None:
-    # never import open_clip here: instances of its classes exist only once it has been imported
-    return getattr(sys.modules.get(module), name, None)
-
-
-def _is_oc_vit(model: Any) -> bool:
-    vt = _cls("open_clip.transformer", "VisionTransformer")
-    return vt is not None and isinstance(model, vt)
-
-
-def _tower_of(visual: Any) -> nn.Module | None:
-    if _is_oc_vit(visual):
-        return visual
-    timm_model = _cls("open_clip.timm_model", "TimmModel")
-    if timm_model is not None and isinstance(visual, timm_model) and is_timm_vit(getattr(visual, "trunk", None)):
-        return visual.trunk
-    return None
-
-
-def vision_tower(model: nn.Module) -> nn.Module | None:
-    """The ViT that encodes images for an open_clip ``model`` (or ``model.visual``), else ``None``.
-
-    Returns open_clip's ``VisionTransformer`` or the timm ``VisionTransformer`` trunk of a ``TimmModel``.
-    """
-    tower = _tower_of(model)
-    if tower is not None:
-        return tower
-    hosts = tuple(
-        c
-        for c in (
-            _cls("open_clip.model", "CLIP"),
-            _cls("open_clip.model", "CustomTextCLIP"),
-            _cls("open_clip.coca_model", "CoCa"),
-        )
-        if c is not None
-    )
-    if hosts and isinstance(model, hosts):
-        return _tower_of(getattr(model, "visual", None))
-    return None
 
 
 def _conv_grid(embed: nn.Module, args: tuple, output: Any) -> Grid | None:

@@ -174,7 +174,7 @@ class Qwen2VLAdapter(HFVLMAdapter):
     def _video_extras(self, call: dict[str, Any], items: list[VisualItem]) -> None:
         """For video-level methods: each video's question (``mmeff_text``) and its frames, recovered from the
         patchified pixels (first frame of each temporal patch, so one frame per merged time step)."""
-        from mmeff.models import qwen2_vl_unpatchify
+        from mmeff.models.hf import qwen2_vl_unpatchify
 
         vids = [it for it in items if it.modality == "video"]
         if not vids:

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 
 from mmeff.adapters.base import Adapter, cls_attention, register_adapter
 from mmeff.core import Grid, Reduction, TokenContext, TokenReducer
+from mmeff.hosts import is_timm_vit
 
 __all__ = ["EncoderTower", "ViTEncoderAdapter", "TimmViTAdapter", "timm_tower", "is_timm_vit"]
 
@@ -199,14 +199,6 @@ class ViTEncoderAdapter(Adapter):
 
 
 # ---------------------------------------------------------------------------------------------- timm
-
-
-def is_timm_vit(model: Any) -> bool:
-    """Whether ``model`` is a timm ``VisionTransformer`` (or subclass, e.g. DeiT-distilled)."""
-    # an instance can only exist if its module was imported, so never import timm here (keeps
-    # adapter discovery fast and works without timm installed)
-    vt = sys.modules.get("timm.models.vision_transformer")
-    return vt is not None and isinstance(model, vt.VisionTransformer)
 
 
 def _timm_grid(embed: nn.Module, args: tuple, output: Any) -> Grid | None:

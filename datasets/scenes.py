@@ -299,7 +299,7 @@ def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- videos
 
 _VIDEO_SECONDS = 4
-_VIDEO_FPS = 25  # the rate videoqa._write_mp4 encodes at
+_VIDEO_FPS = 25  # the rate videoqa.write_mp4 encodes at
 
 
 def _video_frames(
@@ -372,7 +372,7 @@ def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 2
     """``n`` video questions of split ``seed`` (kinds cycling through :data:`VIDEO_KINDS`) as
     :class:`~mmeff.datasets.videoqa.VideoQASample` multiple-choice samples; the 4 s, 25 fps mp4 clips are
     written to ``out_dir`` (reused when present). ``meta`` holds each object's first frame."""
-    from mmeff.datasets.videoqa import VideoQASample, _write_mp4
+    from mmeff.datasets.videoqa import VideoQASample, write_mp4
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +382,7 @@ def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 2
         kind, q, a, opts = v["kind"], v["question"], v["answer"], v["options"]
         path = out / f"scene-s{seed}-{i}-{kind}.mp4"
         if not path.is_file():
-            _write_mp4(path, v["frames"], (size, size))
+            write_mp4(path, v["frames"], (size, size))
         samples.append(
             VideoQASample(
                 id=f"scene-video-s{seed}-{i}",

@@ -100,7 +100,7 @@ _FORMAT_ALIASES = {
     "next-qa": "nextqa",
     "video-mme": "videomme",
 }
-_VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif"})
 _MISSING_SHOWN = 5
 _TGIF_FRAMEQA_TYPES = {0: "object", 1: "number", 2: "color", 3: "location"}
 
@@ -275,7 +275,7 @@ class _VideoFinder:
         if names not in self._cache:
             candidates = []
             for name in names:
-                if Path(name).suffix.lower() in _VIDEO_SUFFIXES:
+                if Path(name).suffix.lower() in VIDEO_SUFFIXES:
                     candidates.append(self.root / name)
                 else:
                     candidates.extend(self.root / f"{name}{suffix}" for suffix in self.suffixes)
@@ -820,7 +820,7 @@ def _chroma(path: Path) -> float:
     return float((frames.max(axis=-1) - frames.min(axis=-1)).mean())
 
 
-def _write_mp4(
+def write_mp4(
     path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], *, grey: bool = False,
     fps: float = _SYNTH_FPS,
 ) -> None:
@@ -895,7 +895,7 @@ def synthetic_videoqa(out_dir: str | Path, *, seed: int = 0) -> list[VideoQASamp
         start = excerpt_start(name, 2)
         path = out / f"grey_{name}_seed{seed}.mp4"
         if not path.exists():
-            _write_mp4(path, _segment(sources[name], start, 2), size, grey=True)
+            write_mp4(path, _segment(sources[name], start, 2), size, grey=True)
         grey_clips[name] = (path, start)
 
     order_clips: list[tuple[Path, list[dict[str, Any]]]] = []
@@ -908,7 +908,7 @@ def synthetic_videoqa(out_dir: str | Path, *, seed: int = 0) -> list[VideoQASamp
         if not path.exists():
             parts = [_segment(sources[s["source"]], s["start"], s["seconds"]) for s in segments]
             # Each part keeps its source size; the writer scales every frame to _ORDER_SIZE.
-            _write_mp4(path, itertools.chain.from_iterable(parts), _ORDER_SIZE)
+            write_mp4(path, itertools.chain.from_iterable(parts), _ORDER_SIZE)
         order_clips.append((path, segments))
 
     samples: list[VideoQASample] = []

@@ -134,7 +134,7 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
                  round(r["vs_fp32"], 3), round(r["calibration_s"], 1)] for r in rows]
 
     def report_fn(files: list[Any] | None) -> tuple[list, str]:
-        from mmeff.report import write_report
+        from mmeff.eval.report import write_report
 
         if not files:
             raise DemoError("upload one or more JSON files written by mmeff bench / mmeff eval --json")

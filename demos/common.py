@@ -20,7 +20,7 @@ class DemoError(ValueError):
 @functools.lru_cache(maxsize=1)
 def default_vlm() -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """mmeff-mini ``(model, tokenizer, info)``, built once per process (:func:`mmeff.models.default_model`)."""
-    from mmeff.models import default_model
+    from mmeff.models.hf import default_model
 
     return default_model()
 
@@ -28,14 +28,14 @@ def default_vlm() -> tuple[torch.nn.Module, Any, dict[str, Any]]:
 @functools.lru_cache(maxsize=1)
 def default_scorer() -> Any:
     """Free Video-LLM's prompt scorer for mmeff-mini (the mini dual encoder), built once per process."""
-    from mmeff import mini
+    from mmeff.models import mini
 
     return mini.clip_scorer()
 
 
 def model_view(pixel_values: Tensor) -> list[np.ndarray]:
     """CLIP-normalised ``(N, 3, S, S)`` pixels back to what the model saw: ``N`` uint8 ``(S, S, 3)`` images."""
-    from mmeff.models import CLIP_MEAN, CLIP_STD
+    from mmeff.models.hf import CLIP_MEAN, CLIP_STD
 
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)

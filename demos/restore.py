@@ -50,7 +50,7 @@ class RestoreResult:
 @functools.lru_cache(maxsize=1)
 def default_ipt() -> torch.nn.Module:
     """The shipped Instruct-IPT miniature (:func:`mmeff.instruct_ipt.shipped_model`), loaded once."""
-    from mmeff.instruct_ipt import shipped_model
+    from mmeff.models.instruct_ipt import shipped_model
 
     return shipped_model().eval()
 
@@ -81,8 +81,8 @@ def run_restore(image: np.ndarray, degradation: str, instruction: str, seed: int
     ``seed``, restore it as ``instruction`` asks, and score both against the clean picture. Raises
     :class:`DemoError` for an unknown degradation, an empty or unrelated instruction, or a bad image."""
     from mmeff.datasets.degradations import degrade
-    from mmeff.instructions import UnknownInstruction, default_router
-    from mmeff.metrics import psnr, quantize_8bit, ssim
+    from mmeff.models.instructions import UnknownInstruction, default_router
+    from mmeff.eval.metrics import psnr, quantize_8bit, ssim
 
     if degradation not in DEGRADATIONS:
         raise DemoError(f"unknown degradation {degradation!r}; choose one of {', '.join(DEGRADATIONS)}")
@@ -108,7 +108,7 @@ def run_restore(image: np.ndarray, degradation: str, instruction: str, seed: int
 
 def plot_restore(res: RestoreResult, path: str | Path) -> Path:
     """Degraded, restored and clean side by side with their scores, as a PNG at ``path``."""
-    from mmeff.plotting import pyplot, save_figure
+    from mmeff.eval.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 4))

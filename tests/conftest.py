@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmeff.models import default_model, load_smollm2
+from mmeff.models.hf import default_model, load_smollm2
 
 
 @pytest.fixture(scope="session")

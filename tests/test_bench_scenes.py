@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.bench_scenes import (
+from mmeff.bench.scenes import (
     blank_items,
     format_retained_table,
     format_scene_table,
@@ -21,7 +21,7 @@ from mmeff.bench_scenes import (
     scene_methods,
     wilson_interval,
 )
-from mmeff.cli import main
+from mmeff.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_ratios_are_checked_and_sorted() -> None:
 
 def test_blank_items_are_uniform_background_grey() -> None:
     from mmeff.datasets.scenes import BACKGROUND
-    from mmeff.mini import heldout_items
+    from mmeff.models.mini import heldout_items
 
     items = heldout_items(1)
     blank = blank_items(items)
@@ -66,7 +66,7 @@ def test_blank_items_are_uniform_background_grey() -> None:
 
 
 def test_sweep_blank_vistog_json_and_plot(default, model_cache, tmp_path, capsys) -> None:
-    from mmeff.bench_scenes_vistog import load_or_train_vistog, model_key
+    from mmeff.bench.scenes_vistog import load_or_train_vistog, model_key
 
     model = default[0]
     projector = {k: v.clone() for k, v in model.model.multi_modal_projector.state_dict().items()}

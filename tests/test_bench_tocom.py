@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.bench_tocom import digits_splits, run_tocom_bench
-from mmeff.cli import main
+from mmeff.bench.tocom import digits_splits, run_tocom_bench
+from mmeff.cli.main import main
 from mmeff.datasets.images import ImageFiles
-from mmeff.tocom import ToCom
+from mmeff.methods.tocom import ToCom
 
 
 def test_digits_splits_are_real_and_disjoint() -> None:

@@ -10,8 +10,8 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("skimage")
 
-from mmeff.bench_tome import photo_batch, run_tome_bench, token_schedule, vit_gflops  # noqa: E402
-from mmeff.cli import build_parser, main  # noqa: E402
+from mmeff.bench.tome import photo_batch, run_tome_bench, token_schedule, vit_gflops  # noqa: E402
+from mmeff.cli.main import build_parser, main  # noqa: E402
 
 
 def _tiny_vit(name: str = "tiny") -> torch.nn.Module:

@@ -16,9 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mmeff import mini, models
-from mmeff.flatquant import QuantConfig, load_quantized, quantize
-from mmeff.instruct_ipt import _FORMAT, InstructIPT, create_model
+from mmeff.models import mini
+from mmeff.models import hf as models
+from mmeff.quant.flatquant import QuantConfig, load_quantized, quantize
+from mmeff.models.instruct_ipt import _FORMAT, InstructIPT, create_model
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -55,7 +56,7 @@ def _tiny_tokenizer():
 
 
 def test_cache_with_a_flipped_byte_is_detected_and_rebuilt(tmp_path, monkeypatch) -> None:
-    from mmeff import mini_vlm
+    from mmeff.models import mini_vlm
 
     builds = []
 
@@ -82,21 +83,21 @@ def test_cache_with_a_flipped_byte_is_detected_and_rebuilt(tmp_path, monkeypatch
     assert all("\n" not in str(w.message) for w in record)
     got = again.state_dict()
     assert set(got) == set(original) and all(torch.equal(got[k], original[k]) for k in original)
-    assert models._cache_complete(folder, warn=False)
+    assert models.cache_complete(folder, warn=False)
 
 
 def test_cache_without_a_sha256_record_is_rebuilt(tmp_path) -> None:
     final = tmp_path / "thing"
-    models._atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
     marker = final / models._MARKER
     meta = json.loads(marker.read_text())
     assert meta["sha256"] == {"w.bin": hashlib.sha256(b"y" * 100).hexdigest()}
     del meta["sha256"]  # what an older mmeff wrote: sizes only
     marker.write_text(json.dumps(meta))
     with pytest.warns(RuntimeWarning, match=r"w\.bin has no sha256 on record"):
-        assert not models._cache_complete(final, {"artefact": "t"})
-    models._atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
-    assert models._cache_complete(final, {"artefact": "t"})
+        assert not models.cache_complete(final, {"artefact": "t"})
+    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    assert models.cache_complete(final, {"artefact": "t"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]  # no temp folders left behind
 
 
@@ -237,7 +238,7 @@ def test_create_clip_refuses_a_wrong_file_in_one_line(tmp_path) -> None:
 
 
 def test_llava_weights_file_errors_are_one_line(tmp_path) -> None:
-    from mmeff.mini import _read_llava_file
+    from mmeff.models.mini import _read_llava_file
 
     with pytest.raises(FileNotFoundError, match="no such file"):
         _read_llava_file(tmp_path / "none.safetensors")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import mmeff
-from mmeff.cdt import (
+from mmeff.models.cdt import (
     CDT,
     CausalConv3d,
     CDTConfig,
@@ -223,7 +223,7 @@ def test_bad_input_is_named() -> None:
 
 @pytest.mark.parametrize("name", ["cdt_tiny", "vae_tiny"])
 def test_losses_reach_every_parameter_and_training_fits_a_clip(name: str) -> None:
-    from mmeff.perceptual import SSIMLoss
+    from mmeff.eval.perceptual import SSIMLoss
 
     torch.manual_seed(0)
     m = create_model(name)

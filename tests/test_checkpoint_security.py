@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmeff.checkpoint import load_state, save_state, write_text_atomic
-from mmeff.training import train_steps
+from mmeff.train.loop import train_steps
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mmeff.cli import main
+from mmeff.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_bench_rejects_bad_arguments(capsys):
 def test_token_agreement_handles_early_eos():
     import torch
 
-    from mmeff.bench import token_agreement
+    from mmeff.bench.reduction import token_agreement
 
     ref = torch.tensor([[1, 2, 3, 4]])
     assert token_agreement(ref, ref) == 1.0
@@ -187,7 +187,7 @@ def test_cli_device_cuda_without_a_gpu(capsys) -> None:
 def test_cli_failures_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch) -> None:
     import argparse
 
-    from mmeff import cli
+    from mmeff.cli import main as cli
 
     def fails(exc: BaseException) -> None:
         def command(args: argparse.Namespace) -> int:

@@ -165,8 +165,8 @@ def test_restore_by_instruction_beats_the_degraded_input():
 
 
 def test_shipped_ipt_is_checked(tmp_path):
-    from mmeff.instruct_ipt import SHIPPED_FILE, SHIPPED_RECORD, shipped_model
-    from mmeff.mini import WEIGHTS_DIR
+    from mmeff.models.instruct_ipt import SHIPPED_FILE, SHIPPED_RECORD, shipped_model
+    from mmeff.models.mini import WEIGHTS_DIR
 
     rec = json.loads((WEIGHTS_DIR / SHIPPED_RECORD).read_text())
     assert rec["scores"]["average"]["psnr_y"] > rec["scores"]["average"]["input_psnr_y"]
@@ -229,7 +229,7 @@ def _write_inputs(tmp_path):
 def test_report_plots_and_tables(tmp_path):
     from PIL import Image
 
-    from mmeff.report import read_report_file, write_report
+    from mmeff.eval.report import read_report_file, write_report
 
     files = _write_inputs(tmp_path)
     parsed = read_report_file(tmp_path / "scenes.json")
@@ -252,7 +252,7 @@ def test_report_plots_and_tables(tmp_path):
 def test_report_plot_shows_coinciding_points(tmp_path):
     from PIL import Image
 
-    from mmeff.report import ReportPoint, plot_points
+    from mmeff.eval.report import ReportPoint, plot_points
 
     # none and ToMe at the same tokens and accuracy (as in scenes.json): both colours must reach the page
     pts = [ReportPoint("scenes", "none", "video", 256, 0.3), ReportPoint("scenes", "ToMe(r=8)", "video", 256, 0.3),
@@ -267,7 +267,7 @@ def test_report_plot_shows_coinciding_points(tmp_path):
 
 
 def test_report_same_file_names_in_two_folders(tmp_path):
-    from mmeff.report import write_report
+    from mmeff.eval.report import write_report
 
     for run in ("a", "b"):  # two runs of each: the scenes series keep their folders apart ...
         (tmp_path / run).mkdir()
@@ -280,7 +280,7 @@ def test_report_same_file_names_in_two_folders(tmp_path):
 
 
 def test_report_cli(tmp_path, capsys):
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     files = _write_inputs(tmp_path)
     assert main(["report", *map(str, files), "--out", str(tmp_path / "r")]) == 0
@@ -402,7 +402,7 @@ def test_app_in_headless_chromium(served, tmp_path):
 
 def test_demo_cli_forwards_to_the_app(monkeypatch):
     import mmeff.demos.app as app_module
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     seen = []
     monkeypatch.setattr(app_module, "main", lambda argv: seen.append(argv) or 0)

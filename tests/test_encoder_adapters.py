@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import mmeff
 from mmeff.adapters import OpenCLIPAdapter, TimmViTAdapter, find_adapter
-from mmeff.baselines import AvgPool, CLSAttnTopK
+from mmeff.methods.baselines import AvgPool, CLSAttnTopK
 from mmeff.core import Reduction, TokenContext, TokenReducer
 from mmeff.kernels import topk_indices_sorted
 

@@ -12,7 +12,7 @@ import pytest
 from mmeff.datasets import videoqa
 from mmeff.datasets.media import sample_video_path
 from mmeff.datasets.videoqa import VideoQASample
-from mmeff.evaluate import Prediction, evaluate, format_report, llava_predictor, load_results
+from mmeff.eval.videoqa import Prediction, evaluate, format_report, llava_predictor, load_results
 
 
 def _samples(n: int = 3) -> list[VideoQASample]:
@@ -34,7 +34,7 @@ def _video_sample(sid: str, video: Path | str) -> VideoQASample:
 def test_cli_refuses_to_resume_another_runs_rows_unless_no_resume(
     default, model_cache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     # one bundled clip stands in for the synthetic set, so each run is a single short generate
     monkeypatch.setattr(videoqa, "synthetic_videoqa", lambda out_dir, seed=0: [_video_sample("a", sample_video_path("bikes"))])
@@ -100,7 +100,7 @@ def test_row_without_correct_or_id_names_the_line(tmp_path: Path) -> None:
 def test_repeated_annotation_ids_are_refused_by_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     rows = [{"id": i, "video_id": 1, "question": f"what is {k}?", "answer": "dog"}
             for k, i in enumerate([7, 8, 7, 9, 8])]

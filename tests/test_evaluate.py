@@ -20,7 +20,7 @@ import mmeff
 from mmeff.datasets import videoqa
 from mmeff.datasets.media import sample_video_path
 from mmeff.datasets.videoqa import VideoQASample
-from mmeff.evaluate import (
+from mmeff.eval.videoqa import (
     EvalReport,
     JudgeError,
     JudgeResponseError,
@@ -402,7 +402,7 @@ import json, sys
 import torch.distributed as dist
 sys.path.insert(0, {tests!r})
 from test_evaluate import _CountingPredict, _samples
-from mmeff.evaluate import evaluate
+from mmeff.eval.videoqa import evaluate
 
 dist.init_process_group("gloo")
 pred = _CountingPredict()
@@ -505,7 +505,7 @@ def test_llava_predict_and_evaluate(default, tmp_path: Path, method: str) -> Non
 
 
 def test_cli_eval_videoqa(default, model_cache, tmp_path: Path, monkeypatch, capsys) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     made = []
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, CLIPVisionConfig
 
-from mmeff.eve import (
+from mmeff.models.eve import (
     ElasticExperts,
     EveConfig,
     EveForConditionalGeneration,
@@ -22,7 +22,7 @@ from mmeff.eve import (
     sparse_layers,
     train_stage,
 )
-from mmeff.models import tiny_lm_config
+from mmeff.models.hf import tiny_lm_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -278,7 +278,7 @@ def _fresh_stage3(lm, tok, proj):
 def test_cli_train_and_eval(smollm2, tmp_path, capsys):
     import json
 
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     _save_tiny_eve(smollm2[1], tmp_path / "m")
     out = tmp_path / "s3"
@@ -293,7 +293,7 @@ def test_cli_train_and_eval(smollm2, tmp_path, capsys):
 
 
 def test_offline_text_perplexity_matches_hf_loss(smollm2):
-    from mmeff.bench_eve import offline_text_ids, perplexity
+    from mmeff.bench.eve import offline_text_ids, perplexity
 
     lm, tok = smollm2
     ids = offline_text_ids(tok, 96)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from mmeff.flatquant import (
+from mmeff.quant.flatquant import (
     QuantConfig,
     calibration_batches,
     fake_quant_act,
@@ -17,9 +17,9 @@ from mmeff.flatquant import (
     load_quantized,
     quantize,
 )
-from mmeff.gptq import quantize_rtn
+from mmeff.quant.gptq import quantize_rtn
 from mmeff.kernels.quant import kron_transform, kron_transform_quant, unpack_int4
-from mmeff.models import build_tiny, llava_inputs, qwen2_vl_inputs
+from mmeff.models.hf import build_tiny, llava_inputs, qwen2_vl_inputs
 
 FP = dict(w_bits=16, a_bits=16, kv_bits=16)
 
@@ -193,8 +193,8 @@ def test_errors(llama):
 @pytest.mark.slow
 def test_real_smollm2_w4a4(smollm2):
     """Real weights: per-channel RTN W4A4 collapses, rotations rescue most of it (the paper's ordering)."""
-    from mmeff.bench_quant import heldout_ppl
-    from mmeff.streaming import offline_text
+    from mmeff.bench.quant import heldout_ppl
+    from mmeff.eval.streaming import offline_text
 
     model, tok = smollm2
     text = offline_text()
@@ -219,7 +219,7 @@ def test_int4_kernel_path_matches_fake_quant(llama, monkeypatch):
     with torch.no_grad():
         fake = model(ev).logits
     calls = []
-    import mmeff.flatquant as fq
+    import mmeff.quant.flatquant as fq
 
     real = fq.int4_matmul
     monkeypatch.setattr(fq, "int4_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -233,8 +233,8 @@ def test_int4_kernel_path_matches_fake_quant(llama, monkeypatch):
 
 @pytest.mark.slow
 def test_flatquant_bench_table(smollm2, tmp_path):
-    from mmeff.bench_quant import run_flatquant_bench
-    from mmeff.cli import build_parser
+    from mmeff.bench.quant import run_flatquant_bench
+    from mmeff.cli.main import build_parser
 
     model, tok = smollm2
     lines: list[str] = []
@@ -250,8 +250,8 @@ def test_flatquant_bench_table(smollm2, tmp_path):
 
 def test_calibration_weight_quantizer_matches_rtn():
     """The differentiable (STE) weight quantizer used while calibrating lands on RTN's grid."""
-    from mmeff.flatquant import _fake_quant_weight
-    from mmeff.gptq import fake_quant_rtn
+    from mmeff.quant.flatquant import _fake_quant_weight
+    from mmeff.quant.gptq import fake_quant_rtn
 
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     clip = torch.full((16, 1), 0.9, dtype=torch.float64)

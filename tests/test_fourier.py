@@ -11,10 +11,10 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mmeff
-from mmeff import models
+from mmeff.models import hf as models
 from mmeff.core import TokenContext
-from mmeff.fourier import FourierLowPass, fourier_compress, lowpass_energy_fraction
-from mmeff.profile import _llava_projector_flops, load_config, prefill_flops
+from mmeff.methods.fourier import FourierLowPass, fourier_compress, lowpass_energy_fraction
+from mmeff.eval.profile import _llava_projector_flops, load_config, prefill_flops
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -238,7 +238,7 @@ def test_llava_pre_projector_refuses_projected_features(llava):
 
 @torch.no_grad()
 def test_profile_counts_projector_tokens_after_pre_projector_reduction(llava):
-    from mmeff.profile import profile
+    from mmeff.eval.profile import profile
 
     inp = models.llava_inputs(llava.config, batch=1, images_per_sample=2)
     base = profile(llava, inp, None, decode_tokens=1, repeats=1, warmup=0)
@@ -387,7 +387,7 @@ def test_llava_7b_meta_pipeline_flops_match_the_accounting():
     """Count the real 7B pre-projector pipeline (tower -> low-pass -> projector -> LLM) on meta tensors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmeff.profile import meta_model
+    from mmeff.eval.profile import meta_model
 
     model = meta_model("llava-1.5-7b")
     cfg = model.config
@@ -410,7 +410,7 @@ def test_llava_7b_meta_pipeline_flops_match_the_accounting():
 
 @torch.no_grad()
 def test_bench_compares_stages_in_one_table(llava):
-    from mmeff.bench import bench_reducers
+    from mmeff.bench.reduction import bench_reducers
 
     inp = models.llava_inputs(llava.config, batch=1)
     rows = bench_reducers(

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmeff.freevideo import (
+from mmeff.methods.freevideo import (
     FreeVideoConfig,
     free_video_tokens,
     middle_indices,
@@ -175,8 +175,8 @@ def test_clip_scorer_on_real_frames_with_a_small_open_clip():
     import open_clip
 
     from mmeff.datasets.media import read_frames, sample_video_path
-    from mmeff.freevideo import ClipScorer
-    from mmeff.models import llava_pixel_values
+    from mmeff.methods.freevideo import ClipScorer
+    from mmeff.models.hf import llava_pixel_values
 
     torch.manual_seed(0)
     vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
@@ -236,7 +236,7 @@ def test_sources_locate_every_output_token(video):
 def tiny_clip():
     import open_clip
 
-    from mmeff.freevideo import ClipScorer
+    from mmeff.methods.freevideo import ClipScorer
 
     torch.manual_seed(0)
     vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
@@ -246,7 +246,7 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from mmeff import models
+    from mmeff.models import hf as models
 
     return models.build_tiny(
         "llava", tmp_path_factory.mktemp("llava"), seed=0, vision_config={"image_size": 112, "patch_size": 8}
@@ -255,7 +255,7 @@ def llava(tmp_path_factory):
 
 def _video_prompt(llava, frames_per_row, text_lens):
     """Rows of ``[bos] text <T*196 image tokens> text``, left padded, with real frames of a real mp4."""
-    from mmeff import models
+    from mmeff.models import hf as models
     from mmeff.datasets.media import read_frames, sample_video_path
 
     cfg = llava.config
@@ -275,8 +275,8 @@ def test_freevideo_on_llava_matches_the_manual_pipeline(llava, tiny_clip):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     import mmeff
-    from mmeff.freevideo import FreeVideoLLM
-    from mmeff.models import left_pad_batch, pad_token_id
+    from mmeff.methods.freevideo import FreeVideoLLM
+    from mmeff.models.hf import left_pad_batch, pad_token_id
 
     red = FreeVideoLLM(FreeVideoConfig(slow_frames=2, middle_frames=2, fast_frames=6, fast_grid=(2, 2), roi_ratio=0.5),
                        scorer=tiny_clip)
@@ -318,7 +318,7 @@ def test_freevideo_on_llava_matches_the_manual_pipeline(llava, tiny_clip):
 @torch.no_grad()
 def test_freevideo_on_llava_errors(llava, tiny_clip):
     import mmeff
-    from mmeff.freevideo import FreeVideoLLM
+    from mmeff.methods.freevideo import FreeVideoLLM
 
     inp = _video_prompt(llava, [4], [6])
     red = FreeVideoLLM(FreeVideoConfig(slow_frames=1, middle_frames=1, fast_frames=4, fast_grid=(2, 2), roi_ratio=0.5),
@@ -335,7 +335,7 @@ def test_freevideo_on_llava_errors(llava, tiny_clip):
 
 
 def test_qwen2_vl_unpatchify_round_trip():
-    from mmeff.models import qwen2_vl_patchify, qwen2_vl_unpatchify
+    from mmeff.models.hf import qwen2_vl_patchify, qwen2_vl_unpatchify
 
     frames = torch.randn(4, 3, 56, 84, generator=torch.Generator().manual_seed(0))
     patches, grid = qwen2_vl_patchify(frames, 14, 2, 2)
@@ -347,8 +347,8 @@ def test_qwen2_vl_unpatchify_round_trip():
 @torch.no_grad()
 def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
     import mmeff
-    from mmeff import models
-    from mmeff.freevideo import FreeVideoLLM
+    from mmeff.models import hf as models
+    from mmeff.methods.freevideo import FreeVideoLLM
 
     qwen = models.build_tiny("qwen2_vl", tmp_path / "qwen", seed=0).eval()
     vc = qwen.config.vision_config
@@ -389,7 +389,7 @@ def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
 def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default, model_cache, capsys):
     import json
 
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     out = tmp_path / "r.jsonl"
     rc = main(["eval", "videoqa", "--method", "freevideo", "--frames", "4", "--limit", "2", "--batch-size", "2",
@@ -399,7 +399,7 @@ def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default,
     assert "random weights" not in text.err  # the default scorer is mmeff-mini's trained dual encoder
     assert "data: scenes" in text.out
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    from mmeff.mini import FREEVIDEO_SCENES
+    from mmeff.models.mini import FREEVIDEO_SCENES
 
     # on the 8x8 grid: 1 slow + 1 middle crop of 7x4 (roi 0.8 of the 8x4 pooled layout), 4 fast frames of 2x2
     expect = FreeVideoConfig.from_official(FREEVIDEO_SCENES, faithful=False).num_tokens(4, (8, 8))
@@ -407,7 +407,7 @@ def test_cli_eval_videoqa_with_freevideo_on_the_default_model(tmp_path, default,
 
 
 def test_cli_eval_videoqa_warns_about_a_random_scorer(tmp_path, default, model_cache, capsys):
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     out = tmp_path / "r.jsonl"
     rc = main(["eval", "videoqa", "--method", "freevideo", "--clip-model", "ViT-B-32", "--limit", "1",
@@ -419,7 +419,7 @@ def test_cli_eval_videoqa_warns_about_a_random_scorer(tmp_path, default, model_c
 
 def test_freevideo_is_registered_on_import_of_mmeff():
     import mmeff
-    from mmeff.freevideo import FreeVideoLLM
+    from mmeff.methods.freevideo import FreeVideoLLM
 
     assert mmeff.get_reducer_class("freevideo") is FreeVideoLLM is mmeff.FreeVideoLLM
     with pytest.raises(TypeError, match="config must be a FreeVideoConfig"):

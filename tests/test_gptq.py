@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.gptq import (
+from mmeff.quant.gptq import (
     accumulate_hessian,
     dequantize,
     fake_quant_rtn,

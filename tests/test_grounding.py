@@ -10,7 +10,9 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from mmeff import grounding, mini, mini_vlm
+from mmeff.train import grounding
+from mmeff.models import mini
+from mmeff.models import mini_vlm
 from mmeff.checkpoint import file_sha256
 from mmeff.datasets.scenes import COLOURS, SHAPES, SceneObject, label_map, scene_sample
 
@@ -56,7 +58,7 @@ def test_patch_targets_of_a_hand_placed_scene() -> None:
 
 
 def test_tower_features_are_what_llava_feeds_its_projector(tiny_vlm) -> None:
-    from mmeff.models import llava_visual_features
+    from mmeff.models.hf import llava_visual_features
 
     px = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
@@ -77,7 +79,7 @@ def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> Non
     with torch.no_grad():
         ours = grounding.vlm_answer_loss(tiny_vlm, batch, readout)
         # the same rows through LLaVA's forward from pixels (the pool's images re-rendered)
-        from mmeff.models import llava_pixel_values
+        from mmeff.models.hf import llava_pixel_values
 
         idx = [int(np.random.default_rng([1, i, 9]).integers(0, 4)) for i in (0, 1)]
         px = llava_pixel_values([scene_sample(5, j, photo_background=(j % 5 == 0)).image for j in idx], 224)
@@ -89,8 +91,8 @@ def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> Non
 
 
 def test_conversations_start_with_the_evaluation_prompt_and_label_only_answers(tok, tiny_vlm) -> None:
-    from mmeff.evaluate import format_question
-    from mmeff.models import build_prompt
+    from mmeff.eval.videoqa import format_question
+    from mmeff.models.hf import build_prompt
 
     pool = _pool(tiny_vlm.model.vision_tower)
     ds = grounding.LMData(pool, None, tok, 64, batch=8, seed=2)
@@ -211,7 +213,7 @@ def test_dense_loss_falls_on_a_few_steps(tmp_path) -> None:
 
 
 def test_mini_train_cli_end_to_end_at_toy_size_and_resumes(tmp_path, capsys) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     out = tmp_path / "run"
     args = ["mini", "train", "--out", str(out), "--tower-steps", "2", "2", "1", "--pool", "8", "3", "--lm-steps", "4",

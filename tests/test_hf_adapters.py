@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mmeff
-from mmeff import models
+from mmeff.models import hf as models
 from mmeff.adapters import find_adapter
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import mmeff
 from mmeff.datasets.restoration import DegradedImages
-from mmeff.instruct_ipt import (
+from mmeff.models.instruct_ipt import (
     InstructIPT,
     IPTConfig,
     ModulatedLinear,
@@ -21,7 +21,7 @@ from mmeff.instruct_ipt import (
     create_model,
     param_counts,
 )
-from mmeff.restoration import RestorationTrainConfig, evaluate_restoration, train_restoration
+from mmeff.train.restoration import RestorationTrainConfig, evaluate_restoration, train_restoration
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mmeff.datasets.restoration import TASKS
-from mmeff.instruct_ipt import create_model
-from mmeff.instructions import (
+from mmeff.models.instruct_ipt import create_model
+from mmeff.models.instructions import (
     INSTRUCTIONS,
     OUT_OF_SCOPE,
     InstructionRouter,
@@ -132,8 +132,8 @@ def test_instruct_ipt_restores_by_instruction(router: InstructionRouter) -> None
 
 
 def test_open_clip_text_tower_as_the_encoder() -> None:
-    from mmeff.instructions import OpenCLIPTextEncoder
-    from mmeff.mini import clip_tokenizer, create_clip
+    from mmeff.models.instructions import OpenCLIPTextEncoder
+    from mmeff.models.mini import clip_tokenizer, create_clip
 
     model, tok = create_clip(), clip_tokenizer()
     enc = OpenCLIPTextEncoder(model, tok)

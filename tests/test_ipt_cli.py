@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmeff.cli import main
+from mmeff.cli.main import main
 from mmeff.datasets.restoration import photo_split, read_image, save_image
-from mmeff.instruct_ipt import InstructIPT, param_counts
+from mmeff.models.instruct_ipt import InstructIPT, param_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -78,7 +78,7 @@ def test_ddp_training_under_torchrun_from_the_repo_root(tmp_path: Path, clean_fo
 
 
 def test_bench_writes_tables_json_and_figures(tmp_path: Path) -> None:
-    from mmeff.bench_ipt import run_ipt_bench
+    from mmeff.bench.ipt import run_ipt_bench
 
     lines: list[str] = []
     res = run_ipt_bench(tmp_path, steps=4, per_task_steps=2, batch_size=2, max_side=80, progress=False,

@@ -13,9 +13,9 @@ import torch
 
 import mmeff
 from mmeff.adapters.kv_cache import KVCacheAdapter
-from mmeff.kvcache import FLAG_PROTECTED, FLAG_SEP, EvictingCache
-from mmeff.models import build_tiny, llava_inputs, qwen2_vl_inputs
-from mmeff.streaming import streaming_perplexity
+from mmeff.kv.presses import FLAG_PROTECTED, FLAG_SEP, EvictingCache
+from mmeff.models.hf import build_tiny, llava_inputs, qwen2_vl_inputs
+from mmeff.eval.streaming import streaming_perplexity
 
 SEPS = (5, 6, 7)
 
@@ -323,8 +323,8 @@ def test_separator_ids_from_real_tokenizer(smollm2):
 
 @pytest.mark.slow
 def test_sepllm_bench_table(smollm2, tmp_path):
-    from mmeff.bench_kv import run_sepllm_bench, streamingllm_avg_kv
-    from mmeff.cli import build_parser
+    from mmeff.bench.kv import run_sepllm_bench, streamingllm_avg_kv
+    from mmeff.cli.main import build_parser
 
     model, tok = smollm2
     lines: list[str] = []

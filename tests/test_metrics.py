@@ -9,7 +9,7 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from mmeff.datasets.media import sample_image
-from mmeff.metrics import psnr, quantize_8bit, rgb_to_y, ssim
+from mmeff.eval.metrics import psnr, quantize_8bit, rgb_to_y, ssim
 
 
 def _pair(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from mmeff import mini
+from mmeff.models import mini
 from mmeff.checkpoint import file_sha256
 from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS, scene_sample, scene_video_sample, scene_videoqa
-from mmeff.models import build_tiny, tiny_lm_config
+from mmeff.models.hf import build_tiny, tiny_lm_config
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +205,7 @@ def test_default_model_is_the_grounded_mmeff_mini(default) -> None:
 def test_shipped_dual_encoder_matches_captions_to_held_out_scenes() -> None:
     clip = mini.create_clip().eval()
     tok = mini.clip_tokenizer()
-    from mmeff.models import llava_pixel_values
+    from mmeff.models.hf import llava_pixel_values
 
     samples = [scene_sample(mini.HELDOUT_SEED, i) for i in range(24)]
     with torch.no_grad():
@@ -234,7 +234,7 @@ def test_shipped_model_answers_from_the_image(default) -> None:
 
 
 def test_mini_train_smollm_variant_end_to_end_at_toy_size(tmp_path, model_cache, smollm2, capsys) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     out = tmp_path / "w"
     common = ["--out", str(out), "--variant", "smollm", "--device", "cpu", "--workers", "0",
@@ -267,7 +267,7 @@ def test_mini_train_smollm_variant_end_to_end_at_toy_size(tmp_path, model_cache,
 
 
 def test_init_projector_standardises_and_matches_the_word_scale(tmp_path) -> None:
-    from mmeff.models import llava_visual_features
+    from mmeff.models.hf import llava_visual_features
 
     model = build_tiny("llava", tmp_path / "tiny", seed=0)
     px = torch.randn(6, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)

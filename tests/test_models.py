@@ -14,9 +14,9 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 
-from mmeff import models
+from mmeff.models import hf as models
 from mmeff.datasets.media import sample_image
-from mmeff.models import (
+from mmeff.models.hf import (
     CLIP_MEAN,
     CLIP_STD,
     build_prompt,
@@ -357,19 +357,19 @@ def test_atomic_cache_write_and_validation(tmp_path) -> None:
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError, match="crash"):
-        models._atomic_write_cache(final, boom, {"artefact": "t"})
+        models.atomic_write_cache(final, boom, {"artefact": "t"})
     assert not final.exists() and list(tmp_path.iterdir()) == []  # no half cache, no temp leftovers
 
-    models._atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
-    assert models._cache_complete(final, {"artefact": "t"})
-    assert not models._cache_complete(final, {"artefact": "other"})
+    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    assert models.cache_complete(final, {"artefact": "t"})
+    assert not models.cache_complete(final, {"artefact": "other"})
     meta = json.loads((final / models._MARKER).read_text())
     assert meta["files"] == {"w.bin": 100}
 
     (final / "w.bin").write_bytes(b"y" * 7)  # truncated file -> cache no longer trusted
-    assert not models._cache_complete(final, {"artefact": "t"})
-    models._atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"z" * 100), {"artefact": "t"})
-    assert models._cache_complete(final, {"artefact": "t"}) and (final / "w.bin").read_bytes() == b"z" * 100
+    assert not models.cache_complete(final, {"artefact": "t"})
+    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"z" * 100), {"artefact": "t"})
+    assert models.cache_complete(final, {"artefact": "t"}) and (final / "w.bin").read_bytes() == b"z" * 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
 
 
@@ -416,7 +416,7 @@ def test_smollm2_real_weights_answer(smollm2) -> None:
 
 
 def test_smollm2_cache_reused(smollm2, model_cache, monkeypatch) -> None:
-    assert models._cache_complete(model_cache / "smollm2-135m-instruct")
+    assert models.cache_complete(model_cache / "smollm2-135m-instruct")
 
     def no_gguf():
         raise AssertionError("cache was not reused: GGUF conversion attempted")
@@ -473,7 +473,7 @@ def smollm_variant(model_cache, smollm2):
 def test_smollm_variant_lm_is_smollm2_plus_the_shipped_lora(smollm_variant, smollm2) -> None:
     from safetensors.torch import load_file
 
-    from mmeff import mini
+    from mmeff.models import mini
 
     model, tok, info = smollm_variant
     assert info["name"] == "mmeff-mini-smollm" and "LoRA" in info["language_model"]["weights"]
@@ -530,7 +530,7 @@ def test_default_model_cache_reused(default, model_cache, monkeypatch) -> None:
     def no_build(*args, **kwargs):
         raise AssertionError("cache was not reused: default model rebuilt")
 
-    from mmeff import mini_vlm
+    from mmeff.models import mini_vlm
 
     monkeypatch.setattr(mini_vlm, "build_vlm", no_build)
     again, _, info2 = default_model(model_cache)

@@ -24,14 +24,14 @@ from transformers import (
 )
 
 import mmeff
-from mmeff.models import (
+from mmeff.models.hf import (
     build_tiny,
     llava_inputs,
     qwen2_vl_inputs,
     tiny_llava_config,
     tiny_qwen2_vl_config,
 )
-from mmeff.profile import (
+from mmeff.eval.profile import (
     FlopBreakdown,
     available_configs,
     count_parameters,
@@ -447,7 +447,7 @@ def test_bad_input_is_named(llava):
 
 
 def test_median_seconds_warms_up_once_and_checks_repeats() -> None:
-    from mmeff.profile import median_seconds
+    from mmeff.eval.profile import median_seconds
 
     calls: list[int] = []
     t = median_seconds(lambda a, b: calls.append(a + b), 1, 2, repeats=4)

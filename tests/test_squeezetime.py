@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmeff import squeezetime as st
+from mmeff.models import squeezetime as st
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

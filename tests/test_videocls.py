@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.bench_squeezetime import CLASSES, _clip, motion_dataset
-from mmeff.squeezetime import create_model
-from mmeff.videocls import FrameAverage, TrainConfig, VideoFolder, evaluate, frame_average_model, train
+from mmeff.bench.squeezetime import CLASSES, _clip, motion_dataset
+from mmeff.models.squeezetime import create_model
+from mmeff.train.videocls import FrameAverage, TrainConfig, VideoFolder, evaluate, frame_average_model, train
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -102,7 +102,7 @@ def test_frame_average_ignores_order_squeezetime_does_not() -> None:
 
 
 def test_cli_video_train_and_eval(clips, tmp_path, capsys) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     train_root, val_root = clips
     common = ["--model", "squeezetime_10", "--frames", "4", "--size", "48", "--clips", "1", "--crops", "1"]
@@ -118,8 +118,8 @@ def test_cli_video_train_and_eval(clips, tmp_path, capsys) -> None:
 
 def test_throughput_table_and_onnx_export(tmp_path) -> None:
     pytest.importorskip("onnxruntime")
-    from mmeff.bench_squeezetime import run_throughput
-    from mmeff.squeezetime import check_onnx, export_onnx
+    from mmeff.bench.squeezetime import run_throughput
+    from mmeff.models.squeezetime import check_onnx, export_onnx
 
     class Conv3dNet(torch.nn.Module):  # a stand-in 3-D CNN: the table's mechanics, not r3d_18's cost
         def __init__(self) -> None:
@@ -170,7 +170,7 @@ def test_ddp_under_torchrun_on_cpu(clips, tmp_path) -> None:
 
 
 def test_cli_video_eval_and_resume_refuse_a_hostile_checkpoint(clips, tmp_path, capsys, hostile_checkpoint) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     train_root, val_root = clips
     marker = tmp_path / "pwned"

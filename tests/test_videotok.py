@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.cdt import CDT, create_model
-from mmeff.cli import main
-from mmeff.metrics import psnr, quantize_8bit
-from mmeff.perceptual import LPIPSUnavailable, SSIMLoss, lpips_model, lpips_status, perceptual_loss
-from mmeff.videotok import (
+from mmeff.models.cdt import CDT, create_model
+from mmeff.cli.main import main
+from mmeff.eval.metrics import psnr, quantize_8bit
+from mmeff.eval.perceptual import LPIPSUnavailable, SSIMLoss, lpips_model, lpips_status, perceptual_loss
+from mmeff.train.videotok import (
     TokenizerTrainConfig,
     VideoCrops,
     centre_clip,
@@ -163,14 +163,14 @@ def test_evaluation_matches_the_metrics_on_the_decoded_frames() -> None:
 # ------------------------------------------------------------------------------------------ CLI
 @pytest.fixture(scope="module")
 def video_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mmeff.datasets.videoqa import _write_mp4
+    from mmeff.datasets.videoqa import write_mp4
 
     root = tmp_path_factory.mktemp("videos")
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
     for i in range(2):
         frames = [np.kron(np.roll(base, t + i, axis=1), np.ones((8, 8, 1), np.uint8)) for t in range(21)]
-        _write_mp4(root / f"clip{i}.mp4", frames, (64, 48), fps=10)
+        write_mp4(root / f"clip{i}.mp4", frames, (64, 48), fps=10)
     return root
 
 
@@ -225,8 +225,8 @@ def test_ddp_training_under_torchrun(tmp_path: Path, video_folder: Path) -> None
 
 
 def test_bench_writes_table_json_and_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mmeff.videotok as vt
-    from mmeff.bench_cdt import run_cdt_bench
+    import mmeff.train.videotok as vt
+    from mmeff.bench.cdt import run_cdt_bench
 
     # the bench's data are the offline clips; a small stand-in keeps this test fast
     monkeypatch.setattr(vt, "offline_videos", lambda split, **kw: _videos(2, 40, 32))
@@ -252,7 +252,7 @@ def test_bench_writes_table_json_and_figures(tmp_path: Path, monkeypatch: pytest
 def test_frechet_distance_against_scipy_and_closed_form() -> None:
     from scipy import linalg
 
-    from mmeff.videotok import frechet_distance
+    from mmeff.train.videotok import frechet_distance
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(200, 6, generator=g, dtype=torch.float64)
@@ -268,7 +268,7 @@ def test_frechet_distance_against_scipy_and_closed_form() -> None:
 
 
 def test_fvd_runs_a_local_torchscript_detector(tmp_path: Path) -> None:
-    from mmeff.videotok import fvd, i3d_features, load_torchscript_detector
+    from mmeff.train.videotok import fvd, i3d_features, load_torchscript_detector
 
     class Stand(torch.nn.Module):  # I3D's call signature; features: per-channel mean and std over time
         def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,

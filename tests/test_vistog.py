@@ -16,8 +16,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmeff
-from mmeff import models
-from mmeff.vistog import GroupingLayer, VisToG, isolation_mask, train_vistog, vistog_flops
+from mmeff.models import hf as models
+from mmeff.methods.vistog import GroupingLayer, VisToG, isolation_mask, train_vistog, vistog_flops
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 M = 8
@@ -366,8 +366,8 @@ def test_flops_match_the_flop_counter(llava) -> None:
 
 
 def test_bench_vistog_table(llava, tmp_path) -> None:
-    from mmeff.bench_vistog import run_vistog_bench
-    from mmeff.profile import load_config, prefill_flops
+    from mmeff.bench.vistog import run_vistog_bench
+    from mmeff.eval.profile import load_config, prefill_flops
 
     lines: list[str] = []
     rows = run_vistog_bench(["tiny-llava"], groups={"tiny-llava": (8,)}, config_groups=(64,), repeats=1,
@@ -386,7 +386,7 @@ def test_bench_vistog_table(llava, tmp_path) -> None:
 
 
 def test_cli_bench_vistog(tmp_path, capsys) -> None:
-    from mmeff.cli import main
+    from mmeff.cli.main import main
 
     rc = main(["bench", "vistog", "--vistog-models", "tiny-llava", "--vistog-groups", "4", "--vistog-config-groups",
                "64", "--repeats", "1", "--decode-tokens", "1", "--vistog-out", str(tmp_path)])
@@ -396,7 +396,7 @@ def test_cli_bench_vistog(tmp_path, capsys) -> None:
 
 
 def test_group_positions_are_member_means_and_empty_groups_sit_at_the_centre() -> None:
-    from mmeff.vistog import GroupReduction
+    from mmeff.methods.vistog import GroupReduction
 
     red = GroupReduction(tokens=torch.zeros(1, 3, 4), assignment=torch.tensor([[0, 0, 2, 2, 2]]))
     pos = torch.tensor([[0, 2, 4, 6, 11]])

@@ -1,0 +1,96 @@
+"""Models and real-media prompts for ``mmeff bench``.
+
+Model names: ``default`` (the embedded LLaVA with SmolLM2-135M-Instruct, see ``mmeff.models``),
+``tiny-llava`` / ``tiny-qwen2-vl`` (random tiny configs, for smoke runs), or a local folder / hub id of a
+LLaVA or Qwen2-VL checkpoint with its processor (for users with weights; no download happens here unless
+the id is not a local folder and the hub is reachable).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmeff.models import hf as models
+from mmeff.datasets.media import read_frames, sample_image, sample_video_path
+from mmeff.hfconfig import pad_token_id
+
+__all__ = ["load_bench_model", "media_inputs", "BUILTIN_MODELS"]
+
+BUILTIN_MODELS = ("default", "mmeff-mini", "mmeff-mini-smollm", "tiny-llava", "tiny-qwen2-vl")
+
+
+def load_bench_model(name: str = "default", cache_dir: str | Path | None = None) -> tuple[nn.Module, Any, dict]:
+    """Return ``(model.eval(), tokenizer_or_processor_or_None, info)`` for a bench model name or path."""
+    if name in ("default", *models.MINI_MODELS):
+        return models.default_model(cache_dir=cache_dir, name="mmeff-mini" if name == "default" else name)
+    if name in ("tiny-llava", "tiny-qwen2-vl"):
+        kind = "llava" if name == "tiny-llava" else "qwen2_vl"
+        folder = Path(tempfile.mkdtemp(prefix="mmeff-tiny-"))
+        model = models.build_tiny(kind, folder, seed=0)
+        return model, None, {"name": name, "provenance": "random tiny config, saved and reloaded"}
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmeff.checkpoint import local_or_hub
+
+    ref = local_or_hub(name)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(ref, dtype="auto").eval()
+        processor = AutoProcessor.from_pretrained(ref)
+    except OSError as e:
+        raise ValueError(
+            f"cannot load model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"and not a local checkpoint folder or reachable hub id ({e})"
+        ) from e
+    return model, processor, {"name": name, "provenance": "user checkpoint"}
+
+
+def _frames(num: int) -> list[np.ndarray]:
+    frames, _ = read_frames(sample_video_path("bikes"), num)
+    return list(frames)
+
+
+def media_inputs(
+    model: nn.Module, tokenizer: Any, kind: str, *, question: str, frames: int = 4
+) -> dict[str, torch.Tensor]:
+    """Prompt + pixels for one real image (``skimage`` astronaut) or ``frames`` frames of a real mp4."""
+    from transformers import LlavaForConditionalGeneration
+
+    if kind not in ("image", "video"):
+        raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
+    images = [sample_image("astronaut")] if kind == "image" else _frames(frames)
+    cfg = model.config
+    if tokenizer is None:  # tiny random models: random text around real pixels
+        if isinstance(model, LlavaForConditionalGeneration):
+            out = models.llava_inputs(cfg, batch=1, images_per_sample=len(images))
+            out["pixel_values"] = models.llava_pixel_values(images, cfg.vision_config.image_size)
+            return out
+        if kind == "image":
+            return models.qwen2_vl_inputs(cfg, batch=1, image_hw=[(56, 84)])
+        return models.qwen2_vl_inputs(cfg, batch=1, image_hw=[], video=(2 * ((frames + 1) // 2), 56, 56))
+    if hasattr(tokenizer, "image_processor"):  # a real processor from a user checkpoint
+        return _processor_inputs(tokenizer, images, kind, question)
+    size = cfg.vision_config.image_size
+    per_image = models.llava_tokens_per_image(cfg)
+    ids = models.build_prompt(tokenizer, question, len(images), per_image, cfg.image_token_id)
+    batch = models.left_pad_batch([ids], pad_token_id(cfg))
+    batch["pixel_values"] = models.llava_pixel_values(images, size).to(model.dtype)
+    return batch
+
+
+def _processor_inputs(processor: Any, images: list[np.ndarray], kind: str, question: str) -> dict[str, torch.Tensor]:
+    from PIL import Image
+
+    pil = [Image.fromarray(im) for im in images]
+    if kind == "video" and "Qwen2VL" in type(processor).__name__.replace("_", ""):
+        content = [{"type": "video"}, {"type": "text", "text": question}]
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return dict(processor(text=[text], videos=[np.stack(images)], return_tensors="pt"))
+    content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": question}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return dict(processor(text=[text], images=pil, return_tensors="pt"))

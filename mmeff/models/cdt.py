@@ -1,0 +1,865 @@
+"""CDT, the Conditioned Diffusion-based video Tokenizer (Yang et al., arXiv 2503.03708).
+
+Official code (``ali-vilab/CDT``, inference only) read for understanding; this is our own implementation.
+
+* **Encoder** (:class:`Compressor` ``.encode``): causal 3-D ResNet levels (two causal 3x3x3 convs with
+  channel LayerNorm and ReLU, a 3x7x7 first conv), causal ``(1, 3, 3)`` stride-2 spatial downsampling and a
+  causal stride-2 temporal conv (:class:`TimeDownsample`, initialised to the sum of the last two frames).
+  Base: 8x8 spatial, 4x temporal, 16 latent channels; ``1 + 4k`` frames give ``1 + k`` latent frames, so
+  the first frame is coded alone and every frame depends only on earlier ones. The output is a diagonal
+  Gaussian (KL-regularised; ``logvar`` clamped to [-30, 20]); :meth:`CDT.encode` returns its mean.
+* **Context decoder** (:class:`Compressor` ``.decode``): mirrors the encoder and returns a multi-scale
+  list of feature maps (base: 16 ch at H, 128 at H, 256 at H/2, 384 at H/4 and T/2).
+* **Denoiser** (:class:`Unet`): a causal 3-D U-Net (widths 64 x 1..6, per-frame linear attention) that
+  concatenates ``context[i]`` at its first four levels and predicts **x0** from ``x_t`` and ``t / 8192``.
+* **Diffusion**: 8192 steps, cosine schedule; decoding starts from ``x_T = 0.8 * eps`` and runs DDIM
+  (eta 0) for ``steps`` evaluations at ``linspace(0, 8191, steps)`` (one step: the single call at 8191).
+
+Causality and long videos. Every temporal operator is causal (``2 * pad_t`` frames of padding in front,
+none behind), so a video can be encoded and decoded in chunks whose outputs equal the whole-video pass:
+inside :meth:`CDT.streaming` each :class:`CausalConv3d` keeps the last ``k_t - 1`` frames it saw,
+:class:`TimeDownsample` the frames its stride has not consumed, and :class:`TimeUpsample` whether the
+video has started (the first frame of a video yields one frame, not two). The official code keeps these
+as module-global lists and a global first-chunk flag; here each module owns its state, the context manager
+clears it in ``finally``, and multi-step decoding keeps one U-Net state per step so it runs chunk by
+chunk (outer loop) and step by step (inner loop), with the context decoder run once per chunk instead of
+once per step. :meth:`CDT.decode_stream` yields the frames chunk by chunk, so memory is that of a chunk.
+
+Differences from the official code, deliberate:
+
+* Weights are initialised for training from scratch (PyTorch defaults). The official ``CausalConv3d``
+  zero-initialises every weight, which only works when a checkpoint is loaded afterwards.
+* Decoding is deterministic by default (``seed=0``); noise is drawn frame by frame so a chunked decode
+  sees the same noise as a whole-video one.
+* The decoded video is clamped to [-1, 1].
+* Everything runs in the parameters' dtype (the official code forces its moment head and context decoder
+  input to float32 for float16 checkpoints; use bfloat16 or autocast for half precision).
+
+Module names follow the official checkpoint layout (``model.context_fn.*``, ``model.denoise_fn.*``), so
+:meth:`CDT.load_official` reads ``cdt_base.ckpt`` / ``cdt_small.ckpt`` into ``cdt_base`` / ``cdt_small``
+(strictly: any missing or unexpected key is an error naming it).
+
+``decoder="vae"`` builds the comparison point of ``mmeff bench cdt``: the same encoder with a plain
+deterministic decoder (the context decoder ending in RGB), trained with the same losses.
+
+Videos are ``(B, 3, T, H, W)`` float in [-1, 1]; latents ``(B, C, 1 + (T - 1) / 4, H / 8, W / 8)``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["CDT", "CDTConfig", "CausalConv3d", "TimeDownsample", "TimeUpsample", "cosine_alphas_cumprod",
+           "create_model", "list_models", "sampling_timesteps"]
+
+_FORMAT = "mmeff.cdt"
+
+
+# --------------------------------------------------------------------------------------------- causal ops
+class _Streaming:
+    """Mixin of modules with temporal state: ``streaming`` on means calls are consecutive chunks of one
+    video and ``cache`` carries what the next chunk needs; off means every call is a whole video."""
+
+    streaming: bool = False
+    cache: Any = None
+
+    def reset_stream(self) -> None:
+        self.cache = None
+
+
+class CausalConv3d(nn.Conv3d, _Streaming):
+    """``nn.Conv3d`` padded causally in time: ``k_t - 1`` frames in front (``2 * pad_t``), none behind;
+    spatial padding ``padding[1:]`` on both sides, with ``pad_mode`` ``"constant"`` (zeros) or
+    ``"replicate"``. Temporal stride must be 1. ``(B, C, T, H, W) -> (B, C', T, H', W')``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0, bias: bool = True,
+                 pad_mode: str = "constant") -> None:
+        k = (kernel_size,) * 3 if isinstance(kernel_size, int) else tuple(kernel_size)
+        p = (padding,) * 3 if isinstance(padding, int) else tuple(padding)
+        s = (stride,) * 3 if isinstance(stride, int) else tuple(stride)
+        if s[0] != 1:
+            raise ValueError("CausalConv3d supports temporal stride 1 only (use TimeDownsample)")
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"pad_mode must be 'constant' or 'replicate', got {pad_mode!r}")
+        super().__init__(in_channels, out_channels, k, s, 0, bias=bias)
+        self.pad_mode = pad_mode
+        self.time_pad = 2 * p[0]
+        self.space_pad = (p[2], p[2], p[1], p[1])
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        front = self.time_pad
+        if self.time_pad and self.streaming:
+            past = self.cache
+            if past is not None:
+                x = torch.cat([past, x], dim=2)
+                front = max(0, self.time_pad - past.shape[2])
+            self.cache = x[:, :, -self.time_pad:]
+        pad = (*self.space_pad, front, 0)
+        if any(pad):
+            x = F.pad(x, pad, mode=self.pad_mode)
+        return super().forward(x)
+
+
+class TimeDownsample(nn.Module, _Streaming):
+    """Causal stride-2 temporal conv (kernel 3, two frames of front padding), per pixel; starts as the
+    sum of each window's last two frames. ``(B, C, T, H, W) -> (B, C', (T - 1) // 2 + 1, H, W)``."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, pad_mode: str = "constant") -> None:
+        super().__init__()
+        dim_out = dim_out or dim
+        self.pad_mode = pad_mode
+        self.conv = nn.Conv1d(dim, dim_out, 3, stride=2)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            idx = torch.arange(min(dim, dim_out))
+            self.conv.weight[idx, idx, 1] = 1.0
+            self.conv.weight[idx, idx, 2] = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        b, c, t, h, w = x.shape
+        seq = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, t)
+        if self.streaming and self.cache is not None:
+            seq = torch.cat([self.cache, seq], dim=2)
+        else:
+            seq = F.pad(seq, (2, 0), mode=self.pad_mode) if self.pad_mode == "constant" else \
+                torch.cat([seq[:, :, :1].expand(-1, -1, 2), seq], dim=2)
+        n = (seq.shape[2] - 3) // 2 + 1 if seq.shape[2] >= 3 else 0
+        if self.streaming:
+            # the next output window starts at frame 2n of this padded sequence
+            self.cache = seq[:, :, 2 * n:]
+        if n == 0:
+            raise ValueError("TimeDownsample got too few frames for one output; chunks must hold at least "
+                             "one frame at the start of a video and an even number after it")
+        out = self.conv(seq[:, :, : 2 * n + 1])
+        return out.reshape(b, h, w, -1, n).permute(0, 3, 4, 1, 2).contiguous()
+
+
+class TimeUpsample(nn.Module, _Streaming):
+    """1x1 conv to twice the channels, interleaved into twice the frames (both copies start as the
+    identity); the first frame of a video yields one frame. ``(B, C, T, H, W) -> (B, C, 2T (- 1), H, W)``."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(dim, dim * 2, 1)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.bias.zero_()
+            idx = torch.arange(dim)
+            self.conv.weight[2 * idx, idx, 0] = 1.0
+            self.conv.weight[2 * idx + 1, idx, 0] = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        b, c, t, h, w = x.shape
+        seq = x.permute(0, 3, 4, 1, 2).reshape(b * h * w, c, t)
+        out = self.conv(seq).reshape(b * h * w, c, 2, t).transpose(2, 3).reshape(b, h, w, c, 2 * t)
+        out = out.permute(0, 3, 4, 1, 2)
+        started = self.streaming and self.cache is not None
+        if self.streaming:
+            self.cache = True
+        return (out if started else out[:, :, 1:]).contiguous()
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the channel axis of ``(B, C, T, H, W)``."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.g = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
+        self.b = nn.Parameter(torch.zeros(1, dim, 1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.g + self.b
+
+
+class Block(nn.Module):
+    """Causal conv (3x3x3, or 3x7x7 when ``large``) -> channel LayerNorm -> ReLU."""
+
+    def __init__(self, dim: int, dim_out: int, large: bool = False, pad_mode: str = "constant") -> None:
+        super().__init__()
+        k, p = ((3, 7, 7), (1, 3, 3)) if large else ((3, 3, 3), (1, 1, 1))
+        self.block = nn.ModuleList([CausalConv3d(dim, dim_out, k, padding=p, pad_mode=pad_mode),
+                                    LayerNorm(dim_out), nn.ReLU()])
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        for layer in self.block:
+            x = layer(x)
+        return x
+
+
+class ResnetBlock(nn.Module):
+    """Two :class:`Block` s with a 1x1 shortcut; a time embedding ``(B, E)`` is added after the first."""
+
+    def __init__(self, dim: int, dim_out: int, time_dim: int | None = None, large: bool = False,
+                 pad_mode: str = "constant") -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.LeakyReLU(0.2), nn.Linear(time_dim, dim_out)) if time_dim else None
+        self.block1 = Block(dim, dim_out, large, pad_mode)
+        self.block2 = Block(dim_out, dim_out, pad_mode=pad_mode)
+        self.res_conv = CausalConv3d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: Tensor, time_emb: Tensor | None = None) -> Tensor:  # noqa: D102
+        h = self.block1(x)
+        if self.mlp is not None and time_emb is not None:
+            h = h + self.mlp(time_emb)[:, :, None, None, None]
+        return self.block2(h) + self.res_conv(x)
+
+
+class LinearAttention(nn.Module):
+    """One-head linear attention within each frame (softmax over channels for q, positions for k)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = dim**-0.5
+        self.to_qkv = CausalConv3d(dim, dim * 3, 1, bias=False)
+        self.to_out = CausalConv3d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        b, c, t, h, w = x.shape
+        q, k, v = (z.permute(0, 2, 1, 3, 4).reshape(b * t, c, h * w) for z in self.to_qkv(x).chunk(3, dim=1))
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        ctx = torch.bmm(k, v.transpose(1, 2))  # (bt, d, e)
+        out = torch.bmm(ctx.transpose(1, 2), q)  # (bt, e, n)
+        return self.to_out(out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4))
+
+
+class PreNorm(nn.Module):
+    """Channel LayerNorm, then ``fn``."""
+
+    def __init__(self, dim: int, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.fn(self.norm(x))
+
+
+class Residual(nn.Module):
+    """``fn(x) + x``."""
+
+    def __init__(self, fn: nn.Module) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.fn(x) + x
+
+
+class Downsample(nn.Module):
+    """Causal ``(1, 3, 3)`` conv of spatial stride 2: ``(B, C, T, H, W) -> (B, C', T, H/2, W/2)``."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, pad_mode: str = "constant") -> None:
+        super().__init__()
+        self.conv = CausalConv3d(dim, dim_out or dim, (1, 3, 3), (1, 2, 2), (0, 1, 1), pad_mode=pad_mode)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise ValueError(f"spatial downsampling needs even sizes, got {tuple(x.shape[-2:])}")
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Spatial x2: nearest-exact + causal ``(1, 5, 5)`` conv (``mode="nearest"``, base) or a
+    ``(1, 5, 5)`` transposed conv (``mode="transpose"``, small)."""
+
+    def __init__(self, dim: int, dim_out: int | None = None, mode: str = "nearest",
+                 pad_mode: str = "constant") -> None:
+        super().__init__()
+        dim_out = dim_out or dim
+        self.mode = mode
+        if mode == "nearest":
+            self.conv: nn.Module = CausalConv3d(dim, dim_out, (1, 5, 5), padding=(0, 2, 2), pad_mode=pad_mode)
+        elif mode == "transpose":
+            self.conv = nn.ConvTranspose3d(dim, dim_out, (1, 5, 5), (1, 2, 2), (0, 2, 2), output_padding=(0, 1, 1))
+        else:
+            raise ValueError(f"upsample must be 'nearest' or 'transpose', got {mode!r}")
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if self.mode == "nearest":
+            # half-precision nearest interpolation is not supported everywhere; it is exact in float32
+            y = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            x = F.interpolate(y, scale_factor=(1.0, 2.0, 2.0), mode="nearest-exact").to(x.dtype)
+        return self.conv(x)
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class CDTConfig:
+    """A CDT (or, with ``decoder="vae"``, a plain VAE) configuration. Defaults are CDT-base.
+
+    ``dim``/``dim_mults``: encoder widths; ``decoder_dim``: context-decoder base width (default ``dim``);
+    ``space_down``/``time_down``: which encoder levels halve space / time; ``latent_channels``;
+    ``context_channels``: channels of the finest context map (3 for small, and RGB for ``decoder="vae"``);
+    ``upsample`` ``"nearest"`` or ``"transpose"``; ``pad_mode`` ``"constant"`` or ``"replicate"``;
+    ``unet_dim``/``unet_mults``/``condition_levels``: the denoiser; ``timesteps``; ``sample_gamma``: the
+    initial-noise scale; ``latent_scale``: the factor a latent-diffusion model multiplies latents by.
+    """
+
+    dim: int = 128
+    dim_mults: tuple[int, ...] = (1, 2, 3, 4)
+    decoder_dim: int | None = None
+    space_down: tuple[int, ...] = (0, 1, 1, 1)
+    time_down: tuple[int, ...] = (0, 0, 1, 1)
+    latent_channels: int = 16
+    context_channels: int = 16
+    upsample: str = "nearest"
+    pad_mode: str = "constant"
+    decoder: str = "diffusion"
+    unet_dim: int = 64
+    unet_mults: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    condition_levels: int = 4
+    timesteps: int = 8192
+    sample_gamma: float = 0.8
+    latent_scale: float = 1.3
+
+    def __post_init__(self) -> None:
+        for name in ("dim_mults", "space_down", "time_down", "unet_mults"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if not (len(self.dim_mults) == len(self.space_down) == len(self.time_down)):
+            raise ValueError("dim_mults, space_down and time_down need one entry per encoder level")
+        if self.decoder not in ("diffusion", "vae"):
+            raise ValueError(f"decoder must be 'diffusion' or 'vae', got {self.decoder!r}")
+        if self.decoder == "vae" and self.context_channels != 3:
+            raise ValueError("decoder='vae' decodes to RGB: set context_channels=3")
+        if self.decoder == "diffusion":
+            if len(self.unet_mults) < len(self.dim_mults) + 2:
+                raise ValueError("unet_mults needs at least two more levels than dim_mults")
+            if not 1 <= self.condition_levels <= len(self.dim_mults):
+                raise ValueError(f"condition_levels must be in 1..{len(self.dim_mults)}")
+
+    @property
+    def space_factor(self) -> int:
+        """Pixels per latent, per side (8 for base and small)."""
+        return 2 ** sum(self.space_down)
+
+    @property
+    def time_factor(self) -> int:
+        """Frames per latent frame after the first (4)."""
+        return 2 ** sum(self.time_down)
+
+    @property
+    def unet_space_down(self) -> tuple[int, ...]:
+        """The denoiser's per-level spatial halving: the encoder's, ones, then none at the last level."""
+        n = len(self.unet_mults)
+        return self.space_down + (1,) * (n - len(self.space_down) - 1) + (0,)
+
+    @property
+    def unet_time_down(self) -> tuple[int, ...]:
+        """The denoiser's per-level temporal halving: the encoder's, then none."""
+        return self.time_down + (0,) * (len(self.unet_mults) - len(self.time_down))
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Frame height and width must be multiples of this (encoder and, for CDT, denoiser)."""
+        if self.decoder == "vae":
+            return self.space_factor
+        return max(self.space_factor, 2 ** sum(self.unet_space_down))
+
+
+# --------------------------------------------------------------------------------------------- networks
+class Compressor(nn.Module):
+    """The encoder (``encode``: video -> Gaussian moments) and the context decoder (``decode``: latent ->
+    multi-scale context, finest first)."""
+
+    def __init__(self, cfg: CDTConfig) -> None:
+        super().__init__()
+        pm = cfg.pad_mode
+        dims = [3, *(cfg.dim * m for m in cfg.dim_mults)]
+        enc_io = list(zip(dims[:-1], dims[1:]))
+        ddim = cfg.decoder_dim or cfg.dim
+        ddims = [*(ddim * m for m in cfg.dim_mults)]
+        rev = [*reversed(ddims), cfg.context_channels]
+        dec_io = list(zip(rev[:-1], rev[1:]))
+        rsd, rtd = list(reversed(cfg.space_down)), list(reversed(cfg.time_down))
+        lat = cfg.latent_channels
+        self.enc = nn.ModuleList()
+        for i, (a, b) in enumerate(enc_io):
+            self.enc.append(nn.ModuleList([
+                ResnetBlock(a, b, large=i == 0, pad_mode=pm),
+                Downsample(b, pad_mode=pm) if cfg.space_down[i] else nn.Identity(),
+                TimeDownsample(b, pad_mode=pm) if cfg.time_down[i] else nn.Identity(),
+            ]))
+        rdims = list(reversed(dims[1:]))
+        self.quant_conv = nn.Conv3d(dims[-1], 2 * lat, 1)
+        self.quant_conv_res = nn.ModuleList(
+            [ResnetBlock(a, b, pad_mode=pm) for a, b in zip(rdims[:-1], rdims[1:])] + [nn.Conv3d(rdims[-1], 2 * lat, 1)])
+        self.post_quant_conv = nn.Conv3d(lat, ddims[-1], 1)
+        self.post_quant_conv_res = nn.ModuleList(
+            [nn.Conv3d(lat, ddims[0], 1)] + [ResnetBlock(a, b, pad_mode=pm) for a, b in zip(ddims[:-1], ddims[1:])])
+        self.dec = nn.ModuleList()
+        for i, (a, b) in enumerate(dec_io):
+            last = i == len(dec_io) - 1
+            if rsd[i]:
+                up: nn.Module = Upsample(a if last else b, b, cfg.upsample, pm)
+            else:
+                up = ResnetBlock(a, b, pad_mode=pm) if last else nn.Identity()
+            self.dec.append(nn.ModuleList([
+                ResnetBlock(a, a if last else b, pad_mode=pm),
+                up,
+                TimeUpsample(b) if rtd[i] else nn.Identity(),
+            ]))
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, 3, T, H, W)`` -> ``(mean, logvar)``, each ``(B, C, T', H', W')``."""
+        for res, down, tdown in self.enc:
+            x = tdown(down(res(x)))
+        h = self.quant_conv(x)
+        for layer in self.quant_conv_res:
+            x = layer(x)
+        mean, logvar = (x + h).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: Tensor) -> list[Tensor]:
+        """Latent ``(B, C, T', H', W')`` -> context maps, finest first (for ``decoder="vae"`` the first
+        is the RGB reconstruction ``(B, 3, T, H, W)``)."""
+        h = self.post_quant_conv(z)
+        for layer in self.post_quant_conv_res:
+            z = layer(z)
+        x = z + h
+        outs = []
+        for res, up, tup in self.dec:
+            x = tup(up(res(x)))
+            outs.append(x)
+        return outs[::-1]
+
+
+class Unet(nn.Module):
+    """The conditional causal denoiser: ``(x_t (B, 3, T, H, W), t / timesteps (B, 1), context) -> x0``."""
+
+    def __init__(self, cfg: CDTConfig) -> None:
+        super().__init__()
+        pm, d = cfg.pad_mode, cfg.unet_dim
+        dims = [3, *(d * m for m in cfg.unet_mults)]
+        io = list(zip(dims[:-1], dims[1:]))
+        ddim = cfg.decoder_dim or cfg.dim
+        ctx = [cfg.context_channels, *(ddim * m for m in cfg.dim_mults)]
+        sd, td = cfg.unet_space_down, cfg.unet_time_down
+        self.condition_levels = cfg.condition_levels
+        self.time_mlp = nn.Sequential(nn.Linear(1, d * 4), nn.GELU(), nn.Linear(d * 4, d))
+        self.downs = nn.ModuleList()
+        for i, (a, b) in enumerate(io):
+            cond = i < cfg.condition_levels and i < len(io) - 1
+            self.downs.append(nn.ModuleList([
+                ResnetBlock(a + (ctx[i] if cond else 0), b, d, large=i == 0, pad_mode=pm),
+                ResnetBlock(b, b, d, pad_mode=pm),
+                Residual(PreNorm(b, LinearAttention(b))),
+                Downsample(b, pad_mode=pm) if sd[i] else nn.Identity(),
+                TimeDownsample(b, pad_mode=pm) if td[i] else nn.Identity(),
+            ]))
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, d, pad_mode=pm)
+        self.mid_attn = Residual(PreNorm(mid, LinearAttention(mid)))
+        self.mid_block2 = ResnetBlock(mid, mid, d, pad_mode=pm)
+        rsd, rtd = list(reversed(sd[:-1])), list(reversed(td[:-1]))
+        self.ups = nn.ModuleList()
+        for i, (a, b) in enumerate(reversed(io[1:])):
+            self.ups.append(nn.ModuleList([
+                ResnetBlock(b * 2, a, d, pad_mode=pm),
+                ResnetBlock(a, a, d, pad_mode=pm),
+                Residual(PreNorm(a, LinearAttention(a))),
+                Upsample(a, mode=cfg.upsample, pad_mode=pm) if rsd[i] else nn.Identity(),
+                TimeUpsample(a) if rtd[i] else nn.Identity(),
+            ]))
+        self.final_conv = nn.ModuleList([LayerNorm(d), CausalConv3d(d, 3, (3, 7, 7), padding=(1, 3, 3), pad_mode=pm)])
+
+    def forward(self, x: Tensor, time: Tensor, context: Sequence[Tensor]) -> Tensor:  # noqa: D102
+        t = self.time_mlp(time.to(self.time_mlp[0].weight.dtype).reshape(-1, 1))
+        skips = []
+        for i, (res1, res2, attn, down, tdown) in enumerate(self.downs):
+            if i < self.condition_levels and i < len(self.downs) - 1:
+                x = torch.cat([x, context[i].to(x.dtype)], dim=1)
+            x = attn(res2(res1(x, t), t))
+            if i:  # the first level's features feed no skip (as in the official network)
+                skips.append(x)
+            x = tdown(down(x))
+        x = self.mid_block2(self.mid_attn(self.mid_block1(x, t)), t)
+        for res1, res2, attn, up, tup in self.ups:
+            x = torch.cat([x, skips.pop()], dim=1)
+            x = tup(up(attn(res2(res1(x, t), t))))
+        return self.final_conv[1](self.final_conv[0](x))
+
+
+class _Diffusion(nn.Module):
+    """Holds the two networks under the official checkpoint's names."""
+
+    def __init__(self, cfg: CDTConfig) -> None:
+        super().__init__()
+        self.context_fn = Compressor(cfg)
+        self.denoise_fn = Unet(cfg) if cfg.decoder == "diffusion" else None
+
+
+def cosine_alphas_cumprod(timesteps: int = 8192, s: float = 0.008) -> Tensor:
+    """``alpha_bar_t`` (``(timesteps,)`` float64) of the cosine schedule (Nichol and Dhariwal), betas
+    clipped at 0.999: ``alpha_bar_t = prod_{i <= t} (1 - beta_i)``."""
+    x = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((x + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(0, 0.999)
+    return torch.cumprod(1 - betas, 0)
+
+
+def sampling_timesteps(steps: int, timesteps: int = 8192) -> Tensor:
+    """The DDIM timesteps for ``steps`` denoiser calls, ascending: ``[timesteps - 1]`` for one step,
+    else ``linspace(0, timesteps - 1, steps)`` (``(steps,)`` int64)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > timesteps:
+        raise ValueError(f"steps ({steps}) cannot exceed the {timesteps} diffusion timesteps")
+    if steps == 1:
+        return torch.tensor([timesteps - 1])
+    return torch.linspace(0, timesteps - 1, steps).long()
+
+
+def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    # drawn on the generator's device (the CPU for a torch.Generator()), then moved
+    if generator is None:
+        return torch.randn(tuple(shape), device=device)
+    return torch.randn(tuple(shape), generator=generator, device=generator.device).to(device)
+
+
+# --------------------------------------------------------------------------------------------- the model
+class CDT(nn.Module):
+    """Conditioned diffusion video tokenizer: :meth:`encode` / :meth:`decode` (module docstring)."""
+
+    def __init__(self, cfg: CDTConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or CDTConfig()
+        self.model = _Diffusion(self.cfg)
+        # float64 on the CPU, indexed and cast per use: a buffer would follow .half() / .float() and lose
+        # the 1 - alpha_bar ~ 1e-5 resolution near t = 0
+        self._alphas_cumprod = cosine_alphas_cumprod(self.cfg.timesteps)
+
+    # ---- shapes
+    @property
+    def encoder(self) -> Compressor:
+        """The encoder and context decoder (one module, as in the official checkpoint)."""
+        return self.model.context_fn
+
+    def latent_shape(self, video_shape: Sequence[int]) -> tuple[int, ...]:
+        """``(B, 3, T, H, W)`` -> the latent shape ``(B, C, 1 + (T - 1) / 4, H / 8, W / 8)``."""
+        b, _, t, h, w = video_shape
+        s, f = self.cfg.space_factor, self.cfg.time_factor
+        return (b, self.cfg.latent_channels, 1 + (t - 1) // f, h // s, w // s)
+
+    def _check_video(self, video: Tensor) -> None:
+        if not isinstance(video, Tensor) or video.dim() != 5 or video.shape[1] != 3:
+            shape = tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__
+            raise ValueError(f"CDT takes videos of shape (B, 3, T, H, W) in [-1, 1], got {shape}")
+        if not video.is_floating_point():
+            raise ValueError(f"CDT takes float videos in [-1, 1], got dtype {video.dtype} (divide uint8 by 127.5, subtract 1)")
+        t, h, w = video.shape[2:]
+        f, m = self.cfg.time_factor, self.cfg.spatial_multiple
+        if (t - 1) % f:
+            raise ValueError(f"CDT codes 1 + {f}k frames (the first alone, then groups of {f}); got {t}. "
+                             f"Trim or pad the clip, or use reconstruct(), which pads")
+        if h % m or w % m:
+            raise ValueError(f"frame size {h}x{w} is not a multiple of {m}; crop or pad it, or use reconstruct()")
+
+    def _check_latents(self, z: Tensor) -> None:
+        c = self.cfg.latent_channels
+        if not isinstance(z, Tensor) or z.dim() != 5 or z.shape[1] != c:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"CDT latents have shape (B, {c}, T', H', W'), got {shape}")
+        m = self.cfg.spatial_multiple // self.cfg.space_factor
+        if z.shape[-1] % m or z.shape[-2] % m:
+            raise ValueError(f"latent size {tuple(z.shape[-2:])} is not a multiple of {m} (the denoiser's depth)")
+
+    # ---- streaming state
+    def _stateful(self, module: nn.Module | None = None) -> list[_Streaming]:
+        return [m for m in (module or self).modules() if isinstance(m, _Streaming)]
+
+    @contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Within the block, calls to the networks are consecutive chunks of one video (caches on);
+        the caches are cleared on entry and on exit."""
+        mods = self._stateful()
+        for m in mods:
+            m.streaming, m.cache = True, None
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.streaming, m.cache = False, None
+
+    # ---- encoding
+    def encode_posterior(self, video: Tensor, chunk_frames: int | None = None) -> tuple[Tensor, Tensor]:
+        """``(B, 3, T, H, W)`` -> ``(mean, logvar)`` of the latent Gaussian. ``chunk_frames`` (a multiple
+        of 4): encode the video in chunks through the causal caches (the first chunk takes the remainder,
+        ``1 + (T - 1) % chunk_frames`` frames); equal to the whole-video encoding."""
+        self._check_video(video)
+        enc = self.encoder
+        if chunk_frames is None:
+            return enc.encode(video)
+        f = self.cfg.time_factor
+        if chunk_frames < f or chunk_frames % f:
+            raise ValueError(f"chunk_frames must be a positive multiple of {f}, got {chunk_frames}")
+        t = video.shape[2]
+        bounds = [0, 1 + (t - 1) % chunk_frames]
+        while bounds[-1] < t:
+            bounds.append(bounds[-1] + chunk_frames)
+        means, logvars = [], []
+        with self.streaming():
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                m, lv = enc.encode(video[:, :, a:b])
+                means.append(m)
+                logvars.append(lv)
+        return torch.cat(means, 2), torch.cat(logvars, 2)
+
+    def encode(self, video: Tensor, chunk_frames: int | None = None, sample: bool = False) -> Tensor:
+        """``(B, 3, T, H, W)`` in [-1, 1] -> latents ``(B, C, 1 + (T - 1) / 4, H / 8, W / 8)``: the
+        posterior mean (``sample=True``: a draw from it). ``chunk_frames``: see :meth:`encode_posterior`."""
+        mean, logvar = self.encode_posterior(video, chunk_frames)
+        return mean + torch.randn_like(mean) * (0.5 * logvar).exp() if sample else mean
+
+    # ---- decoding
+    def _noise(self, shape: Sequence[int], frames: range, gen: torch.Generator | None, device: torch.device
+               ) -> Tensor:
+        b, _, _, h, w = shape
+        per_frame = [torch.randn((b, 3, h, w), generator=gen) for _ in frames] if gen is not None else \
+            [torch.randn((b, 3, h, w)) for _ in frames]
+        return self.cfg.sample_gamma * torch.stack(per_frame, 2).to(device)
+
+    def _denoise(self, x: Tensor, context: list[Tensor], ts: Tensor, states: list[list[Any]] | None) -> Tensor:
+        unet = self.model.denoise_fn
+        mods = self._stateful(unet) if states is not None else []
+        ab = self._alphas_cumprod[ts.cpu()].to(device=x.device, dtype=x.dtype)
+        ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
+        for i in reversed(range(len(ts))):
+            if states is not None:
+                for m, s in zip(mods, states[i]):
+                    m.cache = s
+            time = torch.full((x.shape[0],), float(ts[i]) / self.cfg.timesteps, device=x.device)
+            x0 = unet(x, time, context).to(x.dtype)
+            if states is not None:
+                states[i] = [m.cache for m in mods]
+            if i == 0:
+                x = x0
+            else:
+                eps = (x - ab[i].sqrt() * x0) / (1 - ab[i]).sqrt()
+                x = ab_prev[i].sqrt() * x0 + (1 - ab_prev[i]).sqrt() * eps
+        return x
+
+    @torch.no_grad()
+    def decode_stream(self, latents: Tensor, steps: int = 1, chunk_latents: int | None = None,
+                      seed: int | None = 0, noise: Tensor | None = None) -> Iterator[Tensor]:
+        """Yield the decoded video ``(B, 3, t_i, H, W)`` chunk by chunk, ``chunk_latents`` latent frames
+        at a time (``None``: all at once), each step's denoiser state carried between chunks; the chunks
+        concatenate to :meth:`decode`'s output. ``noise``: the initial noise ``(B, 3, T, H, W)`` (default:
+        ``sample_gamma * N(0, 1)`` drawn frame by frame from ``seed``; ``seed=None``: the global RNG)."""
+        self._check_latents(latents)
+        b, _, tl, hl, wl = latents.shape
+        s, f = self.cfg.space_factor, self.cfg.time_factor
+        shape = (b, 3, 1 + (tl - 1) * f, hl * s, wl * s)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+        chunk = tl if chunk_latents is None else int(chunk_latents)
+        if chunk < 1:
+            raise ValueError(f"chunk_latents must be >= 1, got {chunk_latents}")
+        if self.cfg.decoder == "vae" and steps != 1:
+            raise ValueError(f"a plain VAE decodes in one pass; steps={steps} needs decoder='diffusion'")
+        ts = sampling_timesteps(steps, self.cfg.timesteps).to(latents.device)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        states: list[list[Any]] | None = None
+        with self.streaming():
+            if self.cfg.decoder == "diffusion":
+                states = [[None] * len(self._stateful(self.model.denoise_fn)) for _ in range(len(ts))]
+            frame = 0
+            for a in range(0, tl, chunk):
+                z = latents[:, :, a:a + chunk]
+                n = (z.shape[2] - 1) * f + 1 if a == 0 else z.shape[2] * f
+                context = self.encoder.decode(z)
+                if self.cfg.decoder == "vae":
+                    out = context[0]
+                else:
+                    x = noise[:, :, frame:frame + n] if noise is not None else \
+                        self._noise(shape, range(frame, frame + n), gen, latents.device)
+                    x = x.to(device=latents.device, dtype=latents.dtype)
+                    out = self._denoise(x, context, ts, states)
+                frame += n
+                yield out.clamp(-1, 1)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, steps: int = 1, chunk_latents: int | None = None, seed: int | None = 0,
+               noise: Tensor | None = None) -> Tensor:
+        """Latents ``(B, C, T', H', W')`` -> video ``(B, 3, 1 + 4 (T' - 1), 8 H', 8 W')`` in [-1, 1] with
+        ``steps`` DDIM steps (1: one denoiser call). ``chunk_latents``: decode that many latent frames at a
+        time through the causal caches (bounded memory, any video length). See :meth:`decode_stream`."""
+        return torch.cat(list(self.decode_stream(latents, steps, chunk_latents, seed, noise)), 2)
+
+    @torch.no_grad()
+    def reconstruct(self, video: Tensor, steps: int = 1, chunk_frames: int | None = None, seed: int | None = 0
+                    ) -> Tensor:
+        """Encode and decode ``(B, 3, T, H, W)`` of any size: frames are replicate-padded to ``1 + 4k``
+        and the sides to the spatial multiple, and the output cropped back to the input's shape."""
+        if not isinstance(video, Tensor) or video.dim() != 5:
+            raise ValueError(f"reconstruct takes (B, 3, T, H, W), got {getattr(video, 'shape', type(video))}")
+        t, h, w = video.shape[2:]
+        f, m = self.cfg.time_factor, self.cfg.spatial_multiple
+        pt, ph, pw = (-(t - 1)) % f, (-h) % m, (-w) % m
+        x = F.pad(video, (0, pw, 0, ph, 0, pt), mode="replicate") if pt or ph or pw else video
+        chunk = None if chunk_frames is None else chunk_frames
+        z = self.encode(x, chunk_frames=chunk)
+        rec = self.decode(z, steps, None if chunk is None else max(1, chunk // f), seed)
+        return rec[:, :, :t, :h, :w]
+
+    def forward(self, video: Tensor, steps: int = 1) -> Tensor:
+        """``reconstruct(video, steps)``: ``(B, 3, T, H, W) -> (B, 3, T, H, W)``."""
+        return self.reconstruct(video, steps)
+
+    # ---- training
+    def training_losses(self, video: Tensor, *, kl_weight: float = 1e-6, perceptual: nn.Module | None = None,
+                        perceptual_weight: float = 0.1, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Losses of one batch ``(B, 3, T, H, W)``: ``rec`` (CDT: the x0-prediction MSE at a uniformly drawn
+        diffusion step; VAE: the reconstruction MSE), ``kl`` (mean per latent element), ``perceptual``
+        (``perceptual(pred, target)`` over all frames, ``(N, 3, H, W)`` in [-1, 1]) and their weighted
+        ``loss``. The latent is a draw from the posterior (reparameterised)."""
+        self._check_video(video)
+        mean, logvar = self.encoder.encode(video)
+        z = mean + _randn(mean.shape, generator, mean.device).to(mean.dtype) * (0.5 * logvar).exp()
+        context = self.encoder.decode(z)
+        target = video
+        if self.cfg.decoder == "vae":
+            pred = context[0]
+        else:
+            b = video.shape[0]
+            t = torch.randint(0, self.cfg.timesteps, (b,), generator=generator,
+                              device=generator.device if generator is not None else video.device).to(video.device)
+            eps = _randn(target.shape, generator, video.device).to(video.dtype)
+            ab = self._alphas_cumprod[t.cpu()].view(b, 1, 1, 1, 1).to(device=video.device, dtype=video.dtype)
+            x_t = ab.sqrt() * target + (1 - ab).sqrt() * eps
+            pred = self.model.denoise_fn(x_t, t.float() / self.cfg.timesteps, context)
+        rec = F.mse_loss(pred, target)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        out = {"rec": rec, "kl": kl}
+        loss = rec + kl_weight * kl
+        if perceptual is not None and perceptual_weight:
+            frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # noqa: E731
+            p = perceptual(frames(pred), frames(target)).mean()
+            out["perceptual"] = p
+            loss = loss + perceptual_weight * p
+        out["loss"] = loss
+        return out
+
+    # ---- checkpoints
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write weights and config to a safetensors file (``mmeff.checkpoint``)."""
+        from mmeff.checkpoint import save_module
+
+        return save_module(self, path, _FORMAT, asdict(self.cfg), extra)
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CDT:
+        """Read a file written by :meth:`save`."""
+        from mmeff.checkpoint import read_module
+
+        config, _, state = read_module(path, _FORMAT, "a CDT checkpoint written by CDT.save")
+        model = cls(CDTConfig(**config))
+        model.load_state_dict(state)
+        return model.to(map_location)
+
+    def load_official(self, path: str | Path, trust_pickle: bool = False) -> CDT:
+        """Load an official checkpoint (``cdt_base.ckpt`` into ``cdt_base``, ``cdt_small.ckpt`` into
+        ``cdt_small``; ``.ckpt``/``.pt`` or ``.safetensors``), strictly. Returns ``self``.
+        ``trust_pickle``: also read checkpoints that pickle Python objects besides tensors (runs code from
+        the file; only for files you trust)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path} (expected an official CDT checkpoint)")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd: dict[str, Tensor] = load_file(str(path))
+        else:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+            except pickle.UnpicklingError as e:
+                raise ValueError(f"{path} pickles objects besides tensors; if you trust the file, load it with "
+                                 f"load_official(path, trust_pickle=True) ({str(e).splitlines()[0]})") from e
+        for key in ("state_dict", "module"):
+            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+                sd = sd[key]
+        sd = {k: v.float() for k, v in sd.items()}
+        result = self.load_state_dict(sd, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"{path} does not match this configuration: missing {result.missing_keys[:8]} "
+                             f"({len(result.missing_keys)}), unexpected {result.unexpected_keys[:8]} "
+                             f"({len(result.unexpected_keys)})")
+        return self
+
+
+def param_counts(model: CDT) -> dict[str, int]:
+    """Parameters of the ``encoder`` (with its moment head), ``context_decoder``, ``denoiser`` and ``total``."""
+    c = model.encoder
+    n = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+    enc = n([c.enc, c.quant_conv, c.quant_conv_res])
+    dec = n([c.post_quant_conv, c.post_quant_conv_res, c.dec])
+    den = n([model.model.denoise_fn]) if model.model.denoise_fn is not None else 0
+    return {"encoder": enc, "context_decoder": dec, "denoiser": den, "total": enc + dec + den}
+
+
+# --------------------------------------------------------------------------------------------- registry
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "cdt_base": {},
+    "cdt_small": {"dim": 64, "space_down": (1, 1, 1, 0), "context_channels": 3, "upsample": "transpose",
+                  "pad_mode": "replicate"},
+    # the miniature `mmeff bench cdt` trains on two CPU cores, and its plain-VAE comparison point (same
+    # encoder; the decoder widened to about the CDT decoder's parameter count)
+    "cdt_mini": {"dim": 16, "dim_mults": (1, 2, 2, 2), "unet_dim": 8, "unet_mults": (1, 2, 2, 3, 3, 3),
+                 "latent_channels": 8, "context_channels": 8, "space_down": (0, 1, 1, 1)},
+    "vae_mini": {"dim": 16, "dim_mults": (1, 2, 2, 2), "decoder_dim": 28, "latent_channels": 8,
+                 "context_channels": 3, "decoder": "vae", "space_down": (0, 1, 1, 1)},
+    "cdt_tiny": {"dim": 4, "dim_mults": (1, 2, 2, 2), "unet_dim": 4, "unet_mults": (1, 1, 2, 2, 2, 2),
+                 "latent_channels": 4, "context_channels": 4},
+    "vae_tiny": {"dim": 4, "dim_mults": (1, 2, 2, 2), "latent_channels": 4, "context_channels": 3,
+                 "decoder": "vae"},
+}
+
+
+def list_models() -> list[str]:
+    """Registered CDT configurations."""
+    return sorted(_CONFIGS)
+
+
+def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> CDT:
+    """Build a registered configuration (``kwargs`` override :class:`CDTConfig` fields). ``pretrained``:
+    a file written by :meth:`CDT.save` (its config must match), or an official ``.ckpt``."""
+    if name not in _CONFIGS:
+        raise KeyError(f"unknown CDT model {name!r}; known: {', '.join(list_models())}")
+    known = {f.name for f in fields(CDTConfig)}
+    bad = sorted(set(kwargs) - known)
+    if bad:
+        raise TypeError(f"unknown CDTConfig fields {bad}; known: {sorted(known)}")
+    model = CDT(CDTConfig(**{**_CONFIGS[name], **kwargs}))
+    if pretrained is not None:
+        if str(pretrained).endswith((".ckpt", ".pt", ".pth")):
+            return model.load_official(pretrained)
+        loaded = CDT.load(pretrained)
+        if loaded.cfg != model.cfg:
+            diff = {k: (v, getattr(loaded.cfg, k)) for k, v in asdict(model.cfg).items() if getattr(loaded.cfg, k) != v}
+            raise ValueError(f"{pretrained} was saved with another configuration (built vs saved): {diff}")
+        model = loaded
+    return model
+
+
+def _register() -> None:
+    from mmeff.models.zoo import register_model
+
+    for name in _CONFIGS:
+        register_model(name, "cdt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw))
+
+
+_register()

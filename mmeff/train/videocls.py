@@ -1,0 +1,310 @@
+"""Video classification on a Kinetics-style folder (``root/<class>/<clip>.mp4``): data, training, testing.
+
+Used by SqueezeTime (:mod:`mmeff.squeezetime`) and any model mapping clips ``(B, 3, T, H, W)`` to logits.
+
+* :class:`VideoFolder` lists the clips (classes = sorted sub-folders) and decodes them with the library's
+  loader (:func:`mmeff.datasets.media.load_video`, decord with a PyAV fallback). Training views: T frames
+  at the midpoints of T segments of a random window (``train_window`` of the video), a random resized
+  crop and a horizontal flip. Test views: ``clips`` consecutive windows x ``crops`` crops (1: centre,
+  3: the official ThreeCrop along the long side) after resizing the short side to ``size``.
+* :func:`train` runs SGD with momentum, linear warm-up and a cosine schedule, gradient clipping, progress
+  bars, and writes ``last.pt`` every epoch (``resume=True`` continues bit-for-bit from it). Under
+  ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP: NCCL on CUDA, Gloo on CPU; rank 0 logs and saves (its
+  logged loss and accuracy are over its own shard of the data).
+* :func:`evaluate` averages softmax probabilities over a clip's views (``average_clips='prob'``) and
+  reports top-1 / top-5.
+
+Clips that cannot be decoded fail with the loader's error naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from mmeff.checkpoint import load_state, save_state, write_text_atomic
+from mmeff.train.distributed import init_distributed
+
+__all__ = ["VideoFolder", "TrainConfig", "train", "evaluate", "frame_average_model", "FrameAverage"]
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
+
+
+def _to_tensor(frames: np.ndarray) -> Tensor:
+    """(T, H, W, 3) uint8 -> (3, T, H, W) float, ImageNet-normalised."""
+    x = torch.from_numpy(np.ascontiguousarray(frames)).float().div_(255).permute(3, 0, 1, 2)
+    mean = torch.tensor(MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(STD).view(3, 1, 1, 1)
+    return (x - mean) / std
+
+
+def _resize_short(x: Tensor, size: int) -> Tensor:
+    """(3, T, H, W) with the short side resized to ``size`` (bilinear, antialiased)."""
+    h, w = x.shape[-2:]
+    scale = size / min(h, w)
+    out = (max(size, round(h * scale)), max(size, round(w * scale)))
+    if out == (h, w):
+        return x
+    return F.interpolate(x.transpose(0, 1), size=out, mode="bilinear", align_corners=False,
+                         antialias=True).transpose(0, 1)
+
+
+class VideoFolder(torch.utils.data.Dataset):
+    """Clips of ``root/<class>/<file>`` (video extensions only), labelled by sorted class folder.
+
+    ``train=True``: item ``i`` is one augmented view ``(3, T, size, size)`` and its label. ``train=False``:
+    all ``clips * crops`` test views ``(V, 3, T, size, size)`` and the label.
+    """
+
+    def __init__(self, root: str | Path, num_frames: int, size: int, *, train: bool, clips: int = 1,
+                 crops: int = 1, train_window: float = 1.0, classes: Sequence[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"video folder {self.root} does not exist")
+        found = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        self.classes = list(classes) if classes is not None else found
+        unknown = sorted(set(found) - set(self.classes))
+        if unknown:
+            raise ValueError(f"{self.root} has class folders {unknown} that are not in the given classes")
+        self.items = [(p, i) for i, c in enumerate(self.classes) if (self.root / c).is_dir()
+                      for p in sorted((self.root / c).iterdir()) if p.suffix.lower() in VIDEO_EXTENSIONS]
+        if not self.items:
+            raise ValueError(f"no videos ({', '.join(VIDEO_EXTENSIONS)}) under {self.root}/<class>/")
+        if crops not in (1, 3) or clips < 1 or num_frames < 1 or not 0 < train_window <= 1:
+            raise ValueError(f"need crops in (1, 3), clips >= 1, num_frames >= 1, 0 < train_window <= 1; got "
+                             f"{crops}, {clips}, {num_frames}, {train_window}")
+        self.num_frames, self.size, self.train = num_frames, size, train
+        self.clips, self.crops, self.train_window = clips, crops, train_window
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _decode(self, path: Path, start: float | None, end: float | None) -> Tensor:
+        from mmeff.datasets.media import load_video
+
+        return _to_tensor(load_video(path, num_frames=self.num_frames, start=start, end=end).frames)
+
+    def _duration(self, path: Path) -> float:
+        from mmeff.datasets.media import load_video
+
+        return float(load_video(path, num_frames=1).duration)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, label = self.items[i]
+        if self.train:
+            rng = random.Random(hash((self.epoch_seed, i)))
+            start = end = None
+            if self.train_window < 1:
+                dur = self._duration(path)
+                length = dur * self.train_window
+                start = rng.uniform(0, dur - length)
+                end = start + length
+            x = self._decode(path, start, end)
+            return self._augment(x, rng), label
+        views = []
+        dur = self._duration(path) if self.clips > 1 else None
+        for c in range(self.clips):
+            start = end = None
+            if dur is not None:
+                start, end = dur * c / self.clips, dur * (c + 1) / self.clips
+            x = _resize_short(self._decode(path, start, end), self.size)
+            views += self._crops(x)
+        return torch.stack(views), label
+
+    def _augment(self, x: Tensor, rng: random.Random) -> Tensor:
+        # random resized crop (area 0.3-1, aspect 3/4-4/3) to size x size, then a coin-flip mirror
+        h, w = x.shape[-2:]
+        for _ in range(10):
+            area = rng.uniform(0.3, 1.0) * h * w
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            ch, cw = round(math.sqrt(area / aspect)), round(math.sqrt(area * aspect))
+            if ch <= h and cw <= w:
+                break
+        else:
+            ch = cw = min(h, w)
+        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+        x = x[..., top:top + ch, left:left + cw]
+        x = F.interpolate(x.transpose(0, 1), size=(self.size, self.size), mode="bilinear",
+                          align_corners=False, antialias=True).transpose(0, 1)
+        return x.flip(-1) if rng.random() < 0.5 else x
+
+    def _crops(self, x: Tensor) -> list[Tensor]:
+        h, w = x.shape[-2:]
+        s = self.size
+        if self.crops == 1:
+            offsets = [((h - s) // 2, (w - s) // 2)]
+        elif w >= h:
+            offsets = [((h - s) // 2, left) for left in (0, (w - s) // 2, w - s)]
+        else:
+            offsets = [(top, (w - s) // 2) for top in (0, (h - s) // 2, h - s)]
+        return [x[..., t:t + s, le:le + s] for t, le in offsets]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults: the SqueezeTime K400 recipe, scaled by batch size)."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 0.015 / 64 * 8  # 0.015 per 64 clips, linear scaling
+    momentum: float = 0.9
+    weight_decay: float = 7e-5
+    warmup_epochs: float = 8.0
+    clip_grad: float = 40.0
+    workers: int = 0
+    seed: int = 0
+
+
+def _lr_at(step: float, total: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    warm = cfg.warmup_epochs * steps_per_epoch
+    if step < warm:
+        return cfg.lr * (0.1 + 0.9 * step / warm)
+    t = (step - warm) / max(1.0, total - warm)
+    return cfg.lr / 100 + (cfg.lr - cfg.lr / 100) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def train(
+    model: nn.Module,
+    train_set: VideoFolder,
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    val_set: VideoFolder | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train ``model`` on ``train_set``; checkpoint to ``out_dir/last.pt`` each epoch (and ``best.pt`` by
+    validation top-1 when ``val_set`` is given). ``stop_after``: return after this many epochs of this call
+    (a time-boxed job; the schedule stays that of ``cfg.epochs``, and a later call resumes). Returns the
+    history ``{"epochs": [...], ...}``."""
+    cfg = cfg or TrainConfig()
+    out = Path(out_dir)
+    rank, world, device = init_distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) \
+        if world > 1 else None
+    g = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
+                                         sampler=sampler, num_workers=cfg.workers, drop_last=False, generator=g)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n.split(".")[-1]]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n.split(".")[-1])]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum)
+    history: dict[str, Any] = {"config": asdict(cfg), "epochs": [], "best_top1": None}
+    start_epoch = 0
+    ckpt = out / "last.pt"
+    if resume and ckpt.is_file():
+        state = load_state(ckpt, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        g.set_state(state["loader_rng"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        log(f"resumed from {ckpt} at epoch {start_epoch}")
+    steps = len(loader)
+    total = cfg.epochs * steps
+    last = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    for epoch in range(start_epoch, last):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_set.epoch_seed = cfg.seed * 100_003 + epoch
+        net.train()
+        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
+        for i, (x, y) in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(epoch * steps + i, total, cfg, steps)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            opt.step()
+            seen += len(y)
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen,
+                 "seconds": time.perf_counter() - t0}
+        if val_set is not None:
+            entry.update({f"val_{k}": v for k, v in evaluate(model, val_set, progress=False).items()})
+        history["epochs"].append(entry)
+        if rank == 0:
+            if val_set is not None and (history["best_top1"] is None or entry["val_top1"] > history["best_top1"]):
+                history["best_top1"] = entry["val_top1"]
+                save_state({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
+            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                        "history": history, "rng": torch.get_rng_state(), "loader_rng": g.get_state()}, ckpt)
+            write_text_atomic(out / "history.json", json.dumps(history, indent=1))
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, test_set: VideoFolder, *, batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 of ``model`` on ``test_set`` (``train=False``), softmax averaged over each clip's views."""
+    if test_set.train:
+        raise ValueError("evaluate needs a VideoFolder built with train=False (multi-clip / multi-crop views)")
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    hits1 = hits5 = n = 0
+    loader = torch.utils.data.DataLoader(test_set, batch_size=batch_size, shuffle=False)
+    for views, y in tqdm(loader, desc="test", disable=not progress, leave=False):
+        b, v = views.shape[:2]
+        prob = model(views.flatten(0, 1).to(device)).softmax(-1).view(b, v, -1).mean(1).cpu()
+        k = min(5, prob.shape[1])
+        top = prob.topk(k, dim=1).indices
+        hits1 += int((top[:, 0] == y).sum())
+        hits5 += int((top == y[:, None]).any(1).sum())
+        n += b
+    model.train(was)
+    return {"top1": hits1 / n, "top5": hits5 / n, "clips": float(n)}
+
+
+class FrameAverage(nn.Module):
+    """A 2-D baseline of the same backbone: each frame alone through ``frame_model`` (built for T=1),
+    features averaged over time, then the classifier. Frame order cannot matter to it."""
+
+    def __init__(self, frame_model: nn.Module) -> None:
+        super().__init__()
+        self.net = frame_model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Clips ``(B, 3, T, H, W)`` -> logits ``(B, classes)``."""
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, 1, h, w)
+        feats = self.net.pool(self.net.forward_features(frames)).flatten(1).view(b, t, -1).mean(1)
+        return self.net.head(self.net.drop(feats))
+
+
+def frame_average_model(name: str, **kwargs: Any) -> FrameAverage:
+    """:class:`FrameAverage` around the SqueezeTime configuration ``name`` built for one frame."""
+    from mmeff.models.squeezetime import create_model
+
+    return FrameAverage(create_model(name, **{**kwargs, "num_frames": 1}))
