@@ -73,6 +73,41 @@ def test_list_shows_reducers_and_adapters(capsys):
         assert re.search(rf"^\s+{name}\s", out, re.M), name
 
 
+def _list_sections(out: str) -> dict[str, list[str]]:
+    """``mmeff list``'s output as heading -> the names listed under it."""
+    sections: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            heading = line.split(" (")[0].rstrip(":")
+            sections[heading] = []
+        elif line.strip() != "(none registered)":
+            sections[heading].append(line.split()[0])
+    return sections
+
+
+def test_list_is_the_catalogue_kind_by_kind(capsys):
+    from mmeff.core import KINDS, catalogue
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    sections = _list_sections(out)
+    assert list(sections) == ["reducers", "in-tower methods", "KV-cache presses", "quantizers", "models", "adapters"]
+    assert len(sections) == len(KINDS)
+    # every entry of the one registry, once, under its kind's heading
+    for heading, kind in zip(sections, KINDS):
+        assert sections[heading] == [e.name for e in catalogue(kind)], kind
+    assert {"tome", "tocom", "vistog"} <= set(sections["in-tower methods"])
+    assert {"tome", "tocom", "vistog", "kv_cache"} <= set(sections["adapters"])
+    assert {"sepllm", "streamingllm", "full"} <= set(sections["KV-cache presses"])
+    assert {"fourier", "freevideo"} <= set(sections["reducers"])
+    models = set(sections["models"])
+    for name in ("squeezetime_k400", "instruct_ipt_small", "cdt_mini", "eve_smollm2", "mmeff-mini"):
+        assert name in models, name
+    # one line each, with its one-line summary
+    assert re.search(r"^\s+mmeff-mini\s+the embedded default VLM", out, re.M)
+    assert re.search(r"^\s+tome\s+\S", out, re.M)
+
+
 def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     rc = main(["bench", "tokens", "--model", "tiny-llava", "--media", "image", "--repeats", "1", "--decode-tokens", "2",
@@ -119,9 +154,8 @@ def test_fourier_benchmark_script_accounting(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fourier.py"
     out = tmp_path / "acc.json"
-    proc = subprocess.run([sys.executable, str(script), "--accounting-only", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "mmeff.bench.fourier", "--accounting-only", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "up to 83.8%" in proc.stdout and "8 text: 83.8%" in proc.stdout
@@ -187,12 +221,12 @@ def test_cli_device_cuda_without_a_gpu(capsys) -> None:
 def test_cli_failures_are_one_line_unless_debugging(tmp_path, capsys, monkeypatch) -> None:
     import argparse
 
-    from mmeff.cli import main as cli
+    from mmeff.cli import listing
 
     def fails(exc: BaseException) -> None:
         def command(args: argparse.Namespace) -> int:
             raise exc
-        monkeypatch.setattr(cli, "_cmd_list", command)  # build_parser reads it on every main()
+        monkeypatch.setattr(listing, "_cmd_list", command)  # build_parser reads it on every main()
 
     fails(IsADirectoryError(21, "Is a directory", str(tmp_path)))
     assert main(["list"]) == 2
