@@ -25,7 +25,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import numpy as np  # noqa: E402
 
+from mmeff.datasets.media import IMAGE_NAMES, sample_image  # noqa: E402
+from mmeff.demos import llm, restore, token_maps, video_qa  # noqa: E402
 from mmeff.demos.common import DemoError  # noqa: E402
+from mmeff.eval.report import write_report  # noqa: E402
 
 __all__ = ["build_app", "main"]
 
@@ -61,9 +64,6 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
     """The app as a ``gr.Blocks`` (not launched). ``vlm``: ``(model, tokenizer)`` for the video tab
     (default: mmeff-mini, loaded at the first question); ``out_dir``: where plots are written (a temp folder)."""
     gr = _gradio()
-    from mmeff.datasets.media import IMAGE_NAMES, sample_image
-    from mmeff.demos import llm, restore, token_maps, video_qa
-
     out = Path(out_dir or tempfile.mkdtemp(prefix="mmeff-demo-"))
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = vlm if vlm is not None else (None, None)
@@ -134,8 +134,6 @@ def build_app(vlm: tuple[Any, Any] | None = None, out_dir: str | Path | None = N
                  round(r["vs_fp32"], 3), round(r["calibration_s"], 1)] for r in rows]
 
     def report_fn(files: list[Any] | None) -> tuple[list, str]:
-        from mmeff.eval.report import write_report
-
         if not files:
             raise DemoError("upload one or more JSON files written by mmeff bench / mmeff eval --json")
         paths = [getattr(f, "name", f) for f in files]

@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmeff.models import mini
+from mmeff.models.embedded import default_model
+from mmeff.preprocess import CLIP_MEAN, CLIP_STD
+
 __all__ = ["default_vlm", "default_scorer", "model_view", "token_overlay", "draw_box", "upscale", "DemoError"]
 
 
@@ -20,23 +24,17 @@ class DemoError(ValueError):
 @functools.lru_cache(maxsize=1)
 def default_vlm() -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """mmeff-mini ``(model, tokenizer, info)``, built once per process (:func:`mmeff.models.default_model`)."""
-    from mmeff.models.hf import default_model
-
     return default_model()
 
 
 @functools.lru_cache(maxsize=1)
 def default_scorer() -> Any:
     """Free Video-LLM's prompt scorer for mmeff-mini (the mini dual encoder), built once per process."""
-    from mmeff.models import mini
-
     return mini.clip_scorer()
 
 
 def model_view(pixel_values: Tensor) -> list[np.ndarray]:
     """CLIP-normalised ``(N, 3, S, S)`` pixels back to what the model saw: ``N`` uint8 ``(S, S, 3)`` images."""
-    from mmeff.models.hf import CLIP_MEAN, CLIP_STD
-
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     x = (pixel_values.float().cpu() * std + mean).clamp(0, 1)

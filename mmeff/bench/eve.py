@@ -20,10 +20,24 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from mmeff.eval.answers import format_question
+from mmeff.eval.latency import measure_latency
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.scenes import accuracy_by_kind, answer_scenes, heldout_items
+from mmeff.models.embedded import default_model
+from mmeff.models.eve import EveForConditionalGeneration, eve_smollm2, paper_config
+from mmeff.models.eve import param_counts as eve_counts
+from mmeff.models.hf import build_prompt, load_smollm2
+from mmeff.preprocess import llava_pixel_values
+from mmeff.train.eve import EveTrainConfig, answer_loss, train_stage
 
 __all__ = ["offline_text_ids", "perplexity", "prefill_flops_measured", "run_eve_bench"]
 
@@ -31,8 +45,6 @@ __all__ = ["offline_text_ids", "perplexity", "prefill_flops_measured", "run_eve_
 def offline_text_ids(tokenizer: Any, tokens: int) -> torch.Tensor:
     """The first ``tokens`` tokens of CPython's documentation topics (``pydoc_data.topics``, real English
     prose that ships with Python), topics in sorted order: (tokens,) int64."""
-    from pydoc_data.topics import topics
-
     text = "\n\n".join(topics[k] for k in sorted(topics))
     ids = tokenizer(text[: tokens * 8], add_special_tokens=False)["input_ids"]
     if len(ids) < tokens:
@@ -58,8 +70,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512) -> float:
 def prefill_flops_measured(model: nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     """FLOPs of one forward over ``inputs`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them
     (matmuls, convolutions, attention)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     with counter:
         model(**inputs)
@@ -67,9 +77,6 @@ def prefill_flops_measured(model: nn.Module, inputs: dict[str, torch.Tensor]) ->
 
 
 def _prompt(model: nn.Module, tokenizer: Any, item: dict[str, Any], per_image: int) -> dict[str, torch.Tensor]:
-    from mmeff.eval.videoqa import format_question
-    from mmeff.models.hf import build_prompt, llava_pixel_values
-
     ids = build_prompt(tokenizer, format_question(item["question"], item["options"]), 1, per_image,
                        model.config.image_token_id)
     return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
@@ -91,14 +98,6 @@ def run_eve_bench(
 ) -> dict[str, Any]:
     """Everything in the module docstring; writes ``out/eve.json``, ``out/eve.png`` and each stage's
     ``out/stage<k>/model`` (resumed when present)."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    from mmeff.models.eve import EveForConditionalGeneration, EveTrainConfig, answer_loss, eve_smollm2, paper_config
-    from mmeff.models.eve import param_counts as eve_counts
-    from mmeff.models.mini import accuracy_by_kind, answer_scenes, heldout_items
-    from mmeff.models.hf import default_model, load_smollm2
-    from mmeff.eval.profile import measure_latency
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"setup": {"steps": list(steps), "batch_size": batch_size, "eval_per_kind": eval_per_kind,
@@ -137,8 +136,6 @@ def run_eve_bench(
             eve = EveForConditionalGeneration.from_pretrained(folder / "model").eval()
             hist = json.loads((folder / "history.json").read_text())
         else:
-            from mmeff.models.eve import train_stage
-
             hist = train_stage(eve, etok, folder, EveTrainConfig(stage, steps=n, batch_size=batch_size,
                                                                   save_every=max(1, n // 5)), progress=progress)
         row = {"stage": stage, "steps": n, "train_seconds": hist.get("train_seconds"),
@@ -181,8 +178,6 @@ def run_eve_bench(
 
 
 def _plot(results: dict[str, Any], path: Path) -> Path:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     st = results["stages"]

@@ -1,9 +1,9 @@
 """Fourier-VLM against the unreduced model and the pooling baseline at the same token count, in one run.
 
-    python benchmarks/fourier.py                          # default LLaVA (real SmolLM2 LM), 64 and 144 tokens
-    python benchmarks/fourier.py --model tiny-qwen2-vl    # Qwen2-VL: axis ratio 2/3, M-RoPE gather vs regrid
-    python benchmarks/fourier.py --accounting-only        # just the 7B FLOPs tables (no model is run)
-    python benchmarks/fourier.py --model llava-1.5-7b --repeats 1 --warmup 0 --answer-tokens 2 --decode-tokens 2
+    python -m mmeff.bench.fourier                          # default LLaVA (real SmolLM2 LM), 64 and 144 tokens
+    python -m mmeff.bench.fourier --model tiny-qwen2-vl    # Qwen2-VL: axis ratio 2/3, M-RoPE gather vs regrid
+    python -m mmeff.bench.fourier --accounting-only        # just the 7B FLOPs tables (no model is run)
+    python -m mmeff.bench.fourier --model llava-1.5-7b --repeats 1 --warmup 0 --answer-tokens 2 --decode-tokens 2
         # the real 7B architecture with random bf16 weights (~14 GB RAM): latency only, agreement meaningless
 
 Part 1 is analytic, on the real LLaVA-1.5-7B / Qwen2-VL-7B configs: prefill FLOPs at 64 and 144 visual
@@ -27,10 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmeff.bench.inputs import load_bench_model, media_inputs
+from mmeff.bench.reduction import DEFAULT_QUESTION, BenchRow, bench_reducers, format_table
+from mmeff.datasets.media import sample_image
+from mmeff.eval.flops import load_config, meta_model, prefill_flops
 from mmeff.methods.baselines import AvgPool
-from mmeff.bench.reduction import DEFAULT_QUESTION, bench_reducers, format_table
 from mmeff.methods.fourier import FourierLowPass
-from mmeff.eval.profile import load_config, prefill_flops
+from mmeff.models.tiny import llava_inputs
+from mmeff.preprocess import llava_pixel_values
 
 PAPER_FLOPS_REDUCTION = 0.838
 
@@ -74,8 +78,6 @@ def accounting() -> list[dict]:
 
 def random_7b(name: str = "llava-1.5-7b", dtype: torch.dtype = torch.bfloat16) -> tuple[nn.Module, dict]:
     """The bundled 7B config with random weights (N(0, 0.02)), for latency on the real shapes."""
-    from mmeff.eval.profile import meta_model
-
     model = meta_model(name).to_empty(device="cpu").to(dtype)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -94,16 +96,15 @@ def random_7b(name: str = "llava-1.5-7b", dtype: torch.dtype = torch.bfloat16) -
 
 
 def measured(model_name: str, budgets: list[int], repeats: int, decode_tokens: int, answer_tokens: int,
-             warmup: int = 1) -> list:
-    from mmeff.models import hf as models
-    from mmeff.bench.inputs import load_bench_model, media_inputs
-    from mmeff.datasets.media import sample_image
-
+             warmup: int = 1) -> list[BenchRow]:
+    """Part 2: bench the unreduced model, Fourier-VLM (with and without rescale) and pooling at each of
+    ``budgets`` tokens on one real photo (the real 7B shapes with random weights for ``llava-1.5-7b``);
+    prints the table and returns its rows."""
     if model_name == "llava-1.5-7b":
         model, info = random_7b(model_name)
         tok = None
-        inputs = models.llava_inputs(model.config, batch=1, text_lens=[64])
-        inputs["pixel_values"] = models.llava_pixel_values([sample_image("astronaut")], 336).to(torch.bfloat16)
+        inputs = llava_inputs(model.config, batch=1, text_lens=[64])
+        inputs["pixel_values"] = llava_pixel_values([sample_image("astronaut")], 336).to(torch.bfloat16)
     else:
         model, tok, info = load_bench_model(model_name)
         inputs = media_inputs(model, tok, "image", question=DEFAULT_QUESTION)
@@ -128,8 +129,10 @@ def measured(model_name: str, budgets: list[int], repeats: int, decode_tokens: i
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print the 7B accounting, then (unless ``--accounting-only``) the measured table;
+    ``--json PATH`` also writes both there."""
+    p = argparse.ArgumentParser(prog="python -m mmeff.bench.fourier", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="default, tiny-llava, tiny-qwen2-vl or a checkpoint folder")
     p.add_argument("--tokens", default="64,144", help="LLaVA budgets to compare (comma-separated)")
     p.add_argument("--repeats", type=int, default=5)
@@ -137,8 +140,8 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=8)
     p.add_argument("--answer-tokens", type=int, default=16)
     p.add_argument("--accounting-only", action="store_true")
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the tables to this JSON file")
+    args = p.parse_args(argv)
     out: dict = {"accounting": accounting()}
     if not args.accounting_only:
         budgets = [int(t) for t in args.tokens.split(",")]

@@ -14,11 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
-from mmeff.models import hf as models
+from mmeff.checkpoint import local_or_hub
 from mmeff.datasets.media import read_frames, sample_image, sample_video_path
 from mmeff.hfconfig import pad_token_id
+from mmeff.models.embedded import MINI_MODELS, default_model
+from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
+from mmeff.preprocess import llava_pixel_values
 
 __all__ = ["load_bench_model", "media_inputs", "BUILTIN_MODELS"]
 
@@ -27,17 +33,13 @@ BUILTIN_MODELS = ("default", "mmeff-mini", "mmeff-mini-smollm", "tiny-llava", "t
 
 def load_bench_model(name: str = "default", cache_dir: str | Path | None = None) -> tuple[nn.Module, Any, dict]:
     """Return ``(model.eval(), tokenizer_or_processor_or_None, info)`` for a bench model name or path."""
-    if name in ("default", *models.MINI_MODELS):
-        return models.default_model(cache_dir=cache_dir, name="mmeff-mini" if name == "default" else name)
+    if name in ("default", *MINI_MODELS):
+        return default_model(cache_dir=cache_dir, name="mmeff-mini" if name == "default" else name)
     if name in ("tiny-llava", "tiny-qwen2-vl"):
         kind = "llava" if name == "tiny-llava" else "qwen2_vl"
         folder = Path(tempfile.mkdtemp(prefix="mmeff-tiny-"))
-        model = models.build_tiny(kind, folder, seed=0)
+        model = build_tiny(kind, folder, seed=0)
         return model, None, {"name": name, "provenance": "random tiny config, saved and reloaded"}
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from mmeff.checkpoint import local_or_hub
-
     ref = local_or_hub(name)
     try:
         model = AutoModelForImageTextToText.from_pretrained(ref, dtype="auto").eval()
@@ -59,33 +61,29 @@ def media_inputs(
     model: nn.Module, tokenizer: Any, kind: str, *, question: str, frames: int = 4
 ) -> dict[str, torch.Tensor]:
     """Prompt + pixels for one real image (``skimage`` astronaut) or ``frames`` frames of a real mp4."""
-    from transformers import LlavaForConditionalGeneration
-
     if kind not in ("image", "video"):
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
     images = [sample_image("astronaut")] if kind == "image" else _frames(frames)
     cfg = model.config
     if tokenizer is None:  # tiny random models: random text around real pixels
         if isinstance(model, LlavaForConditionalGeneration):
-            out = models.llava_inputs(cfg, batch=1, images_per_sample=len(images))
-            out["pixel_values"] = models.llava_pixel_values(images, cfg.vision_config.image_size)
+            out = llava_inputs(cfg, batch=1, images_per_sample=len(images))
+            out["pixel_values"] = llava_pixel_values(images, cfg.vision_config.image_size)
             return out
         if kind == "image":
-            return models.qwen2_vl_inputs(cfg, batch=1, image_hw=[(56, 84)])
-        return models.qwen2_vl_inputs(cfg, batch=1, image_hw=[], video=(2 * ((frames + 1) // 2), 56, 56))
+            return qwen2_vl_inputs(cfg, batch=1, image_hw=[(56, 84)])
+        return qwen2_vl_inputs(cfg, batch=1, image_hw=[], video=(2 * ((frames + 1) // 2), 56, 56))
     if hasattr(tokenizer, "image_processor"):  # a real processor from a user checkpoint
         return _processor_inputs(tokenizer, images, kind, question)
     size = cfg.vision_config.image_size
-    per_image = models.llava_tokens_per_image(cfg)
-    ids = models.build_prompt(tokenizer, question, len(images), per_image, cfg.image_token_id)
-    batch = models.left_pad_batch([ids], pad_token_id(cfg))
-    batch["pixel_values"] = models.llava_pixel_values(images, size).to(model.dtype)
+    per_image = llava_tokens_per_image(cfg)
+    ids = build_prompt(tokenizer, question, len(images), per_image, cfg.image_token_id)
+    batch = left_pad_batch([ids], pad_token_id(cfg))
+    batch["pixel_values"] = llava_pixel_values(images, size).to(model.dtype)
     return batch
 
 
 def _processor_inputs(processor: Any, images: list[np.ndarray], kind: str, question: str) -> dict[str, torch.Tensor]:
-    from PIL import Image
-
     pil = [Image.fromarray(im) for im in images]
     if kind == "video" and "Qwen2VL" in type(processor).__name__.replace("_", ""):
         content = [{"type": "video"}, {"type": "text", "text": question}]

@@ -28,6 +28,13 @@ from typing import Any
 
 import torch
 
+from mmeff.datasets.restoration import TASKS, DegradedImages, PairedFolder, photo_split, write_degraded
+from mmeff.eval.latency import median_seconds
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.models.instruct_ipt import bias_report, create_model, param_counts
+from mmeff.models.instructions import UnknownInstruction, default_router
+from mmeff.train.restoration import RestorationTrainConfig, evaluate_restoration, train_restoration
+
 __all__ = ["run_ipt_bench"]
 
 # phrasings that are not among the router's examples (mmeff.instructions.INSTRUCTIONS)
@@ -60,8 +67,6 @@ def _summarise_biases(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]
 
 def _plot(results: dict[str, Any], spectra: dict[str, list[float]], examples: list[list[torch.Tensor]],
           tasks: Sequence[str], out: Path) -> list[Path]:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     paths = []
     names = list(results["models"])
@@ -117,11 +122,6 @@ def run_ipt_bench(
     three figures under ``out_dir`` (checkpoints under ``out_dir/<model>/``). ``max_side``: pictures are
     resized to at most this long side. Training resumes from the checkpoints a previous, interrupted run
     left."""
-    from mmeff.datasets.restoration import TASKS, DegradedImages, PairedFolder, photo_split, write_degraded
-    from mmeff.models.instruct_ipt import bias_report, create_model, param_counts
-    from mmeff.models.instructions import UnknownInstruction, default_router
-    from mmeff.train.restoration import RestorationTrainConfig, evaluate_restoration, train_restoration
-
     out = Path(out_dir)
     per_task_steps = steps if per_task_steps is None else per_task_steps
     train_images, test_images = photo_split(max_side=max_side)
@@ -218,8 +218,6 @@ def _speed(models: dict[str, torch.nn.Module], image: torch.Tensor, repeats: int
     """Median ms to restore ``image`` alone: Instruct-IPT with its biases applied on the fly, the same
     model with the task folded into its weights (:meth:`~mmeff.instruct_ipt.InstructIPT.specialize`), and
     IPT without biases."""
-    from mmeff.eval.profile import median_seconds
-
     x = image[None]
     instruct = models["instruct_ipt"].eval()
     runs = {"instruct_ipt (biases on the fly)": lambda: instruct(x, "derain"),

@@ -1,7 +1,7 @@
 """Time mmeff's token primitives: the dispatched path against the plain PyTorch reference.
 
-    python benchmarks/kernel_timings.py            # LLaVA sizes (B in 1/8/32, N in 576/2304, D 1024) + ViT-B (N 197, D 768)
-    python benchmarks/kernel_timings.py --quick    # B in 1/8 only, for a CPU
+    python -m mmeff.bench.kernels            # LLaVA sizes (B in 1/8/32, N in 576/2304, D 1024) + ViT-B (N 197, D 768)
+    python -m mmeff.bench.kernels --quick    # B in 1/8 only, for a CPU
 
 Reports median time over repeats after warm-up (CUDA synchronised around each timing), the ratio to the
 reference, and achieved GB/s (bytes read + written by the ideal kernel / time), with the fraction of the
@@ -18,7 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+from mmeff.kernels import dct
 from mmeff.kernels import gather as g
+from mmeff.kernels import merge as m
 from mmeff.kernels.dispatch import forced_backend
 
 # peak DRAM bandwidth in GB/s by device-name fragment (vendor datasheets)
@@ -79,8 +81,6 @@ def _rows(op: str, b: int, n: int, d: int, fn: Callable[[], object], moved: int,
 
 def bench_merge(b: int, n: int, d: int, device: torch.device, dtype: torch.dtype) -> list[tuple]:
     """One ToMe step merging r = N // 4 tokens (matching + size-weighted merge)."""
-    from mmeff.kernels import merge as m
-
     x = torch.randn(b, n, d, device=device, dtype=dtype)
     r = n // 4
 
@@ -114,8 +114,6 @@ def _published_tome():
 
 def bench_dct(b: int, n: int, d: int, device: torch.device, dtype: torch.dtype) -> list[tuple]:
     """Fourier-VLM low-pass of a square grid to a quarter of the tokens."""
-    from mmeff.kernels import dct
-
     side = int(n**0.5)
     if side * side != n:
         return []
@@ -124,12 +122,12 @@ def bench_dct(b: int, n: int, d: int, device: torch.device, dtype: torch.dtype) 
     return _rows("dct", b, n, d, lambda: dct.dct_lowpass(x, (side // 2, side // 2)), moved, device)
 
 
-def main() -> None:
-    """Print the table."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """Command line: print the table."""
+    ap = argparse.ArgumentParser(prog="python -m mmeff.bench.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="float16" if torch.cuda.is_available() else "float32")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     bw = _bandwidth(device)

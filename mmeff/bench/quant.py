@@ -20,8 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmeff.quant.flatquant import QuantConfig, calibration_batches, quantize
+from mmeff.eval.latency import median_seconds
 from mmeff.eval.streaming import offline_text
+from mmeff.kernels.quant import kron_transform
+from mmeff.models.hf import load_smollm2
+from mmeff.quant.calibration import QuantConfig
+from mmeff.quant.flatquant import calibration_batches, decoder_of, quantize
 
 __all__ = ["QuantBenchRow", "heldout_ppl", "run_flatquant_bench", "transform_overhead"]
 
@@ -61,10 +65,6 @@ def transform_overhead(handle: Any, tokens: int = 2048, repeats: int = 5) -> dic
     Measured on the first decoder layer of a quantized model (its real shapes and matrices), in float32
     on the model's device, medians of ``repeats`` after a warm-up.
     """
-    from mmeff.quant.flatquant import decoder_of
-    from mmeff.kernels.quant import kron_transform
-    from mmeff.eval.profile import median_seconds
-
     layer = decoder_of(handle.model).layers[0]
     lq = handle.layers[0]
     dev = next(handle.model.parameters()).device
@@ -110,8 +110,6 @@ def run_flatquant_bench(
 ) -> tuple[list[QuantBenchRow], dict[str, float]]:
     """Run the table (module doc). ``load()`` returns a fresh ``(model, tokenizer)``; default SmolLM2."""
     if load is None:
-        from mmeff.models.hf import load_smollm2
-
         def load() -> tuple[nn.Module, Any]:
             return load_smollm2(cache_dir)
 

@@ -20,8 +20,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import mmeff
-from mmeff.core import BudgetReducer, TokenReducer, get_reducer_class
+# the reducers register themselves when their modules load: these imports make the registry complete
+import mmeff.methods.baselines  # noqa: F401
+import mmeff.methods.fourier  # noqa: F401
+import mmeff.methods.freevideo  # noqa: F401
+from mmeff.api import apply
+from mmeff.bench.inputs import load_bench_model, media_inputs
+from mmeff.core import BudgetReducer, TokenReducer, get_reducer_class, list_reducers
+from mmeff.eval.profile import profile
 
 __all__ = ["BenchRow", "MethodSpec", "bench_reducers", "token_agreement", "default_methods", "format_table", "run_bench"]
 
@@ -52,7 +58,7 @@ class BenchRow:
 def default_methods(budget_ratio: float = 0.25) -> dict[str, TokenReducer | None]:
     """``{"none": None, name: reducer}`` for every registered budget reducer at ``budget_ratio`` of the tokens."""
     methods: dict[str, TokenReducer | None] = {"none": None}
-    for name in mmeff.list_reducers():
+    for name in list_reducers():
         cls = get_reducer_class(name)
         if issubclass(cls, BudgetReducer):
             methods[name] = cls(ratio=budget_ratio)
@@ -102,8 +108,6 @@ def bench_reducers(
     ``options`` are adapter options applied to every method (e.g. ``{"stage": "pre_projector"}``); a method
     given as ``(reducer, options)`` adds its own on top (e.g. the same reducer at two stages in one table).
     """
-    from mmeff.eval.profile import profile
-
     rows: list[BenchRow] = []
     ref_tokens = ref_logp = None
     bar = tqdm(methods.items(), desc=f"bench[{media}]", unit="method")
@@ -116,7 +120,7 @@ def bench_reducers(
             if method is None:
                 tokens, logp = _greedy(model, inputs, answer_tokens)
             else:
-                with mmeff.apply(model, method, **opts) as handle:
+                with apply(model, method, **opts) as handle:
                     tokens, logp = _greedy(model, inputs, answer_tokens)
         if method is None:
             ref_tokens, ref_logp = tokens, logp
@@ -201,8 +205,6 @@ def run_bench(
     stage: str | None = None,
 ) -> list[BenchRow]:
     """The main job: load the model, build real image/video prompts, bench every method, print the table."""
-    from mmeff.bench.inputs import load_bench_model, media_inputs
-
     if media not in ("image", "video", "both"):
         raise ValueError(f"media must be image, video or both, got {media!r}")
     t0 = time.perf_counter()

@@ -11,7 +11,7 @@ Rows: ``none`` (the uncompressed model), ``blank`` (the uncompressed model with 
 the scenes' uniform background grey: what the question and options alone are worth), every budget
 reducer at every ratio of the sweep below 1, Free Video-LLM (videos only, its fixed paths), ToMe (inside
 the vision tower; the LLM still sees every token) and VisToG trained on the training split
-(:mod:`mmeff.bench_scenes_vistog`). Latency is the median prefill of one image and one video prompt
+(:mod:`mmeff.bench.scenes_vistog`). Latency is the median prefill of one image and one video prompt
 (warm-up, repeats) from :func:`mmeff.profile.profile`.
 """
 
@@ -31,6 +31,23 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
+
+from mmeff.bench.inputs import load_bench_model
+from mmeff.bench.reduction import default_methods
+from mmeff.bench.scenes_plot import CHANCE, plot_scenes
+from mmeff.bench.scenes_vistog import TrainedVisToG, load_or_train_vistog, model_key
+from mmeff.core import TokenReducer
+from mmeff.datasets.scenes import BACKGROUND, IMAGE_KINDS, VIDEO_KINDS
+from mmeff.eval.answers import format_question
+from mmeff.eval.profile import profile
+from mmeff.eval.scenes import answer_scenes, heldout_items
+from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
+from mmeff.methods.tome import ToMe
+from mmeff.models import mini
+from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.mini import HELDOUT_SEED
+from mmeff.preprocess import llava_pixel_values
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -50,7 +67,6 @@ __all__ = [
 
 DEFAULT_RATIOS = (1.0, 0.5, 0.25, 0.125)
 DEFAULT_VISTOG_RATIOS = (0.25,)
-CHANCE = 0.25
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 #: methods that are not budget reducers; ``none`` and ``blank`` always run
 OTHER_METHODS = ("freevideo", "tome", "vistog")
@@ -97,7 +113,7 @@ def parse_ratios(ratios: str | Sequence[float]) -> list[float]:
 class SceneMethod:
     """One row to run: ``family`` (``none``, ``blank``, a reducer name, ``freevideo``, ``tome``,
     ``vistog``), its budget ``ratio`` (``None`` for fixed configurations), the method object (``None``,
-    a reducer, ToMe, or a :class:`~mmeff.bench_scenes_vistog.TrainedVisToG`) and a note for the JSON."""
+    a reducer, ToMe, or a :class:`~mmeff.bench.scenes_vistog.TrainedVisToG`) and a note for the JSON."""
 
     family: str
     ratio: float | None
@@ -148,11 +164,6 @@ def scene_methods(ratios: Sequence[float] = DEFAULT_RATIOS, methods: Sequence[st
     dual encoder, and ToMe with ``r=tome_r`` inside the vision tower (un-merged before the projector, so
     the LLM sees every token; it saves vision compute). ``methods`` keeps a subset (``none`` and
     ``blank`` always run); unknown names raise ``ValueError``."""
-    from mmeff.models import mini
-    from mmeff.bench.reduction import default_methods
-    from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
-    from mmeff.methods.tome import ToMe
-
     ratios = parse_ratios(ratios)
     budget = [name for name in default_methods(0.5) if name != "none"]
     if methods is not None:
@@ -180,16 +191,12 @@ def scene_methods(ratios: Sequence[float] = DEFAULT_RATIOS, methods: Sequence[st
 
 def blank_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """``items`` with every frame replaced by a uniform image of the scenes' background grey, same size."""
-    from mmeff.datasets.scenes import BACKGROUND
-
     grey = np.asarray(BACKGROUND, dtype=np.uint8)
     return [{**it, "frames": [np.broadcast_to(grey, np.shape(f)).copy() for f in it["frames"]]} for it in items]
 
 
 def _tally(results: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], dict[str, int]]:
     # the groups of mmeff.mini.accuracy_by_kind, with counts and intervals
-    from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS
-
     groups = {k: [r for r in results if r["kind"] == k] for k in (*IMAGE_KINDS, *VIDEO_KINDS)}
     groups["image"] = [r for r in results if r["kind"] in IMAGE_KINDS]
     groups["video"] = [r for r in results if r["kind"] in VIDEO_KINDS]
@@ -205,11 +212,6 @@ def _tally(results: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[st
 
 def _prefill(model: nn.Module, tokenizer: Any, item: dict[str, Any], method: Any, repeats: int) -> tuple[float, int]:
     """Median prefill ms of one prompt and the visual tokens that reached the LLM (measured, not assumed)."""
-    from mmeff.core import TokenReducer
-    from mmeff.eval.videoqa import format_question
-    from mmeff.models.hf import build_prompt, left_pad_batch, llava_pixel_values, llava_tokens_per_image
-    from mmeff.eval.profile import profile
-
     cfg = model.config
     ids = build_prompt(tokenizer, format_question(item["question"], item["options"]), 1,
                        len(item["frames"]) * llava_tokens_per_image(cfg), cfg.image_token_id)
@@ -233,12 +235,6 @@ def bench_scenes(
 ) -> list[SceneRow]:
     """Answer ``items`` (:func:`mmeff.mini.heldout_items`) with each method, ``batch_size`` image
     questions per generate call (half as many 4-frame videos); one progress bar over all answers."""
-    from tqdm.auto import tqdm
-
-    from mmeff.bench.scenes_vistog import TrainedVisToG
-    from mmeff.datasets.scenes import VIDEO_KINDS
-    from mmeff.models.mini import answer_scenes
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = [it for it in items if it["kind"] not in VIDEO_KINDS]
@@ -293,8 +289,6 @@ def _pct(v: float | None, digits: int = 0) -> str:
 def format_scene_table(rows: Sequence[SceneRow]) -> str:
     """Plain-text table: accuracy (%) per question kind, then image / video / all with their 95% Wilson
     intervals, then visual tokens and prefill ms per medium."""
-    from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS
-
     kinds = [*IMAGE_KINDS, *VIDEO_KINDS]
     overall = ["image", "video", "all"]
     head = ["method", *kinds, *(f"{k} [95% CI]" for k in overall), "img tok", "img ms", "vid tok", "vid ms"]
@@ -346,61 +340,6 @@ def format_retained_table(rows: Sequence[SceneRow]) -> str:
     return "\n".join([title, fmt.format(*head), *(fmt.format(*x) for x in lines)])
 
 
-def _point(r: SceneRow, medium: str) -> tuple[float, float, list[float]] | None:
-    # (tokens, accuracy %, [down, up] error bar) of a row on one medium, None where it did not run
-    x, y = getattr(r, f"{medium}_tokens"), r.accuracy.get(medium)
-    if x is None or y is None:
-        return None
-    lo, hi = r.interval[medium]
-    return x, 100 * y, [100 * (y - lo), 100 * (hi - y)]
-
-
-def plot_scenes(rows: Sequence[SceneRow], path: str | Path) -> Path:
-    """Accuracy (%) against visual tokens reaching the LLM per item (log2 axis): one line per method over
-    the ratios (starting at the uncompressed point), a panel per medium, Wilson intervals as error bars,
-    chance (dashed) and the blank-frame control (dotted)."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
-    plt = pyplot()
-    media = [m for m in ("image", "video") if any(m in r.accuracy for r in rows)]
-    fig, axes = plt.subplots(1, max(1, len(media)), figsize=(6.2 * max(1, len(media)), 4.6), squeeze=False)
-    families = list(dict.fromkeys(r.method for r in rows if r.method not in ("none", "blank")))
-    colours = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}
-    for ax, medium in zip(axes[0], media):
-        tok = f"{medium}_tokens"
-        none = next((_point(r, medium) for r in rows if r.method == "none"), None)
-        for i, fam in enumerate(families):
-            pts = [(r.ratio or 0.0, _point(r, medium)) for r in rows if r.method == fam]
-            pts = sorted(((ratio, p) for ratio, p in pts if p is not None), key=lambda t: -t[0])
-            if not pts:
-                continue
-            budget = pts[0][0] > 0 and fam != "vistog"
-            line = [none, *(p for _, p in pts)] if budget and none is not None else [p for _, p in pts]
-            shift = 2 ** (0.025 * (i - len(families) / 2))  # spread coinciding error bars along the log axis
-            ax.errorbar([p[0] * shift for p in line], [p[1] for p in line],
-                        yerr=np.clip(np.array([p[2] for p in line]).T, 0, None), marker="o" if len(line) > 1 else "s",
-                        ms=4, capsize=2, lw=1.2, color=colours[fam], label=fam)
-        if none is not None:
-            ax.errorbar([none[0]], [none[1]], yerr=np.clip(np.array([none[2]]).T, 0, None), marker="*", ms=11, color="black",
-                        capsize=2, ls="none", label="none (uncompressed)", zorder=5)
-        blank = next((r.accuracy.get(medium) for r in rows if r.method == "blank"), None)
-        if blank is not None:
-            ax.axhline(100 * blank, color="black", ls=":", lw=1.2, label=f"blank frames ({100 * blank:.0f}%)")
-        ax.axhline(100 * CHANCE, color="grey", ls="--", lw=1, label="chance (25%)")
-        xs = sorted({int(round(getattr(r, tok))) for r in rows if getattr(r, tok) is not None})
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
-        ax.set_ylim(0, 100)
-        ax.set_xlabel(f"visual tokens reaching the LLM per {medium} question")
-        ax.set_ylabel("accuracy (%), 95% Wilson interval")
-        n = next((r.n.get(medium) for r in rows if r.method == "none"), None)
-        ax.set_title(f"mmeff-mini, held-out {medium} questions (n={n})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    return save_figure(fig, path)
-
-
 def _payload(rows: Sequence[SceneRow], meta: dict[str, Any], answers: bool) -> dict[str, Any]:
     out = []
     for r in rows:
@@ -434,11 +373,6 @@ def run_scenes_bench(
     and write ``scenes.json`` (with every answer) and ``accuracy_vs_tokens.png`` under ``out_dir``
     (``None``: no files). ``json_path`` also writes the summary (no per-question answers) there; ``"-"``
     prints it to stdout and the tables to stderr instead."""
-    from mmeff.bench.inputs import load_bench_model
-    from mmeff.bench.scenes_vistog import load_or_train_vistog, model_key
-    from mmeff.models.mini import HELDOUT_SEED, heldout_items
-    from mmeff.models.hf import llava_tokens_per_image
-
     if per_kind < 1:
         raise ValueError(f"per_kind must be >= 1, got {per_kind}")
     if media not in ("image", "video", "both"):

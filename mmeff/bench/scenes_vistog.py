@@ -30,7 +30,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmeff.methods.vistog import VisToG, train_vistog
+from mmeff.checkpoint import read_module, save_module
+from mmeff.datasets.scenes import scene_sample
+from mmeff.eval.answers import format_question
+from mmeff.methods.vistog import VisToG
+from mmeff.models.cache import atomic_write_cache, cache_complete, default_cache_dir, read_cache_meta
+from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.mini import TRAIN_SEED, expected_hashes
+from mmeff.preprocess import llava_pixel_values
+from mmeff.train.mini import scene_questions
+from mmeff.train.vistog import train_vistog
 
 __all__ = ["TrainedVisToG", "scene_vistog_batches", "train_scene_vistog", "load_or_train_vistog", "model_key"]
 
@@ -88,11 +97,6 @@ def scene_vistog_batches(
     This skips the 49k-row LM head on every prompt position, the bulk of a step's cost otherwise, and it
     survives VisToG shrinking the image placeholders, which sit before the tail.
     """
-    from mmeff.datasets.scenes import scene_sample
-    from mmeff.eval.videoqa import format_question
-    from mmeff.models.mini import TRAIN_SEED, scene_questions
-    from mmeff.models.hf import build_prompt, left_pad_batch, llava_pixel_values, llava_tokens_per_image
-
     seed = TRAIN_SEED if seed is None else seed
     cfg = model.config
     per_image = llava_tokens_per_image(cfg)
@@ -136,8 +140,6 @@ def train_scene_vistog(
 ) -> TrainedVisToG:
     """Stage 1 of VisToG (:func:`mmeff.vistog.train_vistog`) on :func:`scene_vistog_batches`; ``model``'s
     projector is left as it was (the trained one is returned beside the VisToG)."""
-    from mmeff.models.mini import TRAIN_SEED
-
     seed = TRAIN_SEED if seed is None else seed
     torch.manual_seed(seed)
     vistog = VisToG.for_model(model, num_groups=num_groups)
@@ -161,8 +163,6 @@ def model_key(model_name: str, info: dict[str, Any]) -> dict[str, Any]:
     """What identifies the model a cached VisToG was trained on: the shipped weights' sha256 for the
     default model, else its name and path (a checkpoint changed in place is not noticed)."""
     if model_name == "default":
-        from mmeff.models.mini import expected_hashes
-
         return {"name": "default", "weights": dict(sorted(expected_hashes().items()))}
     return {"name": model_name, "path": info.get("path")}
 
@@ -181,10 +181,6 @@ def load_or_train_vistog(
 ) -> TrainedVisToG:
     """The cached stage-1 VisToG for ``key`` (:func:`model_key`) and these settings, trained and cached
     first when missing. ``record["cached"]`` says which; ``record["seconds"]`` is the original training time."""
-    from mmeff.checkpoint import read_module, save_module
-    from mmeff.models.mini import TRAIN_SEED
-    from mmeff.models.hf import atomic_write_cache, cache_complete, read_cache_meta, default_cache_dir
-
     if steps < 1:
         raise ValueError(f"VisToG training steps must be >= 1, got {steps}")
     expect = {"artefact": _SUBDIR, "recipe": _RECIPE, "model": key, "num_groups": num_groups, "steps": steps,

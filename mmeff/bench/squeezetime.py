@@ -29,6 +29,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmeff.datasets.media import write_mp4
+from mmeff.eval.latency import median_seconds
+from mmeff.models.squeezetime import check_onnx, create_model, export_onnx
+from mmeff.train.videocls import TrainConfig, VideoFolder, evaluate, frame_average_model, train
 
 __all__ = ["CLASSES", "motion_dataset", "run_miniature", "run_throughput"]
 
@@ -68,8 +74,6 @@ def _clip(rng: np.random.Generator, kind: str, frames: int, size: int) -> np.nda
 def motion_dataset(root: str | Path, per_class: int, *, frames: int = 16, size: int = 64, seed: int = 0) -> Path:
     """Write ``per_class`` mp4 clips of every class in :data:`CLASSES` under ``root/<class>/`` (skips
     clips already there); returns ``root``."""
-    from mmeff.datasets.videoqa import write_mp4
-
     root = Path(root)
     for ci, kind in enumerate(CLASSES):
         (root / kind).mkdir(parents=True, exist_ok=True)
@@ -99,9 +103,6 @@ def run_miniature(
 ) -> dict[str, Any]:
     """Generate the data, train SqueezeTime and the frame-averaging baseline, print and return the
     table (``out_dir/miniature.json``; checkpoints under ``out_dir/<model>/``)."""
-    from mmeff.models.squeezetime import create_model
-    from mmeff.train.videocls import TrainConfig, VideoFolder, evaluate, frame_average_model, train
-
     out = Path(out_dir)
     train_root = motion_dataset(out / "data" / "train", train_per_class, seed=seed, size=size, frames=16)
     val_root = motion_dataset(out / "data" / "val", val_per_class, seed=seed + 1, size=size, frames=16)
@@ -149,11 +150,6 @@ def run_throughput(
 ) -> list[dict[str, Any]]:
     """Time the models (default SqueezeTime K400 and ``r3d_18``, random weights: speed does not depend on
     them); print the table and write ``out_dir/throughput.json``. Ratios are against the first model."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from mmeff.eval.profile import median_seconds
-    from mmeff.models.squeezetime import check_onnx, create_model, export_onnx
-
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if models is None:
         from torchvision.models.video import r3d_18

@@ -32,8 +32,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmeff.api import apply
-from mmeff.methods.tocom import Batches, ToCom, train_tocom
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.methods.tocom import ToCom
 from mmeff.methods.tome import ToMe
+from mmeff.train.tocom import Batches, train_tocom
 
 __all__ = ["ToComRow", "digits_splits", "tiny_vit", "train_classifier", "accuracy", "run_tocom_bench"]
 
@@ -305,8 +307,6 @@ def format_table(rows: list[ToComRow], report: dict[str, Any]) -> str:
 
 def plot_rows(rows: list[ToComRow], path: str | Path) -> Path:
     """Accuracy vs ``r_t``: one panel per downstream model, ToMe alone vs ToMe + ToCom."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
 
     keys = sorted({(r.task, r.r_source) for r in rows})

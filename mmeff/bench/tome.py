@@ -4,7 +4,7 @@ Every model runs on the same batch of real photos (``skimage.data``: astronaut, 
 ...; shorter side resized to ``224 / crop_pct`` with bicubic antialiasing, centre-cropped to 224, normalised
 with the model's mean/std; the batch cycles through them). Per model, every ``r`` of the sweep runs in the
 same process on the same inputs: ``r=0`` is the unpatched model, the others the same model with
-:func:`mmeff.tome.patch` attached for the measurement and removed after it.
+:func:`mmeff.adapters.tome.patch` attached for the measurement and removed after it.
 
 Timing (gpt-fast style): untimed warm-up passes of every configuration first (the first one also gives
 the logits the agreement columns compare), then ``repeats`` timed rounds in which the configurations are
@@ -38,7 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmeff.methods import tome
+from mmeff.adapters import tome as tome_adapter
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.methods.tome import Schedule, parse_r
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -109,7 +111,7 @@ def _vit_dims(model: nn.Module) -> dict[str, int]:
     }
 
 
-def vit_gflops(model: nn.Module, r: tome.Schedule) -> tuple[float, list[tuple[int, int]]]:
+def vit_gflops(model: nn.Module, r: Schedule) -> tuple[float, list[tuple[int, int]]]:
     """GFLOPs per image of a timm ViT under ToMe schedule ``r`` and its per-block token counts.
 
     Counts (2 FLOPs per multiply-add) qkv, ``QK^T``, ``AV`` and the output projection on each block's
@@ -118,7 +120,7 @@ def vit_gflops(model: nn.Module, r: tome.Schedule) -> tuple[float, list[tuple[in
     """
     d = _vit_dims(model)
     dim, hidden, hd = d["dim"], d["hidden"], d["dim"] // d["heads"]
-    sched = token_schedule(d["patches"] + d["prefix"], d["prefix"], tome.parse_r(d["depth"], r))
+    sched = token_schedule(d["patches"] + d["prefix"], d["prefix"], parse_r(d["depth"], r))
     macs = d["patches"] * d["patch_in"] * dim + dim * d["classes"]
     for n, m in sched:
         macs += n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim + 2 * m * dim * hidden
@@ -256,8 +258,6 @@ def format_table(rows: Sequence[TomeBenchRow], pretrained: bool) -> str:
 
 
 def _plot(rows: Sequence[TomeBenchRow], path: str | Path, title: str) -> None:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
 
     models = list(dict.fromkeys(r.model for r in rows))
@@ -292,7 +292,7 @@ def _one_pass(
 
     Returns the logits of ``x``, the ToMe stats, and the seconds of the two forwards (synchronized).
     """
-    h = tome.patch(model, r=r) if r else None
+    h = tome_adapter.patch(model, r=r) if r else None
     try:
         sync()
         t0 = time.perf_counter()
@@ -308,7 +308,7 @@ def _one_pass(
             t_lat = time.perf_counter() - t0
     finally:
         if h is not None:
-            tome.unpatch(model)
+            tome_adapter.unpatch(model)
     return y, st, t_batch, t_lat
 
 

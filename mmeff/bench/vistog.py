@@ -23,8 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmeff.models import hf as models
-from mmeff.methods.vistog import VisToG, vistog_flops
+from mmeff.eval.flops import load_config, prefill_flops, vistog_flops
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.profile import profile
+from mmeff.methods.vistog import VisToG
+from mmeff.models.embedded import default_model
+from mmeff.models.tiny import build_tiny, llava_inputs
 
 __all__ = ["VisToGRow", "run_vistog_bench"]
 
@@ -49,14 +53,12 @@ class VisToGRow:
 
 
 def _inputs(model: nn.Module, text_tokens: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    inp = models.llava_inputs(model.config, batch=1, text_lens=[text_tokens], seed=seed)
+    inp = llava_inputs(model.config, batch=1, text_lens=[text_tokens], seed=seed)
     return inp
 
 
 def _measured(name: str, model: nn.Module, groups: Sequence[int], text_tokens: int, repeats: int,
               decode_tokens: int) -> list[VisToGRow]:
-    from mmeff.eval.profile import profile
-
     inp = _inputs(model, text_tokens)
     rows = []
     for m in (None, *groups):
@@ -77,8 +79,6 @@ def _measured(name: str, model: nn.Module, groups: Sequence[int], text_tokens: i
 
 
 def _counted(config_name: str, groups: Sequence[int], text_tokens: int) -> list[VisToGRow]:
-    from mmeff.eval.profile import load_config, prefill_flops
-
     cfg = load_config(config_name)
     n = (int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)) ** 2
     rows = []
@@ -98,8 +98,6 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _plot(rows: Sequence[VisToGRow], path: Path) -> Path:
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     names = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
@@ -146,9 +144,9 @@ def run_vistog_bench(
             model = model_fn(name)
         elif name == "tiny-llava":
             with tempfile.TemporaryDirectory(prefix="mmeff-vistog-") as folder:
-                model = models.build_tiny("llava", folder, seed=0)
+                model = build_tiny("llava", folder, seed=0)
         elif name == "mmeff-mini":
-            model = models.default_model(cache_dir=cache_dir)[0]
+            model = default_model(cache_dir=cache_dir)[0]
         else:
             raise ValueError(f"unknown model {name!r}; measured models are 'tiny-llava' and 'mmeff-mini'")
         rows += _measured(name, model, groups.get(name, (8, 16, 32)), text_tokens, repeats, decode_tokens)
