@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mmeff.adapters.base import cls_attention, register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
 from mmeff.core import Reduction, TokenContext
+from mmeff.hosts import projector, vision_tower
 
 __all__ = ["LlavaAdapter"]
 
@@ -49,10 +50,10 @@ class LlavaAdapter(HFVLMAdapter):
         return self.model.config.vision_feature_select_strategy if s is None else s
 
     def _attention_layer(self, feature_layer: int) -> nn.Module:
-        tower = self.model.model.vision_tower
-        layers = getattr(getattr(getattr(tower, "vision_model", tower), "encoder", None), "layers", None)
+        tower = vision_tower(self.model)
+        layers = getattr(getattr(tower, "encoder", None), "layers", None)
         if layers is None:
-            raise ValueError(f"cls_attn: cannot find encoder layers in vision tower {type(tower).__name__}")
+            raise ValueError(f"cls_attn: cannot find CLIP/SigLIP encoder layers in {type(self.model).__name__}")
         # hidden_states[k] is the output of layers[k-1]; hidden_states has len(layers)+1 entries
         idx = feature_layer % (len(layers) + 1) - 1
         if idx < 0:
@@ -103,7 +104,7 @@ class LlavaAdapter(HFVLMAdapter):
                     early.append(red)
                     return (red.tokens, *args[1:])
 
-                handles.append(inner.multi_modal_projector.register_forward_pre_hook(reduce_input))
+                handles.append(projector(self.model).register_forward_pre_hook(reduce_input))
             if "scores" in self.reducer.needs:
                 attn = self._attention_layer(self._feature_layer(call))
 

@@ -24,6 +24,7 @@ the last vision block (a common CLS-free substitute), averaged over each 2×2 me
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
 
-__all__ = ["Qwen2VLAdapter", "received_attention"]
+__all__ = ["Qwen2VLAdapter", "qwen2_vl_patchify", "qwen2_vl_unpatchify", "received_attention"]
 
 
 def received_attention(q: Tensor, k: Tensor, chunk: int = 1024) -> Tensor:
@@ -51,6 +52,59 @@ def received_attention(q: Tensor, k: Tensor, chunk: int = 1024) -> Tensor:
         p = (torch.einsum("hqd,hkd->hqk", q[:, s : s + chunk].float(), kf) * d**-0.5).softmax(-1)
         total += p.sum(dim=(0, 1))
     return total / (heads * n)
+
+
+def qwen2_vl_patchify(
+    frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Flatten normalised frames (T, C, H, W) into Qwen2-VL patches, exactly like the HF image/video processors.
+
+    T is padded to a multiple of ``temporal_patch_size`` by repeating the last frame (an image, T=1, is
+    duplicated). H and W must be multiples of ``patch_size * merge_size``. Patches are ordered by merge
+    window (the vision tower's rotary positions and merger rely on that order).
+
+    Returns ``patches`` (grid_t*grid_h*grid_w, C*temporal_patch_size*patch_size**2) and ``(grid_t, grid_h, grid_w)``.
+    """
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (T, C, H, W), got shape {tuple(frames.shape)}")
+    t, c, h, w = frames.shape
+    unit = patch_size * merge_size
+    if h % unit or w % unit or h == 0 or w == 0:
+        raise ValueError(f"frame size {h}x{w} must be a positive multiple of patch*merge = {unit}")
+    if pad := -t % temporal_patch_size:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
+        t += pad
+    gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
+    x = frames.reshape(
+        gt,
+        temporal_patch_size,
+        c,
+        gh // merge_size,
+        merge_size,
+        patch_size,
+        gw // merge_size,
+        merge_size,
+        patch_size,
+    )
+    # -> (gt, gh/m, gw/m, m, m, C, tp, p, p): same order as Qwen2VLVideoProcessor.patchify.
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
+
+
+def qwen2_vl_unpatchify(
+    patches: torch.Tensor, grid: Sequence[int], patch_size: int, merge_size: int, temporal_patch_size: int,
+    channels: int = 3,
+) -> torch.Tensor:
+    """Inverse of :func:`qwen2_vl_patchify`: patches ``(t*h*w, C*tp*p*p)`` of one item with ``grid``
+    ``(t, h, w)`` -> normalised frames ``(t*tp, C, h*p, w*p)`` (padding frames included)."""
+    gt, gh, gw = (int(g) for g in grid)
+    m, p, tp = merge_size, patch_size, temporal_patch_size
+    if patches.shape != (gt * gh * gw, channels * tp * p * p):
+        raise ValueError(f"patches {tuple(patches.shape)} do not match grid {tuple(grid)} with C={channels}, tp={tp}, p={p}")
+    x = patches.reshape(gt, gh // m, gw // m, m, m, channels, tp, p, p)
+    # undo permute(0, 3, 6, 4, 7, 2, 1, 5, 8) of the patchify step
+    x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
+    return x.reshape(gt * tp, channels, gh * p, gw * p)
 
 
 @register_adapter
@@ -174,8 +228,6 @@ class Qwen2VLAdapter(HFVLMAdapter):
     def _video_extras(self, call: dict[str, Any], items: list[VisualItem]) -> None:
         """For video-level methods: each video's question (``mmeff_text``) and its frames, recovered from the
         patchified pixels (first frame of each temporal patch, so one frame per merged time step)."""
-        from mmeff.models.hf import qwen2_vl_unpatchify
-
         vids = [it for it in items if it.modality == "video"]
         if not vids:
             return

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmeff.models.hf import default_model, load_smollm2
+from mmeff.models.embedded import default_model
+from mmeff.models.hf import load_smollm2
 
 
 @pytest.fixture(scope="session")

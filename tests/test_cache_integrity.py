@@ -16,10 +16,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mmeff.models import cache as cache_module
 from mmeff.models import mini
-from mmeff.models import hf as models
-from mmeff.quant.flatquant import QuantConfig, load_quantized, quantize
+from mmeff.models.cache import atomic_write_cache, cache_complete
+from mmeff.models.embedded import default_model
 from mmeff.models.instruct_ipt import _FORMAT, InstructIPT, create_model
+from mmeff.models.tiny import build_tiny
+from mmeff.quant.flatquant import QuantConfig, load_quantized, quantize
 
 
 def _flip_last_byte(path: Path) -> None:
@@ -39,7 +42,7 @@ def _one_line(excinfo: pytest.ExceptionInfo) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# the model cache (mmeff.models.default_model), on a tiny LLaVA standing in for the built model
+# the model cache (mmeff.models.embedded.default_model), on a tiny LLaVA standing in for the built model
 # --------------------------------------------------------------------------------------------------
 
 
@@ -62,42 +65,42 @@ def test_cache_with_a_flipped_byte_is_detected_and_rebuilt(tmp_path, monkeypatch
 
     def fake_build_vlm(*args, **kwargs):
         builds.append(1)
-        model = models.build_tiny("llava", tmp_path / f"src{len(builds)}", seed=0)
+        model = build_tiny("llava", tmp_path / f"src{len(builds)}", seed=0)
         return model, _tiny_tokenizer(), {"name": "tiny stand-in"}
 
     monkeypatch.setattr(mini_vlm, "build_vlm", fake_build_vlm)
     cache = tmp_path / "cache"
-    first, _, info = models.default_model(cache)
+    first, _, info = default_model(cache)
     original = {k: v.clone() for k, v in first.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an intact cache is reused without a word
-        models.default_model(cache)
+        default_model(cache)
     assert len(builds) == 1
 
     folder = Path(info["path"])
     weights = folder / "model.safetensors"
     _flip_last_byte(weights)
     with pytest.warns(RuntimeWarning, match=r"model\.safetensors does not match the sha256") as record:
-        again, _, _ = models.default_model(cache)
+        again, _, _ = default_model(cache)
     assert len(builds) == 2  # rebuilt, not used
     assert all("\n" not in str(w.message) for w in record)
     got = again.state_dict()
     assert set(got) == set(original) and all(torch.equal(got[k], original[k]) for k in original)
-    assert models.cache_complete(folder, warn=False)
+    assert cache_complete(folder, warn=False)
 
 
 def test_cache_without_a_sha256_record_is_rebuilt(tmp_path) -> None:
     final = tmp_path / "thing"
-    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
-    marker = final / models._MARKER
+    atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    marker = final / cache_module._MARKER
     meta = json.loads(marker.read_text())
     assert meta["sha256"] == {"w.bin": hashlib.sha256(b"y" * 100).hexdigest()}
     del meta["sha256"]  # what an older mmeff wrote: sizes only
     marker.write_text(json.dumps(meta))
     with pytest.warns(RuntimeWarning, match=r"w\.bin has no sha256 on record"):
-        assert not models.cache_complete(final, {"artefact": "t"})
-    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
-    assert models.cache_complete(final, {"artefact": "t"})
+        assert not cache_complete(final, {"artefact": "t"})
+    atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    assert cache_complete(final, {"artefact": "t"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]  # no temp folders left behind
 
 
@@ -162,7 +165,7 @@ def test_instruct_ipt_load_refuses_wrong_files_in_one_line(tmp_path) -> None:
 
 
 def test_load_quantized_refuses_wrong_files_in_one_line(tmp_path) -> None:
-    model = models.build_tiny("llama", tmp_path / "llama", intermediate_size=48)
+    model = build_tiny("llama", tmp_path / "llama", intermediate_size=48)
     ids = torch.randint(4, 128, (2, 8), generator=torch.Generator().manual_seed(0))
     handle = quantize(model, QuantConfig(method="rtn", samples=2, seq_len=8), ids, progress=False)
     out = tmp_path / "q"
@@ -238,10 +241,10 @@ def test_create_clip_refuses_a_wrong_file_in_one_line(tmp_path) -> None:
 
 
 def test_llava_weights_file_errors_are_one_line(tmp_path) -> None:
-    from mmeff.models.mini import _read_llava_file
+    from mmeff.models.mini import read_llava_file
 
     with pytest.raises(FileNotFoundError, match="no such file"):
-        _read_llava_file(tmp_path / "none.safetensors")
+        read_llava_file(tmp_path / "none.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 32)
     with pytest.raises(ValueError, match="junk.safetensors is not a readable safetensors file"):
-        _read_llava_file(tmp_path / "junk.safetensors")
+        read_llava_file(tmp_path / "junk.safetensors")

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mmeff.models import hf as models
 from mmeff.cli.main import main
 from mmeff.datasets.media import sample_image
-from mmeff.train.finetune import conversation_ids, finetune, llava_sft_batches, load_llava_json, model_parts
 from mmeff.methods.fourier import FourierLowPass
+from mmeff.models import tiny as models
+from mmeff.train.finetune import conversation_ids, finetune, llava_sft_batches, load_llava_json, model_parts
 
 
 @pytest.fixture(scope="module")

