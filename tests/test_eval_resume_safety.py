@@ -12,7 +12,8 @@ import pytest
 from mmeff.datasets import videoqa
 from mmeff.datasets.media import sample_video_path
 from mmeff.datasets.videoqa import VideoQASample
-from mmeff.eval.videoqa import Prediction, evaluate, format_report, llava_predictor, load_results
+from mmeff.eval.results import format_report, load_results
+from mmeff.eval.videoqa import Prediction, evaluate, llava_predictor
 
 
 def _samples(n: int = 3) -> list[VideoQASample]:

@@ -20,29 +20,54 @@ import mmeff
 from mmeff.datasets import videoqa
 from mmeff.datasets.media import sample_video_path
 from mmeff.datasets.videoqa import VideoQASample
-from mmeff.eval.videoqa import (
-    EvalReport,
+from mmeff.eval import answers, results
+from mmeff.eval import videoqa as eval_videoqa
+from mmeff.eval.answers import (
     JudgeError,
     JudgeResponseError,
-    Prediction,
     build_question,
-    evaluate,
     extract_option,
-    format_report,
     judge_open,
-    llava_predictor,
-    load_results,
-    merge_results,
     normalize_answer,
     parse_judge_reply,
+    score_open,
+)
+from mmeff.eval.results import (
+    EvalReport,
+    format_report,
+    load_results,
+    merge_results,
+    resolve_shard,
+    shard_path,
+)
+from mmeff.eval.videoqa import (
+    Prediction,
+    evaluate,
+    llava_predictor,
     predict_llava,
     read_clip,
-    resolve_shard,
-    score_open,
-    shard_path,
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+# every public name mmeff.eval.videoqa had before scoring and results files moved out of it
+VIDEOQA_NAMES_BEFORE_SPLIT = [
+    "EvalReport", "JudgeError", "JudgeResponseError", "MC_INSTRUCTION", "OPEN_INSTRUCTION", "OPTION_LETTERS",
+    "PredictFn", "Prediction", "build_question", "evaluate", "extract_option", "format_question", "format_report",
+    "judge_open", "llava_predictor", "load_results", "merge_results", "normalize_answer", "parse_judge_reply",
+    "predict_batch", "predict_llava", "read_clip", "report_from_records", "resolve_shard", "rows_visual_tokens",
+    "score_open", "shard_path",
+]
+
+
+def test_videoqa_keeps_every_name_it_had_before_the_split() -> None:
+    missing = [n for n in VIDEOQA_NAMES_BEFORE_SPLIT if not hasattr(eval_videoqa, n)]
+    assert missing == []
+    assert set(VIDEOQA_NAMES_BEFORE_SPLIT) <= set(eval_videoqa.__all__)
+    # the re-exports are the same objects as in their new homes, not copies
+    assert eval_videoqa.extract_option is answers.extract_option
+    assert eval_videoqa.EvalReport is results.EvalReport
+    assert eval_videoqa.merge_results is results.merge_results
 
 # ------------------------------------------------------------------------------------------- scoring
 

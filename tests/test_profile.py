@@ -1,4 +1,4 @@
-"""Tests for mmeff.profile: configs, analytic FLOPs vs FlopCounterMode, KV bytes vs DynamicCache, timing.
+"""Tests for mmeff.eval.flops / latency / profile: configs, analytic FLOPs vs FlopCounterMode, KV bytes vs DynamicCache, timing.
 
 FlopCounterMode counts matrix products only (mm/addmm/bmm/convolution/SDPA), which is the convention of
 ``prefill_flops``; so the comparisons below are exact. On CPU the fused SDPA kernel
@@ -24,14 +24,7 @@ from transformers import (
 )
 
 import mmeff
-from mmeff.models.hf import (
-    build_tiny,
-    llava_inputs,
-    qwen2_vl_inputs,
-    tiny_llava_config,
-    tiny_qwen2_vl_config,
-)
-from mmeff.eval.profile import (
+from mmeff.eval.flops import (
     FlopBreakdown,
     available_configs,
     count_parameters,
@@ -39,10 +32,17 @@ from mmeff.eval.profile import (
     kv_cache_bytes,
     llm_prefill_reduction,
     load_config,
-    measure_latency,
     meta_model,
     prefill_flops,
-    profile,
+)
+from mmeff.eval.latency import measure_latency, median_seconds
+from mmeff.eval.profile import profile
+from mmeff.models.tiny import (
+    build_tiny,
+    llava_inputs,
+    qwen2_vl_inputs,
+    tiny_llava_config,
+    tiny_qwen2_vl_config,
 )
 
 # One prompt with two images: 56x84 and 56x56 pixels -> grids (1, 4, 6) and (1, 4, 4) -> 6 + 4 visual tokens.
@@ -447,8 +447,6 @@ def test_bad_input_is_named(llava):
 
 
 def test_median_seconds_warms_up_once_and_checks_repeats() -> None:
-    from mmeff.eval.profile import median_seconds
-
     calls: list[int] = []
     t = median_seconds(lambda a, b: calls.append(a + b), 1, 2, repeats=4)
     assert calls == [3] * 5 and t >= 0.0  # one untimed warm-up + 4 timed calls

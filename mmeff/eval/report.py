@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmeff.eval.plotting import pyplot, save_figure
+
 __all__ = ["ReportPoint", "ReportFile", "read_report_file", "markdown_table", "plot_points", "write_report"]
 
 
@@ -152,8 +154,6 @@ def plot_points(points: list[ReportPoint], y: str, path: str | Path) -> Path | N
     Returns ``None`` when no point has ``y``."""
     from matplotlib.lines import Line2D
     from matplotlib.transforms import offset_copy
-
-    from mmeff.eval.plotting import pyplot, save_figure
 
     pts = [p for p in points if getattr(p, y) is not None]
     if not pts:

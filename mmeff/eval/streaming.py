@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from mmeff.api import apply
 from mmeff.kv.presses import KVPress
 
 __all__ = ["StreamResult", "offline_text", "streaming_perplexity"]
@@ -93,8 +94,6 @@ def streaming_perplexity(
     ``mmeff.apply``. Returns NLL/PPL over the ``N - 1`` predicted tokens, the average KV each query
     attended, the longest cache held and the peak cache bytes (and peak CUDA memory on GPU).
     """
-    from mmeff.api import apply
-
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.ndim == 2:
         if ids.shape[0] != 1:
