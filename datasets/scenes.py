@@ -33,6 +33,9 @@ from typing import Any
 
 import numpy as np
 
+from mmeff.datasets.annotations import VideoQASample
+from mmeff.datasets.media import MP4_FPS, write_mp4
+
 __all__ = [
     "COLOURS",
     "SHAPES",
@@ -299,7 +302,7 @@ def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------- videos
 
 _VIDEO_SECONDS = 4
-_VIDEO_FPS = 25  # the rate videoqa.write_mp4 encodes at
+_VIDEO_FPS = MP4_FPS  # the rate write_mp4 encodes at
 
 
 def _video_frames(
@@ -368,12 +371,10 @@ def scene_video_sample(
             "objects": objects, "meta": meta, "frame_objects": frame_objects}
 
 
-def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 224) -> list[Any]:
+def scene_videoqa(out_dir: str | Path, seed: int = 0, n: int = 12, size: int = 224) -> list[VideoQASample]:
     """``n`` video questions of split ``seed`` (kinds cycling through :data:`VIDEO_KINDS`) as
     :class:`~mmeff.datasets.videoqa.VideoQASample` multiple-choice samples; the 4 s, 25 fps mp4 clips are
     written to ``out_dir`` (reused when present). ``meta`` holds each object's first frame."""
-    from mmeff.datasets.videoqa import VideoQASample, write_mp4
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     samples = []

@@ -28,7 +28,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "mmeff.vistog": ("mmeff.methods.vistog", "mmeff.adapters.vistog", "mmeff.train.vistog"),
     "mmeff.kvcache": ("mmeff.kv.presses",),
     "mmeff.sepllm": ("mmeff.kv.sepllm",),
-    "mmeff.flatquant": ("mmeff.quant.flatquant",),
+    "mmeff.flatquant": ("mmeff.quant.flatquant", "mmeff.quant.calibration", "mmeff.quant.transforms"),
     "mmeff.gptq": ("mmeff.quant.gptq",),
     "mmeff.zoo": ("mmeff.models.zoo",),
     "mmeff.mini": ("mmeff.models.mini", "mmeff.train.mini", "mmeff.eval.scenes"),

@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 
+from mmeff.kernels.quant import kron_transform, kron_transform_quant, unpack_int4
+from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
 from mmeff.quant.flatquant import (
     QuantConfig,
     calibration_batches,
@@ -18,8 +20,6 @@ from mmeff.quant.flatquant import (
     quantize,
 )
 from mmeff.quant.gptq import quantize_rtn
-from mmeff.kernels.quant import kron_transform, kron_transform_quant, unpack_int4
-from mmeff.models.hf import build_tiny, llava_inputs, qwen2_vl_inputs
 
 FP = dict(w_bits=16, a_bits=16, kv_bits=16)
 
@@ -219,7 +219,7 @@ def test_int4_kernel_path_matches_fake_quant(llama, monkeypatch):
     with torch.no_grad():
         fake = model(ev).logits
     calls = []
-    import mmeff.quant.flatquant as fq
+    import mmeff.quant.transforms as fq  # QuantLinear's module: where the int4 GEMM is looked up
 
     real = fq.int4_matmul
     monkeypatch.setattr(fq, "int4_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -250,10 +250,36 @@ def test_flatquant_bench_table(smollm2, tmp_path):
 
 def test_calibration_weight_quantizer_matches_rtn():
     """The differentiable (STE) weight quantizer used while calibrating lands on RTN's grid."""
-    from mmeff.quant.flatquant import _fake_quant_weight
     from mmeff.quant.gptq import fake_quant_rtn
+    from mmeff.quant.transforms import fake_quant_weight
 
     w = torch.randn(16, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     clip = torch.full((16, 1), 0.9, dtype=torch.float64)
-    torch.testing.assert_close(_fake_quant_weight(w, 4, clip), fake_quant_rtn(w, 4, clip))
-    torch.testing.assert_close(_fake_quant_weight(w, 8, None), fake_quant_rtn(w, 8))
+    torch.testing.assert_close(fake_quant_weight(w, 4, clip), fake_quant_rtn(w, 4, clip))
+    torch.testing.assert_close(fake_quant_weight(w, 8, None), fake_quant_rtn(w, 8))
+
+
+def test_quantizers_are_in_the_catalogue():
+    """FlatQuant, GPTQ and RTN are registered in the one registry (``mmeff list`` shows them), each with
+    its quantize function and a one-line summary; the old flat path still reaches every public name."""
+    import warnings
+
+    from mmeff.core import QUANTIZERS, catalogue
+    from mmeff.quant import calibration, flatquant, gptq, transforms
+
+    entries = {e.name: e for e in catalogue("quantizer")}
+    assert {"flatquant", "gptq", "rtn"} <= set(entries)
+    assert entries["flatquant"].obj is quantize and QUANTIZERS.get("flatquant") is quantize
+    assert entries["gptq"].obj is gptq.gptq_quantize and entries["rtn"].obj is quantize_rtn
+    assert all(e.kind == "quantizer" and e.summary and "\n" not in e.summary for e in entries.values())
+    before_split = {"FlatQuantHandle", "HeadMatrix", "KronAffine", "LayerQuant", "QuantConfig", "QuantLinear",
+                    "calibration_batches", "decoder_of", "fake_quant_act", "fake_quant_kv", "linear_names",
+                    "load_quantized", "quantize"}
+    assert before_split <= set(flatquant.__all__)
+    for name in before_split:  # the same objects as in the modules that now define them
+        home = transforms if name in transforms.__all__ else calibration if name in calibration.__all__ else flatquant
+        assert getattr(flatquant, name) is getattr(home, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import mmeff.flatquant as old
+    assert all(getattr(old, n) is getattr(flatquant, n) for n in before_split)

@@ -13,9 +13,9 @@ import torch
 
 import mmeff
 from mmeff.adapters.kv_cache import KVCacheAdapter
+from mmeff.eval.streaming import offline_text, streaming_perplexity
 from mmeff.kv.presses import FLAG_PROTECTED, FLAG_SEP, EvictingCache
-from mmeff.models.hf import build_tiny, llava_inputs, qwen2_vl_inputs
-from mmeff.eval.streaming import streaming_perplexity
+from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
 
 SEPS = (5, 6, 7)
 
@@ -334,7 +334,7 @@ def test_sepllm_bench_table(smollm2, tmp_path):
     full, sep, stream_eq, stream_c = (r.result for r in rows)
     assert [r.result.method.split("(")[0] for r in rows] == ["full", "sepllm", "streamingllm", "streamingllm"]
     # the full-cache row is plain perplexity of the same 320 tokens
-    ids = torch.tensor(tok(__import__("mmeff.streaming").streaming.offline_text(), add_special_tokens=False).input_ids[:320])
+    ids = torch.tensor(tok(offline_text(), add_special_tokens=False).input_ids[:320])
     with torch.no_grad():
         ref = model(ids[None], labels=ids[None]).loss.item()
     assert full.nll == pytest.approx(ref, rel=1e-4)

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from mmeff.datasets import videoqa
-from mmeff.datasets.media import load_video
+from mmeff.datasets.media import MP4_FPS, load_video
 from mmeff.datasets.scenes import (
     _VIDEO_FPS,
     BACKGROUND,
@@ -103,7 +103,7 @@ def test_photo_background_and_errors() -> None:
 
 
 def test_videos_match_their_answers(tmp_path: Path) -> None:
-    assert _VIDEO_FPS == videoqa._SYNTH_FPS
+    assert _VIDEO_FPS == videoqa._SYNTH_FPS == MP4_FPS  # the clips are written and read at one rate
     samples = scene_videoqa(tmp_path, seed=0, n=6, size=160)
     assert [s.meta["kind"] for s in samples] == ["after", "direction", "appear"] * 2
     again = scene_videoqa(tmp_path, seed=0, n=6, size=160)

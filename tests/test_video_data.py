@@ -824,3 +824,21 @@ def test_synthetic_seed_changes_excerpts(tmp_path: Path, synthetic: tuple[Path, 
     assert [s.id for s in other] == [s.id for s in samples]
     assert [s.meta.get("segments") for s in other] != [s.meta.get("segments") for s in samples]
     assert all(s.video.is_file() for s in other)
+
+
+def test_videoqa_names_after_the_split() -> None:
+    """videoqa.py was split into annotations (schema + row readers), benchmarks (the loaders) and media
+    (write_mp4, VIDEO_SUFFIXES): every name is still importable from mmeff.datasets.videoqa, as the same
+    object as in its new home, and from the package's lazy exports."""
+    import mmeff.datasets as package
+    from mmeff.datasets import annotations, benchmarks, videoqa
+
+    for name in videoqa.__all__:
+        assert hasattr(videoqa, name), name
+    for module in (annotations, benchmarks, media):
+        for name in set(module.__all__) & set(videoqa.__all__):
+            assert getattr(videoqa, name) is getattr(module, name), name
+    assert set(benchmarks.__all__) <= set(videoqa.__all__)
+    assert videoqa.write_mp4 is media.write_mp4 and videoqa.VIDEO_SUFFIXES is media.VIDEO_SUFFIXES
+    assert ".mp4" in media.VIDEO_SUFFIXES and media.MP4_FPS == 25
+    assert package.VideoQASample is VideoQASample and package.write_mp4 is media.write_mp4

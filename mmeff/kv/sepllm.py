@@ -7,7 +7,7 @@
 
 Separator ids are tokenizer-specific (the Llama-3 list is wrong for Vicuna, Qwen or SmolLM), so they are
 derived from the model's own tokenizer by :func:`separator_ids`, space-prefixed variants included, when
-the press is attached. The eviction itself is the shared :class:`~mmeff.kvcache.EvictingCache` rule;
+the press is attached. The eviction itself is the shared :class:`~mmeff.kv.presses.EvictingCache` rule;
 this press only says which evictable entries are separators and keeps the newest ``sep_size`` of them.
 """
 
@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoTokenizer
 
-from mmeff.kv.presses import FLAG_SEP, KVPress, LayerBudget, SizeSpec, reverse_rank, register_press
+from mmeff.checkpoint import local_or_hub
+from mmeff.kv.presses import FLAG_SEP, KVPress, LayerBudget, SizeSpec, register_press, reverse_rank
 
 __all__ = ["DEFAULT_SEPARATORS", "SepLLM", "separator_ids"]
 
@@ -63,13 +65,9 @@ def separator_ids(tokenizer: Any, separators: Sequence[str] = DEFAULT_SEPARATORS
 
 
 def _load_tokenizer(model: Any) -> Any:
-    from transformers import AutoTokenizer
-
     path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     if not path:
         raise ValueError("model has no name_or_path to load its tokenizer from")
-    from mmeff.checkpoint import local_or_hub
-
     ref = local_or_hub(str(path), "model's tokenizer")  # a moved or mistyped folder fails now, not after the hub
     return AutoTokenizer.from_pretrained(ref, local_files_only=Path(ref).is_dir())
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mmeff.core import QUANTIZERS
+
 __all__ = [
     "accumulate_hessian",
     "dequantize",
@@ -261,3 +263,8 @@ def gptq_quantize(
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes.to(torch.int8), scale
+
+
+QUANTIZERS.add("gptq", gptq_quantize,
+               summary="GPTQ: column-wise weight rounding with inverse-Hessian error feedback (Frantar et al., 2022)")
+QUANTIZERS.add("rtn", quantize_rtn, summary="RTN: round each weight to the nearest point of a per-channel symmetric grid")
