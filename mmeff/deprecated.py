@@ -25,7 +25,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "mmeff.freevideo": ("mmeff.methods.freevideo",),
     "mmeff.tome": ("mmeff.methods.tome", "mmeff.adapters.tome"),
     "mmeff.tocom": ("mmeff.methods.tocom", "mmeff.adapters.tocom", "mmeff.train.tocom"),
-    "mmeff.vistog": ("mmeff.methods.vistog", "mmeff.adapters.vistog", "mmeff.train.vistog"),
+    "mmeff.vistog": ("mmeff.methods.vistog", "mmeff.adapters.vistog", "mmeff.train.vistog", "mmeff.eval.flops"),
     "mmeff.kvcache": ("mmeff.kv.presses",),
     "mmeff.sepllm": ("mmeff.kv.sepllm",),
     "mmeff.flatquant": ("mmeff.quant.flatquant", "mmeff.quant.calibration", "mmeff.quant.transforms"),
@@ -37,14 +37,14 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "mmeff.squeezetime": ("mmeff.models.squeezetime",),
     "mmeff.instruct_ipt": ("mmeff.models.instruct_ipt",),
     "mmeff.instructions": ("mmeff.models.instructions",),
-    "mmeff.cdt": ("mmeff.models.cdt",),
+    "mmeff.cdt": ("mmeff.models.cdt", "mmeff.models.cdt_parts"),
     "mmeff.training": ("mmeff.train.loop",),
     "mmeff.distributed": ("mmeff.train.distributed",),
     "mmeff.videocls": ("mmeff.train.videocls",),
     "mmeff.videotok": ("mmeff.train.videotok",),
     "mmeff.restoration": ("mmeff.train.restoration",),
     "mmeff.finetune": ("mmeff.train.finetune",),
-    "mmeff.grounding": ("mmeff.train.grounding",),
+    "mmeff.grounding": ("mmeff.train.grounding", "mmeff.train.grounding_data"),
     "mmeff.mini_recipe": ("mmeff.train.mini_recipe",),
     "mmeff.evaluate": ("mmeff.eval.videoqa", "mmeff.eval.answers", "mmeff.eval.results"),
     "mmeff.profile": ("mmeff.eval.profile", "mmeff.eval.flops", "mmeff.eval.latency"),
@@ -69,11 +69,19 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 
 def _caller_stacklevel() -> int:
-    """Stack level of the first frame outside the import machinery and this file (the user's import)."""
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and (frame.f_code.co_filename == __file__ or "importlib" in frame.f_code.co_filename
-                                 or frame.f_code.co_filename.startswith("<frozen")):
-        frame, level = frame.f_back, level + 1
+    """``stacklevel`` of the user's import line for a warning raised in ``exec_module``.
+
+    ``warnings`` itself skips importlib's ``_bootstrap`` frames when it counts, so only the others count.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None:
+        frame = frame.f_back
+        name = frame.f_code.co_filename
+        if "importlib" in name and "_bootstrap" in name:
+            continue
+        level += 1
+        if name != __file__ and "importlib" not in name:
+            break
     return level
 
 

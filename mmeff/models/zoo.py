@@ -3,7 +3,7 @@
 Each family adds its named configurations with :func:`register_model` when its module is imported
 (SqueezeTime, Instruct-IPT, CDT, Eve; ``import mmeff`` imports them all); :func:`create_model` builds one,
 optionally loading a local checkpoint through the family's own loader. The embedded VLMs (``mmeff-mini``)
-are listed here too; :func:`mmeff.models.hf.default_model` builds them with their tokenizer. Nothing is
+are listed here too; :func:`mmeff.models.embedded.default_model` builds them with their tokenizer. Nothing is
 ever downloaded.
 """
 

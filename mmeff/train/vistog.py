@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmeff.api import apply
+from mmeff.hosts import inner_model, projector
 from mmeff.methods.vistog import VisToG
 
 __all__ = ["TrainLog", "train_vistog"]
@@ -21,10 +22,9 @@ def _freeze(model: nn.Module, vistog: VisToG, stage: int) -> list[nn.Parameter]:
     """Trainable parameters of ``stage`` (1: VisToG + projector; 2: also the LLM); the rest frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
-    inner = model.model
-    # the projector: LLaVA's MLP, or Qwen2-VL's PatchMerger (which the semantic tokens also pass)
-    projector = inner.visual.merger if hasattr(inner, "visual") else inner.multi_modal_projector
-    groups = [vistog, projector] + ([inner.language_model, model.lm_head] if stage == 2 else [])
+    inner = inner_model(model)
+    # LLaVA's MLP, or Qwen2-VL's PatchMerger (which the semantic tokens also pass)
+    groups = [vistog, projector(model)] + ([inner.language_model, model.lm_head] if stage == 2 else [])
     params: dict[int, nn.Parameter] = {}
     for g in groups:
         for p in g.parameters():
