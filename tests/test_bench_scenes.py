@@ -53,7 +53,7 @@ def test_ratios_are_checked_and_sorted() -> None:
 
 def test_blank_items_are_uniform_background_grey() -> None:
     from mmeff.datasets.scenes import BACKGROUND
-    from mmeff.models.mini import heldout_items
+    from mmeff.eval.scenes import heldout_items
 
     items = heldout_items(1)
     blank = blank_items(items)

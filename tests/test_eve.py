@@ -14,15 +14,14 @@ from mmeff.models.eve import (
     ElasticExperts,
     EveConfig,
     EveForConditionalGeneration,
-    EveTrainConfig,
     LDPProjector,
     build_eve,
     paper_config,
     param_counts,
     sparse_layers,
-    train_stage,
 )
-from mmeff.models.hf import tiny_lm_config
+from mmeff.models.tiny import tiny_lm_config
+from mmeff.train.eve import EveTrainConfig, train_stage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

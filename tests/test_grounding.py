@@ -1,5 +1,6 @@
-"""The grounded mmeff-mini recipe (mmeff.grounding): dense labels, the cached-feature training path against
-the model's own forward, conversations, weights round trip, and `mmeff mini train` end to end at toy size."""
+"""The grounded mmeff-mini recipe (mmeff.train.grounding, its data in mmeff.train.grounding_data): dense
+labels, the cached-feature training path against the model's own forward, conversations, weights round trip,
+and `mmeff mini train` end to end at toy size."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
-from mmeff.train import grounding
-from mmeff.models import mini
-from mmeff.models import mini_vlm
 from mmeff.checkpoint import file_sha256
 from mmeff.datasets.scenes import COLOURS, SHAPES, SceneObject, label_map, scene_sample
+from mmeff.models import mini, mini_vlm
+from mmeff.train import grounding, grounding_data
+from mmeff.train.mini import scene_questions
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_patch_targets_of_a_hand_placed_scene() -> None:
     # a square filling patch rows 2-3, cols 2-3 exactly (56 px wide at 224 px) and a small circle
     sq = SceneObject("square", "blue", 3 / 8, 3 / 8, 0.25)
     small = SceneObject("circle", "red", (6 + 0.5) / 8, (1 + 0.5) / 8, 0.085)
-    t = grounding.patch_targets([sq, small], "cat")
+    t = grounding_data.patch_targets([sq, small], "cat")
     grid = lambda k: t[k].reshape(8, 8)  # noqa: E731
     want = np.zeros((8, 8), int)
     want[2:4, 2:4] = 1 + list(COLOURS).index("blue")
@@ -66,20 +67,20 @@ def test_tower_features_are_what_llava_feeds_its_projector(tiny_vlm) -> None:
         torch.testing.assert_close(ours, llava_visual_features(tiny_vlm, px))
 
 
-def _pool(tower: torch.nn.Module, n: int = 4) -> grounding.FeaturePool:
+def _pool(tower: torch.nn.Module, n: int = 4) -> grounding_data.FeaturePool:
     return grounding.build_pool(tower, n, video=False, seed=5, batch=4, workers=0, progress=False)
 
 
 def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> None:
     pool = _pool(tiny_vlm.model.vision_tower)
-    ds = grounding.LMData(pool, None, tok, 8, batch=2, seed=1)
-    batch = grounding.collate_lm([ds[0], ds[1]], tok.pad_token_id)
-    vocab = grounding.scene_vocabulary(ds, 8)
-    readout = grounding._Readout(vocab, len(tok))
+    ds = grounding_data.LMData(pool, None, tok, 8, batch=2, seed=1)
+    batch = grounding_data.collate_lm([ds[0], ds[1]], tok.pad_token_id)
+    vocab = grounding_data.scene_vocabulary(ds, 8)
+    readout = grounding.Readout(vocab, len(tok))
     with torch.no_grad():
         ours = grounding.vlm_answer_loss(tiny_vlm, batch, readout)
         # the same rows through LLaVA's forward from pixels (the pool's images re-rendered)
-        from mmeff.models.hf import llava_pixel_values
+        from mmeff.preprocess import llava_pixel_values
 
         idx = [int(np.random.default_rng([1, i, 9]).integers(0, 4)) for i in (0, 1)]
         px = llava_pixel_values([scene_sample(5, j, photo_background=(j % 5 == 0)).image for j in idx], 224)
@@ -91,11 +92,11 @@ def test_cached_feature_loss_equals_the_models_own_forward(tok, tiny_vlm) -> Non
 
 
 def test_conversations_start_with_the_evaluation_prompt_and_label_only_answers(tok, tiny_vlm) -> None:
-    from mmeff.eval.videoqa import format_question
+    from mmeff.eval.answers import format_question
     from mmeff.models.hf import build_prompt
 
     pool = _pool(tiny_vlm.model.vision_tower)
-    ds = grounding.LMData(pool, None, tok, 64, batch=8, seed=2)
+    ds = grounding_data.LMData(pool, None, tok, 64, batch=8, seed=2)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     seen_mc = False
     for i in range(64):
@@ -125,7 +126,7 @@ def test_question_patches_are_the_asked_objects_pixels() -> None:
     square[2:4, 2:4] = True
     circle = np.zeros((8, 8), bool)
     circle[1, 6] = True
-    ask = lambda q: grounding.question_patches(q, objs, "cat")  # noqa: E731
+    ask = lambda q: grounding_data.question_patches(q, objs, "cat")  # noqa: E731
     assert (ask("What colour is the square?").reshape(8, 8) == square).all()
     assert (ask("What colour is the small circle?").reshape(8, 8) == circle).all()
     assert (ask("What shape is the red object?").reshape(8, 8) == circle).all()
@@ -138,13 +139,13 @@ def test_question_patches_are_the_asked_objects_pixels() -> None:
     rng = np.random.default_rng(0)
     for i in range(30):
         s = scene_sample(4, i)
-        for q, _, _ in mini.scene_questions(s, rng):
-            assert grounding.question_patches(q, s.objects, s.text) is not None, q
+        for q, _, _ in scene_questions(s, rng):
+            assert grounding_data.question_patches(q, s.objects, s.text) is not None, q
 
 
 def test_look_targets_point_at_the_answer_and_the_loss_reads_attention(tok, tiny_vlm) -> None:
     pool = _pool(tiny_vlm.model.vision_tower, 8)
-    ds = grounding.LMData(pool, None, tok, 16, batch=4, seed=3, looks=True)
+    ds = grounding_data.LMData(pool, None, tok, 16, batch=4, seed=3, looks=True)
     image_id = tok.convert_tokens_to_ids("<image>")
     rows = [ds[i] for i in range(8)]
     assert any(looks for *_, looks in rows)
@@ -152,9 +153,9 @@ def test_look_targets_point_at_the_answer_and_the_loss_reads_attention(tok, tiny
         for pos, mask in looks:
             assert labels[pos] == -100 and labels[pos + 1] != -100  # the token whose output is the answer
             assert mask.shape == (ids.count(image_id),) and mask.any()
-    batch = grounding.collate_lm(rows[:4], tok.pad_token_id)
+    batch = grounding_data.collate_lm(rows[:4], tok.pad_token_id)
     cfg = grounding.LMTrainConfig(look_weight=1.0, look_layers=(0, 1), look_heads=1)
-    readout = grounding._Readout(grounding.scene_vocabulary(ds, 8), len(tok))
+    readout = grounding.Readout(grounding_data.scene_vocabulary(ds, 8), len(tok))
     before = tiny_vlm.model.language_model.config._attn_implementation
     with torch.no_grad():
         parts = grounding.vlm_losses(tiny_vlm, batch, readout, cfg)

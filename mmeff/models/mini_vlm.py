@@ -4,7 +4,8 @@ A plain HF ``LlavaForConditionalGeneration``: the mini CLIP tower (224 px, patch
 image, read at ``vision_feature_layer=-2``), LLaVA's 2-layer GELU projector, and a Llama (hidden 192, 4
 layers) trained from scratch on SmolLM2-135M-Instruct's tokenizer. Only the embedding rows of the tokens the
 training conversations use are trained; every other row is zero (so is that token's logit), and the weights
-file stores the trained rows alone. How it is trained: :mod:`mmeff.grounding` and :mod:`mmeff.mini_recipe`.
+file stores the trained rows alone. How it is trained: :mod:`mmeff.train.grounding` and
+:mod:`mmeff.train.mini_recipe`.
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import AddedToken
 from torch import nn
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, smollm2_tokenizer
 from mmeff.models.mini import hf_vision_config, weights_path
 
 __all__ = ["VLM_FORMAT", "lm_config", "new_vlm", "save_vlm", "load_vlm", "mini_tokenizer", "build_vlm"]
 
 
-def lm_config(tokenizer: Any, hidden: int = 256, layers: int = 4, heads: int = 8) -> Any:
+def lm_config(tokenizer: Any, hidden: int = 256, layers: int = 4, heads: int = 8) -> LlamaConfig:
     """``LlamaConfig`` of the from-scratch LM over ``tokenizer``'s vocabulary (``<image>`` included)."""
-    from transformers import LlamaConfig
-
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
@@ -36,11 +40,10 @@ def lm_config(tokenizer: Any, hidden: int = 256, layers: int = 4, heads: int = 8
     )
 
 
-def new_vlm(tokenizer: Any, hidden: int = 256, layers: int = 4, heads: int = 8, seed: int = 0) -> nn.Module:
+def new_vlm(tokenizer: Any, hidden: int = 256, layers: int = 4, heads: int = 8, seed: int = 0
+            ) -> LlavaForConditionalGeneration:
     """A fresh ``LlavaForConditionalGeneration``: the mini CLIP tower, LLaVA's 2-layer GELU projector and
     the from-scratch Llama of :func:`lm_config` (``tokenizer`` must already hold ``<image>``)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
-
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     if image_id is None or image_id == tokenizer.unk_token_id:
         raise ValueError("tokenizer has no <image> token; add it first (mini_tokenizer does)")
@@ -65,9 +68,7 @@ def save_vlm(model: nn.Module, vocab: Sequence[int], path: str | Path, extra: di
     """Write tower, projector and LM of a :func:`new_vlm` model as fp16 safetensors, atomically.
 
     The embedding (tied with the head) is stored as the rows ``vocab`` only: every other row is zero by
-    construction (:func:`train_lm`), which the loader restores."""
-    from safetensors.torch import save_file
-
+    construction (:func:`mmeff.train.grounding.train_lm`), which the loader restores."""
     text = model.config.text_config
     sd = {f"tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
     sd.update({f"projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()})
@@ -99,8 +100,6 @@ def load_vlm(path: str | Path, tokenizer: Any) -> nn.Module:
     """The ``LlavaForConditionalGeneration`` a :func:`save_vlm` file holds, float32 on the CPU, ``eval()``.
 
     Raises ``ValueError`` naming the file when it is not such a file or does not fit ``tokenizer``."""
-    from safetensors import safe_open
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -132,10 +131,6 @@ def load_vlm(path: str | Path, tokenizer: Any) -> nn.Module:
 
 def mini_tokenizer() -> Any:
     """SmolLM2-135M-Instruct's tokenizer plus the ``<image>`` placeholder (id 49152), left padding."""
-    from tokenizers import AddedToken
-
-    from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, smollm2_tokenizer
-
     tok = smollm2_tokenizer()
     tok.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.padding_side = "left"

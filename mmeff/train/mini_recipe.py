@@ -1,9 +1,10 @@
 """`mmeff mini train`: the whole recipe of the grounded mmeff-mini, resumable stage by stage.
 
-From the shipped dual encoder's image tower: three dense-tower phases (:func:`mmeff.grounding.train_tower`),
-cached features of generated training pictures, the projector aligned to the LM's word embeddings, the
-projector + LM with a one-object curriculum (:func:`mmeff.grounding.train_lm`), then the weights file, the
-held-out check with a blank-image control, the manifest record and a plot of the curves.
+From the shipped dual encoder's image tower: three dense-tower phases
+(:func:`mmeff.train.grounding.train_tower`), cached features of generated training pictures, the projector
+aligned to the LM's word embeddings, the projector + LM with a one-object curriculum
+(:func:`mmeff.train.grounding.train_lm`), then the weights file, the held-out check with a blank-image
+control, the manifest record and a plot of the curves.
 """
 
 from __future__ import annotations
@@ -16,9 +17,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from mmeff.train.grounding import LMTrainConfig, TowerTrainConfig, build_pool, probe_tower, train_lm, train_tower
+from mmeff.checkpoint import file_sha256
+from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS
+from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.eval.scenes import accuracy_by_kind, answer_scenes, heldout_items
+from mmeff.models.mini import HELDOUT_SEED, WEIGHT_FILES, create_clip, load_hf_vision
 from mmeff.models.mini_vlm import load_vlm, mini_tokenizer, new_vlm, save_vlm
+from mmeff.train.grounding import (
+    LMTrainConfig,
+    TowerTrainConfig,
+    build_pool,
+    probe_tower,
+    train_lm,
+    train_tower,
+)
+from mmeff.train.mini import device_name
 
 __all__ = ["MiniRecipe", "default_tower_phases", "train_mini", "plot_training"]
 
@@ -57,9 +72,6 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     ``time_limit`` (seconds) pauses the LM stage, and a second call continues it. ``init_from`` (a weights
     file :func:`save_vlm` wrote, e.g. the shipped one) starts from its tower, projector and LM instead: the
     tower phases and the projector's fresh start are skipped, and the LM stage runs its own schedule."""
-    from mmeff.models import mini
-    from mmeff.checkpoint import file_sha256
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -67,8 +79,6 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     tower_logs: list[dict[str, Any]] = []
     start: dict[str, Any] | None = None
     if init_from is not None:
-        from safetensors import safe_open
-
         model = load_vlm(init_from, tokenizer)
         start = {"file": Path(init_from).name, "sha256": file_sha256(init_from)}
         (out / "lm").mkdir(exist_ok=True)
@@ -80,7 +90,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
     else:
         model = new_vlm(tokenizer, recipe.hidden, recipe.layers, recipe.heads)
         tower = model.model.vision_tower
-        mini.load_hf_vision(tower, mini.create_clip("shipped").visual)
+        load_hf_vision(tower, create_clip("shipped").visual)
         for k, cfg in enumerate(recipe.tower, 1):
             hist = train_tower(tower, out / f"tower{k}", cfg, progress=progress)
             tower_logs.append({"config": asdict(cfg), "log": hist["log"], "train_seconds": hist.get("train_seconds")})
@@ -95,12 +105,12 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
                    time_limit=time_limit, single=single, stop_at=lm_stop_at, fresh_projector=start is None)
     del images, videos, single
     done = int(res["history"]["step"]) >= recipe.lm.steps
-    path = save_vlm(model, res["vocab"], out / mini.WEIGHT_FILES["vlm"])
+    path = save_vlm(model, res["vocab"], out / WEIGHT_FILES["vlm"])
     model = load_vlm(path, tokenizer)
-    items = mini.heldout_items(eval_per_kind)
-    acc = mini.accuracy_by_kind(mini.answer_scenes(model, tokenizer, items, batch_size=16, progress=progress))
+    items = heldout_items(eval_per_kind)
+    acc = accuracy_by_kind(answer_scenes(model, tokenizer, items, batch_size=16, progress=progress))
     blank = [dict(it, frames=[np.full_like(f, 90) for f in it["frames"]]) for it in items]
-    acc_blank = mini.accuracy_by_kind(mini.answer_scenes(model, tokenizer, blank, batch_size=16))
+    acc_blank = accuracy_by_kind(answer_scenes(model, tokenizer, blank, batch_size=16))
     manifest_file = out / "manifest.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
     manifest.setdefault("files", {})[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
@@ -110,14 +120,14 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
         "init_from": start,  # None: the tower phases above, from the dual encoder's image tower
         "command": "mmeff mini train --out DIR (recipe: mmeff.grounding.MiniRecipe defaults)",
         "recipe": asdict(recipe),
-        "trained_on": mini.device_name(torch.device("cpu")),
+        "trained_on": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "seconds_this_call": time.perf_counter() - t0,
         "tower": tower_logs,
         "tower_probe": probe,
         "lm": {"log": res["history"]["log"], "train_seconds": res["history"].get("train_seconds"),
                "vocab": len(res["vocab"]), "heldout_curve": res["curve"]},
-        "heldout_accuracy": {"n_per_kind": eval_per_kind, "seed": mini.HELDOUT_SEED, **acc},
+        "heldout_accuracy": {"n_per_kind": eval_per_kind, "seed": HELDOUT_SEED, **acc},
         "heldout_accuracy_blank": {"n_per_kind": eval_per_kind, **acc_blank},
     }
     tmp = manifest_file.with_name("manifest.json.tmp")
@@ -133,8 +143,6 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
 def plot_training(record: dict[str, Any], path: str | Path) -> Path:
     """The recipe's curves from a manifest's ``"vlm"`` record: the tower's per-head losses over its phases
     (left) and the LM's answer loss and held-out accuracy per question kind against steps (right)."""
-    from mmeff.eval.plotting import pyplot, save_figure
-
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
     offset = 0
@@ -151,8 +159,6 @@ def plot_training(record: dict[str, Any], path: str | Path) -> Path:
     ax1.legend(fontsize=7)
     curve = record["lm"]["heldout_curve"]
     steps = [c["step"] for c in curve]
-    from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS
-
     for i, kind in enumerate((*IMAGE_KINDS, *VIDEO_KINDS)):
         ax2.plot(steps, [100 * c.get(kind, float("nan")) for c in curve], lw=1, color=f"C{i}", label=kind)
     ax2.plot(steps, [100 * c["all"] for c in curve], lw=3, color="black", label="all")
