@@ -11,8 +11,8 @@ Layout (dependencies point down the list; nothing imports upward): ``kernels`` -
 
 import importlib
 
+from mmeff import adapters  # noqa: F401  (registers every adapter)
 from mmeff import deprecated as _deprecated
-from mmeff.adapters import tome
 from mmeff.api import apply, attach, patch, unpatch
 from mmeff.core import (
     BudgetReducer,
@@ -30,22 +30,22 @@ from mmeff.core import (
 )
 from mmeff.kv.presses import EvictingCache, FullKV, KVPress, StreamingLLM, create_press, list_presses
 from mmeff.kv.sepllm import SepLLM, separator_ids
-from mmeff.methods import vistog
 from mmeff.methods.baselines import AvgPool, CLSAttnTopK, RandomKeep, UniformKeep
 from mmeff.methods.fourier import FourierLowPass, fourier_compress
 from mmeff.methods.freevideo import FreeVideoLLM
 from mmeff.methods.tome import ToMe
 from mmeff.methods.vistog import VisToG
-from mmeff.models import cdt, eve, instruct_ipt, squeezetime
+from mmeff.models import embedded as _embedded  # noqa: F401  (registers mmeff-mini)
+from mmeff.models import squeezetime as _squeezetime  # noqa: F401  (registers its models)
 from mmeff.models.cdt import CDT
 from mmeff.models.eve import EveForConditionalGeneration
 from mmeff.models.instruct_ipt import InstructIPT
 from mmeff.models.zoo import create_model, list_models
-from mmeff.quant import flatquant
+from mmeff.quant import flatquant as _flatquant  # noqa: F401  (registers the quantizers)
 
 _deprecated.install()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AvgPool",
@@ -97,7 +97,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """Old flat module paths (``mmeff.mini``, ``mmeff.profile``, ...) as warning aliases for one release."""
+    """``mmeff.tome``, ``mmeff.eve``, ... (the modules ``__all__`` names) as the namespace they had in 0.1.0,
+    without a warning; other old flat module paths (``mmeff.mini``, ``mmeff.profile``) as warning aliases."""
+    if name in _deprecated.PUBLIC_MODULES:
+        return _deprecated.namespace(f"{__name__}.{name}", warn=False)
     if f"{__name__}.{name}" in _deprecated.ALIASES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,7 @@ import sys
 import warnings
 from types import ModuleType
 
-__all__ = ["ALIASES", "install"]
+__all__ = ["ALIASES", "PUBLIC_MODULES", "install", "namespace"]
 
 # old module path -> new module(s) holding its names (the first is where most of it went)
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -66,6 +66,22 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "mmeff.bench_tome": ("mmeff.bench.tome",),
     "mmeff.bench_vistog": ("mmeff.bench.vistog",),
 }
+
+
+#: old modules that ``mmeff.__all__`` names: ``mmeff.tome.patch(...)`` keeps working silently as an attribute
+PUBLIC_MODULES = ("cdt", "eve", "flatquant", "instruct_ipt", "squeezetime", "tome", "vistog")
+
+
+def namespace(name: str, warn: bool = True) -> ModuleType:
+    """The module an old path ``name`` answers with (made once); ``warn=False`` skips the FutureWarning
+    (``mmeff.tome`` reached as an attribute of ``mmeff``, which stays public)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if warn:
+        return importlib.import_module(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return importlib.import_module(name)
 
 
 def _caller_stacklevel() -> int:
