@@ -1,9 +1,11 @@
 """The one on-disk format of mmeff's own modules: safetensors with a ``format`` tag and the JSON config.
 
-ToCom, VisToG and Instruct-IPT save with :func:`save_module` and load with :func:`read_module`, which
-refuses a missing file, a file that is not safetensors, and a file of another format, each with a message
-naming the file. :func:`file_sha256` is the checksum the shipped weights (mmeff-mini, the Instruct-IPT
-miniature) are checked with.
+:class:`Checkpointable` is the ``save`` / ``load`` of every module built from a JSON-able config (ToCom,
+VisToG, CDT, Instruct-IPT): :func:`save_module` writes it (atomically) and :func:`read_module` reads it
+back, refusing a missing file, a folder, a file that is not safetensors, and a file of another format or
+with broken metadata, each in one line naming the file; :func:`load_exact` then refuses weights that do not
+fit the config. :func:`state_sha256` is the checksum of the weights a file may carry in its metadata, and
+:func:`file_sha256` the checksum the shipped weights (mmeff-mini, the Instruct-IPT miniature) are checked with.
 
 Training states (optimizer, RNG, history: what resuming needs besides the weights) are written by
 :func:`save_state` and read by :func:`load_state`: tensors and plain containers only, so ``torch.load``
@@ -13,18 +15,21 @@ same folder, synced and renamed, so a crash mid-write never leaves a torn checkp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "file_sha256", "load_exact", "load_state", "local_or_hub", "read_module", "save_module",
-           "save_state", "write_text_atomic"]
+__all__ = ["Checkpointable", "atomic_write", "file_sha256", "load_exact", "load_state", "local_or_hub",
+           "read_module", "save_module", "save_state", "state_sha256", "write_text_atomic"]
 
 
 def local_or_hub(ref: str | Path, what: str = "model") -> str:
@@ -95,8 +100,6 @@ def load_state(path: str | Path, map_location: str | torch.device | None = "cpu"
 
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB pieces (shipped weights are checked against their records)."""
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,35 +112,34 @@ def save_module(module: nn.Module, path: str | Path, fmt: str, config: Mapping[s
     """Write ``module``'s state dict (detached, contiguous, on the CPU) to ``path`` (folders made;
     atomically, :func:`atomic_write`) with metadata ``{"format": fmt, "config": json, "extra": json}``;
     returns the path."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     meta = {"format": fmt, "config": json.dumps(dict(config)), "extra": json.dumps(dict(extra or {}))}
     return atomic_write(path, lambda t: save_file(state, str(t), metadata=meta))
 
 
-def read_module(path: str | Path, fmt: str, what: str, device: str = "cpu"
+def read_module(path: str | Path, fmt: str, what: str, device: str | torch.device = "cpu"
                 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Tensor]]:
     """``(config, extra, state_dict)`` of a file written by :func:`save_module` with format ``fmt``.
 
-    ``FileNotFoundError`` if it is missing; ``ValueError`` ("``path`` is not ``what``") if it is not a
-    safetensors file or carries another format."""
-    from safetensors import SafetensorError, safe_open
-
+    ``FileNotFoundError`` if it is missing; one-line ``ValueError`` naming the file if it is a directory,
+    not a safetensors file, of another format, or its config / extra metadata is missing or not JSON."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a folder, not a file (expected {what})")
+        raise ValueError(f"{path} is a directory, not a file (expected {what})")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (expected {what})")
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != fmt:
                 raise ValueError(f"{path} is not {what} (metadata format={meta.get('format')!r})")
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     except SafetensorError as e:
         raise ValueError(f"{path} is not {what}: not a safetensors file ({e})") from e
-    return json.loads(meta["config"]), json.loads(meta.get("extra") or "{}"), state
+    try:
+        return json.loads(meta["config"]), json.loads(meta.get("extra") or "{}"), state
+    except (KeyError, json.JSONDecodeError) as e:  # the right format tag, broken config / extra metadata
+        raise ValueError(f"{path} is not {what}: its metadata is incomplete or not JSON ({e!r})") from e
 
 
 def load_exact(module: nn.Module, state: Mapping[str, Tensor], path: str | Path, what: str) -> None:
@@ -150,3 +152,83 @@ def load_exact(module: nn.Module, state: Mapping[str, Tensor], path: str | Path,
         raise ValueError(f"{path} does not fit {what}: missing {missing[:3]}, unexpected {unexpected[:3]}, "
                          f"wrong shape {shapes[:3]} (of {len(own)} tensors)")
     module.load_state_dict(state)
+
+
+def state_sha256(state: Mapping[str, Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict (sorted by name).
+
+    A file's own metadata cannot hold the file's hash, so :class:`Checkpointable` records this one: it
+    covers exactly the tensors that loading gets back."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+C = TypeVar("C", bound="Checkpointable")
+
+
+class Checkpointable:
+    """``save`` / ``load`` for an ``nn.Module`` rebuilt from its constructor config: one safetensors file
+    with the weights, the config as JSON and a format tag in its metadata (:func:`save_module`).
+
+    A subclass sets ``checkpoint_format`` (the tag; files with another are refused), ``checkpoint_what``
+    (how errors name the expected file) and implements :meth:`checkpoint_config`; it overrides
+    :meth:`from_checkpoint_config` when its constructor does not take that dict as keyword arguments.
+    ``checkpoint_sha256``: record :func:`state_sha256` of the weights in the metadata (key
+    ``weights_sha256``) and check it on load (files without the record load unchecked).
+    ``checkpoint_keep_dtype``: load in the dtype the weights were saved in (else the constructor's).
+    """
+
+    checkpoint_format: ClassVar[str] = ""
+    checkpoint_what: ClassVar[str] = "an mmeff checkpoint"
+    checkpoint_sha256: ClassVar[bool] = False
+    checkpoint_keep_dtype: ClassVar[bool] = False
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The JSON-able constructor config stored in the file."""
+        raise NotImplementedError(f"{type(self).__name__} does not define checkpoint_config()")
+
+    @classmethod
+    def from_checkpoint_config(cls: type[C], config: dict[str, Any]) -> C:
+        """A fresh module built from a stored config (default: ``cls(**config)``)."""
+        return cls(**config)
+
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write the weights and config to ``path`` (atomically; folders made); ``extra`` goes into the
+        metadata as JSON. Returns the path."""
+        if not isinstance(self, nn.Module):
+            raise TypeError(f"{type(self).__name__} is not an nn.Module; Checkpointable saves modules")
+        meta = dict(extra or {})
+        if self.checkpoint_sha256:
+            meta["weights_sha256"] = state_sha256(self.state_dict())
+        return save_module(self, path, self.checkpoint_format, self.checkpoint_config(), meta)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path, device: str | torch.device = "cpu") -> C:
+        """Rebuild a module written by :meth:`save`, on ``device``.
+
+        ``FileNotFoundError`` for a missing file; one-line ``ValueError`` naming the file for a directory,
+        a file that is not such a checkpoint, a config the constructor refuses, weights that no longer
+        match their recorded sha256, or weights that do not fit the config (:func:`load_exact`)."""
+        path = Path(path)
+        config, extra, state = read_module(path, cls.checkpoint_format, cls.checkpoint_what)
+        want = extra.get("weights_sha256") if cls.checkpoint_sha256 and isinstance(extra, dict) else None
+        if want is not None:
+            got = state_sha256(state)
+            if got != want:
+                raise ValueError(f"{path}: weights do not match the sha256 recorded when it was saved (got "
+                                 f"{got[:16]}..., expected {str(want)[:16]}...): the file is corrupt or was altered")
+        try:
+            model = cls.from_checkpoint_config(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: its config cannot build {cls.__name__} "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        assert isinstance(model, nn.Module)
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        if cls.checkpoint_keep_dtype and floats:
+            model.to(dtype=floats[0])
+        load_exact(model, state, path, "its own config")
+        return model.to(device)

@@ -94,3 +94,121 @@ def test_train_steps_resume_refuses_hostile_and_damaged_checkpoints(tmp_path, ho
     (out / "last.pt").write_bytes(good)
     hist = train_steps(nn.Linear(1, 1), Squares(), out, cfg, _loss, progress=False, log=lambda s: None)
     assert hist["step"] == 4 and sorted(p.name for p in out.iterdir()) == ["history.json", "last.pt"]
+
+
+# ------------------------------------------------------------------ one config base, one loop, one file format
+def test_train_configs_share_the_base_and_round_trip_through_json() -> None:
+    from mmeff.train.loop import BaseTrainConfig, StepTrainConfig
+    from mmeff.train.restoration import RestorationTrainConfig
+    from mmeff.train.videocls import TrainConfig
+    from mmeff.train.videotok import TokenizerTrainConfig
+
+    for cls in (RestorationTrainConfig, TokenizerTrainConfig, TrainConfig):
+        assert issubclass(cls, BaseTrainConfig)
+        cfg = cls(batch_size=3, seed=7)
+        data = json.loads(json.dumps(cfg.to_dict()))
+        assert cls.from_dict(data) == cfg
+    assert issubclass(RestorationTrainConfig, StepTrainConfig) and issubclass(TokenizerTrainConfig, StepTrainConfig)
+    # each trainer keeps its own defaults
+    assert (RestorationTrainConfig().steps, RestorationTrainConfig().batch_size, RestorationTrainConfig().save_every) \
+        == (2000, 16, 250)
+    assert TokenizerTrainConfig().perceptual == "auto" and TrainConfig().clip_grad == 40.0
+    with pytest.raises(ValueError, match=r"unknown RestorationTrainConfig fields \['kl_weight', 'perceptual'") as e:
+        RestorationTrainConfig.from_dict(TokenizerTrainConfig().to_dict())
+    assert "\n" not in str(e.value)
+
+
+def test_train_steps_refuses_to_resume_under_other_settings(tmp_path) -> None:
+    from mmeff.train.loop import StepTrainConfig, train_steps
+
+    cfg = StepTrainConfig(steps=4, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=0, save_every=2)
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    train_steps(nn.Linear(1, 1), Squares(), out, cfg, _loss, stop_after=2, progress=False, log=lambda s: None)
+    other = StepTrainConfig(**{**cfg.to_dict(), "lr": 5e-2})
+    with pytest.raises(ValueError, match=r"last\.pt holds a run with other settings \(lr 0\.01 -> 0\.05\)"):
+        train_steps(nn.Linear(1, 1), Squares(), out, other, _loss, progress=False, log=lambda s: None)
+    # loader workers do not change the run: resuming with another count goes on
+    same = StepTrainConfig(**{**cfg.to_dict(), "workers": 1})
+    hist = train_steps(nn.Linear(1, 1), Squares(), out, same, _loss, progress=False, log=lambda s: None)
+    assert hist["step"] == 4 and hist["config"]["workers"] == 1
+
+
+def test_epoch_sampler_shards_like_distributed_sampler() -> None:
+    from torch.utils.data import DistributedSampler
+
+    from mmeff.train.loop import EpochSampler
+
+    n, batch, world, seed = 11, 2, 3, 5
+    per_epoch = EpochSampler.steps_per_epoch(n, batch, world)
+    assert per_epoch == 2  # 11 clips over 3 ranks: 4 each (padded), in batches of 2
+    for rank in range(world):
+        got = list(EpochSampler(n, batch, 0, 3 * per_epoch, rank, world, seed))
+        assert len(got) == 3 * per_epoch
+        ref = DistributedSampler(range(n), world, rank, shuffle=True, seed=seed)
+        for epoch in range(3):
+            ref.set_epoch(epoch)
+            flat = [i for b in got[epoch * per_epoch:(epoch + 1) * per_epoch] for i in b]
+            assert flat == list(ref)
+    # a run resumed mid-epoch sees the same batches
+    whole = list(EpochSampler(n, batch, 0, 6, 1, world, seed))
+    assert list(EpochSampler(n, batch, 3, 6, 1, world, seed)) == whole[3:6]
+    assert [len(b) for b in EpochSampler(5, 2, 0, 3, 0, 1, 0)] == [2, 2, 1]  # a short last batch
+
+
+def test_checkpointable_round_trip_sha256_and_one_line_errors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from mmeff.checkpoint import Checkpointable
+
+    class Net(Checkpointable, nn.Module):
+        checkpoint_format = "mmeff.test-net"
+        checkpoint_what = "a test net"
+        checkpoint_sha256 = True
+
+        def __init__(self, width: int = 3) -> None:
+            super().__init__()
+            self.width = width
+            self.fc = nn.Linear(width, 2)
+
+        def checkpoint_config(self):
+            return {"width": self.width}
+
+    net = Net(4).to(torch.float64)
+    path = net.save(tmp_path / "sub" / "net.safetensors", extra={"note": "x"})
+    back = Net.load(path)
+    assert back.width == 4 and torch.equal(back.fc.weight, net.fc.weight.float())
+    assert back.fc.weight.dtype == torch.float32  # the constructor's dtype unless checkpoint_keep_dtype
+    Net.checkpoint_keep_dtype = True
+    assert Net.load(path).fc.weight.dtype == torch.float64
+    errors = []
+    with pytest.raises(ValueError, match="is a directory") as e:
+        Net.load(tmp_path)
+    errors.append(e)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        Net.load(tmp_path / "absent.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "mmeff.other"})
+    with pytest.raises(ValueError, match="is not a test net") as e:
+        Net.load(tmp_path / "other.safetensors")
+    errors.append(e)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "broken.safetensors"), metadata={"format": "mmeff.test-net"})
+    with pytest.raises(ValueError, match="metadata is incomplete") as e:
+        Net.load(tmp_path / "broken.safetensors")
+    errors.append(e)
+    save_file({"fc.weight": torch.zeros(2, 4)}, str(tmp_path / "short.safetensors"),
+              metadata={"format": "mmeff.test-net", "config": '{"width": 4}'})
+    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]") as e:
+        Net.load(tmp_path / "short.safetensors")
+    errors.append(e)
+    save_file({"fc.weight": torch.zeros(2, 4)}, str(tmp_path / "cfg.safetensors"),
+              metadata={"format": "mmeff.test-net", "config": '{"depth": 4}'})
+    with pytest.raises(ValueError, match="its config cannot build Net") as e:
+        Net.load(tmp_path / "cfg.safetensors")
+    errors.append(e)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # one weight's last byte
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="do not match the sha256") as e:
+        Net.load(path)
+    errors.append(e)
+    assert all("\n" not in str(x.value) for x in errors)

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 import mmeff
-from mmeff.methods.tocom import Batches, ToCom, kd_loss, train_tocom
+from mmeff.methods.tocom import ToCom, kd_loss
+from mmeff.train.tocom import Batches, train_tocom
 
 IMG, PATCH, DIM, HEADS, DEPTH = 32, 8, 32, 4, 2  # 16 patches + class token
 STEPS, STEP_RANK = 4, 2

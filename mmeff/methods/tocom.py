@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.checkpoint import read_module, save_module
+from mmeff.checkpoint import Checkpointable
 from mmeff.core import IN_TOWER, method_adapter
 from mmeff.hosts import vit_host
 
@@ -102,7 +102,7 @@ def _in_dim(slot: Slot) -> int:
     return int(slot.module.embed_dim)
 
 
-class ToCom(nn.Module):
+class ToCom(Checkpointable, nn.Module):
     """The token-compensator plug-in for one ViT architecture.
 
     Args:
@@ -230,17 +230,17 @@ class ToCom(nn.Module):
                 slot.module.v_proj.weight.copy_(w[2 * width :])
 
     # ------------------------------------------------------------------------------------ checkpoint
-    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write weights and config as safetensors (``extra`` goes into the metadata as JSON)."""
-        return save_module(self, path, "mmeff.tocom", self.config(), extra)
+    checkpoint_format = "mmeff.tocom"
+    checkpoint_what = "an mmeff ToCom checkpoint"
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """:meth:`config`, what :meth:`save` stores."""
+        return self.config()
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToCom:
-        """Load a plug-in written by :meth:`save`."""
-        config, _, state = read_module(path, "mmeff.tocom", "an mmeff ToCom checkpoint")
-        tocom = cls(**config)
-        tocom.load_state_dict(state)
-        return tocom.to(device).eval()
+        """Load a plug-in written by :meth:`save`, in eval mode (:meth:`Checkpointable.load`)."""
+        return super().load(path, device).eval()
 
 
 def weight_of(slot: Slot) -> tuple[Tensor, int]:

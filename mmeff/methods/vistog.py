@@ -49,22 +49,18 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.checkpoint import read_module, save_module
+from mmeff.checkpoint import Checkpointable
 from mmeff.core import IN_TOWER, Reduction, TokenContext, TokenReducer
 from mmeff.hosts import hf_vision_tower, is_qwen2_5_vl, is_qwen2_vl, vision_tower
 
 __all__ = ["GroupReduction", "Grouping", "GroupingLayer", "SEMANTIC_KEY", "VisToG", "isolation_mask", "num_patches", "vision_host"]
-
-_FORMAT = "mmeff-vistog/1"
 
 
 # ----------------------------------------------------------------------------------------- grouping
@@ -135,7 +131,7 @@ def isolation_mask(n_original: int, n_semantic: int, dtype: torch.dtype, device:
 
 
 @IN_TOWER.register("vistog")
-class VisToG(nn.Module):
+class VisToG(Checkpointable, nn.Module):
     """The trainable part of VisToG (semantic tokens + grouping layer) and its configuration.
 
     Attach with ``mmeff.apply(model, vistog)``; build with :meth:`for_model`; save/load with
@@ -143,6 +139,9 @@ class VisToG(nn.Module):
     """
 
     name: ClassVar[str] = "vistog"
+    checkpoint_format = "mmeff-vistog/1"
+    checkpoint_what = "a VisToG file"
+    checkpoint_keep_dtype = True  # a tower in bf16 gets its VisToG back in bf16
 
     def __init__(self, dim: int, num_groups: int = 64, *, token_dim: int | None = None, mlp_ratio: float = 4.0,
                  gumbel: bool = True, tau: float = 1.0, hard: bool = True, semantic_self_attention: bool = True,
@@ -194,19 +193,9 @@ class VisToG(nn.Module):
                              f"{self.dim}); got {tuple(patches.shape)} and {tuple(semantic.shape)}")
         return self.grouping(semantic, patches)
 
-    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write the parameters as safetensors with the configuration (and ``extra``) in the metadata."""
-        return save_module(self, path, _FORMAT, self.config, extra)
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> VisToG:
-        """Rebuild a saved VisToG (refuses files of another format)."""
-        cfg, _, sd = read_module(path, _FORMAT, "a VisToG file")
-        dim, m = cfg.pop("dim"), cfg.pop("num_groups")
-        out = cls(dim, m, **cfg)
-        out.load_state_dict(sd, strict=True)
-        dtype = next(iter(sd.values())).dtype
-        return out.to(device=device, dtype=dtype)
+    def checkpoint_config(self) -> dict[str, Any]:
+        """:attr:`config`, what :meth:`save` stores."""
+        return self.config
 
 
 @dataclass
@@ -216,6 +205,9 @@ class Grouping(TokenReducer):
 
     vistog: VisToG | None = field(default=None, repr=False)
     name: ClassVar[str] = "vistog"
+    checkpoint_format = "mmeff-vistog/1"
+    checkpoint_what = "a VisToG file"
+    checkpoint_keep_dtype = True  # a tower in bf16 gets its VisToG back in bf16
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         m = self.vistog.num_groups

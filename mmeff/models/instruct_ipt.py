@@ -42,6 +42,7 @@ without biases); ``instruct_ipt_small`` / ``ipt_small`` and ``instruct_ipt_tiny`
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -52,7 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmeff.checkpoint import Checkpointable, file_sha256
 from mmeff.datasets.restoration import TASKS
+from mmeff.models.instructions import default_router
+from mmeff.models.zoo import register_model
 
 __all__ = [
     "IPTConfig",
@@ -280,7 +284,7 @@ def _starts(length: int, tile: int, overlap: int) -> list[int]:
     return out
 
 
-class InstructIPT(nn.Module):
+class InstructIPT(Checkpointable, nn.Module):
     """IPT with per-task low-rank weight biases (module docstring).
 
     ``forward(images, task)``: ``images`` ``(B, 3, H, W)`` RGB in [0, 1], any size; ``task`` a task name
@@ -393,12 +397,10 @@ class InstructIPT(nn.Module):
 
     def instruct(self, images: Tensor, instruction: str, router: Any = None) -> Tensor:
         """Restore ``images`` ``(B, 3, H, W)`` as a free-text ``instruction`` asks ("remove the rain"):
-        the task comes from ``router`` (default: :func:`mmeff.instructions.default_router` over this
+        the task comes from ``router`` (default: :func:`mmeff.models.instructions.default_router` over this
         model's tasks, the bundled MiniLM); instructions that match no task raise
-        :class:`~mmeff.instructions.UnknownInstruction`."""
+        :class:`~mmeff.models.instructions.UnknownInstruction`."""
         if router is None:
-            from mmeff.models.instructions import default_router
-
             router = default_router(self.cfg.tasks)
         return self(images, router.route(instruction))
 
@@ -429,59 +431,33 @@ class InstructIPT(nn.Module):
         out.load_state_dict(dst)
         return out.train(self.training)
 
+    # ------------------------------------------------------------------------------------ checkpoint
+    checkpoint_format = _FORMAT
+    checkpoint_what = "an Instruct-IPT checkpoint written by InstructIPT.save"
+    checkpoint_sha256 = True
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The :class:`IPTConfig` as a dict, what :meth:`save` stores."""
+        return asdict(self.cfg)
+
+    @classmethod
+    def from_checkpoint_config(cls, config: dict[str, Any]) -> InstructIPT:
+        """The model of a stored :class:`IPTConfig`."""
+        return cls(IPTConfig(**config))
+
     def save(self, path: str | Path) -> Path:
         """Write weights and config to one safetensors file (:mod:`mmeff.checkpoint`, written atomically)
         with the sha256 of the weights in its metadata, which :meth:`load` checks."""
-        from mmeff.checkpoint import save_module
-
-        return save_module(self, path, _FORMAT, asdict(self.cfg), {"weights_sha256": _state_sha256(self.state_dict())})
+        return super().save(path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> InstructIPT:
-        """Rebuild a model written by :meth:`save`.
+        """Rebuild a model written by :meth:`save` (:meth:`Checkpointable.load`).
 
         ``FileNotFoundError`` for a missing file; a one-line ``ValueError`` naming the file for a directory,
         a file that is not such a checkpoint, weights that no longer match the sha256 recorded at save time
         (files saved before that record load unchecked), or weights that do not fit the saved config."""
-        import json
-
-        from mmeff.checkpoint import load_exact, read_module
-
-        path = Path(path)
-        what = "an Instruct-IPT checkpoint written by InstructIPT.save"
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory, not {what}")
-        try:
-            config, extra, state = read_module(path, _FORMAT, what)
-        except (KeyError, json.JSONDecodeError) as e:  # right format tag, broken config / extra metadata
-            raise ValueError(f"{path} is not {what}: its metadata is incomplete or not JSON ({e!r})") from e
-        want = extra.get("weights_sha256") if isinstance(extra, dict) else None
-        if want is not None:
-            got = _state_sha256(state)
-            if got != want:
-                raise ValueError(f"{path}: weights do not match the sha256 recorded when it was saved (got "
-                                 f"{got[:16]}..., expected {str(want)[:16]}...): the file is corrupt or was altered")
-        try:
-            model = cls(IPTConfig(**config))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: its config does not describe an Instruct-IPT model ({e})") from e
-        load_exact(model, state, path, "its own config")
-        return model.to(map_location)
-
-
-def _state_sha256(state: dict[str, Tensor]) -> str:
-    """sha256 over names, dtypes, shapes and bytes of a state dict (sorted by name).
-
-    It lives in the file's own metadata, so it cannot be the file's hash; it covers exactly what
-    :meth:`InstructIPT.load` gets back."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+        return super().load(path, map_location)
 
 
 # --------------------------------------------------------------------------------------------- analysis
@@ -566,10 +542,6 @@ def shipped_model(folder: str | Path | None = None) -> InstructIPT:
     shipped in ``mmeff/weights/`` (how it was trained and its held-out scores: ``instruct-ipt-mini.json``
     beside it). The file's sha256 is checked against that record; a missing or altered file raises an error
     naming the command that regenerates it."""
-    import json
-
-    from mmeff.checkpoint import file_sha256
-
     root = Path(folder) if folder is not None else Path(__file__).resolve().parents[1] / "weights"
     path, record = root / SHIPPED_FILE, root / SHIPPED_RECORD
     if not path.is_file() or not record.is_file():
@@ -583,11 +555,19 @@ def shipped_model(folder: str | Path | None = None) -> InstructIPT:
     return InstructIPT.load(path)
 
 
-def _register() -> None:
-    from mmeff.models.zoo import register_model
+_SUMMARIES = {
+    "instruct_ipt": "Instruct-IPT at IPT's size (12+12 layers, width 576), rank-8 task biases for 5 restoration tasks",
+    "ipt": "IPT at its paper's size (12+12 layers, width 576): one body for 5 restoration tasks, no task biases",
+    "instruct_ipt_small": "Instruct-IPT miniature (2+2 layers, width 64, rank-4 biases); trained weights ship",
+    "ipt_small": "IPT miniature (2+2 layers, width 64, no task biases): the restoration bench's comparison point",
+    "instruct_ipt_tiny": "Instruct-IPT for tests (1+1 layers, width 32, rank-2 biases)",
+}
 
+
+def _register() -> None:
     for name in _CONFIGS:
-        register_model(name, "instruct_ipt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw))
+        register_model(name, "instruct_ipt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw),
+                       summary=_SUMMARIES[name])
 
 
 _register()

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmeff.models.zoo import register_model
+
 __all__ = ["CTL", "SqueezeTime", "create_model", "list_models", "squeeze_time", "export_onnx", "check_onnx"]
 
 _GATE = 16  # channels of the IOI gate branch (fixed in the paper's code)
@@ -243,11 +245,20 @@ def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> Squ
 _OFFICIAL = (("backbone.net.conv1.", "stem.0."), ("backbone.net.bn1.", "stem.1."), ("cls_head.fc_cls.", "head."))
 
 
-def _register() -> None:
-    from mmeff.models.zoo import register_model
+_SUMMARIES = {
+    "squeezetime_k400": "SqueezeTime-50 video classifier, K400 head (400 classes): the paper's model",
+    "squeezetime_k600": "SqueezeTime-50 video classifier, K600 head (600 classes)",
+    "squeezetime_hmdb51": "SqueezeTime-50 video classifier, HMDB51 head (51 classes)",
+    "squeezetime_10": "SqueezeTime-10 video classifier, K400 head (400 classes); the miniature bench's backbone",
+    "squeezetime_18": "SqueezeTime-18 video classifier, K400 head (400 classes)",
+    "squeezetime_34": "SqueezeTime-34 video classifier, K400 head (400 classes)",
+}
 
+
+def _register() -> None:
     for name in _CONFIGS:
-        register_model(name, "squeezetime", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw))
+        register_model(name, "squeezetime", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw),
+                       summary=_SUMMARIES[name])
 
 
 _register()
@@ -349,7 +360,7 @@ _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 def _register_timm() -> None:
     try:
-        from timm.models import register_model
+        from timm.models import register_model as timm_register_model
         from timm.models._registry import is_model
     except ImportError:  # timm is a dependency, but keep the module importable without it
         return
@@ -366,7 +377,7 @@ def _register_timm() -> None:
 
         make.__name__ = name
         make.__module__ = __name__
-        register_model(make)
+        timm_register_model(make)
 
 
 _register_timm()

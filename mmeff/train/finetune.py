@@ -25,9 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-import mmeff
+from mmeff.api import apply
 from mmeff.core import TokenReducer
 from mmeff.hfconfig import pad_token_id
+from mmeff.models.hf import llava_tokens_per_image
+from mmeff.preprocess import llava_pixel_values
 
 __all__ = [
     "PARTS",
@@ -162,7 +164,7 @@ def finetune(
     stats: dict[str, Any] = {}
     total = steps * grad_accum if steps is not None else _len_or_none(batches)
     bar = tqdm(total=total, desc="finetune", unit="batch", disable=not progress)
-    ctx = mmeff.apply(model, reducer, **adapter_options) if reducer is not None else contextlib.nullcontext()
+    ctx = apply(model, reducer, **adapter_options) if reducer is not None else contextlib.nullcontext()
     try:
         model.train()
         with torch.enable_grad(), ctx as handle:
@@ -338,12 +340,10 @@ def llava_sft_batches(
     (CLIP preprocessing at the tower's size, or ``image_processor`` when given, e.g. a checkpoint's own).
     Records are shuffled per epoch with ``seed``.
     """
-    from mmeff.models import hf as models
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cfg = model.config
-    per_image = models.llava_tokens_per_image(cfg)
+    per_image = llava_tokens_per_image(cfg)
     pad = pad_token_id(cfg)
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
@@ -369,7 +369,7 @@ def llava_sft_batches(
                 if image_processor is not None:
                     px = image_processor(imgs, return_tensors="pt")["pixel_values"]
                 else:
-                    px = models.llava_pixel_values(imgs, int(cfg.vision_config.image_size))
+                    px = llava_pixel_values(imgs, int(cfg.vision_config.image_size))
                 batch["pixel_values"] = px.to(dtype)
             yield batch
 

@@ -1,22 +1,34 @@
-"""The step-based training loop that restoration (Instruct-IPT) and video tokenizers (CDT) share.
+"""The one training loop of mmeff's trainers, and the config base they share.
 
-:func:`train_steps` runs ``cfg.steps`` optimiser steps of a loss function over a dataset whose item ``i``
-is a pure function of ``i``: step ``s`` reads items ``s * batch * world + rank * batch + j``
-(:class:`StepSampler`), so ``resume=True`` continues bit-for-bit from ``out_dir/last.pt`` with no data
-state to save. Adam with a linear warm-up and cosine decay (:func:`lr_at`), gradient clipping, a progress
-bar, ``last.pt`` + ``history.json`` every ``save_every`` steps, and DDP under ``torchrun`` (the library's
-:func:`~mmeff.distributed.init_distributed`); rank 0 logs and saves.
+:func:`train_steps` runs ``cfg.steps`` optimiser steps of a loss function. Two ways to feed it:
+
+* by default, a dataset whose item ``i`` is a pure function of ``i``: step ``s`` reads items
+  ``s * batch * world + rank * batch + j`` (:class:`StepSampler`);
+* ``shuffle=True``: epoch-wise reshuffled passes over a finite dataset (a folder of clips), epoch ``e``'s
+  order a pure function of ``seed + e`` and sharded over ranks as ``DistributedSampler`` does
+  (:class:`EpochSampler`), with a hook before each epoch's loader starts.
+
+Either way ``resume=True`` continues bit-for-bit from ``out_dir/last.pt`` with no data state to save.
+Adam with a linear warm-up and cosine decay (:func:`lr_at`) unless the caller gives its own optimiser and
+schedule, gradient clipping, a progress bar, ``last.pt`` + ``history.json`` every ``save_every`` steps
+(written atomically; read back without unpickling code), and DDP under ``torchrun``
+(:func:`~mmeff.train.distributed.init_distributed`); rank 0 logs and saves.
+
+:class:`BaseTrainConfig` holds the settings every trainer has (batch size, learning rate, weight decay,
+clipping, loader workers, seed) with :meth:`~BaseTrainConfig.to_dict` / :meth:`~BaseTrainConfig.from_dict`;
+:class:`StepTrainConfig` adds the step schedule. Resuming checks the saved config against the current one.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -26,22 +38,82 @@ from tqdm.auto import tqdm
 from mmeff.checkpoint import load_state, save_state, write_text_atomic
 from mmeff.train.distributed import init_distributed
 
-__all__ = ["StepSampler", "StepTrainConfig", "lr_at", "train_steps"]
+__all__ = ["BaseTrainConfig", "EpochSampler", "StepSampler", "StepTrainConfig", "config_dict", "lr_at",
+           "train_steps"]
+
+T = TypeVar("T", bound="BaseTrainConfig")
 
 
-class StepTrainConfig(Protocol):
-    """The fields :func:`train_steps` reads (``RestorationTrainConfig``, ``TokenizerTrainConfig``)."""
+@dataclass(kw_only=True)
+class BaseTrainConfig:
+    """The settings every mmeff trainer shares. Subclasses add their own (``@dataclass(kw_only=True)``,
+    redeclaring a field to change its default).
 
-    steps: int
-    batch_size: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    weight_decay: float
-    clip_grad: float
-    save_every: int
-    workers: int
-    seed: int
+    ``resume_may_change``: fields a resumed run may set differently from the saved run (they do not change
+    the trajectory, or lengthen / shorten it); any other difference refuses to resume."""
+
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0  # max gradient norm; 0: no clipping
+    workers: int = 0  # DataLoader worker processes
+    seed: int = 0
+
+    resume_may_change: ClassVar[frozenset[str]] = frozenset({"workers", "save_every", "steps"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-safe dict (tuples as lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+        """The config of a :meth:`to_dict` dict (lists back to tuples); fields it lacks keep their defaults.
+        One-line ``ValueError`` for a key that is not a field."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a {cls.__name__} is read from a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclass(kw_only=True)
+class StepTrainConfig(BaseTrainConfig):
+    """A step-counted run for :func:`train_steps`: ``steps`` optimiser steps, linear warm-up over
+    ``warmup_steps`` then cosine decay to ``min_lr`` (:func:`lr_at`), ``last.pt`` every ``save_every``."""
+
+    steps: int = 1000
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    save_every: int = 100
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """``cfg.to_dict()`` for a :class:`BaseTrainConfig`, ``asdict`` for another dataclass config."""
+    if isinstance(cfg, BaseTrainConfig):
+        return cfg.to_dict()
+    if is_dataclass(cfg) and not isinstance(cfg, type):
+        return asdict(cfg)
+    raise TypeError(f"a training config is a dataclass, got {type(cfg).__name__}")
+
+
+def check_resume_config(saved: Any, cfg: Any, ckpt: Path) -> None:
+    """Refuse (one-line ``ValueError`` naming ``ckpt``) to resume a run saved with ``saved`` (its config
+    dict) under ``cfg`` when ``cfg`` is a :class:`BaseTrainConfig` and they differ outside
+    ``resume_may_change``, or ``saved`` is not a config of ``cfg``'s class. Other configs are not checked."""
+    if not isinstance(cfg, BaseTrainConfig) or saved is None:
+        return
+    hint = "train into another folder, or start over without resuming"
+    try:
+        before = type(cfg).from_dict(saved).to_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt} was saved by another kind of run ({str(e).splitlines()[0]}); {hint}") from None
+    now = cfg.to_dict()
+    changed = [k for k in now if now[k] != before[k] and k not in cfg.resume_may_change]
+    if changed:
+        diff = ", ".join(f"{k} {before[k]!r} -> {now[k]!r}" for k in changed)
+        raise ValueError(f"{ckpt} holds a run with other settings ({diff}); {hint}")
 
 
 def lr_at(step: int, cfg: StepTrainConfig) -> float:
@@ -67,6 +139,46 @@ class StepSampler(torch.utils.data.Sampler[int]):
         return (self.stop - self.start) * self.batch
 
 
+class EpochSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches (lists of indices) of steps ``[start, stop)`` of epoch-wise shuffled passes over ``n`` items,
+    for one rank: epoch ``e`` is ``randperm(n)`` drawn from ``seed + e``, padded by its first items to a
+    multiple of ``world`` and dealt ``rank::world`` (``DistributedSampler``'s sharding), then cut into
+    batches of ``batch`` (the last of an epoch may be smaller). Step ``s`` is batch ``s % steps_per_epoch``
+    of epoch ``s // steps_per_epoch``."""
+
+    def __init__(self, n: int, batch: int, start: int, stop: int, rank: int, world: int, seed: int) -> None:
+        if n < 1 or batch < 1:
+            raise ValueError(f"EpochSampler needs n >= 1 items and batch >= 1, got {n}, {batch}")
+        self.n, self.batch, self.start, self.stop = n, batch, start, stop
+        self.rank, self.world, self.seed = rank, world, seed
+        self.per_epoch = self.steps_per_epoch(n, batch, world)
+
+    @staticmethod
+    def steps_per_epoch(n: int, batch: int, world: int = 1) -> int:
+        """Steps of one pass over ``n`` items in batches of ``batch`` on each of ``world`` ranks."""
+        per_rank = -(-n // world)  # ceil: DistributedSampler pads the last round
+        return -(-per_rank // batch)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's items of ``epoch``, in order."""
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+        total = -(-self.n // self.world) * self.world
+        order += (order * math.ceil(total / self.n))[: total - self.n]
+        return order[self.rank:total:self.world]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, items = -1, []
+        for s in range(self.start, self.stop):
+            if s // self.per_epoch != epoch:
+                epoch = s // self.per_epoch
+                items = self.epoch_indices(epoch)
+            j = s % self.per_epoch
+            yield items[j * self.batch:(j + 1) * self.batch]
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
 def train_steps(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -84,23 +196,47 @@ def train_steps(
     length_hint: str = "length",
     collate_fn: Callable[[list[Any]], Any] | None = None,
     trainable_only: bool = False,
+    steps: int | None = None,
+    save_every: int | None = None,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    lr_schedule: Callable[[int], float] | None = None,
+    shuffle: bool = False,
+    on_epoch: Callable[[int], None] | None = None,
+    on_log: Callable[[int, dict[str, float], dict[str, Any]], str | None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.steps`` steps of ``loss_fn(net, batch, step, device) -> {"loss": ..., other parts}``.
 
-    ``net`` is the DDP-wrapped model under ``torchrun`` when ``ddp_forward`` (the loss calls its forward,
-    so DDP averages the gradients); otherwise the bare model, and the gradients are averaged here.
-    ``stop_after``: return after that many steps of this call (the schedule stays that of ``cfg.steps``;
-    a later call resumes). Returns the history ``{"config", "log": [{"step", <part means>, "lr",
-    "seconds"}], "step", "train_seconds", **history_extra}`` (``seconds``: since this call started;
-    ``train_seconds``: all calls together). The dataset must hold ``steps * batch * world`` items.
-    Only parameters with ``requires_grad`` train; ``trainable_only`` saves only those in ``last.pt`` (a
-    model with a large frozen part, e.g. a VLM's language model)."""
+    ``cfg``: a :class:`StepTrainConfig` (or any dataclass with its fields). ``net`` is the DDP-wrapped
+    model under ``torchrun`` when ``ddp_forward`` (the loss calls its forward, so DDP averages the
+    gradients); otherwise the bare model, and the gradients are averaged here. ``stop_after``: return after
+    that many steps of this call (the schedule stays that of ``cfg.steps``; a later call resumes). Returns
+    the history ``{"config", "log": [{"step", <part means>, "lr", "seconds"}], "step", "train_seconds",
+    **history_extra}`` (``seconds``: since this call started; ``train_seconds``: all calls together).
+    Without ``shuffle`` the dataset must hold ``steps * batch * world`` items. Only parameters with
+    ``requires_grad`` train; ``trainable_only`` saves only those in ``last.pt`` (a model with a large
+    frozen part, e.g. a VLM's language model).
+
+    For a run counted otherwise (a config in epochs): ``steps`` / ``save_every`` replace ``cfg.steps`` /
+    ``cfg.save_every``; ``optimizer(model)`` replaces Adam over the trainable parameters and
+    ``lr_schedule(step)`` replaces :func:`lr_at` (the rate is set on every parameter group). ``shuffle``:
+    feed epoch-wise shuffled passes over the dataset (:class:`EpochSampler`, batches of ``cfg.batch_size``
+    per rank); ``on_epoch(epoch)`` runs before each epoch's loader starts, so its workers see what it sets.
+    ``on_log(step, row, history)`` runs on every rank each time a log row (part means since the last one)
+    is recorded, before ``last.pt`` is written; it may add to ``history``, and rank 0 logs the text it
+    returns (instead of the loop's closing summary line)."""
     out = Path(out_dir)
     rank, world, device = init_distributed()
-    need = cfg.steps * cfg.batch_size * world
-    if len(dataset) < need:
-        raise ValueError(f"dataset has {len(dataset)} items; {cfg.steps} steps of {cfg.batch_size} x {world} "
-                         f"ranks need {need} (give the dataset {length_hint}={need})")
+    total = cfg.steps if steps is None else steps
+    every = cfg.save_every if save_every is None else save_every
+    if shuffle:
+        if len(dataset) < 1:
+            raise ValueError("the dataset is empty")
+        per_epoch = EpochSampler.steps_per_epoch(len(dataset), cfg.batch_size, world)
+    else:
+        need = total * cfg.batch_size * world
+        if len(dataset) < need:
+            raise ValueError(f"dataset has {len(dataset)} items; {total} steps of {cfg.batch_size} x {world} "
+                             f"ranks need {need} (give the dataset {length_hint}={need})")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -113,12 +249,19 @@ def train_steps(
     if not params:
         raise ValueError("the model has no trainable parameters (every requires_grad is False)")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    history: dict[str, Any] = {"config": asdict(cfg), "log": [], "step": 0, **(history_extra or {})}  # type: ignore[call-overload]
+    opt = optimizer(model) if optimizer is not None else torch.optim.Adam(params, lr=cfg.lr,
+                                                                          weight_decay=cfg.weight_decay)
+    schedule = lr_schedule if lr_schedule is not None else (lambda s: lr_at(s, cfg))
+    config = config_dict(cfg)
+    history: dict[str, Any] = {"config": config, "log": [], "step": 0, **(history_extra or {})}
     ckpt = out / "last.pt"
     start = 0
     if resume and ckpt.is_file():
         state = load_state(ckpt, map_location=device)
+        lacks = sorted({"model", "optimizer", "rng", "history", "step"} - set(state))
+        if lacks:
+            raise ValueError(f"{ckpt} is not a checkpoint of this loop (it lacks {lacks}; an older mmeff's?); "
+                             f"train into another folder or start over without resuming")
         try:
             if trainable_only:
                 missing = trainable - set(state["model"])
@@ -130,20 +273,36 @@ def train_steps(
         except RuntimeError as e:
             raise ValueError(f"{ckpt} holds another model configuration; train into another folder or start "
                              f"over without resuming ({str(e).splitlines()[0]})") from e
+        check_resume_config(state.get("history", {}).get("config"), cfg, ckpt)
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         history, start = state["history"], state["step"]
-        log(f"resumed from {ckpt} at step {start}")
+        if isinstance(cfg, BaseTrainConfig):  # checked above: only resume_may_change fields can differ
+            history["config"] = config
+        log(f"resumed from {ckpt} at step {start}" + (f" (epoch {start // per_epoch})" if shuffle else ""))
     base_seconds = float(history.get("train_seconds", 0.0))  # over all calls, for reports of resumed runs
-    stop = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    stop = total if stop_after is None else min(total, start + stop_after)
     if start >= stop:
         return history
-    # the loader gets its own generator: drawing its base seed from the global RNG would shift every
-    # later random draw of a resumed run
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size,
-                                         sampler=StepSampler(start, stop, cfg.batch_size, rank, world),
-                                         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),
-                                         collate_fn=collate_fn)
+
+    def loaders() -> Iterator[Iterable[Any]]:
+        # the loaders get their own generators: drawing their base seeds from the global RNG would shift
+        # every later random draw of a resumed run
+        if not shuffle:
+            yield torch.utils.data.DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=StepSampler(start, stop, cfg.batch_size, rank, world),
+                num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate_fn)
+            return
+        # one loader per epoch: its workers start after on_epoch, so they see what it changed
+        for epoch in range(start // per_epoch, (stop - 1) // per_epoch + 1):
+            if on_epoch is not None:
+                on_epoch(epoch)
+            a, b = max(start, epoch * per_epoch), min(stop, (epoch + 1) * per_epoch)
+            batches = EpochSampler(len(dataset), cfg.batch_size, a, b, rank, world, cfg.seed)
+            yield torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
+                                              generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                              collate_fn=collate_fn)
+
     use = net if ddp_forward else model
 
     def save(step: int) -> None:
@@ -159,11 +318,11 @@ def train_steps(
         write_text_atomic(out / "history.json", json.dumps(history, indent=1))
 
     net.train()
-    bar = tqdm(loader, total=stop - start, desc=f"train {start}->{stop}/{cfg.steps}",
+    bar = tqdm(itertools.chain.from_iterable(loaders()), total=stop - start, desc=f"train {start}->{stop}/{total}",
                disable=not progress or rank != 0, leave=False)
     t0, window, step = time.perf_counter(), [], start
     for batch in bar:
-        lr = lr_at(step, cfg)
+        lr = schedule(step)
         for group in opt.param_groups:
             group["lr"] = lr
         parts = loss_fn(use, batch, step, device)
@@ -178,16 +337,19 @@ def train_steps(
             nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         opt.step()
         step += 1
-        window.append({k: float(v.detach()) for k, v in parts.items()})
+        window.append({k: float(v.detach()) if isinstance(v, Tensor) else float(v) for k, v in parts.items()})
         bar.set_postfix(loss=f"{np.mean([w['loss'] for w in window[-50:]]):.4f}")
-        if step % cfg.save_every == 0 or step == stop:
+        if step % every == 0 or step == stop:
             row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
             history["log"].append({"step": step, **row, "lr": lr, "seconds": time.perf_counter() - t0})
             window = []
+            text = on_log(step, row, history) if on_log is not None else None
             save(step)
+            if text and rank == 0:
+                log(text)
     bar.close()
-    if rank == 0 and history["log"]:
+    if on_log is None and rank == 0 and history["log"]:
         e = history["log"][-1]
         parts_text = " ".join(f"{k} {e[k]:.4f}" for k in e if k not in ("step", "lr", "seconds"))
-        log(f"step {e['step']}/{cfg.steps} {parts_text} ({e['seconds']:.0f} s this call)")
+        log(f"step {e['step']}/{total} {parts_text} ({e['seconds']:.0f} s this call)")
     return history

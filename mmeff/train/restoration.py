@@ -1,7 +1,7 @@
 """Training and evaluation of all-in-one restoration models (Instruct-IPT and any ``model(images, task)``).
 
 * :func:`train_restoration`: L1 loss (IPT's) through the library's step loop
-  (:func:`mmeff.training.train_steps`: Adam with a linear warm-up and cosine decay, gradient clipping, a
+  (:func:`mmeff.train.loop.train_steps`: Adam with a linear warm-up and cosine decay, gradient clipping, a
   progress bar, ``out_dir/last.pt`` every ``save_every`` steps, exact resume, DDP under ``torchrun``).
   The data is a :class:`~mmeff.datasets.restoration.DegradedImages` (or any dataset whose item ``i`` is a
   pure function of ``i``).
@@ -22,13 +22,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from mmeff.eval.metrics import psnr, quantize_8bit, ssim
-from mmeff.train.loop import train_steps
+from mmeff.train.loop import StepTrainConfig, train_steps
 
 __all__ = ["RestorationTrainConfig", "evaluate_restoration", "train_restoration"]
 
 
-@dataclass
-class RestorationTrainConfig:
+@dataclass(kw_only=True)
+class RestorationTrainConfig(StepTrainConfig):
     """Optimisation settings (IPT fine-tunes with Adam and L1; the schedule here is for training from scratch)."""
 
     steps: int = 2000
@@ -55,7 +55,7 @@ def train_restoration(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train ``model(images, task_ids)`` on ``dataset`` items ``(degraded, clean, task)`` with the L1 loss;
-    checkpoint to ``out_dir/last.pt`` (:func:`mmeff.training.train_steps`). ``stop_after``: return after
+    checkpoint to ``out_dir/last.pt`` (:func:`mmeff.train.loop.train_steps`). ``stop_after``: return after
     this many steps of this call (the schedule stays that of ``cfg.steps``; a later call resumes). The
     dataset must hold ``steps * batch * world`` items. Returns the history ``{"config", "log": [{"step",
     "loss", "lr", "seconds"}...], "step", "train_seconds"}`` (``seconds``: since this call started;

@@ -1,16 +1,17 @@
 """Video classification on a Kinetics-style folder (``root/<class>/<clip>.mp4``): data, training, testing.
 
-Used by SqueezeTime (:mod:`mmeff.squeezetime`) and any model mapping clips ``(B, 3, T, H, W)`` to logits.
+Used by SqueezeTime (:mod:`mmeff.models.squeezetime`) and any model mapping clips ``(B, 3, T, H, W)`` to logits.
 
 * :class:`VideoFolder` lists the clips (classes = sorted sub-folders) and decodes them with the library's
   loader (:func:`mmeff.datasets.media.load_video`, decord with a PyAV fallback). Training views: T frames
   at the midpoints of T segments of a random window (``train_window`` of the video), a random resized
   crop and a horizontal flip. Test views: ``clips`` consecutive windows x ``crops`` crops (1: centre,
   3: the official ThreeCrop along the long side) after resizing the short side to ``size``.
-* :func:`train` runs SGD with momentum, linear warm-up and a cosine schedule, gradient clipping, progress
-  bars, and writes ``last.pt`` every epoch (``resume=True`` continues bit-for-bit from it). Under
-  ``torchrun`` (``WORLD_SIZE`` > 1) it runs DDP: NCCL on CUDA, Gloo on CPU; rank 0 logs and saves (its
-  logged loss and accuracy are over its own shard of the data).
+* :func:`train` runs SGD with momentum, linear warm-up and a cosine schedule through the library's loop
+  (:func:`mmeff.train.loop.train_steps`: epoch-wise shuffled passes, gradient clipping, a progress bar),
+  and writes ``last.pt`` every epoch (``resume=True`` continues bit-for-bit from it). Under ``torchrun``
+  (``WORLD_SIZE`` > 1) it runs DDP: NCCL on CUDA, Gloo on CPU, the clips sharded as ``DistributedSampler``
+  does; rank 0 logs and saves (its logged loss and accuracy are over its own shard of the data).
 * :func:`evaluate` averages softmax probabilities over a clip's views (``average_clips='prob'``) and
   reports top-1 / top-5.
 
@@ -19,12 +20,11 @@ Clips that cannot be decoded fail with the loader's error naming the file.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mmeff.checkpoint import load_state, save_state, write_text_atomic
+from mmeff.checkpoint import save_state
+from mmeff.datasets.media import load_video
+from mmeff.models.squeezetime import create_model
 from mmeff.train.distributed import init_distributed
+from mmeff.train.loop import BaseTrainConfig, EpochSampler, train_steps
 
-__all__ = ["VideoFolder", "TrainConfig", "train", "evaluate", "frame_average_model", "FrameAverage"]
+__all__ = ["VideoFolder", "TrainConfig", "train", "evaluate", "frame_average_model", "FrameAverage", "lr_at_step", "sgd"]
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -95,13 +98,9 @@ class VideoFolder(torch.utils.data.Dataset):
         return len(self.items)
 
     def _decode(self, path: Path, start: float | None, end: float | None) -> Tensor:
-        from mmeff.datasets.media import load_video
-
         return _to_tensor(load_video(path, num_frames=self.num_frames, start=start, end=end).frames)
 
     def _duration(self, path: Path) -> float:
-        from mmeff.datasets.media import load_video
-
         return float(load_video(path, num_frames=1).duration)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
@@ -155,8 +154,8 @@ class VideoFolder(torch.utils.data.Dataset):
         return [x[..., t:t + s, le:le + s] for t, le in offsets]
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(BaseTrainConfig):
     """Optimisation settings (defaults: the SqueezeTime K400 recipe, scaled by batch size)."""
 
     epochs: int = 100
@@ -169,13 +168,29 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
 
+    # more or fewer epochs change the schedule from that point on; a resumed run may set them
+    resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
 
-def _lr_at(step: float, total: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
+
+def lr_at_step(step: float, total: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up from ``lr / 10`` over ``warmup_epochs``, then
+    cosine to ``lr / 100``."""
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
         return cfg.lr * (0.1 + 0.9 * step / warm)
     t = (step - warm) / max(1.0, total - warm)
     return cfg.lr / 100 + (cfg.lr - cfg.lr / 100) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def sgd(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; weight decay on matrices and kernels only (not on biases, norms or ``pos`` tables)."""
+    def decays(name: str, p: Tensor) -> bool:
+        return p.ndim > 1 and "pos" not in name.split(".")[-1]
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not decays(n, p)]
+    return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                           lr=cfg.lr, momentum=cfg.momentum)
 
 
 def train(
@@ -190,79 +205,49 @@ def train(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``train_set``; checkpoint to ``out_dir/last.pt`` each epoch (and ``best.pt`` by
-    validation top-1 when ``val_set`` is given). ``stop_after``: return after this many epochs of this call
-    (a time-boxed job; the schedule stays that of ``cfg.epochs``, and a later call resumes). Returns the
-    history ``{"epochs": [...], ...}``."""
+    """Train ``model`` on ``train_set`` with the cross-entropy loss through the library's loop
+    (:func:`mmeff.train.loop.train_steps`, epoch-wise shuffled passes); checkpoint to ``out_dir/last.pt``
+    each epoch (and ``best.pt`` by validation top-1 when ``val_set`` is given). ``stop_after``: return after
+    this many epochs of this call (a time-boxed job; the schedule stays that of ``cfg.epochs``, and a later
+    call resumes). Returns the history ``{"epochs": [{"epoch", "loss", "train_top1", "seconds",
+    ("val_top1", ...)}], "best_top1", "config", ...}``."""
     cfg = cfg or TrainConfig()
     out = Path(out_dir)
-    rank, world, device = init_distributed()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    net: nn.Module = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) \
-        if world > 1 else None
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=sampler is None,
-                                         sampler=sampler, num_workers=cfg.workers, drop_last=False, generator=g)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos" not in n.split(".")[-1]]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos" not in n.split(".")[-1])]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                          lr=cfg.lr, momentum=cfg.momentum)
-    history: dict[str, Any] = {"config": asdict(cfg), "epochs": [], "best_top1": None}
-    start_epoch = 0
-    ckpt = out / "last.pt"
-    if resume and ckpt.is_file():
-        state = load_state(ckpt, map_location=device)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
-        g.set_state(state["loader_rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        log(f"resumed from {ckpt} at epoch {start_epoch}")
-    steps = len(loader)
-    total = cfg.epochs * steps
-    last = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
-    for epoch in range(start_epoch, last):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    rank, world, _ = init_distributed()
+    per_epoch = EpochSampler.steps_per_epoch(len(train_set), cfg.batch_size, world)
+    total = cfg.epochs * per_epoch
+    clock = {"start": 0.0}  # when the current epoch's loader started
+
+    def loss(net: nn.Module, batch: Any, step: int, device: torch.device) -> dict[str, Any]:
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        logits = net(x)
+        ce = F.cross_entropy(logits, y)
+        # sums, so the epoch's means weigh a short last batch by its size
+        return {"loss": ce, "loss_sum": ce.detach() * len(y), "correct": int((logits.argmax(1) == y).sum()),
+                "seen": len(y)}
+
+    def start_epoch(epoch: int) -> None:
         train_set.epoch_seed = cfg.seed * 100_003 + epoch
-        net.train()
-        t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress or rank != 0, leave=False)
-        for i, (x, y) in enumerate(bar):
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(epoch * steps + i, total, cfg, steps)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = net(x)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            seen += len(y)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
-        entry = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen,
-                 "seconds": time.perf_counter() - t0}
+        clock["start"] = time.perf_counter()
+
+    def end_epoch(step: int, row: dict[str, float], history: dict[str, Any]) -> str:
+        # the epoch's training time, without its evaluation and checkpoint
+        entry = {"epoch": step // per_epoch, "loss": row["loss_sum"] / row["seen"],
+                 "train_top1": row["correct"] / row["seen"], "seconds": time.perf_counter() - clock["start"]}
         if val_set is not None:
             entry.update({f"val_{k}": v for k, v in evaluate(model, val_set, progress=False).items()})
         history["epochs"].append(entry)
-        if rank == 0:
-            if val_set is not None and (history["best_top1"] is None or entry["val_top1"] > history["best_top1"]):
-                history["best_top1"] = entry["val_top1"]
-                save_state({"model": model.state_dict(), "epoch": epoch}, out / "best.pt")
-            save_state({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                        "history": history, "rng": torch.get_rng_state(), "loader_rng": g.get_state()}, ckpt)
-            write_text_atomic(out / "history.json", json.dumps(history, indent=1))
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
-    return history
+        if rank == 0 and val_set is not None and (history["best_top1"] is None
+                                                  or entry["val_top1"] > history["best_top1"]):
+            history["best_top1"] = entry["val_top1"]
+            save_state({"model": model.state_dict(), "epoch": entry["epoch"] - 1}, out / "best.pt")
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+
+    return train_steps(model, train_set, out, cfg, loss, resume=resume,
+                       stop_after=None if stop_after is None else stop_after * per_epoch, progress=progress, log=log,
+                       history_extra={"epochs": [], "best_top1": None}, steps=total, save_every=per_epoch,
+                       optimizer=lambda m: sgd(m, cfg), lr_schedule=lambda s: lr_at_step(s, total, cfg, per_epoch),
+                       shuffle=True, on_epoch=start_epoch, on_log=end_epoch)
 
 
 @torch.no_grad()
@@ -305,6 +290,4 @@ class FrameAverage(nn.Module):
 
 def frame_average_model(name: str, **kwargs: Any) -> FrameAverage:
     """:class:`FrameAverage` around the SqueezeTime configuration ``name`` built for one frame."""
-    from mmeff.models.squeezetime import create_model
-
     return FrameAverage(create_model(name, **{**kwargs, "num_frames": 1}))

@@ -6,8 +6,8 @@
 * :class:`VideoCrops`: random ``frames`` x ``size`` x ``size`` crops (random start, temporal stride 1 or
   2, horizontal flip) of a list of videos; item ``i`` is a pure function of ``(seed, i)``, so training
   resumes exactly with no data state.
-* :func:`train_tokenizer`: :meth:`CDT.training_losses <mmeff.cdt.CDT.training_losses>` (diffusion or
-  reconstruction MSE + KL + perceptual) through the library's step loop (:func:`mmeff.training.train_steps`:
+* :func:`train_tokenizer`: :meth:`CDT.training_losses <mmeff.models.cdt.CDT.training_losses>` (diffusion or
+  reconstruction MSE + KL + perceptual) through the library's step loop (:func:`mmeff.train.loop.train_steps`:
   Adam with warm-up and cosine decay, clipping, progress bar, ``out_dir/last.pt``, exact resume, DDP).
 * :func:`evaluate_tokenizer`: PSNR / SSIM (8-bit, per frame, averaged) and LPIPS when available, at each
   number of sampling steps; :func:`fvd` (Fréchet video distance) with a local I3D detector.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from mmeff.datasets.media import load_video, sample_video_path
+from mmeff.datasets.scenes import VIDEO_KINDS, scene_video_sample
 from mmeff.eval.metrics import psnr, quantize_8bit, ssim
-from mmeff.train.loop import train_steps
+from mmeff.eval.perceptual import perceptual_loss
+from mmeff.train.loop import StepTrainConfig, train_steps
 
 __all__ = ["TokenizerTrainConfig", "VideoCrops", "centre_clip", "evaluate_tokenizer", "frechet_distance", "fvd",
            "i3d_features", "load_torchscript_detector", "offline_video_names", "offline_videos", "to_model_range",
@@ -60,8 +64,6 @@ def to_model_range(x: Tensor) -> Tensor:
 
 def offline_video_names(split: str, rendered: int = 3) -> list[str]:
     """Names of :func:`offline_videos` ``(split, rendered=...)``, in order."""
-    from mmeff.datasets.scenes import VIDEO_KINDS
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     clips = ["bikes", "bigbuckbunny"] if split == "train" else ["carphone"]
@@ -73,9 +75,6 @@ def offline_videos(split: str, short_side: int = 96, rendered: int = 3) -> list[
     """Videos ``(3, T, H, W)`` in [-1, 1] with short side ``short_side``. ``"train"``: bikes (250 frames),
     Big Buck Bunny (132) and ``rendered`` scene videos of seed 0 (100 frames each); ``"test"``: carphone
     (120 frames; a different clip) and ``rendered`` scene videos of seed 1."""
-    from mmeff.datasets.media import load_video, sample_video_path
-    from mmeff.datasets.scenes import scene_video_sample
-
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     names = ("bikes", "bigbuckbunny") if split == "train" else ("carphone_pristine",)
@@ -134,8 +133,8 @@ class VideoCrops(torch.utils.data.Dataset):
         return crop.flip(-1).contiguous() if rng.random() < 0.5 else crop.contiguous()
 
 
-@dataclass
-class TokenizerTrainConfig:
+@dataclass(kw_only=True)
+class TokenizerTrainConfig(StepTrainConfig):
     """Optimisation and loss settings. CDT's paper gives no weights or schedule; these are ours."""
 
     steps: int = 1000
@@ -147,7 +146,7 @@ class TokenizerTrainConfig:
     clip_grad: float = 1.0
     save_every: int = 100
     kl_weight: float = 1e-6
-    perceptual: str = "auto"  # mmeff.perceptual.perceptual_loss kind
+    perceptual: str = "auto"  # mmeff.eval.perceptual.perceptual_loss kind
     perceptual_weight: float = 0.1
     workers: int = 0
     seed: int = 0
@@ -164,13 +163,11 @@ def train_tokenizer(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train a :class:`~mmeff.cdt.CDT` on ``dataset`` items ``(3, T, H, W)`` with its
-    :meth:`~mmeff.cdt.CDT.training_losses`; checkpoint to ``out_dir/last.pt`` and resume from it
-    (:func:`mmeff.training.train_steps`). ``stop_after``: return after that many steps of this call.
+    """Train a :class:`~mmeff.models.cdt.CDT` on ``dataset`` items ``(3, T, H, W)`` with its
+    :meth:`~mmeff.models.cdt.CDT.training_losses`; checkpoint to ``out_dir/last.pt`` and resume from it
+    (:func:`mmeff.train.loop.train_steps`). ``stop_after``: return after that many steps of this call.
     Returns the history ``{"config", "log": [{"step", "loss", "rec", "kl", "perceptual", "lr", "seconds"}],
     "step", "train_seconds", "perceptual"}`` (the perceptual loss used: ``lpips``, ``ssim`` or ``none``)."""
-    from mmeff.eval.perceptual import perceptual_loss
-
     cfg = cfg or TokenizerTrainConfig()
     percep = perceptual_loss(cfg.perceptual)
     rank = int(os.environ.get("RANK", "0"))
@@ -207,7 +204,7 @@ def evaluate_tokenizer(
     of sampling ``steps``: ``{steps: {"psnr", "ssim", ("lpips"), "frames", "decode_seconds",
     "psnr_per_video"}}``, PSNR and SSIM on 8-bit-quantised RGB per frame and averaged over all frames
     (``psnr_per_video``: each video's own mean); ``lpips`` (a model from
-    :func:`mmeff.perceptual.lpips_model`) when given; ``fvd`` between the videos and their reconstructions
+    :func:`mmeff.eval.perceptual.lpips_model`) when given; ``fvd`` between the videos and their reconstructions
     when ``fvd_detector`` (see :func:`i3d_features`; a file path needs ``trust_torchscript=True``) is given."""
     if not videos:
         raise ValueError("evaluate_tokenizer got no videos")
@@ -278,8 +275,6 @@ def load_torchscript_detector(path: str | Path, device: torch.device | str = "cp
     """StyleGAN-V's ``i3d_torchscript.pt`` (or another TorchScript file) in eval mode. Loading TorchScript
     runs the code stored in the file, so it happens only with ``trust=True`` (CLI: ``--trust-torchscript``),
     and with a warning; otherwise ``ValueError`` saying so. ``FileNotFoundError`` if there is no file."""
-    import warnings
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no I3D detector at {path}: FVD needs StyleGAN-V's i3d_torchscript.pt on this machine")
