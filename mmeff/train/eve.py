@@ -9,7 +9,7 @@ coefficients and adapters, everything else frozen. :func:`answer_loss` scores he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from mmeff.models.eve import STAGES, EveForConditionalGeneration
 from mmeff.models.hf import build_prompt
 from mmeff.preprocess import llava_pixel_values
 from mmeff.train.distributed import init_distributed
-from mmeff.train.loop import train_steps
+from mmeff.train.loop import StepTrainConfig, train_steps
 from mmeff.train.mini import VLMData, collate_conversations, scene_caption
 
 __all__ = ["EveTrainConfig", "SceneCaptions", "stage_dataset", "train_stage", "answer_loss"]
@@ -32,22 +32,18 @@ _STAGE_PARTS = {"align": ("projector",), "instruct": ("projector",), "experts": 
 _STAGE_LR = {"align": 1e-3, "instruct": 1e-3, "experts": 1e-4}
 
 
-@dataclass
-class EveTrainConfig:
-    """One training stage (``align``, ``instruct`` or ``experts``). ``lr`` and ``train`` (the parts that
-    train, see :meth:`EveForConditionalGeneration.set_trainable`) default per stage: projector at 1e-3 for
-    stages 1-2, experts and adapters at 1e-4 for stage 3."""
+@dataclass(kw_only=True)
+class EveTrainConfig(StepTrainConfig):
+    """One training stage (``align``, ``instruct`` or ``experts``; the one positional field). ``lr`` and
+    ``train`` (the parts that train, see :meth:`EveForConditionalGeneration.set_trainable`) default per
+    stage: projector at 1e-3 for stages 1-2, experts and adapters at 1e-4 for stage 3."""
 
-    stage: str = "instruct"
+    stage: str = field(default="instruct", kw_only=False)
     steps: int = 100
-    batch_size: int = 8
-    lr: float | None = None
+    lr: float | None = None  # type: ignore[assignment]  # None: the stage's default
     min_lr: float = 0.0
     warmup_steps: int = 5
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     save_every: int = 50
-    workers: int = 0
     seed: int = 1234
     train: tuple[str, ...] | None = None
 

@@ -60,7 +60,7 @@ from mmeff.train.grounding_data import (
     collate_pool,
     scene_vocabulary,
 )
-from mmeff.train.loop import train_steps
+from mmeff.train.loop import StepTrainConfig, train_steps
 from mmeff.train.mini import init_projector_from_features
 
 __all__ = [
@@ -131,19 +131,14 @@ def _dense_loss(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
     return parts
 
 
-@dataclass
-class TowerTrainConfig:
-    """Dense tower stage (:func:`train_tower`); fields as :class:`~mmeff.train.loop.StepTrainConfig`."""
+@dataclass(kw_only=True)
+class TowerTrainConfig(StepTrainConfig):
+    """Dense tower stage (:func:`train_tower`); the shared fields are :class:`~mmeff.train.loop.StepTrainConfig`'s."""
 
     steps: int = 600
     batch_size: int = 32
-    lr: float = 1e-3
-    min_lr: float = 1e-5
     warmup_steps: int = 30
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     save_every: int = 50
-    workers: int = 0
     seed: int = 1234
     count_weight: float = 1.0  # per-shape counts only become learnable once shape is; 0 leaves them out
 
@@ -217,19 +212,15 @@ def build_pool(tower: nn.Module, n: int, *, video: bool, seed: int, batch: int =
 
 
 
-@dataclass
-class LMTrainConfig:
-    """Projector + LM stage (:func:`train_lm`); fields as :class:`~mmeff.train.loop.StepTrainConfig`."""
+@dataclass(kw_only=True)
+class LMTrainConfig(StepTrainConfig):
+    """Projector + LM stage (:func:`train_lm`); the shared fields are :class:`~mmeff.train.loop.StepTrainConfig`'s."""
 
     steps: int = 3000
     batch_size: int = 24
-    lr: float = 1e-3
     min_lr: float = 5e-5
     warmup_steps: int = 100
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
     save_every: int = 100
-    workers: int = 0
     seed: int = 1234
     video_every: int = 3
     max_turns: int = 4
