@@ -11,10 +11,12 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mmeff
-from mmeff.models import hf as models
 from mmeff.core import TokenContext
+from mmeff.eval.flops import _llava_projector_flops, load_config, prefill_flops
+from mmeff.hfconfig import pad_token_id
 from mmeff.methods.fourier import FourierLowPass, fourier_compress, lowpass_energy_fraction
-from mmeff.eval.profile import _llava_projector_flops, load_config, prefill_flops
+from mmeff.models import tiny as models
+from mmeff.models.hf import left_pad_batch
 
 GEN = torch.Generator().manual_seed(0)
 
@@ -211,7 +213,7 @@ def test_llava_pre_projector_matches_manual_pipeline(llava):
     hs = inner.vision_tower(inp["pixel_values"], output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
     feats = inner.multi_modal_projector(fourier_compress(hs[:, 1:], (14, 14), (4, 4)))
     rows = _strip_placeholders(inp["input_ids"], inp["attention_mask"], cfg.image_token_id, 16)
-    short = models.left_pad_batch(rows, models.pad_token_id(cfg))
+    short = left_pad_batch(rows, pad_token_id(cfg))
     enc = {"image": BaseModelOutputWithPooling(pooler_output=list(feats))}
     ref = llava(input_ids=short["input_ids"], attention_mask=short["attention_mask"], mm_encoder_outputs=enc).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -323,7 +325,7 @@ def test_qwen_regrid_matches_official_grid_thw_rewrite(qwen):
                 out.append(t)
             prev = t
         rows.append(out)
-    short = models.left_pad_batch(rows, models.pad_token_id(cfg))
+    short = left_pad_batch(rows, pad_token_id(cfg))
     types = torch.where(short["input_ids"] == cfg.image_token_id, 1, 0)
     types = torch.where(short["input_ids"] == cfg.video_token_id, 2, types)
     enc = {
@@ -387,7 +389,7 @@ def test_llava_7b_meta_pipeline_flops_match_the_accounting():
     """Count the real 7B pre-projector pipeline (tower -> low-pass -> projector -> LLM) on meta tensors."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmeff.eval.profile import meta_model
+    from mmeff.eval.flops import meta_model
 
     model = meta_model("llava-1.5-7b")
     cfg = model.config

@@ -16,8 +16,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import mmeff
-from mmeff.models import hf as models
-from mmeff.methods.vistog import GroupingLayer, VisToG, isolation_mask, train_vistog, vistog_flops
+from mmeff.eval.flops import vistog_flops
+from mmeff.methods.vistog import GroupingLayer, VisToG, isolation_mask
+from mmeff.models import tiny as models
+from mmeff.train.vistog import train_vistog
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 M = 8
@@ -367,7 +369,7 @@ def test_flops_match_the_flop_counter(llava) -> None:
 
 def test_bench_vistog_table(llava, tmp_path) -> None:
     from mmeff.bench.vistog import run_vistog_bench
-    from mmeff.eval.profile import load_config, prefill_flops
+    from mmeff.eval.flops import load_config, prefill_flops
 
     lines: list[str] = []
     rows = run_vistog_bench(["tiny-llava"], groups={"tiny-llava": (8,)}, config_groups=(64,), repeats=1,
