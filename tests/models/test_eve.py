@@ -332,7 +332,7 @@ def test_stage3_under_torchrun_ddp(smollm2, tmp_path):
            "-m", "mmeff.cli", "eve", "train", "--model", str(tmp_path / "m"), "--stage", "experts",
            "--steps", "2", "--batch-size", "1", "--save-every", "1", "--out", str(tmp_path / "ddp")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "ddp" / "history.json").read_text())["step"] == 2
     assert EveForConditionalGeneration.from_pretrained(tmp_path / "ddp" / "model").config.expert_layers == [0]

@@ -11,7 +11,7 @@ import pytest
 
 from mmeff.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_repo_folders_do_not_shadow_pypi_packages():

@@ -27,7 +27,7 @@ from mmeff.train.videotok import (
     video_tensor,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _videos(n: int = 2, t: int = 12, size: int = 24) -> list[torch.Tensor]:

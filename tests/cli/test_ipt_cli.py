@@ -15,7 +15,7 @@ from mmeff.cli.main import main
 from mmeff.datasets.restoration import photo_split, read_image, save_image
 from mmeff.models.instruct_ipt import InstructIPT, param_counts
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

@@ -23,7 +23,7 @@ from mmeff.bench.scenes import (
 )
 from mmeff.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wilson_interval_known_values() -> None:

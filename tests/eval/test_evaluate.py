@@ -48,7 +48,7 @@ from mmeff.eval.videoqa import (
     read_clip,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # every public name mmeff.eval.videoqa had before scoring and results files moved out of it
 VIDEOQA_NAMES_BEFORE_SPLIT = [
