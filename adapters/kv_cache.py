@@ -5,7 +5,7 @@ Three kinds of hooks, no copied ``forward``:
 * a forward pre-hook on the input embedding records the token ids (a VLM embeds its ``input_ids``,
   image placeholders included, before handing ``inputs_embeds`` to its LM);
 * a forward pre-hook on the decoder (``model.get_decoder()``) swaps an empty cache for an
-  :class:`~mmeff.kvcache.EvictingCache` and tells it which of the arriving tokens are real, separators or
+  :class:`~mmeff.kv.presses.EvictingCache` and tells it which of the arriving tokens are real, separators or
   visual;
 * a forward pre-hook on every attention module evicts that layer if it is over budget, then rebuilds the
   layer's attention mask for its compressed layout with transformers' own ``create_causal_mask`` (layers
@@ -48,7 +48,7 @@ def _decoder_of(model: nn.Module) -> nn.Module | None:
 
 @register_adapter
 class KVCacheAdapter(Adapter):
-    """Attach a :class:`~mmeff.kvcache.KVPress` to an HF causal LM or VLM (see the module doc)."""
+    """Attach a :class:`~mmeff.kv.presses.KVPress` to an HF causal LM or VLM (see the module doc)."""
 
     name: ClassVar[str] = "kv_cache"
     description: ClassVar[str] = "KV-cache presses on HF decoders (Llama, Qwen2, Mistral; LLaVA and Qwen2-VL LMs)"

@@ -51,7 +51,7 @@ def run_kv_occupancy(tokens: int = 1024, chunk: int = 32, cache_size: int = 256,
                      sep_size: int = 32, init_size: int = 4, model: nn.Module | None = None,
                      tokenizer: Any = None, progress: bool = True) -> list[Any]:
     """Stream ``tokens`` tokens of the pydoc text through the model with the full cache, SepLLM and
-    StreamingLLM (same ``cache_size``). Returns the three :class:`~mmeff.streaming.StreamResult` (``kept``:
+    StreamingLLM (same ``cache_size``). Returns the three :class:`~mmeff.eval.streaming.StreamResult` (``kept``:
     entries held after each chunk; ``ppl``)."""
     if not 2 * chunk <= tokens <= 8192:
         raise DemoError(f"stream between {2 * chunk} and 8192 tokens (two chunks of {chunk} at least), got {tokens}")

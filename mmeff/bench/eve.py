@@ -2,7 +2,7 @@
 
 Reported, in one run:
 
-* parameters at the paper's sizes (``meta`` device; :func:`mmeff.eve.paper_config`) next to a plain
+* parameters at the paper's sizes (``meta`` device; :func:`mmeff.models.eve.paper_config`) next to a plain
   LLaVA-style model of the same tower and LM (2-layer MLP projector, 576 visual tokens), and of the
   SmolLM2 Eve;
 * text-only perplexity on real offline text (the Python documentation topics that ship with CPython,

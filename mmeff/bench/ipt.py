@@ -37,7 +37,7 @@ from mmeff.train.restoration import RestorationTrainConfig, evaluate_restoration
 
 __all__ = ["run_ipt_bench"]
 
-# phrasings that are not among the router's examples (mmeff.instructions.INSTRUCTIONS)
+# phrasings that are not among the router's examples (mmeff.models.instructions.INSTRUCTIONS)
 HELD_OUT_INSTRUCTIONS = {
     "denoise": "please make this photo less grainy",
     "deblur": "sharpen this blurry shot",
@@ -216,7 +216,7 @@ def run_ipt_bench(
 @torch.no_grad()
 def _speed(models: dict[str, torch.nn.Module], image: torch.Tensor, repeats: int = 5) -> dict[str, float]:
     """Median ms to restore ``image`` alone: Instruct-IPT with its biases applied on the fly, the same
-    model with the task folded into its weights (:meth:`~mmeff.instruct_ipt.InstructIPT.specialize`), and
+    model with the task folded into its weights (:meth:`~mmeff.models.instruct_ipt.InstructIPT.specialize`), and
     IPT without biases."""
     x = image[None]
     instruct = models["instruct_ipt"].eval()

@@ -1,10 +1,10 @@
 """``mmeff bench`` (the main job): accuracy against visual tokens for every method on mmeff-mini.
 
-The held-out split of :mod:`mmeff.datasets.scenes` (seed :data:`mmeff.mini.HELDOUT_SEED`, never trained
+The held-out split of :mod:`mmeff.datasets.scenes` (seed :data:`mmeff.models.mini.HELDOUT_SEED`, never trained
 on) is asked of the embedded default model: six image question kinds (colour, shape, count, position,
 small object, written word) and three video kinds (what appears after X, motion direction, how many
 appear; 4 frames), ``per_kind`` questions each. Accuracy is multiple choice (4 options, chance 25%), read
-from the greedy answer by :func:`mmeff.evaluate.extract_option`, with a 95% Wilson score interval
+from the greedy answer by :func:`mmeff.eval.videoqa.extract_option`, with a 95% Wilson score interval
 (:func:`wilson_interval`) for every kind and for the image, video and overall means.
 
 Rows: ``none`` (the uncompressed model), ``blank`` (the uncompressed model with every frame replaced by
@@ -12,7 +12,7 @@ the scenes' uniform background grey: what the question and options alone are wor
 reducer at every ratio of the sweep below 1, Free Video-LLM (videos only, its fixed paths), ToMe (inside
 the vision tower; the LLM still sees every token) and VisToG trained on the training split
 (:mod:`mmeff.bench.scenes_vistog`). Latency is the median prefill of one image and one video prompt
-(warm-up, repeats) from :func:`mmeff.profile.profile`.
+(warm-up, repeats) from :func:`mmeff.eval.profile.profile`.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def blank_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _tally(results: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[str, list[float]], dict[str, int]]:
-    # the groups of mmeff.mini.accuracy_by_kind, with counts and intervals
+    # the groups of mmeff.eval.scenes.accuracy_by_kind, with counts and intervals
     groups = {k: [r for r in results if r["kind"] == k] for k in (*IMAGE_KINDS, *VIDEO_KINDS)}
     groups["image"] = [r for r in results if r["kind"] in IMAGE_KINDS]
     groups["video"] = [r for r in results if r["kind"] in VIDEO_KINDS]
@@ -233,7 +233,7 @@ def bench_scenes(
     repeats: int = 3,
     progress: bool = True,
 ) -> list[SceneRow]:
-    """Answer ``items`` (:func:`mmeff.mini.heldout_items`) with each method, ``batch_size`` image
+    """Answer ``items`` (:func:`mmeff.eval.scenes.heldout_items`) with each method, ``batch_size`` image
     questions per generate call (half as many 4-frame videos); one progress bar over all answers."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -1,9 +1,9 @@
 """VisToG for the scenes bench: stage-1 training on the training split's scene questions, and its cache.
 
-:func:`train_scene_vistog` builds a fresh :class:`~mmeff.vistog.VisToG` with M groups and runs stage 1 of
-:func:`~mmeff.vistog.train_vistog` (semantic tokens, grouping layer and the projector learn; the vision
+:func:`train_scene_vistog` builds a fresh :class:`~mmeff.methods.vistog.VisToG` with M groups and runs stage 1 of
+:func:`~mmeff.train.vistog.train_vistog` (semantic tokens, grouping layer and the projector learn; the vision
 tower and the LLM stay frozen) on conversations about generated scenes of split
-:data:`mmeff.mini.TRAIN_SEED`: one image and one of its questions (:func:`mmeff.mini.scene_questions`) in
+:data:`mmeff.models.mini.TRAIN_SEED`: one image and one of its questions (:func:`mmeff.train.mini.scene_questions`) in
 the evaluation's exact prompt (lettered options), the target the answer's words and the end-of-turn
 token, as mmeff-mini itself is trained. Stage 1 changes the projector, so the trained projector is kept
 beside the VisToG weights and swapped in only while VisToG runs (:meth:`TrainedVisToG.in_place`); the
@@ -138,7 +138,7 @@ def train_scene_vistog(
     seed: int | None = None,
     progress: bool = True,
 ) -> TrainedVisToG:
-    """Stage 1 of VisToG (:func:`mmeff.vistog.train_vistog`) on :func:`scene_vistog_batches`; ``model``'s
+    """Stage 1 of VisToG (:func:`mmeff.train.vistog.train_vistog`) on :func:`scene_vistog_batches`; ``model``'s
     projector is left as it was (the trained one is returned beside the VisToG)."""
     seed = TRAIN_SEED if seed is None else seed
     torch.manual_seed(seed)

@@ -12,11 +12,11 @@ symmetric and the object is on screen for the same time in each pair, so the ave
 is the same for left/right, up/down and appear/disappear: a model that averages frames can at best tell
 the three pairs apart (50%), while chance is 1/6. Random colours, shapes, sizes, offsets and backgrounds
 vary every clip. The clips are written as mp4 in a Kinetics-style folder (``root/<class>/<clip>.mp4``) and
-read back through the library's loader, so the same :func:`mmeff.videocls.train` / ``evaluate`` run
+read back through the library's loader, so the same :func:`mmeff.train.videocls.train` / ``evaluate`` run
 that a user runs on Kinetics.
 
 Compared: a small SqueezeTime (``squeezetime_10`` at width x``widen``) and the same backbone as a
-frame-averaging 2-D baseline (:class:`mmeff.videocls.FrameAverage`, one frame at a time, features
+frame-averaging 2-D baseline (:class:`mmeff.train.videocls.FrameAverage`, one frame at a time, features
 averaged over time), trained with the same recipe and seed.
 """
 

@@ -4,7 +4,7 @@ The paper's protocol, shrunk to minutes on a CPU:
 
 1. *Upstream backbone*: a small timm ViT trained on the digits training split without merging.
 2. *ToCom*: trained once on that frozen backbone by self-distillation on unlabeled training images
-   (:func:`mmeff.tocom.train_tocom`, ``(r_s, r_t)`` sampled in ``[0, steps]``).
+   (:func:`mmeff.train.tocom.train_tocom`, ``(r_s, r_t)`` sampled in ``[0, steps]``).
 3. *Downstream models*: the backbone fine-tuned on two downstream tasks (the digits, and the digits
    rotated by 90 degrees), each at one ToMe degree ``r_s``.
 4. Every downstream model is evaluated on its held-out test split at every ToMe degree ``r_t`` without

@@ -12,7 +12,7 @@ interleaved (rotated order per round), ``torch.cuda.synchronize()`` around each 
 configuration reports its median. Speed-ups are ratios of medians from this one run.
 
 GFLOPs per image are counted from the per-block token counts that the ``r`` schedule gives (each block's
-``r`` clamped to ``(n - prefix) // 2`` as :mod:`mmeff.tome` does): attention (qkv, ``QK^T``, ``AV``,
+``r`` clamped to ``(n - prefix) // 2`` as :mod:`mmeff.methods.tome` does): attention (qkv, ``QK^T``, ``AV``,
 projection) on the block's input tokens, MLP on the tokens left after the merge, ToMe's bipartite matching
 scores, plus patch embedding and head; 1 multiply-add = 2 FLOPs (the ToMe paper's 17.6 for ViT-B/16
 counts multiply-adds). Norms, softmax, GELU and the weighted merges are left out.
@@ -87,7 +87,7 @@ class TomeBenchRow:
 def token_schedule(n_tokens: int, prefix: int, r_list: Sequence[int]) -> list[tuple[int, int]]:
     """``(attention tokens, MLP tokens)`` of every block: ToMe merges between attention and MLP.
 
-    Each block merges ``min(r_i, (n - prefix) // 2)`` tokens, the clamp :mod:`mmeff.tome` applies.
+    Each block merges ``min(r_i, (n - prefix) // 2)`` tokens, the clamp :mod:`mmeff.methods.tome` applies.
     """
     out, n = [], n_tokens
     for r in r_list:
@@ -426,7 +426,7 @@ def run_tome_bench(
         "random init (timm pretrained=False, seed 0)")  # fmt: skip
     photos = ", ".join(SKIMAGE_PHOTOS[: min(bs, len(SKIMAGE_PHOTOS))])
     header = (
-        f"ToMe (mmeff.tome, proportional attention) on timm ViTs at {size}x{size}; device {_device_name(dev)}; "
+        f"ToMe (mmeff.methods.tome, proportional attention) on timm ViTs at {size}x{size}; device {_device_name(dev)}; "
         f"{str(dt).replace('torch.', '')}; batch {bs}; torch {torch.__version__}\n"
         f"inputs: skimage.data photos cycled ({photos}); median of {repeats} timed rounds after "
         f"{max(warmup, 1)} warm-up, configurations interleaved; speed-up = images/s over r=0's in this run\n"

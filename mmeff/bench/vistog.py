@@ -2,13 +2,13 @@
 
 Measured (one run, same process): the plain model and the model with VisToG of M groups, on the tiny
 random LLaVA (64 patches) and on mmeff-mini (real SmolLM2-135M LM, 64 patches): visual tokens the LLM
-reads, prefill and per-token decode latency (:func:`mmeff.profile.profile`: warm-up, median of repeats)
+reads, prefill and per-token decode latency (:func:`mmeff.eval.profile.profile`: warm-up, median of repeats)
 and analytic FLOPs. Counted only (no weights here): the ``llava-1.5-7b`` config with 576 patches per image
 and M = 64 / 144 groups. VisToG's FLOPs add the M extra tokens through every CLIP layer and the grouping
-layer (:func:`mmeff.vistog.vistog_flops`) to what :func:`mmeff.profile.prefill_flops` counts.
+layer (:func:`mmeff.eval.flops.vistog_flops`) to what :func:`mmeff.eval.flops.prefill_flops` counts.
 
 Latency here is of untrained VisToG weights: grouping costs the same trained or not, and quality needs
-the two-stage training (:func:`mmeff.vistog.train_vistog`), which these models do not get here.
+the two-stage training (:func:`mmeff.train.vistog.train_vistog`), which these models do not get here.
 """
 
 from __future__ import annotations

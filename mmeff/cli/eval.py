@@ -119,7 +119,7 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     predict = llava_predictor(model, tok, reducer=reducer, num_frames=args.frames,
                               max_new_tokens=args.max_new_tokens, **options)
     # with a process group, rank 0 merges the shards and reports on everything; without one each rank
-    # reports on its own shard (join them later with mmeff.evaluate.merge_results)
+    # reports on its own shard (join them later with mmeff.eval.videoqa.merge_results)
     merged = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
     run_config = _run_config(args, info, reducer)
     try:

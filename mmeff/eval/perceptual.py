@@ -131,5 +131,5 @@ def perceptual_loss(kind: str = "auto", net: str = "alex", backbone_weights: str
     if kind == "lpips":
         raise LPIPSUnavailable(f"LPIPS is unavailable: {reason}")
     warnings.warn(f"LPIPS is unavailable ({reason}); using the SSIM substitute (1 - SSIM) as the perceptual "
-                  f"loss. See mmeff.perceptual.", stacklevel=2)
+                  f"loss. See mmeff.eval.perceptual.", stacklevel=2)
     return SSIMLoss()

@@ -13,7 +13,7 @@ its neighbourhood. Where it runs (as the paper's code does):
 Amplitude: an ortho DCT of size N followed by an ortho inverse of size n scales the signal by
 ``sqrt(N / n)`` per axis (x2 for 24x24 -> 12x12). The paper's code does not correct this, and neither does
 the default here (``rescale=False``), since the paper fine-tunes with the filter in place
-(:mod:`mmeff.finetune`). ``rescale=True`` multiplies by ``sqrt(h'w' / HW)`` so the output keeps the input's
+(:mod:`mmeff.train.finetune`). ``rescale=True`` multiplies by ``sqrt(h'w' / HW)`` so the output keeps the input's
 scale, which is what a frozen, training-free projector expects.
 
 Bookkeeping: output token ``(i, j)`` is credited to the input tokens of its spatial bin (the same

@@ -17,7 +17,7 @@ each step samples ``r_s ≠ r_t``; the student is ToMe(r_t)+ToCom(s→t), the te
 and the loss is soft KD. The trained plug-in is then inserted into *other* downstream models of the
 same architecture (fine-tuned from that backbone) without further training::
 
-    tocom = mmeff.tocom.ToCom.load("tocom.safetensors")
+    tocom = mmeff.methods.tocom.ToCom.load("tocom.safetensors")
     mmeff.tome.patch(downstream, r=12)                   # run at r=12 ...
     with tocom.compensate(downstream, source=4):        # ... a model fine-tuned at r=4
         logits = downstream(images)

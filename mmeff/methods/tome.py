@@ -17,7 +17,7 @@ One line for users::
         out = llava.generate(**inputs)               # the projector its full 576-token grid
 
 The hooks that run it inside timm, open_clip and HF towers (and ``patch``/``unpatch``) are in
-:mod:`mmeff.adapters.tome`; ``mmeff.tome`` is that module.
+:mod:`mmeff.adapters.tome`; ``mmeff.tome`` (an attribute of ``mmeff``) holds both.
 """
 
 from __future__ import annotations

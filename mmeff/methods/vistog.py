@@ -10,7 +10,7 @@ slightly more expensive (N + 1 + M tokens); the savings are in the LLM (M instea
 
 Use::
 
-    vistog = mmeff.vistog.VisToG.for_model(llava, num_groups=64)
+    vistog = mmeff.methods.vistog.VisToG.for_model(llava, num_groups=64)
     with mmeff.apply(llava, vistog):                  # 576 placeholders -> 64 tokens per image
         out = llava.generate(**inputs)
     vistog.save("vistog.safetensors")                 # VisToG.load(...) restores it

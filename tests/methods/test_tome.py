@@ -1,4 +1,4 @@
-"""ToMe token merging (mmeff.tome) in timm, open_clip and HF CLIP/SigLIP ViTs and in LLaVA (tiny random models).
+"""ToMe token merging (mmeff.methods.tome) in timm, open_clip and HF CLIP/SigLIP ViTs and in LLaVA (tiny random models).
 
 Every merged forward is checked against a from-scratch ToMe written here from the paper / ToMe's
 ``merge.py`` semantics (no mmeff merge code): keys averaged over heads as the metric, A = even / B = odd

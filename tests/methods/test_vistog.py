@@ -1,4 +1,4 @@
-"""VisToG (mmeff.vistog) on the tiny random HF LLaVA (CLIP tower 64 px / patch 8: 64 patches + CLS).
+"""VisToG (mmeff.methods.vistog) on the tiny random HF LLaVA (CLIP tower 64 px / patch 8: 64 patches + CLS).
 
 Checked: the isolation mask keeps every hidden state of the class and patch tokens equal to the
 unmodified tower's (eager and SDPA, fp32 and fp64) and independent of the semantic tokens; the

@@ -1,4 +1,4 @@
-"""SqueezeTime network (mmeff.squeezetime): the paper's size and cost, the squeeze order, the CTL module
+"""SqueezeTime network (mmeff.models.squeezetime): the paper's size and cost, the squeeze order, the CTL module
 against a functional re-derivation of its formula, registries and checkpoint loading."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Video classification pipeline (mmeff.videocls, mmeff.bench_squeezetime, ``mmeff video``) on generated
+"""Video classification pipeline (mmeff.train.videocls, mmeff.bench.squeezetime, ``mmeff video``) on generated
 mp4 clips: folder listing and errors, train/test views, training that runs and resumes exactly,
 multi-view evaluation, the frame-averaging baseline's blindness to order, and the CLI."""
 

@@ -1,4 +1,4 @@
-"""Video-tokenizer training and evaluation (mmeff.videotok), the perceptual losses, the `mmeff cdt` CLI,
+"""Video-tokenizer training and evaluation (mmeff.train.videotok), the perceptual losses, the `mmeff cdt` CLI,
 DDP under torchrun and `mmeff bench cdt`."""
 
 from __future__ import annotations
