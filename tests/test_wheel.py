@@ -35,7 +35,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_wheel_holds_every_module_and_data_file(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = []
-    for module, path in modules().items():
+    for path in modules().values():
         rel = path.relative_to(ROOT)
         folder = rel.parts[0]
         inside = Path(*FOLDERS[folder].split(".")) / Path(*rel.parts[1:])
@@ -62,11 +62,11 @@ def test_installed_wheel_lists_and_applies_outside_the_checkout(wheel: Path, tmp
     assert lister.returncode == 0, lister.stderr[-3000:]
     for name in ("pool", "tome", "tocom", "vistog", "streamingllm", "mmeff-mini", "squeezetime_18", "llava"):
         assert name in lister.stdout
-    code = """
+    code = f"""
 import tempfile
 import mmeff, torch
 from mmeff.models.tiny import build_tiny, llava_inputs
-assert str(mmeff.__file__).startswith(%r), mmeff.__file__
+assert str(mmeff.__file__).startswith({str(env_dir)!r}), mmeff.__file__
 model = build_tiny("llava", tempfile.mkdtemp())
 inputs = llava_inputs(model.config, batch=1)
 with torch.no_grad():
@@ -75,7 +75,7 @@ with torch.no_grad():
         model(**inputs)
     again = model(**inputs).logits
 print(handle.stats["visual_tokens_out"], torch.equal(full, again))
-""" % str(env_dir)
+"""
     run = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=work, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["4", "True"]

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 import mmeff
 from mmeff.adapters import OpenCLIPAdapter, TimmViTAdapter, find_adapter
-from mmeff.methods.baselines import AvgPool, CLSAttnTopK
 from mmeff.core import Reduction, TokenContext, TokenReducer
 from mmeff.kernels import topk_indices_sorted
+from mmeff.methods.baselines import AvgPool, CLSAttnTopK
 
 IMG = 64  # 4x4 patches of 16 pixels
 DEPTH = 4

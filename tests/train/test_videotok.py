@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from mmeff.models.cdt import CDT, create_model
 from mmeff.cli.main import main
 from mmeff.eval.metrics import psnr, quantize_8bit
 from mmeff.eval.perceptual import LPIPSUnavailable, SSIMLoss, lpips_model, lpips_status, perceptual_loss
+from mmeff.models.cdt import CDT, create_model
 from mmeff.train.videotok import (
     TokenizerTrainConfig,
     VideoCrops,
