@@ -78,7 +78,7 @@ from mmeff.models.cdt_parts import (
     Unet,
     Upsample,
 )
-from mmeff.models.zoo import register_model
+from mmeff.models.zoo import register_family
 
 # the layers live in mmeff.models.cdt_parts; re-exported so every name of this module's past stays here
 __all__ = ["CDT", "CDTConfig", "CausalConv3d", "TimeDownsample", "TimeUpsample", "cosine_alphas_cumprod",
@@ -456,10 +456,4 @@ _SUMMARIES = {
 }
 
 
-def _register() -> None:
-    for name in _CONFIGS:
-        register_model(name, "cdt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw),
-                       summary=_SUMMARIES[name])
-
-
-_register()
+register_family("cdt", _SUMMARIES, create_model)

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from mmeff.checkpoint import Checkpointable, file_sha256
 from mmeff.datasets.restoration import TASKS
 from mmeff.models.instructions import default_router
-from mmeff.models.zoo import register_model
+from mmeff.models.zoo import register_family
 
 __all__ = [
     "IPTConfig",
@@ -564,10 +564,4 @@ _SUMMARIES = {
 }
 
 
-def _register() -> None:
-    for name in _CONFIGS:
-        register_model(name, "instruct_ipt", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw),
-                       summary=_SUMMARIES[name])
-
-
-_register()
+register_family("instruct_ipt", _SUMMARIES, create_model)

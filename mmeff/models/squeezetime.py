@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.models.zoo import register_model
+from mmeff.models.zoo import register_family
 
 __all__ = ["CTL", "SqueezeTime", "create_model", "list_models", "squeeze_time", "export_onnx", "check_onnx"]
 
@@ -255,13 +255,7 @@ _SUMMARIES = {
 }
 
 
-def _register() -> None:
-    for name in _CONFIGS:
-        register_model(name, "squeezetime", lambda pretrained=None, _n=name, **kw: create_model(_n, pretrained, **kw),
-                       summary=_SUMMARIES[name])
-
-
-_register()
+register_family("squeezetime", _SUMMARIES, create_model)
 
 
 def _official_key(key: str) -> str:

@@ -9,14 +9,15 @@ ever downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from torch import nn
 
 from mmeff.core import Registry
 
-__all__ = ["MODELS", "create_model", "list_models", "register_model"]
+__all__ = ["MODELS", "create_model", "list_models", "register_family", "register_model"]
 
 #: kind "model" of the one registry: name -> factory(pretrained: str | None, **kwargs) -> nn.Module
 MODELS: Registry[nn.Module] = Registry("model")
@@ -26,6 +27,18 @@ def register_model(name: str, family: str, factory: Callable[..., nn.Module], su
     """Register ``factory(pretrained=None | path, **kwargs)`` under ``name`` (a second family may not
     take a name already registered by another)."""
     MODELS.add(name, factory, summary=summary if summary is not None else f"{family} model", family=family)
+
+
+def register_family(family: str, summaries: Mapping[str, str], create: Callable[..., nn.Module]) -> None:
+    """Register every configuration of a family: ``summaries`` maps each name to its one-line summary and
+    ``create(name, pretrained=None, **kwargs)`` builds it (the family's own ``create_model``)."""
+    for name, summary in summaries.items():
+        register_model(name, family, partial(_family_factory, create, name), summary)
+
+
+def _family_factory(create: Callable[..., nn.Module], name: str, pretrained: str | None = None,
+                    **kwargs: Any) -> nn.Module:
+    return create(name, pretrained, **kwargs)
 
 
 def list_models(family: str | None = None) -> list[str]:
