@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
@@ -147,7 +148,6 @@ class Qwen2VLAdapter(HFVLMAdapter):
         attn = visual.blocks[-1].attn
         captured: list[Tensor] = []
         grids: list[Tensor] = []
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
         def grab_grid(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             grids.append(kwargs.get("grid_thw", args[1] if len(args) > 1 else None))
@@ -165,6 +165,8 @@ class Qwen2VLAdapter(HFVLMAdapter):
             merged = torch.cat(parts).view(-1, self._merge**2).mean(-1)
             if getattr(visual, "window_size", None) is not None:
                 # Qwen2.5-VL runs its blocks in window order; put scores back in the merger's output order
+                # imported here, not at the top: transformers.vision_utils arrived within 5.x and pyproject
+                # accepts transformers>=5.0, where only this Qwen2.5-VL path needs it
                 from transformers.vision_utils import get_vision_window_index
 
                 window_index, _ = get_vision_window_index(

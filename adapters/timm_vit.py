@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
 from torch import Tensor, nn
 
 from mmeff.adapters.base import Adapter, cls_attention, register_adapter
@@ -216,8 +217,6 @@ def _timm_grid(embed: nn.Module, args: tuple, output: Any) -> Grid | None:
 
 
 def _timm_attention(block: nn.Module) -> nn.Module:
-    from timm.layers import Attention
-
     attn = getattr(block, "attn", None)
     if not isinstance(attn, Attention):
         raise ValueError(

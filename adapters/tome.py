@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mmeff.adapters.base import Adapter, register_adapter
@@ -52,9 +54,6 @@ find_host = vit_host
 def _check_blocks(host: VitHost) -> None:
     """Refuse blocks whose forward differs from the one the ToMe forwards below follow."""
     if host.kind == "timm":
-        from timm.layers import Attention
-        from timm.models.vision_transformer import Block
-
         expected, what = Block.forward, "timm.models.vision_transformer.Block"
         for i, b in enumerate(host.blocks):
             if type(getattr(b, "attn", None)).forward is not Attention.forward:

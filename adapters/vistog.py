@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from mmeff.adapters.base import Adapter, find_adapter, register_adapter
 from mmeff.methods.vistog import SEMANTIC_KEY, Grouping, VisToG, isolation_mask, vision_host
@@ -151,8 +152,6 @@ class VisToGAdapter(Adapter):
         self._qkv = out
 
     def _q_block(self, block: nn.Module, args: tuple, kwargs: dict[str, Any], out: Tensor) -> None:
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
-
         if self._sem is None or self._qkv is None:
             raise RuntimeError("VisToG: a Qwen2-VL block ran outside a hooked vision forward")
         attn = block.attn

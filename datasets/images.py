@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 __all__ = ["ImageFiles", "IMAGE_SUFFIXES"]
@@ -34,8 +35,6 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> Any:
-        from PIL import Image, UnidentifiedImageError
-
         path = self.files[i]
         try:
             with Image.open(path) as im:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -49,8 +50,6 @@ def to_tensor(img: np.ndarray) -> Tensor:
 
 def read_image(path: str | Path) -> Tensor:
     """An image file as ``(3, H, W)`` float in [0, 1]; ``ValueError`` naming the file if it cannot be decoded."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return to_tensor(np.asarray(im.convert("RGB")))
@@ -60,8 +59,6 @@ def read_image(path: str | Path) -> Tensor:
 
 def _image_size(path: Path) -> tuple[int, int]:
     """``(H, W)`` of an image file from its header (no decoding); ``ValueError`` naming a broken file."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -72,8 +69,6 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def save_image(img: Tensor, path: str | Path) -> Path:
     """Write ``(3, H, W)`` in [0, 1] as an 8-bit PNG (folders created)."""
-    from PIL import Image
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = img.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from mmeff.datasets.annotations import VideoQASample
 from mmeff.datasets.media import MP4_FPS, write_mp4
@@ -127,8 +128,6 @@ def render(
     ``text`` is written at the bottom centre in PIL's built-in font, scaled to about ``size/8`` high;
     ``background`` ``(size, size, 3)`` replaces the flat grey.
     """
-    from PIL import Image, ImageDraw
-
     if background is not None:
         if background.shape != (size, size, 3):
             raise ValueError(f"background must be ({size}, {size}, 3), got {background.shape}")
@@ -142,8 +141,6 @@ def render(
 def _draw(draw: Any, objects: Sequence[SceneObject], size: int, text: str | None, fills: Sequence[Any],
           text_fill: Any) -> None:
     # one drawing routine for the picture and its label map, so the two agree pixel for pixel
-    from PIL import ImageFont
-
     for o, fill in zip(objects, fills):
         if o.shape not in SHAPES or o.colour not in COLOURS:
             raise ValueError(f"unknown shape or colour in {o}")
@@ -165,8 +162,6 @@ def label_map(objects: Sequence[SceneObject], size: int = 224, text: str | None 
     """What :func:`render` draws, as labels: ``(size, size)`` uint8, 0 background, ``k + 1`` where
     ``objects[k]`` is the visible surface (later objects cover earlier ones), :data:`TEXT_LABEL` on the
     written word's pixels."""
-    from PIL import Image, ImageDraw
-
     if len(objects) >= TEXT_LABEL - 1:
         raise ValueError(f"label_map takes at most {TEXT_LABEL - 2} objects, got {len(objects)}")
     img = Image.new("L", (size, size), 0)
@@ -279,7 +274,6 @@ def scene_samples(
 
 @functools.cache
 def _photo_source(name: str) -> Any:
-    from PIL import Image
     from skimage import data
 
     # decoded once per process: reading the PNG dominated the cost of a photo-background sample
@@ -288,8 +282,6 @@ def _photo_source(name: str) -> Any:
 
 def _photo(rng: np.random.Generator, size: int) -> np.ndarray:
     """A random crop of a real scikit-image photo, dimmed so the shapes stay the brightest thing."""
-    from PIL import Image
-
     name = str(rng.choice(["astronaut", "coffee", "chelsea", "rocket"]))
     photo = _photo_source(name)
     w, h = photo.size

@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "llava_pixel_values"]
 
@@ -30,9 +31,6 @@ def llava_pixel_values(
     ``"pad"`` is LLaVA-1.5's pad-to-square with the mean colour then resize; ``"squash"`` resizes
     straight to a square. Then scale to [0, 1] and normalise with CLIP mean/std.
     """
-    # torchvision is slow to import; only callers that preprocess pixels should pay for it
-    from torchvision.transforms.v2 import functional as TF
-
     if isinstance(images, np.ndarray):
         raise TypeError("images must be a list of (H, W, 3) uint8 arrays, not a single array")
     if len(images) == 0:

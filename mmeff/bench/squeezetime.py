@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.video import r3d_18
 
 from mmeff.datasets.media import write_mp4
 from mmeff.eval.latency import median_seconds
@@ -152,8 +153,6 @@ def run_throughput(
     them); print the table and write ``out_dir/throughput.json``. Ratios are against the first model."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if models is None:
-        from torchvision.models.video import r3d_18
-
         models = {"squeezetime_k400": lambda: create_model("squeezetime_k400"), "r3d_18": lambda: r3d_18()}
 
     out = Path(out_dir)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -78,8 +79,6 @@ def tiny_vit(
     heads: int = 3,
 ) -> nn.Module:
     """A small timm ``VisionTransformer`` (class token, fused attention) for the miniature."""
-    from timm.models.vision_transformer import VisionTransformer
-
     return VisionTransformer(
         img_size=img_size,
         patch_size=patch_size,

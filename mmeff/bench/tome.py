@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,8 +179,6 @@ def photo_batch(
 
 
 def _load(name: str, checkpoint: str | None) -> nn.Module:
-    import timm
-
     torch.manual_seed(0)
     if checkpoint:
         if not Path(checkpoint).expanduser().is_file():

@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
+from transformers import LlavaForConditionalGeneration, PretrainedConfig, Qwen2VLForConditionalGeneration
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 __all__ = [
     "AttentionMode",
@@ -120,8 +121,6 @@ def load_config(name_or_path: str | os.PathLike[str]) -> PretrainedConfig:
     model_type = data.get("model_type")
     if not model_type:
         raise ValueError(f"{path} has no 'model_type' field, so the config class is unknown")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if model_type not in CONFIG_MAPPING:
         raise ValueError(f"{path}: model_type {model_type!r} is unknown to transformers")
     return CONFIG_MAPPING[model_type].from_dict(data)
@@ -130,11 +129,7 @@ def load_config(name_or_path: str | os.PathLike[str]) -> PretrainedConfig:
 def _model_class(config: PretrainedConfig) -> type[nn.Module]:
     model_type = supported_model_type(config)
     if model_type == "llava":
-        from transformers import LlavaForConditionalGeneration
-
         return LlavaForConditionalGeneration
-    from transformers import Qwen2VLForConditionalGeneration
-
     return Qwen2VLForConditionalGeneration
 
 

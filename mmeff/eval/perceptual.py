@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from mmeff.eval.metrics import ssim
@@ -65,7 +66,6 @@ def lpips_model(net: str = "alex", backbone_weights: str | Path | None = None) -
     if reason is not None:
         raise LPIPSUnavailable(f"LPIPS is unavailable: {reason}")
     import lpips
-    import torchvision
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lpips passes torchvision's deprecated pretrained=False

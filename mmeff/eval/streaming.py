@@ -29,16 +29,19 @@ from transformers import DynamicCache
 from mmeff.api import apply
 from mmeff.kv.presses import KVPress
 
+try:
+    from pydoc_data.topics import topics as _PYDOC_TOPICS
+except ImportError:  # some distributions strip pydoc_data; offline_text() says so when called
+    _PYDOC_TOPICS = None
+
 __all__ = ["StreamResult", "offline_text", "streaming_perplexity"]
 
 
 def offline_text() -> str:
     """Long real English text that ships with every CPython: the ``pydoc`` topic help (~465k characters)."""
-    try:
-        from pydoc_data.topics import topics
-    except ImportError as e:  # some distributions strip pydoc_data
-        raise ImportError("this Python has no pydoc_data.topics; pass your own text") from e
-    return "\n\n".join(topics[k] for k in sorted(topics))
+    if _PYDOC_TOPICS is None:
+        raise ImportError("this Python has no pydoc_data.topics; pass your own text")
+    return "\n\n".join(_PYDOC_TOPICS[k] for k in sorted(_PYDOC_TOPICS))
 
 
 @dataclass

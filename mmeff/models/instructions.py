@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from transformers import AutoModel, AutoTokenizer
 
 from mmeff.datasets.degradations import TASK_OF
 
@@ -80,8 +81,6 @@ class MiniLMEncoder:
     the attention mask, then L2-normalised, as its sentence-transformers pipeline."""
 
     def __init__(self, path: str | Path | None = None, device: str | torch.device = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
-
         folder = Path(path) if path is not None else minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
         self.model = AutoModel.from_pretrained(str(folder)).to(device).eval()

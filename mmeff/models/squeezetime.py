@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.models import is_model
+from timm.models import register_model as timm_register_model
 from torch import Tensor, nn
 
 from mmeff.models.zoo import register_family
@@ -353,11 +355,6 @@ _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _register_timm() -> None:
-    try:
-        from timm.models import register_model as timm_register_model
-        from timm.models._registry import is_model
-    except ImportError:  # timm is a dependency, but keep the module importable without it
-        return
     for name in _CONFIGS:
         if is_model(name):
             continue

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -315,8 +316,6 @@ def load_llava_json(path: str | Path, image_folder: str | Path | None = None) ->
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return np.array(im.convert("RGB"))
