@@ -1,14 +1,17 @@
 """The one training loop of mmeff's trainers, and the config base they share.
 
-:func:`train_steps` runs ``cfg.steps`` optimiser steps of a loss function. Two ways to feed it:
+:func:`train_steps` runs ``cfg.steps`` optimiser steps of a loss function. Three ways to feed it:
 
 * by default, a dataset whose item ``i`` is a pure function of ``i``: step ``s`` reads items
   ``s * batch * world + rank * batch + j`` (:class:`StepSampler`);
 * ``shuffle=True``: epoch-wise reshuffled passes over a finite dataset (a folder of clips), epoch ``e``'s
   order a pure function of ``seed + e`` and sharded over ranks as ``DistributedSampler`` does
-  (:class:`EpochSampler`), with a hook before each epoch's loader starts.
+  (:class:`EpochSampler`), with a hook before each epoch's loader starts;
+* ``batched=True``: the caller's own re-iterable of ready batches (a ``DataLoader``, a list), one pass an
+  epoch (ToCom's self-distillation, VisToG's stages).
 
-Either way ``resume=True`` continues bit-for-bit from ``out_dir/last.pt`` with no data state to save.
+Each way ``resume=True`` continues bit-for-bit from ``out_dir/last.pt`` with no data state to save (given
+a pass of the caller's batches that is a function of its epoch). ``out_dir=None`` runs without files.
 Adam with a linear warm-up and cosine decay (:func:`lr_at`) unless the caller gives its own optimiser and
 schedule, gradient clipping, a progress bar, ``last.pt`` + ``history.json`` every ``save_every`` steps
 (written atomically; read back without unpickling code), and DDP under ``torchrun``
@@ -25,7 +28,7 @@ import itertools
 import json
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -181,8 +184,8 @@ class EpochSampler(torch.utils.data.Sampler[list[int]]):
 
 def train_steps(
     model: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    out_dir: str | Path,
+    dataset: torch.utils.data.Dataset | Iterable[Any],
+    out_dir: str | Path | None,
     cfg: StepTrainConfig,
     loss_fn: Callable[[nn.Module, Any, int, torch.device], dict[str, Tensor]],
     *,
@@ -199,10 +202,15 @@ def train_steps(
     steps: int | None = None,
     save_every: int | None = None,
     optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
-    lr_schedule: Callable[[int], float] | None = None,
+    lr_schedule: Callable[[int], float | Sequence[float]] | None = None,
     shuffle: bool = False,
     on_epoch: Callable[[int], None] | None = None,
     on_log: Callable[[int, dict[str, float], dict[str, Any]], str | None] | None = None,
+    batched: bool = False,
+    device: torch.device | str | None = None,
+    reseed: bool = True,
+    checkpoint: str = "last.pt",
+    desc: str = "train",
 ) -> dict[str, Any]:
     """Run ``cfg.steps`` steps of ``loss_fn(net, batch, step, device) -> {"loss": ..., other parts}``.
 
@@ -218,17 +226,35 @@ def train_steps(
 
     For a run counted otherwise (a config in epochs): ``steps`` / ``save_every`` replace ``cfg.steps`` /
     ``cfg.save_every``; ``optimizer(model)`` replaces Adam over the trainable parameters and
-    ``lr_schedule(step)`` replaces :func:`lr_at` (the rate is set on every parameter group). ``shuffle``:
-    feed epoch-wise shuffled passes over the dataset (:class:`EpochSampler`, batches of ``cfg.batch_size``
-    per rank); ``on_epoch(epoch)`` runs before each epoch's loader starts, so its workers see what it sets.
-    ``on_log(step, row, history)`` runs on every rank each time a log row (part means since the last one)
-    is recorded, before ``last.pt`` is written; it may add to ``history``, and rank 0 logs the text it
-    returns (instead of the loop's closing summary line)."""
-    out = Path(out_dir)
-    rank, world, device = init_distributed()
+    ``lr_schedule(step)`` replaces :func:`lr_at` (a rate set on every parameter group, or a sequence of
+    rates, one per group). ``shuffle``: feed epoch-wise shuffled passes over the dataset
+    (:class:`EpochSampler`, batches of ``cfg.batch_size`` per rank); ``on_epoch(epoch)`` runs before each
+    epoch's loader starts, so its workers see what it sets. ``batched``: ``dataset`` is a sized
+    re-iterable of ready batches (a ``DataLoader``, a list of batches; under DDP it shards itself): an
+    epoch is one pass of ``len(dataset)`` batches, after ``on_epoch(epoch)`` and ``dataset.set_epoch(epoch)``
+    when it has one (as a ``DistributedSampler`` wants); a run resumed inside an epoch skips the batches it
+    already took. ``on_log(step, row, history)`` runs on every rank each time a log row (part means since
+    the last one) is recorded, before ``last.pt`` is written; it may add to ``history``, and rank 0 logs
+    the text it returns (instead of the loop's closing summary line).
+
+    For a trainer called inside a larger recipe: ``out_dir=None`` writes no files and never resumes;
+    ``device`` is the device ``loss_fn`` gets, and the model stays where the caller put it (default:
+    :func:`~mmeff.train.distributed.init_distributed`'s, and the model is moved there); ``reseed=False``
+    keeps the caller's global RNG instead of seeding it from ``cfg.seed``; ``checkpoint`` names the state
+    file in ``out_dir`` (it holds the CUDA RNG too when training on a GPU); ``desc`` labels the progress
+    bar."""
+    out = Path(out_dir) if out_dir is not None else None
+    rank, world, run_device = init_distributed()
     total = cfg.steps if steps is None else steps
     every = cfg.save_every if save_every is None else save_every
-    if shuffle:
+    per_epoch = 0
+    if batched:
+        if not isinstance(dataset, Sized):
+            raise TypeError(f"batched data must have a len (its batches per epoch), got {type(dataset).__name__}")
+        per_epoch = len(dataset)
+        if per_epoch < 1:
+            raise ValueError("the data holds no batches")
+    elif shuffle:
         if len(dataset) < 1:
             raise ValueError("the dataset is empty")
         per_epoch = EpochSampler.steps_per_epoch(len(dataset), cfg.batch_size, world)
@@ -237,10 +263,14 @@ def train_steps(
         if len(dataset) < need:
             raise ValueError(f"dataset has {len(dataset)} items; {total} steps of {cfg.batch_size} x {world} "
                              f"ranks need {need} (give the dataset {length_hint}={need})")
-    if rank == 0:
+    if rank == 0 and out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
+    if reseed:
+        torch.manual_seed(cfg.seed)
+    if device is None:
+        device = run_device
+        model.to(device)
+    device = torch.device(device)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -254,9 +284,9 @@ def train_steps(
     schedule = lr_schedule if lr_schedule is not None else (lambda s: lr_at(s, cfg))
     config = config_dict(cfg)
     history: dict[str, Any] = {"config": config, "log": [], "step": 0, **(history_extra or {})}
-    ckpt = out / "last.pt"
+    ckpt = out / checkpoint if out is not None else None
     start = 0
-    if resume and ckpt.is_file():
+    if resume and ckpt is not None and ckpt.is_file():
         state = load_state(ckpt, map_location=device)
         lacks = sorted({"model", "optimizer", "rng", "history", "step"} - set(state))
         if lacks:
@@ -275,56 +305,81 @@ def train_steps(
                              f"over without resuming ({str(e).splitlines()[0]})") from e
         check_resume_config(state.get("history", {}).get("config"), cfg, ckpt)
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         history, start = state["history"], state["step"]
         if isinstance(cfg, BaseTrainConfig):  # checked above: only resume_may_change fields can differ
             history["config"] = config
-        log(f"resumed from {ckpt} at step {start}" + (f" (epoch {start // per_epoch})" if shuffle else ""))
+        log(f"resumed from {ckpt} at step {start}" + (f" (epoch {start // per_epoch})" if per_epoch else ""))
     base_seconds = float(history.get("train_seconds", 0.0))  # over all calls, for reports of resumed runs
     stop = total if stop_after is None else min(total, start + stop_after)
     if start >= stop:
         return history
 
-    def loaders() -> Iterator[Iterable[Any]]:
-        # the loaders get their own generators: drawing their base seeds from the global RNG would shift
-        # every later random draw of a resumed run
-        if not shuffle:
-            yield torch.utils.data.DataLoader(
-                dataset, batch_size=cfg.batch_size, sampler=StepSampler(start, stop, cfg.batch_size, rank, world),
-                num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate_fn)
-            return
-        # one loader per epoch: its workers start after on_epoch, so they see what it changed
+    def epochs() -> Iterator[tuple[int, int, int]]:
+        # (epoch, first step, end step) of the epochs this call runs, after on_epoch
         for epoch in range(start // per_epoch, (stop - 1) // per_epoch + 1):
             if on_epoch is not None:
                 on_epoch(epoch)
-            a, b = max(start, epoch * per_epoch), min(stop, (epoch + 1) * per_epoch)
-            batches = EpochSampler(len(dataset), cfg.batch_size, a, b, rank, world, cfg.seed)
-            yield torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
-                                              generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                              collate_fn=collate_fn)
+            yield epoch, max(start, epoch * per_epoch), min(stop, (epoch + 1) * per_epoch)
+
+    def one_pass(epoch: int, a: int, b: int) -> Iterator[Any]:
+        # a pass of the caller's batches; a resumed epoch skips the batches it already took
+        if callable(getattr(dataset, "set_epoch", None)):
+            dataset.set_epoch(epoch)
+        skip, take, n = a - epoch * per_epoch, b - epoch * per_epoch, 0
+        for n, batch in enumerate(dataset, 1):
+            if n > skip:
+                yield batch
+            if n >= take:
+                return
+        raise ValueError(f"the data yielded {n} batches in epoch {epoch}; its len says {per_epoch}")
+
+    def loaders() -> Iterator[Iterable[Any]]:
+        # the loaders get their own generators: drawing their base seeds from the global RNG would shift
+        # every later random draw of a resumed run
+        if batched:
+            for epoch, a, b in epochs():
+                yield one_pass(epoch, a, b)
+        elif not shuffle:
+            yield torch.utils.data.DataLoader(
+                dataset, batch_size=cfg.batch_size, sampler=StepSampler(start, stop, cfg.batch_size, rank, world),
+                num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed), collate_fn=collate_fn)
+        else:
+            # one loader per epoch: its workers start after on_epoch, so they see what it changed
+            for epoch, a, b in epochs():
+                batches = EpochSampler(len(dataset), cfg.batch_size, a, b, rank, world, cfg.seed)
+                yield torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.workers,
+                                                  generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                                  collate_fn=collate_fn)
 
     use = net if ddp_forward else model
 
     def save(step: int) -> None:
-        if rank != 0:
-            return
         history["step"] = step
         history["train_seconds"] = base_seconds + time.perf_counter() - t0
+        if rank != 0 or ckpt is None:
+            return
         sd = model.state_dict()
         if trainable_only:
             sd = {k: v for k, v in sd.items() if k in trainable}
-        save_state({"model": sd, "optimizer": opt.state_dict(), "step": step,
-                    "history": history, "rng": torch.get_rng_state()}, ckpt)
-        write_text_atomic(out / "history.json", json.dumps(history, indent=1))
+        save_state({"model": sd, "optimizer": opt.state_dict(), "step": step, "history": history,
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}, ckpt)
+        write_text_atomic(ckpt.parent / "history.json", json.dumps(history, indent=1))
 
     net.train()
-    bar = tqdm(itertools.chain.from_iterable(loaders()), total=stop - start, desc=f"train {start}->{stop}/{total}",
+    bar = tqdm(itertools.chain.from_iterable(loaders()), total=stop - start, desc=f"{desc} {start}->{stop}/{total}",
                disable=not progress or rank != 0, leave=False)
     t0, window, step = time.perf_counter(), [], start
     for batch in bar:
         lr = schedule(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
+        rates = [lr] * len(opt.param_groups) if isinstance(lr, (int, float)) else list(lr)
+        if len(rates) != len(opt.param_groups):
+            raise ValueError(f"lr_schedule gave {len(rates)} rates for {len(opt.param_groups)} parameter groups")
+        for group, rate in zip(opt.param_groups, rates):
+            group["lr"] = rate
         parts = loss_fn(use, batch, step, device)
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
@@ -341,7 +396,8 @@ def train_steps(
         bar.set_postfix(loss=f"{np.mean([w['loss'] for w in window[-50:]]):.4f}")
         if step % every == 0 or step == stop:
             row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            history["log"].append({"step": step, **row, "lr": lr, "seconds": time.perf_counter() - t0})
+            history["log"].append({"step": step, **row, "lr": lr if isinstance(lr, (int, float)) else rates,
+                                   "seconds": time.perf_counter() - t0})
             window = []
             text = on_log(step, row, history) if on_log is not None else None
             save(step)

@@ -1,25 +1,49 @@
 """ToCom's training: self-distillation of the plug-in across ToMe degrees, the backbone frozen (ToCom's
-recipe); :class:`Batches` is a re-iterable, resumable image batcher."""
+recipe), run by the library's loop (:func:`mmeff.train.loop.train_steps`, epochs over the caller's batches);
+:class:`Batches` is a re-iterable, resumable image batcher."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from mmeff.adapters.tocom import ToComAdapter
 from mmeff.adapters.tome import ToMeAdapter
 from mmeff.checkpoint import load_state, save_state
 from mmeff.methods.tocom import ToCom, kd_loss
 from mmeff.methods.tome import ToMe
+from mmeff.train.distributed import init_distributed
+from mmeff.train.loop import BaseTrainConfig, train_steps
 
-__all__ = ["Batches", "train_tocom"]
+__all__ = ["Batches", "ToComTrainConfig", "train_tocom"]
+
+STATE = "train_state.pt"  # the loop's resumable state; the weights also go to tocom.safetensors
+
+
+@dataclass(kw_only=True)
+class ToComTrainConfig(BaseTrainConfig):
+    """The settings of :func:`train_tocom` (ToCom's recipe: AdamW at a constant rate, no gradient clipping).
+
+    ``data`` comes batched, so ``batch_size`` and ``workers`` are not read. ``r_max``: the largest ToMe degree
+    sampled; ``scale``: the plug-in's delta scale while training; ``tau``: the distillation temperature."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    clip_grad: float = 0.0
+    tau: float = 1.0
+    r_max: int = 16
+    scale: float = 0.1
+
+    # more epochs lengthen the run without changing what was done; a resumed run may set them
+    resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
 
 
 def _images(batch: Any) -> Tensor:
@@ -45,6 +69,39 @@ def _logits(model: nn.Module, images: Tensor) -> Tensor:
     raise TypeError(f"cannot find logits in the model output {type(out).__name__}")
 
 
+class _DegreePairs:
+    """``(r_s, r_t)`` of each step: the successive draws of one ``random.Random(seed)``, replayed up to any
+    step, so a resumed run draws what an uninterrupted one would with no state saved."""
+
+    def __init__(self, seed: int, r_max: int) -> None:
+        self.seed, self.r_max = seed, r_max
+        self.rng, self.next = random.Random(seed), 0
+
+    def __call__(self, step: int) -> tuple[int, int]:
+        if step < self.next:
+            self.rng, self.next = random.Random(self.seed), 0
+        while self.next <= step:
+            r_s, r_t = self.rng.sample(range(self.r_max + 1), 2)
+            self.next += 1
+        return r_s, r_t
+
+
+def _upgrade_state(out: Path, per_epoch: int) -> None:
+    """Rewrite a ``train_state.pt`` of an mmeff before :func:`train_steps` (``optimizer``, ``epoch``, an epoch
+    list as ``history``, RNG states; the weights in ``tocom.safetensors``) in the loop's format, so the run
+    resumes exactly. Anything else is left for the loop to read (or refuse)."""
+    path, weights = out / STATE, out / "tocom.safetensors"
+    if not (path.is_file() and weights.is_file()):
+        return
+    state = load_state(path)
+    if "model" in state or not {"optimizer", "epoch", "history", "torch_rng"} <= set(state):
+        return
+    step = (int(state["epoch"]) + 1) * per_epoch
+    history = {"config": None, "log": [], "step": step, "epochs": list(state["history"])}
+    save_state({"model": ToCom.load(weights).state_dict(), "optimizer": state["optimizer"], "step": step,
+                "history": history, "rng": state["torch_rng"], "cuda_rng": state.get("cuda_rng")}, path)
+
+
 def train_tocom(
     model: nn.Module,
     data: Iterable[Any],
@@ -67,39 +124,37 @@ def train_tocom(
 
     Each step samples ``(r_s, r_t)`` in ``[0, r_max]²`` with ``r_s ≠ r_t`` (the same in every block);
     the student is ``model`` at ToMe(r_t) with ToCom(s→t), the teacher ``model`` at ToMe(r_s) without
-    it; loss :func:`kd_loss`. ``data`` yields image batches ``(B, 3, H, W)`` (labels, if any, are
-    ignored). With ``out_dir``, ``tocom.safetensors`` and ``train_state.pt`` (optimizer, epoch, RNG,
-    history) are written after every epoch and a later call with ``resume=True`` continues from them.
-    Returns the trained plug-in (in eval mode).
+    it; loss :func:`kd_loss`. ``data`` is a sized re-iterable of image batches ``(B, 3, H, W)`` (a
+    ``DataLoader``, a list, :class:`Batches`; labels, if any, are ignored; ``data.set_epoch(epoch)`` is
+    called before each pass when it has one). Runs on :func:`~mmeff.train.loop.train_steps` with
+    :class:`ToComTrainConfig`; the global RNG (the plug-in's dropout) is the caller's. With ``out_dir``,
+    ``tocom.safetensors`` and ``train_state.pt`` (the loop's state: weights, optimizer, step, RNG, history)
+    are written after every epoch and a later call with ``resume=True`` continues from them exactly (a
+    run with other settings than ``epochs`` is refused). Returns the trained plug-in (in eval mode), its
+    ``history`` a list of ``{"epoch", "kd_loss"}`` (the epoch's mean loss per image).
     """
     if iter(data) is data:  # type: ignore[comparison-overlap]
         raise TypeError(
             "data must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator"
         )
+    if not isinstance(data, Sized):
+        raise TypeError(f"data must have a len (its batches per epoch), got {type(data).__name__}")
     tocom = tocom if tocom is not None else ToCom.for_model(model, steps, step_rank, scale=scale)
     r_max = tocom.steps if r_max is None else int(r_max)
     if not 1 <= r_max <= tocom.steps:
         raise ValueError(f"r_max must be in [1, {tocom.steps}] (the plug-in's steps), got {r_max}")
+    cfg = ToComTrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, tau=tau, r_max=r_max,
+                           scale=tocom.scale, seed=seed)
     param = next(model.parameters())
     tocom.to(param.device)
-    opt = torch.optim.AdamW(tocom.parameters(), lr=lr, weight_decay=weight_decay)
-    start, history = 0, []
     out = Path(out_dir) if out_dir is not None else None
-    rng = random.Random(seed)
-    if (
-        out is not None
-        and resume
-        and (out / "train_state.pt").is_file()
-        and (out / "tocom.safetensors").is_file()
-    ):
-        tocom.load_state_dict(ToCom.load(out / "tocom.safetensors", device=param.device).state_dict())
-        state = load_state(out / "train_state.pt", map_location=param.device)
-        opt.load_state_dict(state["optimizer"])
-        start, history = int(state["epoch"]) + 1, list(state["history"])
-        rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if param.is_cuda and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), param.device)
+    per_epoch = len(data)
+    if out is not None and resume:
+        _upgrade_state(out, per_epoch)
+    rank = init_distributed()[0]
+    pairs = _DegreePairs(seed, r_max)
+    seen = {"total": 0.0, "count": 0}  # this epoch's loss sum over images, and the images
+
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     model.requires_grad_(False).eval()
@@ -107,52 +162,43 @@ def train_tocom(
     tome.attach()
     handle = ToComAdapter(model, tocom.at(source=0, target=0, scale=tocom.scale))
     handle.attach()
+
+    def loss_fn(net: nn.Module, batch: Any, step: int, device: torch.device) -> dict[str, Tensor]:
+        images = _images(batch).to(device, param.dtype)
+        r_s, r_t = pairs(step)
+        tome.set_r(r_s)
+        handle.enabled = False
+        with torch.no_grad():
+            teacher = _logits(model, images)
+        tome.set_r(r_t)
+        handle.enabled, handle.source, handle.target = True, r_s, r_t
+        loss = kd_loss(_logits(model, images).float(), teacher.float(), cfg.tau)
+        seen["total"] += loss.item() * images.shape[0]
+        seen["count"] += images.shape[0]
+        return {"loss": loss}
+
+    def end_epoch(step: int, row: dict[str, float], history: dict[str, Any]) -> None:
+        entry = {"epoch": step // per_epoch - 1, "kd_loss": seen["total"] / max(seen["count"], 1)}
+        seen.update(total=0.0, count=0)
+        history["epochs"].append(entry)
+        if out is not None and rank == 0:
+            tocom.save(out / "tocom.safetensors", extra=entry)
+
     try:
-        for epoch in range(start, epochs):
-            tocom.train()
-            if callable(getattr(data, "set_epoch", None)):
-                data.set_epoch(epoch)  # type: ignore[attr-defined]
-            total, count = 0.0, 0
-            bar = tqdm(data, desc=f"ToCom epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-            for batch in bar:
-                images = _images(batch).to(param.device, param.dtype)
-                r_s, r_t = rng.sample(range(r_max + 1), 2)
-                tome.set_r(r_s)
-                handle.enabled = False
-                with torch.no_grad():
-                    teacher = _logits(model, images)
-                tome.set_r(r_t)
-                handle.enabled, handle.source, handle.target = True, r_s, r_t
-                loss = kd_loss(_logits(model, images).float(), teacher.float(), tau)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * images.shape[0]
-                count += images.shape[0]
-                bar.set_postfix(loss=f"{total / count:.4f}")
-            history.append({"epoch": epoch, "kd_loss": total / max(count, 1)})
-            if out is not None:
-                tocom.save(
-                    out / "tocom.safetensors", extra={"epoch": epoch, "kd_loss": history[-1]["kd_loss"]}
-                )
-                save_state(
-                    {
-                        "optimizer": opt.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "rng": rng.getstate(),
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(param.device) if param.is_cuda else None,
-                    },
-                    out / "train_state.pt",
-                )
+        history = train_steps(
+            tocom, data, out, cfg, loss_fn, resume=resume, progress=progress, log=lambda _: None,
+            ddp_forward=False, history_extra={"epochs": []}, steps=epochs * per_epoch, save_every=per_epoch,
+            optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay),
+            lr_schedule=lambda _: lr, on_log=end_epoch, batched=True, device=param.device, reseed=False,
+            checkpoint=STATE, desc="ToCom",
+        )
     finally:
         handle.detach()
         tome.detach()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
         model.train(was_training)
-    tocom.history = history  # type: ignore[assignment]
+    tocom.history = history["epochs"]  # type: ignore[assignment]
     return tocom.eval()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 
 import open_clip
 import pytest
@@ -621,8 +622,11 @@ def test_train_tocom_contract(tmp_path):
     assert "_mmeff_tome_adapter" not in vit.__dict__
     assert (tmp_path / "run" / "tocom.safetensors").is_file()
     assert (tmp_path / "run" / "train_state.pt").is_file()
-    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
-    assert state["epoch"] == 1 and len(state["history"]) == 2
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)  # train_steps' state
+    assert state["step"] == 4 and state["history"]["epochs"] == tocom.history  # 2 epochs of 2 batches
+    assert state["history"]["config"]["epochs"] == 2 and state["history"]["config"]["lr"] == 1e-2
+    for k, v in tocom.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
     saved = ToCom.load(tmp_path / "run" / "tocom.safetensors")
     for k, v in tocom.state_dict().items():
         assert torch.equal(saved.state_dict()[k], v), k
@@ -650,6 +654,35 @@ def test_resume_equals_uninterrupted(tmp_path):
         torch.testing.assert_close(fresh.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
 
 
+def test_resume_from_a_train_state_of_the_hand_written_loop(tmp_path):
+    """mmeff before train_steps saved ``{optimizer, epoch, history: [epochs], rng, torch_rng, cuda_rng}`` and
+    the weights only in tocom.safetensors: such a run still resumes exactly."""
+    vit = make_vit()
+    nn.init.normal_(vit.head.weight, std=1.0)
+    full = train(vit, 3, tmp_path / "full")
+    train(vit, 2, tmp_path / "old")
+    new = torch.load(tmp_path / "old" / "train_state.pt", weights_only=True)
+    pairs = random.Random(0)
+    for _ in range(4):  # the (r_s, r_t) draws of 2 epochs of 2 batches
+        pairs.sample(range(STEPS + 1), 2)
+    old = {"optimizer": new["optimizer"], "epoch": 1, "history": new["history"]["epochs"],
+           "rng": pairs.getstate(), "torch_rng": new["rng"], "cuda_rng": None}
+    torch.save(old, tmp_path / "old" / "train_state.pt")
+    (tmp_path / "old" / "history.json").unlink()
+    resumed = train(vit, 3, tmp_path / "old")
+    assert resumed.history == full.history and [h["epoch"] for h in resumed.history] == [0, 1, 2]
+    for k, v in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, atol=1e-6, rtol=0, msg=k)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    vit = make_vit()
+    train(vit, 1, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"train_state\.pt holds a run with other settings \(lr 0\.01 -> 0\.02\)"):
+        train(vit, 2, tmp_path / "run", lr=2e-2)
+    assert len(train(vit, 2, tmp_path / "run").history) == 2  # more epochs: resumes
+
+
 def test_batches_reshuffle_per_epoch():
     x = torch.arange(10.0)[:, None]
     b = Batches(x, 4, seed=3)
@@ -672,6 +705,13 @@ def test_train_tocom_errors():
             train_tocom(vit, [x], steps=STEPS, step_rank=STEP_RANK, r_max=r_max, epochs=1, progress=False)
     with pytest.raises(TypeError, match="image tensors"):
         train_tocom(vit, [{"x": x}], steps=STEPS, step_rank=STEP_RANK, epochs=1, progress=False)
+
+    class Unsized:  # re-iterable, but the loop counts an epoch's steps by len
+        def __iter__(self):
+            yield x
+
+    with pytest.raises(TypeError, match="must have a len"):
+        train_tocom(vit, Unsized(), steps=STEPS, step_rank=STEP_RANK, epochs=1, progress=False)
     assert hook_state(vit) == hooks
 
 

@@ -234,6 +234,27 @@ def test_two_stage_training_moves_the_right_parameters(llava) -> None:
         train_vistog(model, vt, batches, stage=3, steps=1)
 
 
+def test_training_noise_is_the_callers_and_batches_may_be_a_generator(llava) -> None:
+    batches = _batches(llava.config)
+
+    def losses(seed: int, data) -> list[float]:
+        model = copy.deepcopy(llava)
+        vt = fresh(model)
+        torch.manual_seed(seed)  # the Gumbel noise draws from the caller's global RNG
+        return train_vistog(model, vt, data, stage=1, steps=3, lr=3e-3, progress=False).losses
+
+    first = losses(1, batches)
+    assert len(first) == 3 and first == losses(1, batches) and first != losses(2, batches)
+
+    def stream():  # an endless generator, as the scene batches are
+        while True:
+            yield from batches
+
+    assert losses(1, stream()) == first
+    with pytest.raises(ValueError, match="batches is empty"):
+        losses(1, [])
+
+
 def test_save_load_round_trip(llava, tmp_path) -> None:
     vt = fresh(llava, tau=0.5, semantic_self_attention=False)
     path = vt.save(tmp_path / "vt.safetensors", extra={"trained": "no"})
