@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["Checkpointable", "atomic_write", "file_sha256", "load_exact", "load_state", "local_or_hub",
+__all__ = ["Checkpointable", "atomic_write", "check_sha256", "file_sha256", "load_exact", "load_state", "local_or_hub",
            "read_module", "save_module", "save_state", "state_sha256", "write_text_atomic"]
 
 
@@ -106,6 +106,13 @@ def file_sha256(path: str | Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
+
+
+def check_sha256(got: str, want: object, mismatch: str, cause: str = "the file is corrupt or was altered") -> None:
+    """One ``ValueError`` line when the sha256 ``got`` is not the recorded ``want``: ``mismatch`` says what does
+    not match what (``"x.safetensors does not match manifest.json"``), ``cause`` what that means."""
+    if got != want:
+        raise ValueError(f"{mismatch} (sha256 {got[:16]}..., expected {str(want)[:16]}...): {cause}")
 
 def save_module(module: nn.Module, path: str | Path, fmt: str, config: Mapping[str, Any],
                 extra: Mapping[str, Any] | None = None) -> Path:
@@ -218,9 +225,7 @@ class Checkpointable:
         want = extra.get("weights_sha256") if cls.checkpoint_sha256 and isinstance(extra, dict) else None
         if want is not None:
             got = state_sha256(state)
-            if got != want:
-                raise ValueError(f"{path}: weights do not match the sha256 recorded when it was saved (got "
-                                 f"{got[:16]}..., expected {str(want)[:16]}...): the file is corrupt or was altered")
+            check_sha256(got, want, f"{path}: weights do not match the sha256 recorded when it was saved")
         try:
             model = cls.from_checkpoint_config(config)
         except (TypeError, ValueError) as e:

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.checkpoint import Checkpointable, file_sha256
+from mmeff.checkpoint import Checkpointable, check_sha256, file_sha256
 from mmeff.datasets.restoration import TASKS
 from mmeff.models.instructions import default_router
 from mmeff.models.zoo import register_family
@@ -549,9 +549,7 @@ def shipped_model(folder: str | Path | None = None) -> InstructIPT:
                                 f"`mmeff ipt train --data photos --out DIR --model instruct_ipt_small --steps 2000`")
     meta = json.loads(record.read_text())
     got = file_sha256(path)
-    if got != meta.get("sha256"):
-        raise ValueError(f"{path} does not match {record.name} (sha256 {got[:16]}..., expected "
-                         f"{str(meta.get('sha256'))[:16]}...): the file is corrupt or was replaced")
+    check_sha256(got, meta.get("sha256"), f"{path} does not match {record.name}", "the file is corrupt or was replaced")
     return InstructIPT.load(path)
 
 

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPVisionConfig
 
-from mmeff.checkpoint import atomic_write, file_sha256, load_exact
+from mmeff.checkpoint import atomic_write, check_sha256, file_sha256, load_exact
 from mmeff.methods.freevideo import ClipScorer
 from mmeff.models.hf import assemble_llava, load_smollm2
 
@@ -129,11 +129,8 @@ def weights_path(which: str, folder: str | Path | None = None, check: bool = Tru
         if want is None:
             raise ValueError(f"mmeff-mini weights {path} have no sha256 in manifest.json{where}, so they cannot "
                              f"be checked: pass check=False to use them anyway, or {regen}")
-        if got != want:
-            raise ValueError(
-                f"mmeff-mini weights {path} do not match manifest.json{where} (sha256 {got[:16]}..., expected "
-                f"{want[:16]}...): the file is corrupt or was replaced; restore it from git or {regen}"
-            )
+        check_sha256(got, want, f"mmeff-mini weights {path} do not match manifest.json{where}",
+                     f"the file is corrupt or was replaced; restore it from git or {regen}")
     return path
 
 

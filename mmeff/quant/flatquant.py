@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from mmeff.checkpoint import atomic_write, file_sha256
+from mmeff.checkpoint import atomic_write, check_sha256, file_sha256
 from mmeff.core import QUANTIZERS
 from mmeff.quant.calibration import (
     LayerQuant,
@@ -274,9 +274,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     want = (meta.get("sha256") or {}).get(weights.name) if isinstance(meta.get("sha256"), dict) else None
     if want is not None:
         got = file_sha256(weights)
-        if got != want:
-            raise ValueError(f"{weights} does not match the sha256 in {meta_file.name} (got {got[:16]}..., "
-                             f"expected {str(want)[:16]}...): the file is corrupt, altered or from another save")
+        check_sha256(got, want, f"{weights} does not match the sha256 in {meta_file.name}",
+                     "the file is corrupt, altered or from another save")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
