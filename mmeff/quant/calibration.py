@@ -198,7 +198,11 @@ class LayerQuant(nn.Module):
         clip = _sig(self.lac[slot]) if self.cfg.lac else 1.0
         if self._int4_ready(x):
             return self._int4(x, t.p1, t.p2, clip)
-        y = t(x, use_diag=self.use_diag and not self.merged)
+        # attn_in/mlp_in scales go into the norms only at the merge, so they run online until then;
+        # down_proj's scale is folded into up_proj's rows by effective_weights from the start (the
+        # weights calibrated are the weights deployed), so its input already carries it
+        diag = self.use_diag and not self.merged and t is not self.down_in
+        y = t(x, use_diag=diag)
         return fake_quant_act(y, self.cfg.a_bits, clip)
 
     def o_act(self, x: Tensor) -> Tensor:
