@@ -58,16 +58,21 @@ _RNE_MAGIC = 12582912.0
 
 
 def kron_factors(d: int) -> tuple[int, int]:
-    """FlatQuant's split ``d = n1 · n2``: ``n1`` is the largest divisor of ``d`` with ``n1 <= √d``.
+    """FlatQuant's split ``d = n1 · n2`` (official ``get_decompose_dim``), ``n1 <= n2``.
 
-    So ``n1 <= n2`` and the pair is as square as ``d`` allows (4096 → (64, 64), 11008 → (86, 128)).
+    The official code writes ``d = (a - b)(a + b)`` with the smallest ``a >= ⌈√d⌉`` for which ``a² - d`` is
+    a perfect square ``b²``: the most nearly square pair whose factors have the same parity
+    (4096 → (64, 64), 11008 → (86, 128), 12 → (2, 6) where the nearest pair would be (3, 4)).
+    ``d ≡ 2 (mod 4)`` has no such pair and the official loop never ends; there the most nearly square
+    pair of any parity is used (6 → (2, 3)).
     """
     if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
         raise ValueError(f"d must be a positive int, got {d!r}")
+    same_parity = d % 4 != 2
     for n1 in range(math.isqrt(d), 0, -1):
-        if d % n1 == 0:
+        if d % n1 == 0 and (not same_parity or (n1 + d // n1) % 2 == 0):
             return n1, d // n1
-    raise AssertionError("unreachable: 1 divides every d")  # pragma: no cover
+    raise AssertionError("unreachable: (1, d) has equal parity for odd d, (2, d/2) for d % 4 == 0")  # pragma: no cover
 
 
 def _check_kron_args(x: Tensor, p1: Tensor, p2: Tensor) -> tuple[int, int]:

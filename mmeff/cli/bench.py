@@ -94,11 +94,13 @@ def _bench_flatquant(args: argparse.Namespace) -> int:
     run_flatquant_bench(
         load,
         eval_tokens=args.tokens,
+        budget=args.preset,
         samples=args.samples,
         calib_len=args.calib_len,
         epochs=args.epochs,
         weights=args.weights,
         json_path=args.json,
+        plot_path=args.plot,
         cache_dir=args.cache_dir,
     )
     return 0
@@ -255,12 +257,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     kv.add_argument("--sep-size", type=int, default=64, help="SepLLM separators kept (-1: no cap)")
     kv.add_argument("--local-size", type=int, default=256, help="SepLLM local window")
     kv.add_argument("--cache-size", type=int, default=512, help="SepLLM cache size that triggers eviction")
-    kv.add_argument("--plot", default=None, help="save perplexity-along-the-stream curves to this PNG")
+    kv.add_argument("--plot", default=None, help="sepllm: perplexity-along-the-stream curves; flatquant: the table as bars (PNG)")
     kv.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
     fq = b.add_argument_group("flatquant suite")
-    fq.add_argument("--samples", type=int, default=16, help="calibration sequences")
-    fq.add_argument("--calib-len", type=int, default=256, help="tokens per calibration sequence")
-    fq.add_argument("--epochs", type=int, default=3, help="FlatQuant calibration epochs per layer")
+    fq.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
+                    help="calibration budget: cpu = 16 x 256 tokens, 3 epochs; paper = the official 128 x 2048, 15 epochs")
+    fq.add_argument("--samples", type=int, default=None, help="calibration sequences (overrides --preset)")
+    fq.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (overrides --preset)")
+    fq.add_argument("--epochs", type=int, default=None, help="FlatQuant calibration epochs per layer (overrides --preset)")
     fq.add_argument("--weights", default="rtn", choices=["rtn", "gptq"], help="weight quantizer after merging")
     tm = b.add_argument_group("tome suite", "ToMe on timm ViTs (random-init weights unless --tome-pretrained); "
                               "--json / --plot override the files written under --tome-out")

@@ -36,10 +36,12 @@ from mmeff.quant.transforms import (
     fake_quant_act,
     fake_quant_kv,
     fake_quant_weight,
+    lwc_clamp,
     submodule,
 )
 
 __all__ = [
+    "BUDGETS",
     "LayerQuant",
     "QuantConfig",
     "capture_layer_inputs",
@@ -50,8 +52,15 @@ __all__ = [
 _PRESETS: dict[str, dict[str, Any]] = {
     "w4a4kv4": {"w_bits": 4, "a_bits": 4, "kv_bits": 4},
     "w4a4": {"w_bits": 4, "a_bits": 4, "kv_bits": 16},
+    "w4a8": {"w_bits": 4, "a_bits": 8, "kv_bits": 16},
     "w4a16": {"w_bits": 4, "a_bits": 16, "kv_bits": 16},
     "w8a8": {"w_bits": 8, "a_bits": 8, "kv_bits": 16},
+}
+#: calibration budgets: the official scripts' (WikiText-2, 128 x 2048 tokens, 15 epochs, batch 4) and one
+#: that runs on a laptop CPU in minutes for a 135M model (what ``mmeff bench flatquant`` uses by default)
+BUDGETS: dict[str, dict[str, Any]] = {
+    "paper": {"samples": 128, "seq_len": 2048, "epochs": 15, "batch_size": 4},
+    "cpu": {"samples": 16, "seq_len": 256, "epochs": 3, "batch_size": 4},
 }
 _CLIP_INIT = 4.0  # sigmoid(4) ≈ 0.982, FlatQuant's initial LWC/LAC
 
@@ -61,9 +70,11 @@ class QuantConfig:
     """What to quantize and how to calibrate. ``QuantConfig.preset("w4a4kv4", epochs=5)``.
 
     ``method``: ``"flatquant"`` (learned Kronecker transforms + diag smoothing + LWC/LAC),
-    ``"hadamard"`` (fixed random orthogonal/Hadamard rotations, QuaRot-style, no training) or ``"rtn"``
-    (no transform). ``weights``: ``"rtn"`` or ``"gptq"`` on the merged weights. The LM head, embeddings,
-    and a VLM's vision tower and projector stay in full precision (only decoder layers are quantized).
+    ``"hadamard"`` (fixed random orthogonal/Hadamard rotations, QuaRot-style, no training, no clipping)
+    or ``"rtn"`` (no transform, no clipping: plain round-to-nearest). ``weights``: ``"rtn"`` or
+    ``"gptq"`` on the merged weights. The LM head, embeddings, and a VLM's vision tower and projector
+    stay in full precision (only decoder layers are quantized). The calibration defaults are the
+    official scripts' (:data:`BUDGETS` ``"paper"``); ``preset(..., budget="cpu")`` is the small one.
     """
 
     w_bits: int = 4
@@ -74,9 +85,9 @@ class QuantConfig:
     diag: bool = True
     lwc: bool = True
     lac: bool = True
-    samples: int = 32
-    seq_len: int = 256
-    epochs: int = 5
+    samples: int = 128
+    seq_len: int = 2048
+    epochs: int = 15
     batch_size: int = 4
     lr: float = 5e-3
     clip_lr_mult: float = 10.0
@@ -98,11 +109,14 @@ class QuantConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> QuantConfig:
-        """``w4a4kv4``, ``w4a4``, ``w4a16`` or ``w8a8``, plus any field overrides."""
+    def preset(cls, name: str, budget: str | None = None, **overrides: Any) -> QuantConfig:
+        """Bits ``w4a4kv4``, ``w4a4``, ``w4a8``, ``w4a16`` or ``w8a8``; calibration ``budget`` ``"paper"``
+        (the defaults) or ``"cpu"`` (:data:`BUDGETS`); then any field overrides."""
         if name.lower() not in _PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(_PRESETS)}")
-        return cls(**{**_PRESETS[name.lower()], **overrides})
+        if budget is not None and budget not in BUDGETS:
+            raise ValueError(f"unknown calibration budget {budget!r}; known: {sorted(BUDGETS)}")
+        return cls(**{**_PRESETS[name.lower()], **(BUDGETS[budget] if budget else {}), **overrides})
 
     @property
     def learns(self) -> bool:
@@ -139,12 +153,15 @@ class LayerQuant(nn.Module):
         # LAC: one clip per activation quantizer (attn_in, o_in, mlp_in, down_in) and K/V max/min
         self.lac = nn.Parameter(torch.full((4,), _CLIP_INIT), requires_grad=clip_train and cfg.lac)
         self.kv_lac = nn.Parameter(torch.full((4,), _CLIP_INIT), requires_grad=clip_train and cfg.lac and cfg.kv_bits < 16)
-        # LWC: per output channel of each linear
+        # LWC: per output channel of each linear, two-sided as the official (column 0 shrinks the row's
+        # maximum, column 1 its minimum)
         self.lwc = nn.ParameterDict({
-            n.replace(".", "__"): nn.Parameter(torch.full((submodule(layer, n).out_features, 1), _CLIP_INIT),
+            n.replace(".", "__"): nn.Parameter(torch.full((submodule(layer, n).out_features, 2), _CLIP_INIT),
                                                requires_grad=clip_train and cfg.lwc)
             for n in LINEARS
         })
+        self.use_lwc = cfg.lwc and cfg.method == "flatquant" and cfg.w_bits < 16
+        self.use_lac = cfg.lac and cfg.method == "flatquant"
         self.use_diag = cfg.method == "flatquant" and cfg.diag
         self.merged = False  # after merge: diag folded into norms/up_proj, P_v into weights
         self.real_int4 = True  # use the int4 kernels where Triton runs (see _int4_ready)
@@ -152,8 +169,13 @@ class LayerQuant(nn.Module):
     # ------------------------------------------------------------------------------- effective weights
     def effective_weights(self, layer: nn.Module, dtype: torch.dtype = torch.float32,
                           fake_quant: bool = True) -> dict[str, Tensor]:
-        """The layer's linear weights (and v bias) with every transform merged, optionally fake-quantized
-        with LWC; keys are parameter names relative to ``layer``."""
+        """The layer's linear weights (and v bias) with every transform merged and LWC applied, optionally
+        fake-quantized; keys are parameter names relative to ``layer``.
+
+        The order is the official ``FlatQuantizedLinear``'s: input-side transform, then the LWC clamp,
+        then the output-side transform (only v_proj has one: ``P_v``), then the quantizer's plain
+        symmetric range on what results.
+        """
         a, m, dn = self.attn_in, self.mlp_in, self.down_in
         hd, nkv = self.head_dim, self.num_kv
         W = {n: submodule(layer, n).weight for n in LINEARS}
@@ -161,41 +183,49 @@ class LayerQuant(nn.Module):
         use = self.use_diag
         cd = dn.c.to(dtype) if use else None
 
-        def inp(t: KronAffine, w: Tensor) -> Tensor:
+        def inp(t: KronAffine, n: str) -> Tensor:
             if use:
-                return t.weight(w, dtype)
-            p1, p2 = t.p1.to(dtype), t.p2.to(dtype)
-            return kron_transform(w.to(dtype), torch.linalg.inv(p1).T, torch.linalg.inv(p2).T)
+                w = t.weight(W[n], dtype)
+            else:
+                p1, p2 = t.p1.to(dtype), t.p2.to(dtype)
+                w = kron_transform(W[n].to(dtype), torch.linalg.inv(p1).T, torch.linalg.inv(p2).T)
+            return self.clamp(n, w)
 
-        out["self_attn.q_proj.weight"] = inp(a, W["self_attn.q_proj"])
-        out["self_attn.k_proj.weight"] = inp(a, W["self_attn.k_proj"])
+        out["self_attn.q_proj.weight"] = inp(a, "self_attn.q_proj")
+        out["self_attn.k_proj.weight"] = inp(a, "self_attn.k_proj")
         pv = self.pv.m.to(dtype)
-        wv = inp(a, W["self_attn.v_proj"]).view(nkv, hd, -1)
+        wv = inp(a, "self_attn.v_proj").view(nkv, hd, -1)
         out["self_attn.v_proj.weight"] = torch.einsum("ji,hjk->hik", pv, wv).reshape(nkv * hd, -1)
         vb = layer.self_attn.v_proj.bias
         if vb is not None:
             out["self_attn.v_proj.bias"] = (vb.to(dtype).view(nkv, hd) @ pv).reshape(-1)
         # o_proj input is x (P_o ⊗ P_v): weight ← Wo (P_o ⊗ P_v)⁻ᵀ
-        out["self_attn.o_proj.weight"] = kron_transform(W["self_attn.o_proj"].to(dtype), self.po.inv_t(dtype),
-                                                        self.pv.inv_t(dtype))
-        out["mlp.gate_proj.weight"] = inp(m, W["mlp.gate_proj"])
-        up = inp(m, W["mlp.up_proj"])
+        wo = kron_transform(W["self_attn.o_proj"].to(dtype), self.po.inv_t(dtype), self.pv.inv_t(dtype))
+        out["self_attn.o_proj.weight"] = self.clamp("self_attn.o_proj", wo)
+        out["mlp.gate_proj.weight"] = inp(m, "mlp.gate_proj")
+        # a positive row scale commutes with the row-wise clamp and quantizer, so c may come after LWC
+        up = inp(m, "mlp.up_proj")
         out["mlp.up_proj.weight"] = up * cd[:, None] if use else up
         ub = layer.mlp.up_proj.bias
         if ub is not None and use:
             out["mlp.up_proj.bias"] = ub.to(dtype) * cd
-        out["mlp.down_proj.weight"] = inp(dn, W["mlp.down_proj"])
+        out["mlp.down_proj.weight"] = inp(dn, "mlp.down_proj")
         if fake_quant and self.cfg.w_bits < 16:
             for n in LINEARS:
-                key = f"{n}.weight"
-                clip = _sig(self.lwc[n.replace(".", "__")]).to(dtype) if self.cfg.lwc else None
-                out[key] = fake_quant_weight(out[key], self.cfg.w_bits, clip)
+                out[f"{n}.weight"] = fake_quant_weight(out[f"{n}.weight"], self.cfg.w_bits, None)
         return out
+
+    def clamp(self, name: str, w: Tensor) -> Tensor:
+        """LWC of linear ``name`` on its input-transformed weight ``w (N, K)`` (identity without LWC)."""
+        if not self.use_lwc:
+            return w
+        s = _sig(self.lwc[name.replace(".", "__")]).to(w.dtype)
+        return lwc_clamp(w, s[:, :1], s[:, 1:])
 
     # ----------------------------------------------------------------------------------- online hooks
     def act(self, x: Tensor, t: KronAffine, slot: int) -> Tensor:
         """Online transform + per-token activation quantization for quantizer ``slot``."""
-        clip = _sig(self.lac[slot]) if self.cfg.lac else 1.0
+        clip = _sig(self.lac[slot]) if self.use_lac else 1.0
         if self._int4_ready(x):
             return self._int4(x, t.p1, t.p2, clip)
         # attn_in/mlp_in scales go into the norms only at the merge, so they run online until then;
@@ -208,7 +238,7 @@ class LayerQuant(nn.Module):
     def o_act(self, x: Tensor) -> Tensor:
         """Online transform + quantization of the o_proj input ``x (..., heads·head_dim)``."""
         # P_v was merged into v_proj, so only P_o runs online: on the head axis of (…, heads, head_dim).
-        clip = _sig(self.lac[1]) if self.cfg.lac else 1.0
+        clip = _sig(self.lac[1]) if self.use_lac else 1.0
         eye = torch.eye(self.head_dim, device=x.device)
         if self._int4_ready(x):
             return self._int4(x, self.po.m, eye, clip)
@@ -258,7 +288,7 @@ class LayerQuant(nn.Module):
         ph = self.ph.m.to(torch.float32)
         k = (k.float() @ ph).to(k.dtype)
         q = (q.float() @ torch.linalg.inv(ph).T).to(q.dtype)
-        c = _sig(self.kv_lac) if self.cfg.lac else torch.ones(4, device=k.device)
+        c = _sig(self.kv_lac) if self.use_lac else torch.ones(4, device=k.device)
         return q, fake_quant_kv(k, bits, c[0], c[1]), fake_quant_kv(v, bits, c[2], c[3])
 
 
@@ -443,12 +473,11 @@ def _merge_layer(lq: LayerQuant, layer: nn.Module, xs: list[Tensor], kws: list[d
     if cfg.w_bits < 16:
         for n in LINEARS:
             lin = submodule(layer, n)
-            w = lin.weight.double()
-            clip = _sig(lq.lwc[n.replace(".", "__")]).double() if cfg.lwc else None
+            w = lin.weight.double()  # LWC is already in it (effective_weights clamps)
             if n in hess:
-                q, s = gptq_quantize(w, hess[n], bits=cfg.w_bits, clip=clip)
+                q, s = gptq_quantize(w, hess[n], bits=cfg.w_bits)
             else:
-                q, s = quantize_rtn(w, bits=cfg.w_bits, clip=clip)
+                q, s = quantize_rtn(w, bits=cfg.w_bits)
             layer.set_submodule(n, QuantLinear.from_codes(lin, q.to(torch.int8), s, cfg.w_bits))
 
 

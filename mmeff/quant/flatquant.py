@@ -222,6 +222,7 @@ def quantize(
 
     layers: list[LayerQuant] = []
     losses: list[tuple[float, float]] = []
+    fp_ms: list[float] = []  # mean square of each layer's FP output: the scale its MSE is read against
     bar = tqdm(dec.layers, desc=f"FlatQuant {cfg.method}", disable=not progress, unit="layer")
     for layer in bar:
         lq, fp_out, loss = quantize_layer(layer, cfg, gen, xs, kws, device)
@@ -229,6 +230,8 @@ def quantize(
             losses.append(loss)
             bar.set_postfix(mse=f"{loss[1]:.3g}")
         layers.append(lq)
+        if fp_out:
+            fp_ms.append(float(sum(y.float().pow(2).mean() for y in fp_out) / len(fp_out)))
         if xs:
             xs = fp_out  # the next layer sees full-precision outputs (FlatQuant's choice)
     if cfg.lm_head and cfg.w_bits < 16:
@@ -243,7 +246,8 @@ def quantize(
         q, sc = quantize_rtn(head.weight.double(), bits=cfg.w_bits)
         model.set_output_embeddings(QuantLinear.from_codes(head, q.to(torch.int8), sc, cfg.w_bits))
     handle = FlatQuantHandle(model, cfg, layers, base_attn,
-                             {"calibration_s": time.perf_counter() - t0, "layer_mse": losses})
+                             {"calibration_s": time.perf_counter() - t0, "layer_mse": losses,
+                              "layer_fp_ms": fp_ms})
     handle.attach()
     return handle
 
@@ -300,6 +304,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         model.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, cfg.w_bits, lin.bias is not None,
                                               lin.weight.dtype, "meta"))
     lq_state = {k: sd.pop(k) for k in [k for k in sd if k.startswith("mmeff_fq.")]}
+    for k, v in lq_state.items():
+        if ".lwc." in k and v.ndim == 2 and v.shape[1] == 1:
+            lq_state[k] = v.expand(-1, 2).contiguous()  # saved by 0.2.0's one-sided LWC (unused once merged)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches

@@ -33,6 +33,7 @@ __all__ = [
     "fake_quant_kv",
     "fake_quant_weight",
     "submodule",
+    "lwc_clamp",
 ]
 
 #: the linears of a Llama/Qwen2-style decoder layer that FlatQuant quantizes (names relative to the layer)
@@ -79,6 +80,13 @@ def fake_quant_weight(w: Tensor, bits: int, clip: Tensor | None) -> Tensor:
         amax = amax * clip
     scale = (amax / qmax).clamp_min(1e-8)
     return torch.clamp(_round_ste(w / scale), -qmax - 1, qmax) * scale
+
+
+def lwc_clamp(w: Tensor, clip_max: Tensor, clip_min: Tensor) -> Tensor:
+    """FlatQuant's learnable weight clipping (official ``apply_wclip``): clamp each row of ``w (N, K)`` to
+    ``[min(row)·clip_min, max(row)·clip_max]`` with ``clip_max``/``clip_min (N, 1)`` in (0, 1]; the
+    quantizer then takes its symmetric range from the clamped weight. Gradients reach both factors."""
+    return torch.clamp(w, min=w.amin(1, keepdim=True) * clip_min, max=w.amax(1, keepdim=True) * clip_max)
 
 
 def _hadamard(n: int) -> Tensor | None:

@@ -83,7 +83,35 @@ def test_kron_factors(d: int, expected: tuple[int, int]) -> None:
     n1, n2 = kron_factors(d)
     assert (n1, n2) == expected
     assert n1 * n2 == d and n1 <= n2
-    assert not any(d % k == 0 for k in range(n1 + 1, math.isqrt(d) + 1))
+
+
+def _official_decompose(n: int) -> tuple[int, int]:
+    # ruikangliu/FlatQuant's get_decompose_dim, transcribed (it loops forever when n % 4 == 2)
+    a = int(math.sqrt(n))
+    if a * a < n:
+        a += 1
+    while True:
+        tmp = a * a - n
+        b = int(math.sqrt(tmp))
+        if b * b == tmp:
+            return a - b, a + b
+        a += 1
+
+
+def test_kron_factors_equal_the_official_split() -> None:
+    # every size the official loop terminates on, including those where the most nearly square pair has
+    # mixed parity (12: official (2, 6), not (3, 4)); the real widths of the spec's models too
+    sizes = [d for d in range(1, 3000) if d % 4 != 2] + [4096, 11008, 14336, 5120, 13824, 3584, 18944, 8960, 29568, 4864]
+    diffs = 0
+    for d in sizes:
+        assert kron_factors(d) == _official_decompose(d), d
+        diffs += kron_factors(d) != next((k, d // k) for k in range(math.isqrt(d), 0, -1) if d % k == 0)
+    assert diffs > 100  # the rule really differs from "largest divisor <= sqrt(d)"
+
+
+@pytest.mark.parametrize("d, expected", [(6, (2, 3)), (18, (3, 6)), (150, (10, 15))])
+def test_kron_factors_without_an_official_split(d: int, expected: tuple[int, int]) -> None:
+    assert kron_factors(d) == expected  # d % 4 == 2: the most nearly square pair
 
 
 @pytest.mark.parametrize("bad", [0, -4, 4.0, True, "16"])

@@ -240,14 +240,26 @@ def test_flatquant_bench_table(smollm2, tmp_path):
 
     model, tok = smollm2
     lines: list[str] = []
-    rows, overhead = run_flatquant_bench(lambda: (copy.deepcopy(model), tok), eval_tokens=128, seq_len=64, samples=2,
-                                         calib_len=32, epochs=1, json_path=tmp_path / "q.json", progress=False,
-                                         print_fn=lines.append)
-    assert [r.config for r in rows] == ["W16A16", "W4A4 (RTN)", "W4A4 (RTN)", "W4A4 (RTN)", "W4A4KV4 (RTN)"]
-    assert rows[0].ppl < min(r.ppl for r in rows[1:])
-    assert 0 < overhead["ratio"] < 10 and (tmp_path / "q.json").is_file() and "0.07x" in "\n".join(lines)
-    args = build_parser().parse_args(["bench", "flatquant", "--epochs", "1", "--weights", "gptq"])
-    assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq"
+    rows, extra = run_flatquant_bench(lambda: (copy.deepcopy(model), tok), eval_tokens=128, seq_len=64, samples=2,
+                                      calib_len=32, epochs=1, columns=("W4A4", "W4A16"), methods=("RTN", "FlatQuant"),
+                                      json_path=tmp_path / "q.json", plot_path=tmp_path / "q.png", progress=False,
+                                      print_fn=lines.append)
+    assert [(r.method, r.config) for r in rows] == [("FP", "W16A16"), ("RTN", "W4A4"), ("FlatQuant", "W4A4"),
+                                                    ("RTN", "W4A16"), ("FlatQuant", "W4A16")]
+    ppl = {(r.method, r.config): r.ppl for r in rows}
+    assert ppl["FP", "W16A16"] < min(r.ppl for r in rows[1:])
+    assert ppl["RTN", "W4A16"] < ppl["RTN", "W4A4"]  # activations at 4 bits cost more than weights alone
+    ov, layers = extra["overhead"], extra["layers"]
+    assert 0 < ov["ratio"] < 10 and (tmp_path / "q.json").is_file() and (tmp_path / "q.png").stat().st_size > 0
+    text = "\n".join(lines)
+    assert "0.07x" in text and "kurtosis" in text
+    assert len(layers) == len(model.model.layers) and all(r["mse_last"] >= 0 and r["fp_ms"] > 0 for r in layers)
+    # the kurtosis the transform leaves is what per-token quantization sees: FlatQuant flattens it on average
+    before = sum(r["kurt_down_in"][0] for r in layers)
+    after = sum(r["kurt_down_in"][1] for r in layers)
+    assert after < before
+    args = build_parser().parse_args(["bench", "flatquant", "--epochs", "1", "--weights", "gptq", "--preset", "paper"])
+    assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq" and args.preset == "paper"
 
 
 def test_calibration_weight_quantizer_matches_rtn():
@@ -323,3 +335,74 @@ def test_calibration_time_layer_is_the_fp_layer(llama, diag):
                 h.remove()
     out = out[0] if isinstance(out, tuple) else out
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "hadamard"])
+def test_baselines_quantize_plain(llama, method):
+    """The baselines have no clipping at all (FlatQuant's LWC/LAC start at sigmoid(4) ≈ 0.982, which a
+    plain RTN / QuaRot-style baseline must not inherit): the weight codes are RTN of the merged weight
+    with the full row range, and activations use the full token range."""
+    from mmeff.quant.calibration import LayerQuant
+
+    layer = copy.deepcopy(llama).model.layers[0]
+    lq = LayerQuant(layer, QuantConfig(method=method), torch.Generator().manual_seed(0))
+    assert not lq.use_lwc and not lq.use_lac
+    merged = lq.effective_weights(layer, dtype=torch.float64, fake_quant=False)
+    fq = lq.effective_weights(layer, dtype=torch.float64, fake_quant=True)
+    for n in ("self_attn.q_proj", "mlp.down_proj"):
+        q, s = quantize_rtn(merged[f"{n}.weight"], 4)  # no clip: the largest weight of a row is ±qmax·s
+        torch.testing.assert_close(fq[f"{n}.weight"], q.double() * s)
+        assert (q.abs().amax(1) >= 7).all()
+    x = torch.randn(3, lq.hidden, generator=torch.Generator().manual_seed(1))
+    y = lq.act(x, lq.attn_in, 0)
+    t = lq.attn_in(x, use_diag=False)
+    torch.testing.assert_close(y.abs().amax(-1), t.abs().amax(-1))  # each token's max is on the grid
+
+
+def test_lwc_is_the_official_two_sided_clamp_before_p_v(llama):
+    """LWC as ruikangliu/FlatQuant: separate learnable factors for each row's max and min clamp the
+    input-transformed weight; v_proj is clamped *before* its output-side transform P_v, then the quantizer
+    takes its symmetric range from the result (transcribed independently below)."""
+    from mmeff.quant.calibration import LayerQuant
+    from mmeff.quant.transforms import fake_quant_weight
+
+    layer = copy.deepcopy(llama).model.layers[0]
+    gen = torch.Generator().manual_seed(5)
+    lq = LayerQuant(layer, QuantConfig(method="flatquant", diag=False), gen)
+    assert lq.use_lwc and all(p.shape[1] == 2 for p in lq.lwc.values())
+    with torch.no_grad():
+        for p in lq.lwc.values():
+            p.copy_(torch.randn(p.shape, generator=gen))  # different factors for max and min
+    out = lq.effective_weights(layer, dtype=torch.float64, fake_quant=True)
+    sig = {k: torch.sigmoid(v.double()) for k, v in lq.lwc.items()}
+
+    def official(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # FlatQuantizedLinear.apply_wclip
+        wmin, wmax = w.min(1, keepdim=True)[0] * s[:, 1:], w.max(1, keepdim=True)[0] * s[:, :1]
+        return torch.max(torch.min(w, wmax), wmin)
+
+    a = lq.attn_in
+    inv = (torch.linalg.inv(a.p1.double()).T, torch.linalg.inv(a.p2.double()).T)
+    wq = kron_transform(layer.self_attn.q_proj.weight.double(), *inv)
+    torch.testing.assert_close(out["self_attn.q_proj.weight"],
+                               fake_quant_weight(official(wq, sig["self_attn__q_proj"]), 4, None))
+    wv = official(kron_transform(layer.self_attn.v_proj.weight.double(), *inv), sig["self_attn__v_proj"])
+    hd = lq.head_dim
+    wv = torch.einsum("ji,hjk->hik", lq.pv.m.double(), wv.view(-1, hd, wv.shape[1])).reshape(wv.shape)
+    torch.testing.assert_close(out["self_attn.v_proj.weight"], fake_quant_weight(wv, 4, None))
+    # the clip factors get gradients through the clamp
+    w = lq.effective_weights(layer)["self_attn.q_proj.weight"]
+    (w - layer.self_attn.q_proj.weight.detach()).pow(2).sum().backward()
+    assert lq.lwc["self_attn__q_proj"].grad.abs().sum(0).gt(0).all()  # both columns
+
+
+def test_calibration_budgets():
+    """The dataclass defaults are the official scripts' budget (128 x 2048 tokens, 15 epochs, lr 5e-3,
+    clips at 10x lr, diag alpha 0.3); ``budget="cpu"`` is the small one the bench uses."""
+    d = QuantConfig()
+    assert (d.samples, d.seq_len, d.epochs, d.batch_size, d.lr, d.clip_lr_mult, d.diag_alpha) == (
+        128, 2048, 15, 4, 5e-3, 10.0, 0.3)
+    assert QuantConfig.preset("w4a4kv4", budget="paper") == QuantConfig.preset("w4a4kv4")
+    c = QuantConfig.preset("w4a8", budget="cpu", epochs=1)
+    assert (c.a_bits, c.samples, c.seq_len, c.epochs) == (8, 16, 256, 1)
+    with pytest.raises(ValueError, match="budget"):
+        QuantConfig.preset("w4a4", budget="laptop")
