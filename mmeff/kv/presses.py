@@ -6,7 +6,7 @@ block runs on an :class:`EvictingCache`, which really drops keys and values (mem
 
 The shared rule (SepCache's, see ``shared/methods/llm_backbone.md`` §1): prefill appends everything; when a
 layer holds ``L`` entries and ``q`` new ones arrive with ``L + q > cache_size`` (plus the protected visual
-tokens), the layer keeps
+tokens), the layer first makes room, then appends. It keeps
 
 * the first ``init_size`` real tokens of every row (attention sinks; left padding is skipped),
 * protected tokens (visual placeholders of a VLM, unless ``protect_visual=False``),
@@ -15,6 +15,13 @@ tokens), the layer keeps
 
 and evicts the rest. Each row of a batch is decided on its own real tokens, exactly as at batch size 1, so
 batching never changes a row's result; shorter rows are padded with masked slots.
+
+So a layer never holds more than ``cache_size`` entries (plus protected ones) at any moment of a step whose
+``q`` arriving tokens fit the local window; only a prefill longer than that is held whole for its one
+forward (dense, as SepCache's), and ``stats()["stored_max"]`` reports that true peak. ``cache_size`` counts
+the arriving token: the official Streaming-SepLLM manager evicts after the forward, so its ``(local_size w,
+cache_size c)`` holds ``c + 1`` entries during a step and equals this rule with ``(w + 1, c + 1)`` token for
+token (``tests/kv``).
 
 ``streaming=True`` is for inputs longer than the model's context: keys are stored before RoPE and every
 step re-rotates them to their rank inside the cache (StreamingLLM's position shift), so positions never
@@ -291,6 +298,7 @@ class EvictingLayer(CacheLayerMixin):
         self.attended = 0.0  # sum over real queries of real keys they attended
         self.queries = 0
         self.evictions = 0
+        self.peak = 0  # most entries held at any moment (right after an append: eviction makes room first)
 
     # ------------------------------------------------------------------------------------ bookkeeping
     @property
@@ -411,6 +419,7 @@ class EvictingLayer(CacheLayerMixin):
         self.flags = torch.cat([self.flags, new_flags], 1)
         self.seen += q
         self.real_seen = self.real_seen + new_valid.sum(1)
+        self.peak = max(self.peak, self.length)
         self.cache._account(self.nbytes() - before)
         if rope is None:
             return self.keys, self.values
@@ -485,11 +494,13 @@ class EvictingCache(Cache):
         return [layer.length for layer in self.layers]
 
     def stats(self) -> dict[str, Any]:
-        """Seen/kept tokens (row 0 and batch means), average KV per query, bytes now and at peak."""
+        """Seen/kept tokens (row 0 and batch means), average KV per query, entries stored by the longest layer
+        now (``stored_now``) and at its peak (``stored_max``: the most any layer ever held, the arriving
+        tokens of a step included), evictions, bytes now and at peak."""
         live = [lay for lay in self.layers if lay.is_initialized]
         if not live:
-            return {"kv_seen": 0, "kv_kept": 0.0, "kv_ratio": 1.0, "avg_kv": 0.0, "cache_bytes": 0,
-                    "peak_cache_bytes": self.peak_bytes}
+            return {"kv_seen": 0, "kv_kept": 0.0, "kv_ratio": 1.0, "avg_kv": 0.0, "stored_now": 0, "stored_max": 0,
+                    "cache_bytes": 0, "peak_cache_bytes": self.peak_bytes}
         seen = float(live[0].real_seen.float().mean())
         kept = sum(float(lay.valid.sum(1).float().mean()) for lay in live) / len(live)
         queries = sum(lay.queries for lay in live)
@@ -499,14 +510,15 @@ class EvictingCache(Cache):
             "kv_kept": kept,
             "kv_ratio": kept / seen if seen else 1.0,
             "avg_kv": avg,
-            "stored_max": max(lay.length for lay in live),
+            "stored_now": max(lay.length for lay in live),
+            "stored_max": max(lay.peak for lay in live),
             "evictions": sum(lay.evictions for lay in live),
             "cache_bytes": self.bytes,
             "peak_cache_bytes": self.peak_bytes,
         }
 
     def reset_stats(self) -> None:
-        """Forget the average-KV counters (not the cache)."""
+        """Forget the average-KV counters and peaks (not the cache)."""
         for lay in self.layers:
-            lay.attended, lay.queries, lay.evictions = 0.0, 0, 0
+            lay.attended, lay.queries, lay.evictions, lay.peak = 0.0, 0, 0, lay.length
         self.peak_bytes = self.bytes

@@ -40,8 +40,9 @@ def _stream(n: int, seed: int = 0, sep_every: int = 5) -> torch.Tensor:
 
 
 def simulate(ids: list[int], steps: list[tuple[int, int]], a: int, s: int | None, w: int, c: int | None,
-             seps: tuple[int, ...] = SEPS) -> dict[int, list[int]]:
-    """The eviction rule over lists, batch 1, no padding: query position -> visible key positions."""
+             seps: tuple[int, ...] = SEPS, held: list[int] | None = None) -> dict[int, list[int]]:
+    """The eviction rule over lists, batch 1, no padding: query position -> visible key positions.
+    ``held`` (if given) receives the entries stored after each step's append (room is made first)."""
     cache: list[int] = []
     visible: dict[int, list[int]] = {}
     for st, en in steps:
@@ -58,6 +59,33 @@ def simulate(ids: list[int], steps: list[tuple[int, int]], a: int, s: int | None
         for i in range(st, en):
             visible[i] = cache + list(range(st, i + 1))
         cache = cache + list(range(st, en))
+        if held is not None:
+            held.append(len(cache))
+    return visible
+
+
+def official_streaming_sepllm(ids: list[int], a: int, s: int, w: int, c: int,
+                              seps: tuple[int, ...] = SEPS) -> dict[int, list[int]]:
+    """HKUDS/SepLLM ``Streaming-SepLLM`` at batch 1, token by token, transcribed over positions: the driver
+    appends each token, then ``SepLLM_KVCache_Manager.evict_except_for_sep(SEP_ACCUMULATION=True,
+    USE_MAX_SEP_CACHE=True)`` compresses once the cache exceeds ``c``: ``[0:a]`` initial, the separators
+    already kept ``[a:sep_exrange]`` plus those of the past window ``[sep_exrange:L-w]`` (the newest ``s``
+    survive), and the local window ``[L-w:L]``."""
+    cache: list[int] = []
+    sep_exrange = 0
+    visible: dict[int, list[int]] = {}
+    for t in range(len(ids)):
+        cache = cache + [t]
+        visible[t] = list(cache)
+        if len(cache) <= c:
+            continue
+        if sep_exrange <= 0:
+            sep_exrange = a
+        old_seps = cache[a:sep_exrange] if sep_exrange != a else []
+        new_seps = [p for p in cache[sep_exrange : len(cache) - w] if ids[p] in seps]
+        kept = (old_seps + new_seps)[-s:] if s else []
+        sep_exrange = a + len(kept)
+        cache = cache[:a] + kept + cache[len(cache) - w :]
     return visible
 
 
@@ -123,13 +151,61 @@ def test_eviction_matches_masked_reference(llama, press, sizes, chunk):
         ref = _masked_forward(llama, ids, masks)
     torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
     # eviction really happened and memory fell: stored entries per layer match the simulation
+    peaks = []
     for layer, (a, s, w, c) in zip(cache.layers, sizes):
-        expect = len(simulate(ids.tolist(), steps, a, s, w, c)[n - 1])
+        held: list[int] = []
+        expect = len(simulate(ids.tolist(), steps, a, s, w, c, held=held)[n - 1])
         assert layer.length == expect
         assert layer.keys.shape[-2] == expect
+        # the most it ever held: never over cache_size, since room is made before each append (uncapped
+        # separators grow past it, as the official USE_MAX_SEP_CACHE=False does)
+        assert layer.peak == max(held) and (s is None or max(held) <= (c if c is not None else n))
+        peaks.append(max(held))
+    assert cache.stats()["stored_max"] == max(peaks)
     assert cache.get_seq_length() == n  # tokens seen, not stored
     assert cache.bytes == sum(layer.nbytes() for layer in cache.layers) <= cache.peak_bytes
     assert min(cache.stored_lengths()) < n / 2
+
+
+@pytest.mark.parametrize("a, s, w, c", [(3, 4, 6, 16), (2, 2, 5, 9)])
+def test_matches_official_streaming_manager(llama, a, s, w, c):
+    """Token by token, the official manager's ``(w, c)`` and mmeff's ``(w + 1, c + 1)`` let every query see
+    the same tokens (the official holds the arriving token on top of ``c``; mmeff counts it in), for SepLLM
+    and for StreamingLLM (``c = a + w``); and the real cache gives the logits of that official mask."""
+    n = 70
+    ids = _stream(n, seed=8)
+    steps = _steps(n, 1)
+    official = official_streaming_sepllm(ids.tolist(), a, s, w, c)
+    assert simulate(ids.tolist(), steps, a, s, w + 1, c + 1) == official
+    stream_official = official_streaming_sepllm(ids.tolist(), a, 1, w, a + w, seps=())  # no separators: StreamingLLM
+    assert simulate(ids.tolist(), steps, a, 0, w + 1, a + w + 1) == stream_official
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=a, sep_size=s, local_size=w + 1, cache_size=c + 1)
+    got, cache = _press_forward(llama, ids, steps, press)
+    with torch.no_grad():
+        ref = _masked_forward(llama, ids, [_mask(official, n)] * 3)
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    assert cache.stats()["stored_max"] == c + 1
+
+
+def test_stored_max_is_the_peak_and_bounded_every_step(llama):
+    """Token by token the SepLLM window breathes: right after an eviction the cache holds fewer entries than
+    at its peak, and ``stored_max`` must report the peak (it reported the current size), which never
+    exceeds ``cache_size`` at any step, the first included."""
+    n, c = 80, 16
+    ids = _stream(n, seed=9)
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=3, local_size=6, cache_size=c)
+    held, after_eviction = [], None
+    with torch.no_grad(), mmeff.apply(llama, press) as h:
+        cache = h.new_cache()
+        for t in range(n):
+            before = cache.stats().get("evictions", 0)
+            cache = llama(ids[None, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            held.append(max(cache.stored_lengths()))
+            st = cache.stats()
+            assert max(held) == st["stored_max"] <= c and st["stored_now"] == held[-1]
+            if st["evictions"] > before and after_eviction is None:
+                after_eviction = st
+    assert after_eviction is not None and after_eviction["stored_now"] < after_eviction["stored_max"] == c
 
 
 def test_streaming_positions_match_recompute(tmp_path):
@@ -177,7 +253,8 @@ def _batch_rows_match(model):
     press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=3, local_size=6, cache_size=14)
     with torch.no_grad(), mmeff.apply(model, press) as h:
         out = model.generate(batch, attention_mask=(batch != 0).long(), max_new_tokens=24, do_sample=False)
-        assert h.stats["kv_ratio"] < 0.5 and h.stats["stored_max"] <= 14
+        # the 31-token prompt is prefilled densely in one forward (as SepCache's); every later step makes room first
+        assert h.stats["kv_ratio"] < 0.5 and h.stats["stored_max"] == 31 and h.stats["stored_now"] <= 14
         solo = [model.generate(x[None], max_new_tokens=24, do_sample=False)[0, len(x):] for x in (a, b)]
     for row, ref in zip(out[:, 31:], solo):  # a row that stopped early is padded in the batch
         assert row[: len(ref)].tolist() == ref.tolist()
@@ -202,14 +279,14 @@ def test_generate_without_eviction_equals_plain(llama):
 
 def test_generate_sampling_and_memory_bound(llama):
     press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=8, cache_size=20)
-    ids = _stream(30, seed=6)[None].repeat(2, 1)
+    ids = _stream(16, seed=6)[None].repeat(2, 1)  # a prompt within cache_size: the bound holds from the first step
     with torch.no_grad(), mmeff.apply(llama, press) as h:
         torch.manual_seed(0)
         out = llama.generate(ids, max_new_tokens=80, do_sample=True, top_k=20, num_return_sequences=2)
-    assert out.shape == (4, 110)
+    assert out.shape == (4, 96)
     st = h.stats
-    assert st["stored_max"] <= 20 and st["kv_seen"] == 109
-    full_bytes = 3 * 2 * 4 * 109 * 2 * 16 * 4  # layers * (k, v) * batch * seen * kv_heads * head_dim * fp32
+    assert st["stored_max"] == 20 and st["kv_seen"] == 95
+    full_bytes = 3 * 2 * 4 * 95 * 2 * 16 * 4  # layers * (k, v) * batch * seen * kv_heads * head_dim * fp32
     assert st["cache_bytes"] < full_bytes / 4
     # detached: the model is back to the plain DynamicCache
     assert "_mmeff_kv_adapter" not in llama.__dict__
@@ -249,7 +326,7 @@ def test_qwen2_vl_evicts_with_3d_positions(tmp_path):
         press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=2, local_size=4, cache_size=8, protect_visual=False)
         with mmeff.apply(model, press) as h:
             model.generate(**inputs, max_new_tokens=12, do_sample=False)
-        assert h.stats["stored_max"] <= 8
+        assert h.stats["stored_now"] <= 8 and h.stats["stored_max"] == inputs["input_ids"].shape[1]  # dense prefill
         flags = h.cache.layers[0].flags
         ends = (inputs["input_ids"] == model.config.vision_end_token_id).sum()
         assert ends == 1 and int(((flags & FLAG_SEP) != 0).sum()) >= 1
@@ -298,7 +375,7 @@ def test_streaming_perplexity_reference(llama):
     assert full.avg_kv == pytest.approx(plain.avg_kv) == pytest.approx(100.5)
     sep = streaming_perplexity(llama, ids, mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=16,
                                                        cache_size=32, streaming=True), chunk_size=16, progress=False)
-    assert sep.stored_max <= 32 + 16 and sep.avg_kv < 40 and sep.peak_cache_bytes < full.peak_cache_bytes / 3
+    assert sep.stored_max == 32 and sep.avg_kv < 40 and sep.peak_cache_bytes < full.peak_cache_bytes / 3
     with pytest.raises(ValueError, match="one stream"):
         streaming_perplexity(llama, ids.view(2, 100), None)
 
@@ -318,7 +395,7 @@ def test_separator_ids_from_real_tokenizer(smollm2):
     with torch.no_grad(), mmeff.apply(model, press) as h:
         model.generate(**x, max_new_tokens=8, do_sample=False)
     assert set(press.separator_ids) == set(ids)
-    assert h.stats["stored_max"] <= 64
+    assert h.stats["stored_now"] <= 64 and h.stats["stored_max"] == x.input_ids.shape[1]  # dense prefill
 
 
 @pytest.mark.slow
