@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mmeff.adapters.base import Adapter
 from mmeff.core import STAGES, Grid, Reduction, TokenContext
-from mmeff.hfconfig import pad_token_id
+from mmeff.hfconfig import cache_from_kwargs, pad_token_id
 
 __all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "select_row", "TEXT_KWARG"]
 
@@ -159,7 +159,7 @@ class HFVLMAdapter(Adapter):
     def _fix_decode_mask(self, call: dict[str, Any]) -> dict[str, Any] | None:
         # A hand-written decode loop keeps appending to the caller's unreduced attention mask; swap
         # its prompt part for the reduced one so it matches the cache again.
-        mask, cache = call.get("attention_mask"), call.get("past_key_values")
+        mask, cache = call.get("attention_mask"), cache_from_kwargs(call)
         if self._prefill is None or mask is None or cache is None or mask.dim() != 2:
             return None
         orig_len, reduced = self._prefill
@@ -226,7 +226,8 @@ class HFVLMAdapter(Adapter):
         input_ids = call.get("input_ids")
         if input_ids is None:
             raise ValueError("mmeff needs input_ids (not inputs_embeds) to shrink the visual placeholder tokens")
-        if call.get("past_key_values") is not None and call["past_key_values"].get_seq_length() > 0:
+        cache = cache_from_kwargs(call)
+        if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("visual inputs after a filled KV cache are not supported by mmeff adapters")
         items = self.encode(call)
         reductions = self._reduce_items(items)

@@ -23,6 +23,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
 from mmeff.adapters.base import Adapter, register_adapter
+from mmeff.hfconfig import CACHE_KWARG, cache_from_kwargs, set_cache_kwarg
 from mmeff.kv.presses import FLAG_PROTECTED, FLAG_SEP, EvictingCache, KVPress, Rope, StepInfo
 
 __all__ = ["KVCacheAdapter"]
@@ -133,7 +134,8 @@ class KVCacheAdapter(Adapter):
         self.stats = {"press": self.press.describe()}
 
     def new_cache(self) -> EvictingCache:
-        """A fresh cache for this model and press (to pass as ``past_key_values`` explicitly)."""
+        """A fresh cache for this model and press (to pass explicitly as the forward's / ``generate``'s cache:
+        ``cache=`` on transformers >= 5.24, ``past_key_values=`` before; see ``mmeff.hfconfig.CACHE_KWARG``)."""
         return EvictingCache(self.press, self.num_layers, self.rope)
 
     # ------------------------------------------------------------------------------------------ hooks
@@ -174,7 +176,7 @@ class KVCacheAdapter(Adapter):
         batch, q = x.shape[:2]
         if ids is None and pending is not None and tuple(pending.shape) == (batch, q):
             ids = pending
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
@@ -184,13 +186,13 @@ class KVCacheAdapter(Adapter):
         if not isinstance(cache, EvictingCache):
             if isinstance(cache, Cache) and cache.get_seq_length() > 0:
                 raise ValueError(
-                    f"past_key_values is a {type(cache).__name__} already holding {cache.get_seq_length()} tokens that "
+                    f"the cache ({CACHE_KWARG}) is a {type(cache).__name__} already holding {cache.get_seq_length()} tokens that "
                     f"were cached without the {self.press.name} press; start from an empty cache inside mmeff.apply"
                 )
             if cache is not None and not isinstance(cache, Cache):
-                raise TypeError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+                raise TypeError(f"the cache ({CACHE_KWARG}) must be a transformers Cache, got {type(cache).__name__}")
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
+            set_cache_kwarg(kwargs, cache)
         if ids is None and (self.press.needs_ids or (self.visual_ids and self.press.protect_visual)):
             raise ValueError(
                 f"the {self.press.name} press needs the token ids of every forward (separators / visual tokens), "
@@ -201,7 +203,7 @@ class KVCacheAdapter(Adapter):
         return args, kwargs
 
     def _attn_pre(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        cache = kwargs.get("past_key_values")
+        cache = cache_from_kwargs(kwargs)
         if not isinstance(cache, EvictingCache) or cache.step is None:
             return args, kwargs
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -219,8 +221,8 @@ class KVCacheAdapter(Adapter):
             config=module.config,
             inputs_embeds=hidden,
             attention_mask=two_d,
-            past_key_values=cache,
             layer_idx=module.layer_idx,
+            **{CACHE_KWARG: cache},
         )
         return args, kwargs
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmeff.eval.flops import check_int
+from mmeff.hfconfig import CACHE_KWARG, cache_from_kwargs, output_cache, without_cache_kwargs
 from mmeff.hosts import inner_model
 
 __all__ = [
@@ -55,7 +56,7 @@ class LatencyReport:
         prefill_s / prefill_min_s / prefill_max_s: median / min / max over ``repeats`` prefills.
         decode_s_per_token / decode_min_s / decode_max_s: median / min / max over every timed decode step
             of every repeat (``None`` when ``decode_tokens == 0``).
-        cache_len: KV-cache length after prefill (``past_key_values.get_seq_length()``), i.e. the sequence
+        cache_len: KV-cache length after prefill (the returned cache's ``get_seq_length()``), i.e. the sequence
             the LLM actually saw -- shorter than the prompt when a reducer dropped tokens.
         cache_bytes: bytes of the key/value tensors in that cache, measured.
         peak_memory_bytes: CUDA ``max_memory_allocated`` over the timed runs (weights included); ``None``
@@ -177,9 +178,9 @@ def _run_once(
     sync(device)
     prefill = time.perf_counter() - t0
 
-    cache = out.past_key_values
+    cache = output_cache(out)
     if cache is None:
-        raise RuntimeError("the model returned no past_key_values with use_cache=True; cannot time decode")
+        raise RuntimeError(f"the model returned no KV cache ({CACHE_KWARG}) with use_cache=True; cannot time decode")
     cache_len = int(cache.get_seq_length())
     cache_bytes = _cache_nbytes(cache)
     batch = int(next_tok.shape[0])
@@ -193,7 +194,7 @@ def _run_once(
         kwargs: dict[str, Any] = {
             "input_ids": next_tok,
             "attention_mask": mask,
-            "past_key_values": cache,
+            CACHE_KWARG: cache,
             "use_cache": True,
         }
         pos = _decode_position_ids(model, batch, cache_len + step, device)
@@ -206,7 +207,7 @@ def _run_once(
         sync(device)
         steps.append(time.perf_counter() - t0)
         tokens.append(next_tok)
-        cache = out.past_key_values
+        cache = output_cache(out)
     return _Run(prefill, steps, cache_len, cache_bytes, torch.cat(tokens, dim=-1))
 
 
@@ -245,10 +246,10 @@ def measure_latency(
     warmup = check_int("warmup", warmup)
     repeats = check_int("repeats", repeats, minimum=1)
 
-    if inputs.get("past_key_values") is not None:
-        raise ValueError("inputs must not carry past_key_values: every prefill starts from an empty cache")
+    if cache_from_kwargs(inputs) is not None:
+        raise ValueError(f"inputs must not carry a KV cache ({CACHE_KWARG}): every prefill starts from an empty cache")
     device = model_device(model)
-    feed = to_device({k: v for k, v in inputs.items() if k not in ("use_cache", "past_key_values")}, device)
+    feed = to_device(without_cache_kwargs(inputs, "use_cache"), device)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") and "logits_to_keep" not in feed else {}
     was_training = model.training
     model.eval()

@@ -72,9 +72,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.configuration_utils import SubConfigSpec
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmeff.checkpoint import local_or_hub
+from mmeff.hfconfig import CACHE_KWARG, LEGACY_CACHE_KWARG, output_cache
 from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, load_smollm2
 from mmeff.models.mini import create_clip, hf_vision_config, load_hf_vision
 from mmeff.models.zoo import register_model
@@ -298,16 +299,13 @@ class ElasticExperts(nn.Module):
 
 # --------------------------------------------------------------------------------------------- model
 @dataclass
-class EveOutput(ModelOutput):
-    """``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` x ``aux_loss`` (when labels are given)."""
+class EveOutput(CausalLMOutputWithPast):
+    """``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` x ``aux_loss`` (when labels are given). The cache
+    field is the installed transformers' own (``cache`` from 5.24 on, ``past_key_values`` before), so
+    ``generate`` carries it from step to step like any causal LM's."""
 
-    loss: Tensor | None = None
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
-    logits: Tensor | None = None
-    past_key_values: Any = None
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
 
 
 class EvePreTrainedModel(PreTrainedModel):
@@ -408,7 +406,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         pixel_values: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
@@ -421,7 +419,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         ``pixel_values`` (N, 3, S, S), in order. ``labels`` (B, L; -100 ignored) add the shifted LM loss
         and the experts' balance loss; with ``loss_only`` the LM head runs only where a label is predicted
         (training: the 49k-row head on every position costs as much as several layers) and ``logits`` is
-        None. ``visual_mask`` (B, L) marks visual positions when only ``inputs_embeds`` are given."""
+        None. ``visual_mask`` (B, L) marks visual positions when only ``inputs_embeds`` are given. The KV
+        cache comes as ``cache`` or, as transformers < 5.24 passes it, ``past_key_values``."""
+        legacy = kwargs.pop(LEGACY_CACHE_KWARG, None)
+        cache = cache if cache is not None else legacy
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if visual_mask is None:
@@ -442,7 +443,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             lm_kwargs = {"inputs_embeds": inputs_embeds}
         elif inputs_embeds is not None:
             lm_kwargs = {"inputs_embeds": inputs_embeds}
-        elif bool(visual_mask.any()) and past_key_values is None:
+        elif bool(visual_mask.any()) and cache is None:
             raise ValueError("input_ids hold image tokens but no pixel_values were given")
         state = self._state
         state["mask"], state["aux"], state["counts"] = visual_mask, [], {}
@@ -452,10 +453,10 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         try:
             if loss_only:
                 out = lm.model(**lm_kwargs, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                               use_cache=use_cache, **{CACHE_KWARG: cache}, **kwargs)
             else:
                 out = lm(**lm_kwargs, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                         use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_KWARG: cache}, **kwargs)
             aux = torch.stack(state["aux"]).sum() if state["aux"] else None
             self.last_routing = dict(state["counts"])
         finally:
@@ -474,9 +475,8 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
             loss = lm_loss if aux is None else lm_loss + self.config.router_aux_loss_coef * aux
         if not loss_only:
             logits = out.logits
-        return EveOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits,
-                         past_key_values=out.past_key_values, hidden_states=out.hidden_states,
-                         attentions=out.attentions)
+        return EveOutput(loss=loss, lm_loss=lm_loss, aux_loss=aux, logits=logits, hidden_states=out.hidden_states,
+                         attentions=out.attentions, **{CACHE_KWARG: output_cache(out)})
 
     # ---- training helpers
     def set_trainable(self, parts: Sequence[str]) -> list[str]:

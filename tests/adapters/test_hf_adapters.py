@@ -7,6 +7,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import find_adapter
+from mmeff.hfconfig import CACHE_KWARGS, output_cache
 from mmeff.models import tiny
 
 
@@ -200,13 +201,16 @@ def test_generate_returns_caller_prompt_and_manual_decode_agrees(name, request):
         gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False)
         # a hand-written greedy loop that keeps appending to the caller's *unreduced* mask
         out = model(**inputs, use_cache=True)
-        cache, mask = out.past_key_values, inputs["attention_mask"]
+        cache, mask = output_cache(out), inputs["attention_mask"]
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         manual = [tok]
-        for _ in range(steps - 1):
+        for i in range(steps - 1):
             mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
-            out = model(input_ids=tok, attention_mask=mask, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            # every cache keyword the installed transformers accepts (cache / past_key_values from 5.24 on)
+            # must reach the adapter's decode-mask fix
+            name = CACHE_KWARGS[i % len(CACHE_KWARGS)]
+            out = model(input_ids=tok, attention_mask=mask, use_cache=True, **{name: cache})
+            cache = output_cache(out)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             manual.append(tok)
     prompt_len = inputs["input_ids"].shape[1]

@@ -37,6 +37,7 @@ from mmeff.eval.flops import (
 )
 from mmeff.eval.latency import measure_latency, median_seconds
 from mmeff.eval.profile import profile
+from mmeff.hfconfig import CACHE_KWARG, output_cache
 from mmeff.models.tiny import (
     build_tiny,
     llava_inputs,
@@ -255,12 +256,12 @@ def test_decode_flops_match_a_cached_step(llava):
     inputs = llava_batch(llava.config, batch=2)
     with torch.inference_mode():
         out = llava(**inputs, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     ctx = cache.get_seq_length()
     step = {
         "input_ids": torch.full((2, 1), 5),
         "attention_mask": torch.ones(2, ctx + 1, dtype=torch.long),
-        "past_key_values": cache,
+        CACHE_KWARG: cache,
         "use_cache": True,
     }
     assert count_flops(lambda: llava(**step)) == decode_flops(llava.config, ctx, batch=2)
@@ -289,7 +290,7 @@ def test_kv_cache_bytes_match_dynamic_cache_llava(dtype, tmp_path):
     model = build_tiny("llava", tmp_path / "llava", dtype=dtype)
     inputs = llava_batch(model.config, batch=2)
     with torch.inference_mode():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     seq = inputs["input_ids"].shape[1]
     assert _cache_nbytes(cache) == kv_cache_bytes(model.config, seq, batch=2, dtype=dtype)
 
@@ -304,7 +305,7 @@ def test_kv_cache_bytes_match_dynamic_cache_qwen(sliding, tmp_path):
         assert "sliding_attention" in model.config.text_config.layer_types
         assert seq > model.config.text_config.sliding_window
     with torch.inference_mode():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     assert _cache_nbytes(cache) == kv_cache_bytes(model.config, seq, dtype=torch.float32)
 
 
