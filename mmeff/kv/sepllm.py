@@ -9,6 +9,14 @@ Separator ids are tokenizer-specific (the Llama-3 list is wrong for Vicuna, Qwen
 derived from the model's own tokenizer by :func:`separator_ids`, space-prefixed variants included, when
 the press is attached. The eviction itself is the shared :class:`~mmeff.kv.presses.EvictingCache` rule;
 this press only says which evictable entries are separators and keeps the newest ``sep_size`` of them.
+
+Two masks over a token stream, as ``(N, N)`` booleans (query row, key column):
+
+* :func:`eviction_visible`: what each query attends under the evicting cache fed ``chunk`` tokens at a time
+  (original positions). One forward with it equals the cache run step by step, so a token-by-token sweep
+  costs one dense forward (``mmeff bench sepllm --sweep``);
+* :func:`sepllm_attention_mask`: the paper's training mask (sinks, every separator, a local window), for
+  fine-tuning a model to SepLLM's sparsity (``mmeff.train.sepllm``).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from transformers import AutoTokenizer
 from mmeff.checkpoint import local_or_hub
 from mmeff.kv.presses import FLAG_SEP, KVPress, LayerBudget, SizeSpec, register_press, reverse_rank
 
-__all__ = ["DEFAULT_SEPARATORS", "SepLLM", "separator_ids"]
+__all__ = ["DEFAULT_SEPARATORS", "SepLLM", "additive_mask", "eviction_visible", "sepllm_attention_mask",
+           "separator_ids"]
 
 #: the paper's separators: ". , ? ! ; : <space> <tab> <newline>"
 DEFAULT_SEPARATORS: tuple[str, ...] = (".", ",", "?", "!", ";", ":", " ", "\t", "\n")
@@ -147,3 +156,71 @@ class SepLLM(KVPress):
             f"cache_size={self.cache_size}" + (f", full_layers={self.full_layers}" if self.full_layers else "")
             + (", streaming=True" if self.streaming else "") + ")"
         )
+
+
+def _sep_mask(ids: Tensor, separator_ids: Sequence[int]) -> Tensor:
+    return torch.isin(ids, torch.as_tensor(list(separator_ids), dtype=ids.dtype, device=ids.device))
+
+
+def eviction_visible(
+    ids: Tensor,
+    separator_ids: Sequence[int],
+    init_size: int,
+    sep_size: int | None,
+    local_size: int,
+    cache_size: int | None,
+    chunk: int = 1,
+) -> Tensor:
+    """``(N,)`` token ids -> ``(N, N)`` bool: the keys each query attends when the stream is fed ``chunk``
+    tokens at a time through an evicting cache of these sizes (the :class:`~mmeff.kv.presses.EvictingCache`
+    rule at batch size 1: before ``q`` tokens arrive to ``L`` stored with ``L + q > cache_size``, keep the
+    first ``init_size`` tokens, the newest ``sep_size`` separators (``None``: all) and the newest
+    ``local_size - q``). ``sep_size=0`` with ``cache_size = init_size + local_size`` is StreamingLLM;
+    ``cache_size=None`` never evicts (the causal mask). Row ``t`` holds the entries stored after step ``t``'s
+    append, so ``rows.sum(1).max()`` is the cache's peak length.
+    """
+    if ids.ndim != 1:
+        raise ValueError(f"eviction_visible takes one stream (N,), got shape {tuple(ids.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    n = ids.numel()
+    is_sep = _sep_mask(ids.cpu(), separator_ids).tolist()
+    vis = torch.zeros(n, n, dtype=torch.bool)
+    entries: list[int] = []  # stored positions, oldest first
+    for st in range(0, n, chunk):
+        en = min(st + chunk, n)
+        q = en - st
+        if cache_size is not None and entries and len(entries) + q > cache_size:
+            cut = len(entries) - max(local_size - q, 0)
+            past, window = entries[:cut], entries[cut:]
+            seps = [p for p in past if p >= init_size and is_sep[p]]
+            if sep_size is not None:
+                seps = seps[max(len(seps) - sep_size, 0) :] if sep_size > 0 else []
+            entries = [p for p in past if p < init_size] + seps + window
+        idx = torch.tensor(entries, dtype=torch.long)
+        for t in range(st, en):
+            vis[t, idx] = True
+            vis[t, st : t + 1] = True
+        entries.extend(range(st, en))
+    return vis
+
+
+def sepllm_attention_mask(ids: Tensor, separator_ids: Sequence[int], init_size: int, local_size: int) -> Tensor:
+    """SepLLM's training mask (``Training-SepLLM`` ``build_prefill_mask``): ``(..., N)`` ids -> ``(..., N, N)``
+    bool where query ``i`` attends key ``j <= i`` iff ``j < init_size``, token ``j`` is a separator, or
+    ``i - j <= local_size - 1`` (the window includes the query)."""
+    n = ids.shape[-1]
+    pos = torch.arange(n, device=ids.device)
+    i, j = pos[:, None], pos[None, :]
+    near = (j <= i) & (i - j <= local_size - 1)
+    far = (j <= i) & ((j < init_size) | _sep_mask(ids, separator_ids)[..., None, :])
+    return near | far
+
+
+def additive_mask(visible: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(..., N_q, N_k)`` bool (True = attend) -> ``(B, 1, N_q, N_k)`` additive mask (0 / dtype's min) that
+    HF attention (eager and sdpa) takes as a ready 4-D ``attention_mask``."""
+    if visible.ndim not in (2, 3):
+        raise ValueError(f"expected a (N_q, N_k) or (B, N_q, N_k) mask, got shape {tuple(visible.shape)}")
+    m = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, torch.finfo(dtype).min)
+    return m[None, None] if m.ndim == 2 else m[:, None]

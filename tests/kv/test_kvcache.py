@@ -376,8 +376,15 @@ def test_streaming_perplexity_reference(llama):
     sep = streaming_perplexity(llama, ids, mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=16,
                                                        cache_size=32, streaming=True), chunk_size=16, progress=False)
     assert sep.stored_max == 32 and sep.avg_kv < 40 and sep.peak_cache_bytes < full.peak_cache_bytes / 3
-    with pytest.raises(ValueError, match="one stream"):
-        streaming_perplexity(llama, ids.view(2, 100), None)
+    # streams side by side: each row evicts on its own tokens, so the batch equals the rows run alone
+    press = mmeff.SepLLM(separator_ids=SEPS, init_size=2, sep_size=4, local_size=16, cache_size=32, streaming=True)
+    rows = torch.stack([ids[:100], _stream(100, seed=10, sep_every=3)])
+    both = streaming_perplexity(llama, rows, press, chunk_size=1, progress=False)
+    alone = [streaming_perplexity(llama, r, press, chunk_size=1, progress=False) for r in rows]
+    assert both.tokens == 198 and both.nll == pytest.approx(sum(a.nll for a in alone) / 2, rel=1e-5)
+    assert both.stored_max == max(a.stored_max for a in alone) == 32
+    with pytest.raises(ValueError, match="token streams"):
+        streaming_perplexity(llama, ids.view(2, 1, 100), None)
 
 
 @pytest.mark.slow
