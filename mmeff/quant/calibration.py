@@ -25,6 +25,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from mmeff.hfconfig import without_cache_kwargs
 from mmeff.kernels.dispatch import use_triton
 from mmeff.kernels.quant import kron_transform, kron_transform_quant
 from mmeff.quant.gptq import accumulate_hessian, gptq_quantize, quantize_rtn
@@ -331,7 +332,7 @@ def capture_layer_inputs(model: nn.Module, dec: nn.Module, ids: Tensor, bs: int)
 
     def pre(mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         h = kwargs.get("hidden_states", args[0] if args else None)
-        rest = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
+        rest = without_cache_kwargs(kwargs, "hidden_states", "use_cache")
         caught.append((h, rest))
         raise _Stop
 

@@ -25,6 +25,33 @@ token. Calibration is layer-wise: each layer's quantized output is fit (MSE) to 
 output, and the next layer is fed the full-precision output. Everything attaches by forward pre-hooks
 and a registered transformers attention function; no host forward is copied.
 
+Differences from the official code (ruikangliu/FlatQuant @9d88ffc), each deliberate:
+
+* **Matched now** (issue 34), measured together on SmolLM2 W4A4 in the README: the Kronecker split is
+  ``get_decompose_dim``'s (the most nearly square pair of equal parity; it was "largest divisor ≤ √d",
+  which differs for e.g. 12, 20, 60 but not for any size of SmolLM2, Llama or Qwen2); LWC is the
+  official two-sided clamp of each row's max and min after the input transform and before v_proj's
+  output transform ``P_v`` (it was one factor on ``max|w|`` after ``P_v``); calibration no longer applies
+  down_proj's smoothing scale twice; the defaults are the official budget (128 × 2,048 tokens, 15
+  epochs; ``BUDGETS["cpu"]`` is the small one).
+* **One LAC per quantized input, one factor.** The official fake-quant model gives q, k and v (and gate,
+  up) their own activation quantizer, each with learnable max and min clip factors, so the shared input
+  is quantized three (two) times with different clips. mmeff quantizes a shared input once with one
+  learnable ratio, which is what the fused transform→clip→int4 kernel can run (and what the official
+  deploy kernel does); K/V keep separate max/min clips as the official.
+* **Plain matrices with a direct inverse** (the official ``--direct_inv``, used by its Qwen2.5 scripts)
+  for every model, instead of the default ``U·diag(σ)·Vᵀ`` with Cayley-orthogonal ``U, V``: fewer moving
+  parts, the same function class; not measured against the SVD form.
+* **float32 calibration without autocast** (the official runs layers under fp16/bf16 AMP for Llama, fp32
+  for Qwen); the merge is float64 as in the official.
+* **Hooks, not replaced modules.** The official swaps in its own attention and MLP classes (whose
+  re-implemented forwards break on transformers updates, its issue #26); mmeff keeps the host's forwards
+  and adds pre-hooks and an attention function. With all bits at 16 the result equals the original
+  model to 2e-5 (tested).
+* **d ≡ 2 (mod 4)**: the official split loops forever; mmeff uses the most nearly square pair.
+* **Calibration text**: CPython's pydoc topics (offline) instead of WikiText-2 (no hub here); pass any
+  token ids to :func:`quantize`.
+
 The code is in three layers: :mod:`mmeff.quant.transforms` (fake quantizers, the Kronecker/affine
 transforms, the int-code linear), :mod:`mmeff.quant.calibration` (``QuantConfig``, the per-layer
 ``LayerQuant`` and its calibration) and this module (the decoder walk, save/load, the entry points).
