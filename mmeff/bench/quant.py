@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmeff.checkpoint import atomic_write
 from mmeff.eval.latency import median_seconds
 from mmeff.eval.plotting import pyplot, save_figure
 from mmeff.eval.streaming import offline_text
@@ -242,11 +243,16 @@ def run_flatquant_bench(
     if ev.numel() < eval_tokens + 1:
         raise ValueError(f"only {ev.numel()} held-out tokens; asked for {eval_tokens}")
     ev = ev[-eval_tokens - 1 :]
+    setup = {"model": str(getattr(model.config, "_name_or_path", "")) or type(model).__name__,
+             "budget": {"name": budget, **b}, "eval_tokens": eval_tokens, "seq_len": seq_len, "weights": weights}
+    done, extra = _resume(json_path, setup, print_fn)
     acts = site_inputs(model, calib[: b["batch_size"]])
-    rows = [QuantBenchRow("FP", "W16A16", heldout_ppl(model, ev, seq_len), 0.0, "-")]
-    extra: dict[str, Any] = {"overhead": {}, "layers": []}
+    rows = [done.get(("FP", "W16A16")) or QuantBenchRow("FP", "W16A16", heldout_ppl(model, ev, seq_len), 0.0, "-")]
     runs = [(m, c) for c in columns for m in methods]
     for m, c in tqdm(runs, desc="quantizers", disable=not progress, unit="run"):
+        if (m, c) in done:
+            rows.append(done[(m, c)])
+            continue
         w, a, kv = COLUMNS[c]
         fields = dict(METHODS[m], **({"weights": weights} if m == "FlatQuant" else {}))
         cfg = QuantConfig(w_bits=w, a_bits=a, kv_bits=kv, **fields, **b)
@@ -259,6 +265,8 @@ def run_flatquant_bench(
             extra["overhead"] = transform_overhead(handle)
             extra["layers"] = layer_table(handle, acts)
             extra["layers_config"] = c
+        if json_path:  # after every run, so an interrupted bench resumes where it stopped
+            _write_json(json_path, setup, rows, extra)
     fp = rows[0].ppl
     print_fn(f"model: {type(model).__name__} ({getattr(model.config, '_name_or_path', '')}); held-out: last "
              f"{eval_tokens} tokens of the second half of the pydoc topics, windows of {seq_len}; calibration "
@@ -288,7 +296,32 @@ def run_flatquant_bench(
     if plot_path:
         print_fn(f"wrote {plot_quant_table(rows, plot_path)}")
     if json_path:
-        Path(json_path).write_text(json.dumps({"budget": {"name": budget, **b}, "eval_tokens": eval_tokens,
-                                               "rows": [r.as_dict() for r in rows], **extra}, indent=2))
+        _write_json(json_path, setup, rows, extra)
         print_fn(f"wrote {json_path}")
     return rows, extra
+
+
+def _write_json(path: str | Path, setup: dict[str, Any], rows: list[QuantBenchRow], extra: dict[str, Any]) -> None:
+    text = json.dumps({"setup": setup, "rows": [r.as_dict() for r in rows], **extra}, indent=2)
+    atomic_write(path, lambda t: t.write_text(text))
+
+
+def _resume(path: str | Path | None, setup: dict[str, Any],
+            print_fn: Callable[[str], None]) -> tuple[dict[tuple[str, str], QuantBenchRow], dict[str, Any]]:
+    """Rows (and the per-layer extras) of an earlier run of the same setup saved at ``path``."""
+    fresh: dict[str, Any] = {"overhead": {}, "layers": []}
+    if not path or not Path(path).is_file():
+        return {}, fresh
+    try:
+        old = json.loads(Path(path).read_text())
+        rows = [QuantBenchRow(**r) for r in old["rows"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} exists but is not a flatquant bench record ({e.__class__.__name__}); "
+                         f"move it away or pass another --json") from None
+    if old.get("setup") != setup:
+        raise ValueError(f"{path} holds results of another setup ({old.get('setup')} vs {setup}); results are "
+                         f"only resumed for the same one: move it away or pass another --json")
+    print_fn(f"resuming {path}: {len(rows)} rows already measured")
+    extra = {k: old[k] for k in ("overhead", "layers", "layers_config") if k in old}
+    extra["layers"] = [{k: tuple(v) if k.startswith("kurt_") else v for k, v in r.items()} for r in extra.get("layers", [])]
+    return {(r.method, r.config): r for r in rows}, {**fresh, **extra}

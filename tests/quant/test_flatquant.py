@@ -258,6 +258,18 @@ def test_flatquant_bench_table(smollm2, tmp_path):
     before = sum(r["kurt_down_in"][0] for r in layers)
     after = sum(r["kurt_down_in"][1] for r in layers)
     assert after < before
+    # the record is written after every run: the same setup resumes it without quantizing again; another
+    # setup is refused rather than mixed in
+    loads, n = [], len(lines)
+    again, extra2 = run_flatquant_bench(lambda: loads.append(1) or (copy.deepcopy(model), tok), eval_tokens=128,
+                                        seq_len=64, samples=2, calib_len=32, epochs=1, columns=("W4A4", "W4A16"),
+                                        methods=("RTN", "FlatQuant"), json_path=tmp_path / "q.json",
+                                        progress=False, print_fn=lines.append)
+    assert len(loads) == 1 and [r.as_dict() for r in again] == [r.as_dict() for r in rows]
+    assert extra2["layers"] == layers and any("resuming" in line for line in lines[n:])
+    with pytest.raises(ValueError, match="another setup"):
+        run_flatquant_bench(lambda: (copy.deepcopy(model), tok), eval_tokens=128, seq_len=64, samples=2,
+                            calib_len=32, epochs=2, json_path=tmp_path / "q.json", progress=False, print_fn=lines.append)
     args = build_parser().parse_args(["bench", "flatquant", "--epochs", "1", "--weights", "gptq", "--preset", "paper"])
     assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq" and args.preset == "paper"
 
