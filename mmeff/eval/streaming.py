@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from mmeff.api import apply
+from mmeff.hfconfig import CACHE_KWARG, output_cache
 from mmeff.kv.presses import KVPress
 from mmeff.kv.sepllm import additive_mask
 
@@ -135,8 +136,8 @@ def streaming_perplexity(
         cache = handle.new_cache() if press is not None else DynamicCache()
         for s in tqdm(range(0, n - 1, chunk_size), desc=desc or name, disable=not progress, unit="chunk"):
             x = ids[:, s : s + chunk_size]
-            out = model(input_ids=x, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=x, use_cache=True, **{CACHE_KWARG: cache})
+            cache = output_cache(out)
             processed += x.shape[1]
             targets = ids[:, s + 1 : s + 1 + x.shape[1]]
             logits = out.logits[:, : targets.shape[1]].float()
@@ -196,7 +197,7 @@ class MaskedStream:
         model.eval()
         with torch.no_grad():
             out = model(input_ids=self.ids[None].to(self.device), use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.full_nll = self._nll(out.logits[0, :-1], self.ids[1:])
 
     def _nll(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -219,6 +220,6 @@ class MaskedStream:
         for i, layer in enumerate(self.cache.layers):
             past.update(layer.keys[:, :, :k], layer.values[:, :, :k], i)
         mask = additive_mask(visible[k:].to(self.device), self.dtype)
-        out = self.model(input_ids=self.ids[None, k:].to(self.device), past_key_values=past, attention_mask=mask,
-                         use_cache=True)
+        out = self.model(input_ids=self.ids[None, k:].to(self.device), attention_mask=mask, use_cache=True,
+                         **{CACHE_KWARG: past})
         return torch.cat([self.full_nll[:k], self._nll(out.logits[0, :-1], self.ids[k + 1 :])])

@@ -470,7 +470,8 @@ class EvictingCache(Cache):
     ``get_seq_length()`` returns the tokens *seen* (so ``generate`` keeps positions right), while
     ``get_query_offset`` and ``get_mask_sizes`` describe the compressed layout the attention runs on.
     Build it through ``mmeff.apply`` (the hooks feed it token ids and rebuild per-layer masks), or with
-    ``handle.new_cache()`` to pass it explicitly as ``past_key_values``.
+    ``handle.new_cache()`` to pass it explicitly as the model's cache argument (``cache`` on transformers >= 5.24,
+    ``past_key_values`` before; :data:`mmeff.hfconfig.CACHE_KWARG`).
     """
 
     def __init__(self, press: KVPress, num_layers: int, rope: Rope | None = None) -> None:

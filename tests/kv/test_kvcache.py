@@ -14,6 +14,7 @@ import torch
 import mmeff
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.eval.streaming import offline_text, streaming_perplexity
+from mmeff.hfconfig import CACHE_KWARG, output_cache
 from mmeff.kv.presses import FLAG_PROTECTED, FLAG_SEP, EvictingCache
 from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
 
@@ -118,8 +119,8 @@ def _press_forward(model, ids: torch.Tensor, steps, press) -> tuple[torch.Tensor
         cache = h.new_cache()
         outs = []
         for st, en in steps:
-            out = model(ids[None, st:en], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(ids[None, st:en], use_cache=True, **{CACHE_KWARG: cache})
+            cache = output_cache(out)
             outs.append(out.logits[0])
     return torch.cat(outs), cache
 
@@ -199,7 +200,7 @@ def test_stored_max_is_the_peak_and_bounded_every_step(llama):
         cache = h.new_cache()
         for t in range(n):
             before = cache.stats().get("evictions", 0)
-            cache = llama(ids[None, t : t + 1], past_key_values=cache, use_cache=True).past_key_values
+            cache = output_cache(llama(ids[None, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}))
             held.append(max(cache.stored_lengths()))
             st = cache.stats()
             assert max(held) == st["stored_max"] <= c and st["stored_now"] == held[-1]
@@ -269,11 +270,11 @@ def test_generate_without_eviction_equals_plain(llama):
             out = llama.generate(ids, max_new_tokens=30, do_sample=False)
     assert torch.equal(ref, out)
     assert h.stats["kv_kept"] == h.stats["kv_seen"] == 69 and h.stats["evictions"] == 0
-    # an explicit cache from the handle works as generate's past_key_values too
+    # an explicit cache from the handle works as generate's cache argument too
     press = mmeff.StreamingLLM(init_size=2, local_size=10)
     with torch.no_grad(), mmeff.apply(llama, press) as h:
         cache = h.new_cache()
-        llama.generate(ids, past_key_values=cache, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+        llama.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False, **{CACHE_KWARG: cache})
     assert cache.get_seq_length() == 69 and max(cache.stored_lengths()) == 12
 
 
@@ -291,7 +292,7 @@ def test_generate_sampling_and_memory_bound(llama):
     # detached: the model is back to the plain DynamicCache
     assert "_mmeff_kv_adapter" not in llama.__dict__
     out = llama(ids, use_cache=True)
-    assert type(out.past_key_values).__name__ == "DynamicCache"
+    assert type(output_cache(out)).__name__ == "DynamicCache"
 
 
 def test_llava_protects_visual_tokens(tmp_path):
@@ -347,10 +348,10 @@ def test_errors(llama, tmp_path):
             llama(inputs_embeds=torch.zeros(1, 4, 32))
     from transformers import DynamicCache
 
-    full = llama(_stream(8)[None], past_key_values=DynamicCache(), use_cache=True).past_key_values
+    full = output_cache(llama(_stream(8)[None], use_cache=True, **{CACHE_KWARG: DynamicCache()}))
     with pytest.raises(ValueError, match="already holding 8 tokens"):
         with mmeff.apply(llama, mmeff.StreamingLLM(local_size=8)):
-            llama(_stream(2)[None], past_key_values=full, use_cache=True)
+            llama(_stream(2)[None], use_cache=True, **{CACHE_KWARG: full})
     with pytest.raises(ValueError, match="one KV-cache press"):
         mmeff.apply(llama, mmeff.FullKV(), mmeff.StreamingLLM()).__enter__()
     with pytest.raises(ValueError, match="tokenizer"):
