@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mmeff.bench.cdt import run_cdt_bench
 from mmeff.bench.eve import run_eve_bench
 from mmeff.bench.ipt import run_ipt_bench
-from mmeff.bench.kv import run_sepllm_bench
+from mmeff.bench.kv import run_sepllm_bench, run_sepllm_study
 from mmeff.bench.quant import run_flatquant_bench
 from mmeff.bench.reduction import DEFAULT_QUESTION, run_bench
 from mmeff.bench.scenes import DEFAULT_RATIOS, run_scenes_bench
@@ -22,6 +22,7 @@ from mmeff.bench.tome import run_tome_bench
 from mmeff.bench.vistog import run_vistog_bench
 from mmeff.checkpoint import local_or_hub
 from mmeff.cli.common import comma_list
+from mmeff.train.sepllm import SepLLMTrainConfig
 
 
 def _bench_scenes(args: argparse.Namespace) -> int:
@@ -65,6 +66,19 @@ def _bench_sepllm(args: argparse.Namespace) -> int:
         ref = local_or_hub(args.model)
         model = AutoModelForCausalLM.from_pretrained(ref).eval()
         tokenizer = AutoTokenizer.from_pretrained(ref)
+    if args.sweep:
+        finetune = None
+        if args.finetune_steps:
+            finetune = SepLLMTrainConfig(steps=args.finetune_steps, lr=args.finetune_lr, min_lr=args.finetune_lr / 10,
+                                         seq_len=args.finetune_seq_len, init_size=args.init_size,
+                                         local_sizes=tuple(int(n) for n in comma_list(args.finetune_windows)))
+        run_sepllm_study(
+            model, tokenizer, finetune=finetune, baseline=args.sweep_baseline, json_path=args.json, plot_path=args.plot,
+            cache_dir=args.cache_dir, tag="pretrained" if args.model == "default" else Path(args.model).name,
+            budgets=[int(b) for b in comma_list(args.sweep_budgets)], init_size=args.init_size, rows=args.sweep_rows,
+            length=args.sweep_length, shift_tokens=args.sweep_shift_tokens,
+        )
+        return 0
     run_sepllm_bench(
         model,
         tokenizer,
@@ -259,6 +273,26 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     kv.add_argument("--cache-size", type=int, default=512, help="SepLLM cache size that triggers eviction")
     kv.add_argument("--plot", default=None, help="sepllm: perplexity-along-the-stream curves; flatquant: the table as bars (PNG)")
     kv.add_argument("--device", default=None, help="torch device (default: where the model loads, CPU)")
+    kv.add_argument("--sweep", action="store_true",
+                    help="sepllm: the paper's protocol instead of the table: token by token (chunk 1), SepLLM at three "
+                    "(sep, local) splits of each cache budget vs StreamingLLM at SepLLM's measured average KV, on "
+                    "held-out text (masked dense forwards, checked against the real cache); --plot: the Pareto plot")
+    kv.add_argument("--sweep-budgets", default="128,256,512", help="sepllm --sweep: comma-separated cache sizes")
+    kv.add_argument("--sweep-rows", type=int, default=6, help="sepllm --sweep: held-out segments")
+    kv.add_argument("--sweep-length", type=int, default=1280,
+                    help="sepllm --sweep: tokens per segment (scored from the largest budget on)")
+    kv.add_argument("--sweep-shift-tokens", type=int, default=512,
+                    help="sepllm --sweep: tokens per segment of the real-cache, in-cache-position (streaming=True) run "
+                    "at the smallest budget; 0 skips it")
+    kv.add_argument("--sweep-baseline", default=None,
+                    help="sepllm --sweep: take the first model's runs from this earlier --json instead of rerunning them")
+    kv.add_argument("--finetune-steps", type=int, default=0,
+                    help="sepllm --sweep: also fine-tune SmolLM2 with SepLLM's attention mask for this many steps (on the "
+                    "first half of the text; cached in the model cache, never the repo) and sweep it (0: no; 100: ~30 min)")
+    kv.add_argument("--finetune-lr", type=float, default=5e-5, help="sepllm --finetune-steps: peak learning rate")
+    kv.add_argument("--finetune-seq-len", type=int, default=512, help="sepllm --finetune-steps: tokens per sequence")
+    kv.add_argument("--finetune-windows", default="64,128,256",
+                    help="sepllm --finetune-steps: local windows, one drawn per step")
     fq = b.add_argument_group("flatquant suite")
     fq.add_argument("--preset", default="cpu", choices=["cpu", "paper"],
                     help="calibration budget: cpu = 16 x 256 tokens, 3 epochs; paper = the official 128 x 2048, 15 epochs")
