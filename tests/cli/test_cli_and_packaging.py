@@ -66,6 +66,14 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
     assert tests in ci, ".ci/run must run exactly the README's test command"
 
 
+def test_the_oldest_transformers_tested_is_the_pins_lower_bound():
+    pin = re.search(r'"transformers>=([0-9.]+),<([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    oldest = re.search(r'^OLDEST="([0-9.]+)"', (ROOT / "scripts" / "test_oldest_transformers.sh").read_text(), re.M)
+    assert pin and oldest, "pyproject must pin transformers>=A,<B and the script must name OLDEST"
+    assert oldest.group(1).startswith(pin.group(1) + "."), (oldest.group(1), pin.group(1))
+    assert "test_oldest_transformers.sh" in _readme_commands()[1]
+
+
 def test_list_shows_reducers_and_adapters(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
