@@ -16,6 +16,7 @@ of its seven linears (FlatQuant's paper: 0.07Ã—; QuaRot's online Hadamards 0.26Ã
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,8 @@ def plot_quant_table(rows: list[QuantBenchRow], path: str | Path, title: str = "
     ax.axhline(fp, color="k", ls="--", lw=1, label=f"FP ({fp:.2f})")
     ax.axhline(fp * 1.15, color="gray", ls=":", lw=1, label="FP + 15%")
     ax.set_yscale("log")
+    top = max((r.ppl for r in rows if math.isfinite(r.ppl)), default=fp)
+    ax.set_ylim(top=top * 12)  # room for the rotated value labels above the tallest bar
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title(title or "W4 quantizers on SmolLM2-135M")

@@ -116,6 +116,8 @@ def _bench_flatquant(args: argparse.Namespace) -> int:
         json_path=args.json,
         plot_path=args.plot,
         cache_dir=args.cache_dir,
+        **({"methods": tuple(comma_list(args.methods))} if args.methods else {}),
+        **({"columns": tuple(comma_list(args.columns))} if args.columns else {}),
     )
     return 0
 
@@ -299,6 +301,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     fq.add_argument("--samples", type=int, default=None, help="calibration sequences (overrides --preset)")
     fq.add_argument("--calib-len", type=int, default=None, help="tokens per calibration sequence (overrides --preset)")
     fq.add_argument("--epochs", type=int, default=None, help="FlatQuant calibration epochs per layer (overrides --preset)")
+    fq.add_argument("--columns", default=None,
+                    help="comma-separated subset of W4A4,W4A4KV4,W4A8,W4A16 (default all; --methods picks rows: "
+                    "RTN,GPTQ,QuaRot-style,FlatQuant)")
     fq.add_argument("--weights", default="rtn", choices=["rtn", "gptq"], help="weight quantizer after merging")
     tm = b.add_argument_group("tome suite", "ToMe on timm ViTs (random-init weights unless --tome-pretrained); "
                               "--json / --plot override the files written under --tome-out")

@@ -274,6 +274,18 @@ def test_flatquant_bench_table(smollm2, tmp_path):
     assert args.suite == "flatquant" and args.epochs == 1 and args.weights == "gptq" and args.preset == "paper"
 
 
+def test_flatquant_bench_cli_subsets(capsys):
+    """--methods / --columns reach the bench, and a name it does not know is a one-line error before any
+    model is loaded."""
+    from mmeff.cli.main import main
+
+    assert main(["bench", "flatquant", "--methods", "FlatQuant", "--columns", "W3A3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown columns/methods ['W3A3']" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert main(["bench", "flatquant", "--methods", "AWQ"]) == 2
+    assert "['AWQ']" in capsys.readouterr().err
+
+
 def test_calibration_weight_quantizer_matches_rtn():
     """The differentiable (STE) weight quantizer used while calibrating lands on RTN's grid."""
     from mmeff.quant.gptq import fake_quant_rtn
