@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = ["Checkpointable", "atomic_write", "check_sha256", "file_sha256", "load_exact", "load_state", "local_or_hub",
-           "read_module", "save_module", "save_state", "state_sha256", "write_text_atomic"]
+           "read_module", "read_tensors", "save_module", "save_state", "state_sha256", "write_text_atomic"]
 
 
 def local_or_hub(ref: str | Path, what: str = "model") -> str:
@@ -96,6 +96,30 @@ def load_state(path: str | Path, map_location: str | torch.device | None = "cpu"
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not an mmeff training checkpoint (holds {type(state).__name__}, not a dict)")
     return state
+
+
+def read_tensors(path: str | Path, what: str = "a weights file") -> dict[str, Tensor]:
+    """The ``{name: tensor}`` of a published weights file: ``.safetensors``, or a torch pickle (``.bin``,
+    ``.pt``, ``.pth``) read with ``weights_only=True`` (:func:`load_state`'s errors); a ``state_dict`` /
+    ``model`` entry holding the tensors is unwrapped. One-line ``ValueError`` naming the file otherwise."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file: {path} (expected {what})")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not {what}: not a safetensors file ({e})") from e
+    state = load_state(path)
+    for key in ("state_dict", "model"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    bad = [k for k, v in state.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"{path} is not {what}: entries that are not tensors ({bad[:3]})")
+    return dict(state)
 
 
 def file_sha256(path: str | Path) -> str:

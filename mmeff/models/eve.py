@@ -6,10 +6,11 @@ implementation, as a transformers model family (:class:`EveConfig`, :class:`EveF
 ``save_pretrained`` / ``from_pretrained`` / ``generate``) around any HF causal LM and CLIP-style tower.
 
 * **Vision**: the tower's ``vision_feature_layer`` (-2) hidden states, class token dropped.
-* **Projector** (:class:`LDPProjector`, MobileVLM's LDP as ``ldpnet`` in the scripts): a 2-layer GELU MLP
-  to the LM width, then two MobileNetV3 inverted-residual blocks (1x1 expand, 3x3 depthwise, squeeze-excite,
-  1x1 project; Hardswish, channel LayerNorm), stride 1 then ``projector_stride`` (2): a ``g x g`` grid
-  becomes ``ceil(g / 2)^2`` tokens, 576 -> 144 for CLIP ViT-L/14-336.
+* **Projector** (:class:`LDPProjector`, MobileVLM's LDP as ``ldpnet`` in the scripts, as published): a
+  2-layer GELU MLP to the LM width, then two of torchvision's MobileNetV3 inverted residuals at expansion 1
+  (3x3 depthwise + LayerNorm + Hardswish, squeeze-excite, 1x1 projection + LayerNorm; no expansion conv),
+  stride 1 then ``projector_stride`` (2): a ``g x g`` grid becomes ``ceil(g / 2)^2`` tokens, 576 -> 144 for
+  CLIP ViT-L/14-336. :meth:`LDPProjector.load_official` reads a published ``mm_projector.bin``.
 * **Elastic visual experts** (:class:`ElasticExperts`), in the layers of ``expert_layers`` (the scripts'
   ``sparse`` mode: every other layer from 0): ``num_experts`` (2) FFN experts, where expert 0 is the
   layer's own FFN and experts 1.. are copies of it made when the experts are inserted. Routing is by
@@ -34,6 +35,28 @@ Experts and adapters attach to the language model by forward hooks on its own ``
 modules (their weights live in this model's ``experts`` / ``adapters``), so the LM's weights, names and
 forward stay those of the base model. The modality of each position is ``input_ids == image_token_id``
 (or ``visual_mask=``), set for the duration of one forward and cleared in ``finally``.
+
+Differences from the official code (``rangmiao/Eve``; its expert layer is not published, so items 2-3 are
+against the paper and the scripts):
+
+1. **Projector: matched** (issue 35). It had a 1x1 expansion conv + LayerNorm + Hardswish in each block that
+   the published LDP does not (64,752 vs 45,936 parameters at 64 -> 96; 27.33M vs 18.94M at the paper's
+   1024 -> 2048). Now the published structure and parameter names; a test restates MobileVLM's
+   ``LDPNetProjector`` with torchvision's and timm's parts and loads its state dict from an Eve-layout
+   ``mm_projector.bin``: equal outputs (1e-5), equal parameter counts.
+2. **Expert 0 is the layer's own FFN, with a fixed gate of 1 for text tokens**, which are never routed,
+   and **over-capacity visual tokens fall back to it** (the DeepSpeed layer the scripts import drops them:
+   a dropped token gets no FFN output at all). Why: text-only inputs then give the base LM's logits bit for
+   bit (tested), and no visual token loses its FFN. Not measured against the official layer (unpublished).
+3. **Adapters are this model's, attached by hooks**, and act on visual tokens only by default; in the
+   official code they are part of the base LM's layers (PanGu-π) and see every token. Why: the LM's
+   weights, names and forward stay the base model's and the text path stays exact; ``adapter_tokens="all"``
+   is the official behaviour.
+4. **Stage-3 learning rate 1e-4** where the official scripts use 2e-5 (stage 2 there tunes the whole LM at
+   2e-5; here stage 2 trains the projector at 1e-3 and stage 3 only the copied experts, routers,
+   coefficients and adapters). Why: the CPU-sized runs of ``mmeff bench eve`` are tens to hundreds of
+   steps, a far shorter schedule than the official one; pass ``lr=2e-5`` for the official value. The
+   effect of the two rates on the miniature has not been measured yet.
 
 Training (:func:`mmeff.train.eve.train_stage`), the paper's three stages: 1 ``align`` (projector only,
 captions; lr 1e-3), 2 ``instruct`` (instruction data; the paper tunes the LM too, here the projector by
@@ -74,7 +97,7 @@ from transformers import (
 from transformers.configuration_utils import SubConfigSpec
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmeff.checkpoint import local_or_hub
+from mmeff.checkpoint import load_exact, local_or_hub, read_tensors
 from mmeff.hfconfig import CACHE_KWARG, LEGACY_CACHE_KWARG, output_cache
 from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, load_smollm2
 from mmeff.models.mini import create_clip, hf_vision_config, load_hf_vision
@@ -89,6 +112,7 @@ __all__ = [
     "STAGES",
     "build_eve",
     "eve_smollm2",
+    "load_official_projector",
     "paper_config",
     "param_counts",
     "sparse_layers",
@@ -175,49 +199,63 @@ class LayerNorm2d(nn.LayerNorm):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class SqueezeExcite(nn.Module):
-    """MobileNetV3 squeeze-excite: channel gates from the global mean, reduced 4x, hard-sigmoid."""
+def make_divisible(v: float, divisor: int = 8) -> int:
+    """torchvision's channel rounding: ``v`` to a multiple of ``divisor`` (at least ``divisor``), never more
+    than 10% below ``v`` (the squeeze width of MobileNetV3's squeeze-excite)."""
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
 
-    def __init__(self, dim: int, reduction: int = 4) -> None:
+
+class SqueezeExcite(nn.Module):
+    """torchvision's ``SqueezeExcitation`` as MobileNetV3 sets it: global mean -> 1x1 ``fc1`` to
+    ``make_divisible(C // 4)`` -> ReLU -> 1x1 ``fc2`` -> hard-sigmoid channel gates. (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        mid = max(8, dim // reduction)
-        self.reduce = nn.Conv2d(dim, mid, 1)
-        self.expand = nn.Conv2d(mid, dim, 1)
+        mid = make_divisible(dim // 4)
+        self.fc1 = nn.Conv2d(dim, mid, 1)
+        self.fc2 = nn.Conv2d(mid, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        s = self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True))))
-        return x * F.hardsigmoid(s)
+        return x * F.hardsigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
 
 
 class InvertedResidual(nn.Module):
-    """MobileNetV3 inverted residual (expansion 1): 1x1, 3x3 depthwise at ``stride``, SE, 1x1; a skip at
-    stride 1. (B, C, H, W) -> (B, C, ceil(H / stride), ceil(W / stride))."""
+    """torchvision's ``InvertedResidual`` as LDP configures it: expansion 1, so **no 1x1 expansion conv**;
+    ``block.0`` 3x3 depthwise at ``stride`` + channel LayerNorm + Hardswish, ``block.1`` squeeze-excite,
+    ``block.2`` 1x1 projection + LayerNorm; a skip at stride 1. (B, C, H, W) -> (B, C, ceil(H / stride),
+    ceil(W / stride)). The module names are torchvision's, so the published weights load by name."""
 
     def __init__(self, dim: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
-        self.conv_pw = nn.Conv2d(dim, dim, 1, bias=False)
-        self.norm1 = LayerNorm2d(dim)
-        self.conv_dw = nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False)
-        self.norm2 = LayerNorm2d(dim)
-        self.se = SqueezeExcite(dim)
-        self.conv_pwl = nn.Conv2d(dim, dim, 1, bias=False)
-        self.norm3 = LayerNorm2d(dim)
+        self.block = nn.Sequential(
+            nn.Sequential(nn.Conv2d(dim, dim, 3, stride, 1, groups=dim, bias=False), LayerNorm2d(dim), nn.Hardswish()),
+            SqueezeExcite(dim),
+            nn.Sequential(nn.Conv2d(dim, dim, 1, bias=False), LayerNorm2d(dim)),
+        )
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        y = F.hardswish(self.norm1(self.conv_pw(x)))
-        y = F.hardswish(self.norm2(self.conv_dw(y)))
-        y = self.norm3(self.conv_pwl(self.se(y)))
+        y = self.block(x)
         return x + y if self.stride == 1 else y
 
 
+#: the key prefixes of a projector in the published checkpoints (Eve's ``mm_projector.bin``, MobileVLM's)
+OFFICIAL_PROJECTOR_PREFIXES = ("model.mm_projector.image_spatial_proj.model.", "model.mm_projector.model.",
+                               "mm_projector.image_spatial_proj.model.", "mm_projector.model.")
+
+
 class LDPProjector(nn.Module):
-    """LDP: (N, g*g, vision_dim) -> (N, ceil(g / stride)^2, lm_dim): MLP, then inverted residuals."""
+    """MobileVLM's LDP block (``ldpnet``) as published: (N, g*g, vision_dim) -> (N, ceil(g / stride)^2,
+    lm_dim). ``mlp``: Linear, GELU, Linear to the LM width; ``mb_block``: two inverted residuals (stride 1,
+    then ``stride``) over the ``g x g`` grid. 64 -> 96: 45,936 parameters; 1024 -> 2048: 18,936,832. The
+    ``nn.Identity`` at index 0 of both sequences keeps the published parameter names
+    (``mlp.1.weight``, ``mb_block.1.block.0.0.weight``, ...)."""
 
     def __init__(self, vision_dim: int, lm_dim: int, stride: int = 2) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
-        self.blocks = nn.Sequential(InvertedResidual(lm_dim, 1), InvertedResidual(lm_dim, stride))
+        self.mlp = nn.Sequential(nn.Identity(), nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+        self.mb_block = nn.Sequential(nn.Identity(), InvertedResidual(lm_dim, 1), InvertedResidual(lm_dim, stride))
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
         b, n, _ = x.shape
@@ -225,7 +263,26 @@ class LDPProjector(nn.Module):
         if g * g != n:
             raise ValueError(f"the LDP projector needs a square token grid, got {n} tokens")
         y = self.mlp(x).transpose(1, 2).reshape(b, -1, g, g)
-        return self.blocks(y).flatten(2).transpose(1, 2)
+        return self.mb_block(y).flatten(2).transpose(1, 2)
+
+    def load_official(self, path: str | Path) -> LDPProjector:
+        """Load a published projector file into this module, in place: Eve's ``mm_projector.bin`` (keys
+        ``model.mm_projector.image_spatial_proj.model.*``) or MobileVLM's (``model.mm_projector.model.*``),
+        as ``.bin``/``.pt`` (read with ``weights_only=True``) or ``.safetensors``. Other keys in the file are
+        ignored; a missing or mis-shaped projector key is a ``ValueError`` naming the file."""
+        state = read_tensors(path, "an Eve / MobileVLM projector file")
+        prefix = next((p for p in OFFICIAL_PROJECTOR_PREFIXES if any(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            raise ValueError(f"{path}: no projector keys (expected one of the prefixes {OFFICIAL_PROJECTOR_PREFIXES})")
+        own = self.state_dict()
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        load_exact(self, {k: v.to(own[k].dtype) if k in own else v for k, v in sub.items()}, path, "this LDP projector")
+        return self
+
+
+def load_official_projector(projector: LDPProjector, path: str | Path) -> LDPProjector:
+    """:meth:`LDPProjector.load_official` as a function: the published ``mm_projector.bin`` into ``projector``."""
+    return projector.load_official(path)
 
 
 # --------------------------------------------------------------------------------------------- experts
@@ -396,7 +453,7 @@ class EveForConditionalGeneration(EvePreTrainedModel, GenerationMixin):
         then the projector."""
         tower_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(tower_grad):
-            out = self.vision_tower(pixel_values.to(self.projector.mlp[0].weight.dtype), output_hidden_states=True)
+            out = self.vision_tower(pixel_values.to(self.projector.mlp[1].weight.dtype), output_hidden_states=True)
             feats = out.hidden_states[self.config.vision_feature_layer][:, 1:]
         return self.projector(feats)
 

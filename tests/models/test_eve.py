@@ -16,6 +16,7 @@ from mmeff.models.eve import (
     EveForConditionalGeneration,
     LDPProjector,
     build_eve,
+    load_official_projector,
     paper_config,
     param_counts,
     sparse_layers,
@@ -148,6 +149,72 @@ def test_expert_layer_matches_a_per_token_reference(num_experts):
     assert layer.wg.weight.grad is not None and layer.wg.weight.grad.abs().sum() > 0
 
 
+def _official_ldp(inc: int, ouc: int) -> nn.Module:
+    """MobileVLM's ``LDPNetProjector`` (Eve's ``ldpnet``) restated from its published source with the same
+    library parts it uses: torchvision's InvertedResidual / SqueezeExcitation and timm's LayerNormAct2d."""
+    from functools import partial
+
+    from timm.layers.norm_act import LayerNormAct2d
+    from torchvision.models.mobilenetv3 import InvertedResidual, InvertedResidualConfig
+    from torchvision.ops.misc import SqueezeExcitation
+
+    class LDPBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            norm = partial(LayerNormAct2d, act_layer=None)
+            se = partial(SqueezeExcitation, scale_activation=nn.Hardsigmoid)
+            self.mlp = nn.Sequential(nn.Identity(), nn.Linear(inc, ouc), nn.GELU(), nn.Linear(ouc, ouc))
+            self.mb_block = nn.Sequential(
+                nn.Identity(),
+                InvertedResidual(InvertedResidualConfig(ouc, 3, ouc, ouc, True, "HS", 1, 1, 1), norm, se),
+                InvertedResidual(InvertedResidualConfig(ouc, 3, ouc, ouc, True, "HS", 2, 1, 1), norm, se))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, n, _ = x.shape
+            h = int(math.sqrt(n))
+            x = self.mlp(x).permute(0, 2, 1).reshape(b, -1, h, h)
+            return self.mb_block(x).flatten(2).permute(0, 2, 1)
+
+    class LDPNetProjector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = LDPBlock()
+
+    return LDPNetProjector()
+
+
+def test_ldp_projector_is_the_published_one(tmp_path):
+    torch.manual_seed(0)
+    ref = _official_ldp(64, 96).eval()
+    for q in ref.parameters():  # LayerNorms start at 1/0 and SE biases at 0: make every parameter count
+        q.data.normal_(0, 0.3)
+    ours = LDPProjector(64, 96, 2).eval()
+    assert sum(q.numel() for q in ours.parameters()) == sum(q.numel() for q in ref.parameters()) == 45_936
+    # Eve's mm_projector.bin: the projector under model.mm_projector.image_spatial_proj, among other keys
+    state = {f"model.mm_projector.image_spatial_proj.{k}": v for k, v in ref.state_dict().items()}
+    state["model.embed_tokens.weight"] = torch.zeros(3, 4)
+    torch.save(state, tmp_path / "mm_projector.bin")
+    load_official_projector(ours, tmp_path / "mm_projector.bin")
+    x = torch.randn(2, 576, 64)
+    with torch.no_grad():
+        want = ref.model(x)
+        got = ours(x)
+    assert got.shape == want.shape == (2, 144, 96)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # MobileVLM's layout and safetensors load too; a wrong width or a foreign file is a one-line error
+    from safetensors.torch import save_file
+
+    save_file({f"model.mm_projector.model.{k}": v.contiguous() for k, v in ref.model.state_dict().items()},
+              str(tmp_path / "mobilevlm.safetensors"))
+    torch.testing.assert_close(LDPProjector(64, 96).load_official(tmp_path / "mobilevlm.safetensors")(x), want,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"mm_projector\.bin does not fit this LDP projector.*wrong shape"):
+        LDPProjector(64, 128).load_official(tmp_path / "mm_projector.bin")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "other.bin")
+    with pytest.raises(ValueError, match="other.bin: no projector keys"):
+        ours.load_official(tmp_path / "other.bin")
+
+
 def test_ldp_projector_tokens_and_parameters():
     with torch.device("meta"):
         p = LDPProjector(1024, 2048, 2)
@@ -160,8 +227,8 @@ def test_ldp_projector_tokens_and_parameters():
     d, v = 2048, 1024
     mlp = v * d + d + d * d + d
     se = d * (d // 4) + d // 4 + (d // 4) * d + d
-    block = 2 * d * d + 9 * d + 3 * 2 * d + se
-    assert sum(q.numel() for q in p.parameters()) == mlp + 2 * block
+    block = 9 * d + d * d + 2 * 2 * d + se  # depthwise, projection, two LayerNorms, SE: no expansion conv
+    assert sum(q.numel() for q in p.parameters()) == mlp + 2 * block == 18_936_832
 
 
 def test_paper_sizes_on_meta():
