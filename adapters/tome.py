@@ -180,7 +180,7 @@ class ToMeAdapter(Adapter):
         n_out = n - min(r, (n - self.host.prefix) // 2)
         if n_out == n:
             return x
-        merge, unmerge = bipartite_soft_matching(metric, r, prefix=self.host.prefix)
+        merge, unmerge = bipartite_soft_matching(metric, r, prefix=self.host.prefix, faithful=self.tome.faithful)
         # row of each current token after the merge (unmerge copies a row index to every member)
         inv = unmerge(torch.arange(n_out, device=x.device).view(1, n_out, 1).expand(b, n_out, 1))[..., 0]
         if self.tome.trace_source:

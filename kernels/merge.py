@@ -14,9 +14,10 @@ output row, sources in a CSR list), so it needs no atomics and is deterministic.
 Differences from ToMe's reference code: the matching scores are computed in fp32 (metrics in fp16/bf16
 are upcast), the metric norm is clamped away from zero, and ties in the top-r selection break towards
 the lower A index (stable sort), so results are deterministic; the unmerged A tokens always keep their
-original order (ToMe sorts them only when there is a class token and otherwise leaves them in score
-order), so on models without a class token later blocks can pair tokens differently from the official
+original order by default (ToMe sorts them only when there is a class token and otherwise leaves them in
+score order), so on models without a class token later blocks pair tokens differently from the official
 code: mmeff keeps the alternating A/B split spatial instead of reshuffling it by similarity.
+``faithful=True`` reproduces the official order.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class _MergePlan:
 
     n: int
     r: int
-    unm_a: Tensor  # (B, nA - r) A-local indices of unmerged A tokens, ascending
+    unm_a: Tensor  # (B, nA - r) A-local indices of unmerged A tokens (ascending unless faithful, unprotected)
     src_a: Tensor  # (B, r) A-local indices of merged A tokens
     dst_b: Tensor  # (B, r) B-local destination of each merged A token
     base: Tensor  # (B, n_out) original token index that each output row starts from
@@ -117,6 +118,7 @@ def bipartite_soft_matching(
     class_token: bool = False,
     distill_token: bool = False,
     prefix: int = 0,
+    faithful: bool = False,
 ) -> tuple[MergeFn, UnmergeFn]:
     """ToMe bipartite soft matching on ``metric`` ``(B, N, C)``; merges ``r`` tokens.
 
@@ -131,6 +133,10 @@ def bipartite_soft_matching(
     * ``merge(x (B, N, D), mode="mean"|"sum") -> (B, N - r, D)``, rows ``[unmerged A in original order, B]``
       (with ``prefix > 1`` the protected tokens come first, in their original order, then the rest so);
     * ``unmerge(x (B, N - r, D)) -> (B, N, D)``: every original token gets the value of the row it went to.
+
+    ``faithful=True`` orders the unmerged A tokens as ToMe's official code does: ascending only when a token
+    is protected (its ``class_token``), otherwise in descending score order, which changes how the next
+    block splits A and B on class-token-free towers (SigLIP-style).
 
     With ``r <= 0`` (after clamping) both are identities.
     """
@@ -159,7 +165,9 @@ def bipartite_soft_matching(
         node_max, node_idx = scores.max(dim=-1)  # (B, nA)
         edge_idx = torch.sort(node_max, dim=-1, descending=True, stable=True).indices
         src_a = edge_idx[:, :r]
-        unm_a = edge_idx[:, r:].sort(dim=-1).values
+        unm_a = edge_idx[:, r:]
+        if not faithful or protected:
+            unm_a = unm_a.sort(dim=-1).values
         dst_b = node_idx.gather(1, src_a)
         plan = _build_plan(unm_a, src_a, dst_b, n, prefix)
 

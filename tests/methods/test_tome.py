@@ -65,13 +65,14 @@ def ref_parse_r(depth: int, r: Any) -> list[int]:
     return [int(lo + step * i) for i in range(depth)]
 
 
-def ref_bipartite(metric: Tensor, r: int, protected: int) -> Callable[[Tensor], Tensor]:
+def ref_bipartite(metric: Tensor, r: int, protected: int, official_order: bool = False) -> Callable[[Tensor], Tensor]:
     """Bipartite soft matching (A = even, B = odd tokens); returns a sum-merge of ``(B, N, D)`` tensors.
 
     The first ``protected`` tokens are never merged away (A side) and never receive (B side). Output
     order (it decides the next block's A/B split): the protected tokens in their order, then the
     unmerged A tokens in their order, then B. With one protected (class) token this is ToMe's
-    ``class_token=True`` order ``[sorted unmerged A, B]``.
+    ``class_token=True`` order ``[sorted unmerged A, B]``. ``official_order``: as ToMe's code, which sorts
+    the unmerged A tokens only with a class token and otherwise keeps them in descending score order.
     """
     m = metric / metric.norm(dim=-1, keepdim=True)
     a, b = m[:, ::2], m[:, 1::2]
@@ -82,7 +83,9 @@ def ref_bipartite(metric: Tensor, r: int, protected: int) -> Callable[[Tensor], 
     scores[:, :, b_ids < protected] = -torch.inf
     best, best_b = scores.max(dim=-1)
     ranked = best.argsort(dim=-1, descending=True)
-    src, keep = ranked[:, :r], ranked[:, r:].sort(dim=-1).values
+    src, keep = ranked[:, :r], ranked[:, r:]
+    if protected or not official_order:
+        keep = keep.sort(dim=-1).values
     dst = best_b.gather(1, src)
     # current index of each output row; protected ones move to the front
     cur = torch.cat([2 * keep, (2 * torch.arange(b.shape[1]) + 1).expand(keep.shape[0], -1)], dim=1)
@@ -202,7 +205,8 @@ def rows(t: Tensor, order: Tensor) -> Tensor:
     return t.gather(1, order[..., None].expand(-1, -1, t.shape[-1]))
 
 
-def ref_tome(kind: str, blocks, x: Tensor, r: Any, prefix: int, prop_attn: bool = True) -> RefOut:
+def ref_tome(kind: str, blocks, x: Tensor, r: Any, prefix: int, prop_attn: bool = True,
+             official_order: bool = False) -> RefOut:
     """From-scratch ToMe through ``blocks`` (host weights, functional attention)."""
     b, n, _ = x.shape
     size = None
@@ -217,7 +221,7 @@ def ref_tome(kind: str, blocks, x: Tensor, r: Any, prefix: int, prop_attn: bool 
         x = x + layer_scale(p.ls1, p.proj(o))
         r_i = min(r_i, (x.shape[1] - prefix) // 2)
         if r_i > 0:
-            merge = ref_bipartite(k.mean(dim=1), r_i, prefix)
+            merge = ref_bipartite(k.mean(dim=1), r_i, prefix, official_order)
             size = torch.ones_like(x[..., :1]) if size is None else size
             x = merge(x * size)
             size = merge(size)
@@ -423,12 +427,14 @@ def test_open_clip_matches_reference(clips, variant, sched, target):
         torch.testing.assert_close(out, ref_out, atol=ATOL, rtol=ATOL)
 
 
-def _hf_reference(model: nn.Module, x: Tensor, r: Any, prefix: int) -> tuple[RefOut, Tensor, Tensor | None]:
+def _hf_reference(model: nn.Module, x: Tensor, r: Any, prefix: int, official_order: bool = False
+                  ) -> tuple[RefOut, Tensor, Tensor | None]:
     h0 = model.embeddings(x)
     if hasattr(model, "pre_layrnorm"):  # CLIP
-        ref = ref_tome("hf", model.encoder.layers, model.pre_layrnorm(h0), r, prefix)
+        ref = ref_tome("hf", model.encoder.layers, model.pre_layrnorm(h0), r, prefix, official_order=official_order)
         return ref, ref.x, model.post_layernorm(ref.x[:, 0])
-    ref = ref_tome("hf", model.encoder.layers, h0, r, prefix)  # SigLIP: post norm, attention-pool head
+    # SigLIP: post norm, attention-pool head
+    ref = ref_tome("hf", model.encoder.layers, h0, r, prefix, official_order=official_order)
     last = model.post_layernorm(ref.x)
     return ref, last, model.head(last)
 
@@ -452,6 +458,26 @@ def test_hf_matches_reference(hfs, name, sched):
     assert torch.equal(rows(h.size, order), ref.size)
     torch.testing.assert_close(rows(out.last_hidden_state, order), ref_last, atol=ATOL, rtol=ATOL)
     torch.testing.assert_close(out.pooler_output, ref_pool, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["clip-sdpa", "siglip-sdpa", "siglip-eager"])
+def test_faithful_order_matches_the_official(hfs, name):
+    """faithful=True keeps the official token order on class-token-free towers (the unmerged tokens in score
+    order), which changes the later blocks' pairing; with a class token both orders are the same."""
+    model, x = hfs[name], images(seed=5)
+    r, prefix = [8, 6, 4], 1 if name.startswith("clip") else 0
+    with torch.no_grad():
+        ref, ref_last, ref_pool = _hf_reference(model, x, r, prefix, official_order=True)
+        _, _, ours_pool = _hf_reference(model, x, r, prefix)
+        with mmeff.apply(model, mmeff.ToMe(r=r, unmerge=False, faithful=True)) as h:
+            out = model(pixel_values=x)
+            order = handle_order(h)
+    assert torch.equal(rows(handle_source(h), order), ref.source)
+    torch.testing.assert_close(rows(out.last_hidden_state, order), ref_last, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(out.pooler_output, ref_pool, atol=ATOL, rtol=ATOL)
+    gap = (ours_pool - ref_pool).abs().max().item()
+    assert gap > 1e-3 if prefix == 0 else gap == 0.0  # the option matters exactly where the official differs
+    assert "faithful=True" in mmeff.ToMe(faithful=True).describe()
 
 
 # ------------------------------------------------------------------- 2. r = 0 and unpatch are exact
