@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["Checkpointable", "atomic_write", "check_sha256", "file_sha256", "load_exact", "load_state", "local_or_hub",
+__all__ = ["RECORD_PREFIXES", "Checkpointable", "InertRecord", "atomic_write", "check_sha256", "file_sha256", "load_exact", "load_state", "local_or_hub",
            "read_module", "read_tensors", "save_module", "save_state", "state_sha256", "write_text_atomic"]
 
 
@@ -74,18 +74,91 @@ def save_state(state: Mapping[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda t: torch.save(dict(state), t))
 
 
-def load_state(path: str | Path, map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+#: module prefixes of training-record classes (MMEngine's message hub and history buffers, MMCV / MMAction2
+#: records) that a published checkpoint may name: ``load_state(..., records=True)`` reads them as inert
+#: :class:`InertRecord` stand-ins, so nothing of those libraries (installed or not) runs
+RECORD_PREFIXES = ("mmengine.", "mmcv.", "mmaction.", "mmdet.", "mmseg.")
+
+
+class InertRecord:
+    """Stand-in for a training-record object a checkpoint names (e.g. MMEngine's ``HistoryBuffer``): it
+    keeps what the file stored (``args``, ``state``) and runs no code of the class it replaces."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> InertRecord:  # noqa: D102
+        obj = super().__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:  # noqa: D105
+        self.state = state
+
+
+def _numpy_global(name: str) -> Any:
+    """The numpy object a checkpoint names to rebuild arrays and scalars (``None`` for anything else):
+    the functions and types torch's weights-only loader documents as safe for numpy data."""
+    import importlib
+
+    import numpy as np
+
+    core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+    table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
+    for old in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        for fn in ("_reconstruct", "scalar"):
+            table[f"{old}.{fn}"] = getattr(importlib.import_module(core), fn)
+    if name in table:
+        return table[name]
+    if name.startswith("numpy.dtypes.") and name.endswith("DType"):
+        return getattr(np.dtypes, name.rsplit(".", 1)[1], None)
+    return None
+
+
+def _record_globals(path: Path) -> list[tuple[Any, str]]:
+    """``(stand-in, name)`` for every global ``path`` names beyond tensors and containers; an
+    ``UnpicklingError`` naming the globals when any is neither numpy data nor a training record."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    allowed, refused = [], []
+    for name in names:
+        obj = _numpy_global(name)
+        if obj is None and name.startswith(RECORD_PREFIXES):
+            obj = type(name.rsplit(".", 1)[1], (InertRecord,), {"__module__": __name__, "qualname": name})
+        (refused if obj is None else allowed).append((obj, name))
+    if any(n.startswith("numpy.") for _, n in allowed):
+        import numpy as np
+
+        # a rebuilt dtype gets its state set, so its concrete class (Float64DType, ...) must be allowed too
+        allowed += [(getattr(np.dtypes, t), f"numpy.dtypes.{t}") for t in dir(np.dtypes) if t.endswith("DType")]
+    if refused:
+        raise pickle.UnpicklingError(f"it names {', '.join(n for _, n in refused[:5])} (neither numpy data nor "
+                                     f"a training record)")
+    return allowed
+
+
+def load_state(path: str | Path, map_location: str | torch.device | None = "cpu", *, records: bool = False
+               ) -> dict[str, Any]:
     """Read a :func:`save_state` file with ``torch.load(weights_only=True)``.
 
     ``ValueError`` naming the file when it is damaged (e.g. a truncated copy) or pickles Python objects other
-    than tensors and plain containers (loading those could run code from the file, so mmeff does not)."""
+    than tensors and plain containers (loading those could run code from the file, so mmeff does not).
+    ``records=True`` (published checkpoints, e.g. MMEngine's) also reads numpy arrays and scalars and the
+    training-record classes of :data:`RECORD_PREFIXES`, the latter as inert :class:`InertRecord` objects;
+    anything else is still refused, naming the globals."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (expected a training checkpoint)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            if not records:
+                raise
+            with torch.serialization.safe_globals(_record_globals(path)):
+                state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"{path} pickles Python objects besides tensors and plain containers; mmeff reads "
                          f"checkpoints with weights_only=True and will not unpickle it (that could run code "
@@ -111,7 +184,7 @@ def read_tensors(path: str | Path, what: str = "a weights file") -> dict[str, Te
                 return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
         except SafetensorError as e:
             raise ValueError(f"{path} is not {what}: not a safetensors file ({e})") from e
-    state = load_state(path)
+    state = load_state(path, records=True)
     for key in ("state_dict", "model"):
         if isinstance(state.get(key), dict):
             state = state[key]

@@ -35,6 +35,7 @@ from timm.models import is_model
 from timm.models import register_model as timm_register_model
 from torch import Tensor, nn
 
+from mmeff.checkpoint import read_tensors
 from mmeff.models.zoo import register_family
 
 __all__ = ["CTL", "SqueezeTime", "create_model", "list_models", "squeeze_time", "export_onnx", "check_onnx"]
@@ -281,13 +282,15 @@ def _official_key(key: str) -> str:
 def load_checkpoint(model: SqueezeTime, path: str, skip_mismatched: bool = False) -> list[str]:
     """Load a local checkpoint (own or official key names); returns the official keys it renamed.
 
+    Official MMAction2 / MMEngine checkpoints (``state_dict`` next to ``meta`` and ``message_hub``, which
+    pickle MMEngine's history buffers and numpy values) are read without unpickling any class: numpy data is
+    rebuilt by numpy, MMEngine's objects become inert records, anything else is refused
+    (:func:`mmeff.checkpoint.load_state` with ``records=True``).
+
     Strict by default. ``skip_mismatched=True`` leaves parameters whose shape differs (e.g. the classifier
     when fine-tuning K400 weights on other classes) at their initialisation and *says so* in the printed
     list, instead of the official loader's silent filter."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-            sd = sd[key]
+    sd = read_tensors(path, "a SqueezeTime checkpoint")  # MMEngine's records inert, anything else refused
     renamed = [k for k in sd if _official_key(k) != k]
     sd = {_official_key(k): v for k, v in sd.items()}
     if skip_mismatched:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmeff.checkpoint import load_state, save_state, write_text_atomic
+from mmeff.checkpoint import InertRecord, load_state, read_tensors, save_state, write_text_atomic
 from mmeff.train.loop import train_steps
 
 
@@ -212,3 +212,60 @@ def test_checkpointable_round_trip_sha256_and_one_line_errors(tmp_path) -> None:
         Net.load(path)
     errors.append(e)
     assert all("\n" not in str(x.value) for x in errors)
+
+
+def _mmengine_checkpoint(path, extra=None):
+    """A checkpoint in MMEngine's layout (meta, state_dict, message_hub with a HistoryBuffer and numpy values),
+    pickled under MMEngine's module names by stand-in modules that are removed before loading."""
+    import collections
+    import sys
+    import types
+
+    import numpy as np
+
+    names = ("mmengine", "mmengine.logging", "mmengine.logging.history_buffer")
+    saved = {n: sys.modules.get(n) for n in names}
+    mod = types.ModuleType(names[-1])
+
+    class HistoryBuffer:
+        def __init__(self) -> None:
+            self._log_history = np.array([0.5, 0.25])
+            self._count_history = np.array([1, 1])
+            self.max_length = 1000
+
+    HistoryBuffer.__module__ = names[-1]
+    HistoryBuffer.__qualname__ = "HistoryBuffer"
+    mod.HistoryBuffer = HistoryBuffer
+    try:
+        sys.modules.update({n: types.ModuleType(n) for n in names[:-1]})
+        sys.modules[names[-1]] = mod
+        torch.save({"meta": {"epoch": 3, "seed": np.int64(5), "cfg": "model = dict(type='Recognizer3D')"},
+                    "state_dict": collections.OrderedDict(w=torch.arange(4.0)),
+                    "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()},
+                                    "runtime_info": {"iter": 7, "lr": np.float64(0.1)}},
+                    **(extra or {})}, path)
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    return path
+
+
+def test_mmengine_checkpoints_load_with_records_inert(tmp_path, hostile_checkpoint) -> None:
+    path = _mmengine_checkpoint(tmp_path / "epoch_3.pth")
+    with pytest.raises(ValueError, match=r"epoch_3\.pth pickles Python objects"):
+        load_state(path)  # a training state of mmeff's own never holds foreign objects
+    state = load_state(path, records=True)
+    assert torch.equal(state["state_dict"]["w"], torch.arange(4.0)) and state["meta"]["epoch"] == 3
+    buf = state["message_hub"]["log_scalars"]["train/loss"]
+    assert isinstance(buf, InertRecord) and type(buf).__name__ == "HistoryBuffer"
+    assert list(buf.state["_log_history"]) == [0.5, 0.25] and float(state["message_hub"]["runtime_info"]["lr"]) == 0.1
+    assert torch.equal(read_tensors(path)["w"], torch.arange(4.0))
+    # records=True still refuses what is not numpy data or a training record, and runs none of it
+    marker = tmp_path / "pwned"
+    bad = hostile_checkpoint(tmp_path / "bad.pth", marker)
+    with pytest.raises(ValueError, match=r"bad\.pth pickles Python objects.*it names io\.open \(neither numpy") as e:
+        load_state(bad, records=True)
+    assert len(str(e.value).splitlines()) == 1 and not marker.exists()

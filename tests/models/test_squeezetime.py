@@ -119,7 +119,11 @@ def test_checkpoints_load_own_and_official_names(tmp_path) -> None:
     assert set(examples.values()) <= set(sd)
     inverse = {v: k for k, v in examples.items()}
     renamed = {inverse.get(k, k): v for k, v in sd.items()}
-    torch.save({"state_dict": renamed}, tmp_path / "official.pth")
+    # as MMEngine saves it: numpy values in meta and the message hub (weights_only alone refuses those)
+    import numpy as np
+
+    torch.save({"meta": {"epoch": 12, "seed": np.int64(0)}, "state_dict": renamed,
+                "message_hub": {"runtime_info": {"lr": np.float64(1e-3)}, "log": np.zeros(3)}}, tmp_path / "official.pth")
     fresh = st.create_model("squeezetime_10", num_classes=4, num_frames=2, img_size=64).eval()
     assert sorted(st.load_checkpoint(fresh, str(tmp_path / "official.pth"))) == sorted(examples)
     with torch.no_grad():
