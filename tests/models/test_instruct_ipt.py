@@ -177,6 +177,73 @@ def test_save_load_and_registry_checkpoints(tmp_path: Path) -> None:
         InstructIPT.load(tmp_path / "other.safetensors")
 
 
+def _ipt_body_reference(body: nn.Module, feats: torch.Tensor, task: int, pos_every: bool) -> torch.Tensor:
+    """IPT's ``VisionTransformer.forward`` (official ``model/ipt.py``) restated with nn.MultiheadAttention
+    (bias=False) on ``body``'s weights (rank 0: no task biases). Default: ``encoder(x + pos)`` and
+    ``decoder(x, x, query_pos=q)`` (memory keys without pos); ``--pos_every``: ``encoder(x, pos=pos)`` and
+    ``decoder(x, x, pos=pos, query_pos=q)``."""
+    cfg = body.cfg
+    d = cfg.dim
+
+    def mha(att: nn.Module) -> nn.MultiheadAttention:
+        m = nn.MultiheadAttention(d, cfg.heads, bias=False, batch_first=True).double()
+        with torch.no_grad():
+            m.in_proj_weight.copy_(torch.cat([att.q.weight, att.k.weight, att.v.weight]))
+            m.out_proj.weight.copy_(att.o.weight)
+        return m
+
+    def ffn(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, f.fc1.weight, f.fc1.bias)),
+                                          f.fc2.weight, f.fc2.bias)
+
+    p, s = cfg.patch_dim, cfg.patch_size
+    x = torch.nn.functional.unfold(feats, p, stride=p).transpose(1, 2)
+    x = body.encoding(x) + x
+    pos = body.pos
+    if not pos_every:
+        x = x + pos
+    for layer in body.encoder:
+        h = layer.norm1(x)
+        qk = h + pos if pos_every else h
+        x = x + mha(layer.attn)(qk, qk, h, need_weights=False)[0]
+        x = x + ffn(layer.ffn, layer.norm2(x))
+    memory, query = x, body.query[task:task + 1]
+    for layer in body.decoder:
+        h = layer.norm1(x)
+        x = x + mha(layer.self_attn)(h + query, h + query, h, need_weights=False)[0]
+        key = memory + pos if pos_every else memory
+        x = x + mha(layer.cross_attn)(layer.norm2(x) + query, key, memory, need_weights=False)[0]
+        x = x + ffn(layer.ffn, layer.norm3(x))
+    x = body.mlp_head(x) + x
+    return torch.nn.functional.fold(x.transpose(1, 2), (s, s), p, stride=p) + feats
+
+
+def test_body_equals_ipt_in_both_position_modes(tmp_path: Path) -> None:
+    feats = torch.randn(2, 8, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    outs = {}
+    for pos_every in (False, True):
+        model = tiny(rank=0, pos_every=pos_every)
+        with torch.no_grad():
+            model.body.pos.normal_(0, 1.0)  # a position embedding large enough to matter
+            got = model.body(feats, 1)
+            want = _ipt_body_reference(model.body, feats, 1, pos_every)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        outs[pos_every] = got
+    assert (outs[True] - outs[False]).abs().max() > 1e-2  # same weights, the two modes differ
+    assert IPTConfig().pos_every is False  # IPT's default is the default
+    # a file saved before the field existed was trained with pos_every: it loads that way
+    from dataclasses import asdict
+
+    from mmeff.checkpoint import save_module
+
+    old = tiny(pos_every=True).float()
+    cfg = {k: v for k, v in asdict(old.cfg).items() if k != "pos_every"}
+    path = save_module(old, tmp_path / "old.safetensors", InstructIPT.checkpoint_format, cfg)
+    x = torch.rand(1, 3, 20, 20)
+    for back in (InstructIPT.load(path), create_model("instruct_ipt_tiny", pretrained=str(path))):
+        assert back.cfg.pos_every is True and torch.equal(back(x, 0), old(x, 0))
+
+
 def test_bad_arguments_fail_clearly() -> None:
     model = tiny()
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
