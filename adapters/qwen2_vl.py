@@ -7,7 +7,7 @@ computed by the host's ``get_rope_index`` on the unreduced prompt and gathered f
 
 Options (``mmeff.apply(model, reducer, **options)``):
 
-- ``mrope="gather"`` (default): every kept token keeps its original (t, h, w) M-RoPE position, a merged
+- ``mrope="gather"`` (default; ``FourierLowPass(faithful=True)`` defaults to ``"regrid"``): every kept token keeps its original (t, h, w) M-RoPE position, a merged
   token its members' rounded mean; text after the image keeps its unreduced positions.
 - ``mrope="regrid"``: for grid-shaped reductions (pool, Fourier-VLM), positions are recomputed by the
   host's ``get_rope_index`` as if the image had the reduced grid (``grid_thw = (t, 2h', 2w')``), which is
@@ -33,6 +33,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.methods.fourier import FourierLowPass
 
 __all__ = ["Qwen2VLAdapter", "qwen2_vl_patchify", "qwen2_vl_unpatchify", "received_attention"]
 
@@ -118,7 +119,9 @@ class Qwen2VLAdapter(HFVLMAdapter):
 
     def __init__(self, model: nn.Module, reducer: Any, **options: Any) -> None:
         super().__init__(model, reducer, **options)
-        mrope = options.get("mrope", "gather")
+        # Fourier-VLM's official hook re-grids the positions; faithful=True asks for that by default
+        official = isinstance(reducer, FourierLowPass) and reducer.faithful
+        mrope = options.get("mrope", "regrid" if official else "gather")
         if mrope not in ("gather", "regrid"):
             raise ValueError(f"mrope must be 'gather' or 'regrid', got {mrope!r}")
         self.mrope: str = mrope

@@ -16,6 +16,12 @@ the default here (``rescale=False``), since the paper fine-tunes with the filter
 (:mod:`mmeff.train.finetune`). ``rescale=True`` multiplies by ``sqrt(h'w' / HW)`` so the output keeps the input's
 scale, which is what a frozen, training-free projector expects.
 
+Differences from the official code: on Qwen2-VL the official hook rewrites ``grid_thw`` to the reduced
+grid, so M-RoPE positions are re-gridded; mmeff's default keeps each token's original position (a merged
+token at its bin's centre, ``mrope="gather"``), which keeps the image's extent in position space. Both are
+tested; ``FourierLowPass(faithful=True)`` (or ``mmeff.apply(..., mrope="regrid")``) gives the official
+positions, without mutating the caller's ``grid_thw``. Which is more accurate has not been measured.
+
 Bookkeeping: output token ``(i, j)`` is credited to the input tokens of its spatial bin (the same
 contiguous bins as ``pool``), so merged positions (M-RoPE) land at the bin centres; in value it depends on
 every input token of the frame.
@@ -87,10 +93,13 @@ class FourierLowPass(GridReducer):
     Budget: ``tokens``/``ratio``/``out_grid``/``axis_ratio`` as in :class:`~mmeff.core.GridReducer`
     (``tokens=144`` on LLaVA's 24x24 grid is the paper's ``reserve=12``; ``axis_ratio=2/3`` its Qwen rule).
     ``rescale`` keeps the input amplitude (off by default, as in the paper). On LLaVA it runs before the
-    projector by default, elsewhere on the projected features (module docstring).
+    projector by default, elsewhere on the projected features (module docstring). ``faithful=True``: on
+    Qwen2-VL the positions are re-gridded as the official hook does (``mrope="regrid"`` unless given).
     """
 
     rescale: bool = False
+    #: placement as the official code where it differs (Qwen2-VL: re-gridded M-RoPE positions, module docstring)
+    faithful: bool = False
 
     def default_stage(self, host: str) -> str:
         return "pre_projector" if host == "llava" else "post_projector"

@@ -279,6 +279,20 @@ def test_qwen_full_grid_equals_plain_model(qwen):
 
 
 @torch.no_grad()
+def test_qwen_faithful_fourier_regrids_by_default(qwen):
+    inp = _qwen_inputs(qwen)
+    with mmeff.apply(qwen, FourierLowPass(axis_ratio=2 / 3), mrope="regrid"):
+        regrid = qwen(**inp).logits
+    with mmeff.apply(qwen, FourierLowPass(axis_ratio=2 / 3)):
+        gathered = qwen(**inp).logits
+    assert not torch.allclose(gathered, regrid, atol=1e-4)
+    with mmeff.apply(qwen, FourierLowPass(axis_ratio=2 / 3, faithful=True)):
+        torch.testing.assert_close(qwen(**inp).logits, regrid, rtol=0, atol=0)
+    with mmeff.apply(qwen, FourierLowPass(axis_ratio=2 / 3, faithful=True), mrope="gather"):  # explicit wins
+        torch.testing.assert_close(qwen(**inp).logits, gathered, rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_qwen_regrid_matches_official_grid_thw_rewrite(qwen):
     """Fourier-VLM's Qwen integration: compress after the merger, rewrite grid_thw to (t, 2h', 2w'),
     emit t*h'*w' placeholders and let the host derive M-RoPE. The adapter must give the same logits."""
