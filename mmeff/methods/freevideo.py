@@ -20,6 +20,15 @@ frame. ``faithful=True`` reproduces the official code bit for bit, including its
 pool leaves an ``H x W/2`` (24x12) layout, but the official crop reshapes it as ``H/2 x W`` (12x24), so its
 "rows" are pairs of real rows and the box is not a spatial rectangle. The default (``faithful=False``)
 crops on the true ``H x W/2`` layout.
+
+Differences from the official code (``faithful=True`` removes the first two):
+
+* the crop layout above;
+* **patch embeddings for the RoI score**: the official takes the CLIP tower's patch tokens *before* its
+  post-LayerNorm and applies the projection; :class:`ClipScorer` by default projects them *after*
+  ``ln_post``, as the class token whose embedding the projection was trained on (``pre_ln=True`` gives the
+  official's; a ``faithful=True`` reducer asks for it). On the issue's video 3 of 288 RoI boxes differ.
+* frame sampling for the slow path may differ from the official by up to one frame (not matched yet).
 """
 
 from __future__ import annotations
@@ -396,10 +405,12 @@ class ClipScorer:
         return emb
 
     @torch.no_grad()
-    def embed_pixels(self, pixels: Tensor, question: str) -> FrameEmbeddings:
+    def embed_pixels(self, pixels: Tensor, question: str, pre_ln: bool = False) -> FrameEmbeddings:
         """Embed CLIP-normalised pixels ``(T, 3, S, S)`` (LLaVA's own inputs) and ``question``; timed.
 
-        Pixels at another size are resized (bicubic) to the encoder's resolution.
+        Pixels at another size are resized (bicubic) to the encoder's resolution. Patch embeddings are the
+        tower's patch tokens after its ``ln_post``, projected; ``pre_ln=True`` projects them before it,
+        as the official Free Video-LLM code.
         """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
@@ -418,10 +429,19 @@ class ClipScorer:
         visual = self.model.visual
         old = visual.output_tokens
         visual.output_tokens = True
+        seen: dict[str, Tensor] = {}
+        # the tokens the post-LayerNorm gets (open_clip normalises the whole sequence, class token first)
+        hook = visual.ln_post.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0])) if pre_ln else None
         try:
             pooled, tokens = visual(px.to(dtype))
         finally:
             visual.output_tokens = old
+            if hook is not None:
+                hook.remove()
+        if pre_ln and "x" in seen and seen["x"].dim() == 3 and seen["x"].shape[1] > tokens.shape[1]:
+            tokens = seen["x"][:, -tokens.shape[1]:]
+        elif pre_ln and not getattr(visual, "final_ln_after_pool", False):
+            raise ValueError("pre_ln=True needs an open_clip tower whose ln_post normalises the token sequence")
         patches = tokens @ visual.proj
         text = self.model.encode_text(self._tokens(question).to(device))[0]
         side = int(math.isqrt(patches.shape[1]))
@@ -479,7 +499,7 @@ class FreeVideoLLM(TokenReducer):
                     raise ValueError(f"FreeVideoLLM needs each video's question: pass {TEXT_KWARG_HINT}")
                 if pixels is None or self.scorer is None:
                     raise ValueError("FreeVideoLLM needs a scorer (ClipScorer) and the frames' pixels, or extras['clip']")
-                emb = self.scorer.embed_pixels(pixels[i], texts[i])
+                emb = self.scorer.embed_pixels(pixels[i], texts[i], pre_ln=self.config.faithful)
             self.last_scorer_s += emb.seconds
             outs.append(free_video_tokens(tokens[i].view(t, h * w, -1), (h, w), emb.frames.to(tokens.device),
                                           emb.text.to(tokens.device), emb.patches_on((h, w)).to(tokens.device),

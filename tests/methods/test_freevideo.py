@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmeff.core import TokenContext
 from mmeff.methods.freevideo import (
     FreeVideoConfig,
     free_video_tokens,
@@ -242,6 +243,38 @@ def tiny_clip():
     vcfg = dict(image_size=64, patch_size=16, width=64, layers=2, head_width=16, mlp_ratio=2.0)
     tcfg = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
     return ClipScorer(open_clip.model.CLIP(embed_dim=32, vision_cfg=vcfg, text_cfg=tcfg).eval(), _Tokenizer())
+
+
+@torch.no_grad()
+def test_scorer_pre_ln_patches_are_the_officials(tiny_clip):
+    """The official scores patch tokens taken before the tower's post-LayerNorm, then projected; the default
+    projects them after it. A faithful reducer asks the scorer for the official's."""
+    from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
+
+    visual = tiny_clip.model.visual
+    px = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    x = visual.transformer(visual._embeds(px))
+    official = x[:, 1:] @ visual.proj
+    after_ln = visual.ln_post(x)[:, 1:] @ visual.proj
+    torch.testing.assert_close(tiny_clip.embed_pixels(px, "a dog", pre_ln=True).patches, official)
+    torch.testing.assert_close(tiny_clip.embed_pixels(px, "a dog").patches, after_ln)
+    assert not torch.allclose(official, after_ln, atol=1e-3)
+    calls = []
+    orig = tiny_clip.embed_pixels
+
+    def spy(pixels, question, pre_ln=False):
+        calls.append(pre_ln)
+        return orig(pixels, question, pre_ln=pre_ln)
+
+    tiny_clip.embed_pixels = spy
+    try:
+        for faithful in (True, False):
+            red = FreeVideoLLM(config=FreeVideoConfig(faithful=faithful), scorer=tiny_clip)
+            ctx = TokenContext(grid=(8, 24, 24), extras={"text": ["what is it?"], "pixels": [px.repeat(3, 1, 1, 1)[:8]]})
+            red.reduce(torch.randn(1, 8 * 24 * 24, 16), ctx)
+    finally:
+        del tiny_clip.embed_pixels
+    assert calls == [True, False]
 
 
 @pytest.fixture(scope="module")
