@@ -75,14 +75,18 @@ def save_state(state: Mapping[str, Any], path: str | Path) -> Path:
 
 
 #: module prefixes of training-record classes (MMEngine's message hub and history buffers, MMCV / MMAction2
-#: records) that a published checkpoint may name: ``load_state(..., records=True)`` reads them as inert
-#: :class:`InertRecord` stand-ins, so nothing of those libraries (installed or not) runs
-RECORD_PREFIXES = ("mmengine.", "mmcv.", "mmaction.", "mmdet.", "mmseg.")
+#: records, Lightning's and OmegaConf's objects that are not dict or list subclasses) that a published
+#: checkpoint may name: ``load_state(..., records=True)`` reads them as inert :class:`InertRecord`
+#: stand-ins, so nothing of those libraries (installed or not) runs
+RECORD_PREFIXES = ("mmengine.", "mmcv.", "mmaction.", "mmdet.", "mmseg.", "pytorch_lightning.", "lightning.",
+                   "lightning_fabric.", "omegaconf.")
 
 
 class InertRecord:
     """Stand-in for a training-record object a checkpoint names (e.g. MMEngine's ``HistoryBuffer``): it
-    keeps what the file stored (``args``, ``state``) and runs no code of the class it replaces."""
+    keeps what the file stored (``args``, ``state``) and runs no code of the class it replaces. Dict and
+    list subclasses (Lightning's ``AttributeDict``) cannot stand in this way: torch's weights-only loader
+    fills only real dicts and lists, so such files are refused."""
 
     def __new__(cls, *args: Any, **kwargs: Any) -> InertRecord:  # noqa: D102
         obj = super().__new__(cls)

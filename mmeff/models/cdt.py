@@ -48,7 +48,6 @@ Videos are ``(B, 3, T, H, W)`` float in [-1, 1]; latents ``(B, C, 1 + (T - 1) / 
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mmeff.checkpoint import Checkpointable
+from mmeff.checkpoint import Checkpointable, load_state
 from mmeff.models.cdt_parts import (
     Block,
     CausalConv3d,
@@ -367,19 +366,25 @@ class CDT(Checkpointable, nn.Module):
     def load_official(self, path: str | Path, trust_pickle: bool = False) -> CDT:
         """Load an official checkpoint (``cdt_base.ckpt`` into ``cdt_base``, ``cdt_small.ckpt`` into
         ``cdt_small``; ``.ckpt``/``.pt`` or ``.safetensors``), strictly. Returns ``self``.
-        ``trust_pickle``: also read checkpoints that pickle Python objects besides tensors (runs code from
-        the file; only for files you trust)."""
+        Checkpoints with numpy values or training-record objects are read without unpickling any class
+        (:func:`mmeff.checkpoint.load_state` with ``records=True``); dict subclasses such as Lightning's
+        ``AttributeDict`` hyper-parameters cannot be, and need ``trust_pickle``.
+        ``trust_pickle``: also read checkpoints that pickle other Python objects (runs code from the file;
+        only for files you trust)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path} (expected an official CDT checkpoint)")
         if path.suffix == ".safetensors":
             sd: dict[str, Tensor] = load_file(str(path))
         else:
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-            except pickle.UnpicklingError as e:
-                raise ValueError(f"{path} pickles objects besides tensors; if you trust the file, load it with "
-                                 f"load_official(path, trust_pickle=True) ({str(e).splitlines()[0]})") from e
+            if trust_pickle:
+                sd = torch.load(path, map_location="cpu", weights_only=False)
+            else:  # Lightning's hyper-parameters and callback states as inert records, nothing unpickled
+                try:
+                    sd = load_state(path, records=True)
+                except ValueError as e:
+                    raise ValueError(f"{e}; if you trust the file, load it with load_official(path, "
+                                     f"trust_pickle=True)") from e
         for key in ("state_dict", "module"):
             if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
                 sd = sd[key]

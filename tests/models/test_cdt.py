@@ -278,6 +278,12 @@ def test_save_load_and_official_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="trust_pickle=True"):
         create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt")
     create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt", trust_pickle=True)
+    # numpy values beside the weights (as Lightning / MMEngine write them) need no trust
+    import numpy as np
+
+    torch.save({"state_dict": sd, "epoch": np.int64(3), "lr": np.float64(1e-4)}, tmp_path / "lightning.ckpt")
+    lit = create_model("cdt_tiny").load_official(tmp_path / "lightning.ckpt").double()
+    torch.testing.assert_close(lit.encode(_video()), off.encode(_video()))
     sd["model.extra.weight"] = torch.zeros(1)
     del sd["model.denoise_fn.final_conv.1.weight"]
     torch.save(sd, tmp_path / "bad.ckpt")
