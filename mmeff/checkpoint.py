@@ -16,6 +16,7 @@ same folder, synced and renamed, so a crash mid-write never leaves a torn checkp
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import pickle
@@ -23,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -104,10 +106,6 @@ class InertRecord:
 def _numpy_global(name: str) -> Any:
     """The numpy object a checkpoint names to rebuild arrays and scalars (``None`` for anything else):
     the functions and types torch's weights-only loader documents as safe for numpy data."""
-    import importlib
-
-    import numpy as np
-
     core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
     table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
     for old in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -131,8 +129,6 @@ def _record_globals(path: Path) -> list[tuple[Any, str]]:
             obj = type(name.rsplit(".", 1)[1], (InertRecord,), {"__module__": __name__, "qualname": name})
         (refused if obj is None else allowed).append((obj, name))
     if any(n.startswith("numpy.") for _, n in allowed):
-        import numpy as np
-
         # a rebuilt dtype gets its state set, so its concrete class (Float64DType, ...) must be allowed too
         allowed += [(getattr(np.dtypes, t), f"numpy.dtypes.{t}") for t in dir(np.dtypes) if t.endswith("DType")]
     if refused:
