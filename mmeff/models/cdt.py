@@ -48,6 +48,7 @@ Videos are ``(B, 3, T, H, W)`` float in [-1, 1]; latents ``(B, C, 1 + (T - 1) / 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -377,9 +378,10 @@ class CDT(Checkpointable, nn.Module):
         if path.suffix == ".safetensors":
             sd: dict[str, Tensor] = load_file(str(path))
         else:
-            if trust_pickle:
+            if trust_pickle:  # the caller's explicit opt-in; said out loud, since it runs code from the file
+                warnings.warn(f"{path}: trust_pickle=True unpickles the file, which can run code from it", stacklevel=2)
                 sd = torch.load(path, map_location="cpu", weights_only=False)
-            else:  # Lightning's hyper-parameters and callback states as inert records, nothing unpickled
+            else:  # numpy values and training records as inert objects, nothing unpickled
                 try:
                     sd = load_state(path, records=True)
                 except ValueError as e:

@@ -277,7 +277,8 @@ def test_save_load_and_official_checkpoints(tmp_path: Path) -> None:
     torch.save({"state_dict": sd, "callbacks": {"cb": Path("x")}}, tmp_path / "pickled.ckpt")
     with pytest.raises(ValueError, match="trust_pickle=True"):
         create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt")
-    create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt", trust_pickle=True)
+    with pytest.warns(UserWarning, match="trust_pickle=True unpickles the file"):
+        create_model("cdt_tiny").load_official(tmp_path / "pickled.ckpt", trust_pickle=True)
     # numpy values beside the weights (as Lightning / MMEngine write them) need no trust
     import numpy as np
 
