@@ -173,8 +173,8 @@ def load_state(path: str | Path, map_location: str | torch.device | None = "cpu"
 
 def read_tensors(path: str | Path, what: str = "a weights file") -> dict[str, Tensor]:
     """The ``{name: tensor}`` of a published weights file: ``.safetensors``, or a torch pickle (``.bin``,
-    ``.pt``, ``.pth``) read with ``weights_only=True`` (:func:`load_state`'s errors); a ``state_dict`` /
-    ``model`` entry holding the tensors is unwrapped. One-line ``ValueError`` naming the file otherwise."""
+    ``.pt``, ``.pth``, ``.ckpt``) read with ``weights_only=True`` (:func:`load_state` with ``records=True``); a
+    ``state_dict`` / ``model`` / ``module`` entry holding the tensors is unwrapped. One-line ``ValueError`` naming the file otherwise."""
     path = Path(path)
     if path.suffix == ".safetensors":
         if not path.is_file():
@@ -185,7 +185,7 @@ def read_tensors(path: str | Path, what: str = "a weights file") -> dict[str, Te
         except SafetensorError as e:
             raise ValueError(f"{path} is not {what}: not a safetensors file ({e})") from e
     state = load_state(path, records=True)
-    for key in ("state_dict", "model"):
+    for key in ("state_dict", "model", "module"):
         if isinstance(state.get(key), dict):
             state = state[key]
             break

@@ -57,10 +57,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mmeff.checkpoint import Checkpointable, load_state
+from mmeff.checkpoint import Checkpointable, read_tensors
 from mmeff.models.cdt_parts import (
     Block,
     CausalConv3d,
@@ -375,21 +374,18 @@ class CDT(Checkpointable, nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path} (expected an official CDT checkpoint)")
-        if path.suffix == ".safetensors":
-            sd: dict[str, Tensor] = load_file(str(path))
-        else:
-            if trust_pickle:  # the caller's explicit opt-in; said out loud, since it runs code from the file
-                warnings.warn(f"{path}: trust_pickle=True unpickles the file, which can run code from it", stacklevel=2)
-                sd = torch.load(path, map_location="cpu", weights_only=False)
-            else:  # numpy values and training records as inert objects, nothing unpickled
-                try:
-                    sd = load_state(path, records=True)
-                except ValueError as e:
-                    raise ValueError(f"{e}; if you trust the file, load it with load_official(path, "
-                                     f"trust_pickle=True)") from e
-        for key in ("state_dict", "module"):
-            if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
-                sd = sd[key]
+        if trust_pickle and path.suffix != ".safetensors":  # the caller's explicit opt-in, said out loud
+            warnings.warn(f"{path}: trust_pickle=True unpickles the file, which can run code from it", stacklevel=2)
+            sd = torch.load(path, map_location="cpu", weights_only=False)
+            for key in ("state_dict", "module"):
+                if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                    sd = sd[key]
+        else:  # safetensors, or a pickle whose numpy values and training records load inert
+            try:
+                sd = read_tensors(path, "an official CDT checkpoint")
+            except ValueError as e:
+                raise ValueError(f"{e}; if you trust the file, load it with load_official(path, "
+                                 f"trust_pickle=True)") from e
         sd = {k: v.float() for k, v in sd.items()}
         result = self.load_state_dict(sd, strict=False)
         if result.missing_keys or result.unexpected_keys:
