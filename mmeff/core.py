@@ -422,13 +422,16 @@ class TokenReducer:
         return "post_projector"
 
     def describe(self) -> str:
-        """Short human-readable form, e.g. ``pool(tokens=64)``."""
+        """Short human-readable form, e.g. ``pool(tokens=64)``. Fields declared with
+        ``metadata={"describe": "if_set"}`` appear only when they differ from their default."""
         def fmt(v: Any) -> str:
             return f"{v:.4g}" if isinstance(v, float) else repr(v)
 
-        args = ", ".join(
-            f"{f.name}={fmt(getattr(self, f.name))}" for f in fields(self) if f.repr and getattr(self, f.name) is not None
-        )
+        def shown(f: Any) -> bool:
+            v = getattr(self, f.name)
+            return f.repr and v is not None and not (f.metadata.get("describe") == "if_set" and v == f.default)
+
+        args = ", ".join(f"{f.name}={fmt(getattr(self, f.name))}" for f in fields(self) if shown(f))
         return f"{self.name}({args})"
 
 

@@ -29,7 +29,7 @@ every input token of the frame.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -99,7 +99,7 @@ class FourierLowPass(GridReducer):
 
     rescale: bool = False
     #: placement as the official code where it differs (Qwen2-VL: re-gridded M-RoPE positions, module docstring)
-    faithful: bool = False
+    faithful: bool = field(default=False, metadata={"describe": "if_set"})
 
     def default_stage(self, host: str) -> str:
         return "pre_projector" if host == "llava" else "post_projector"
