@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mmeff.checkpoint import write_text_atomic
 from mmeff.eval.plotting import pyplot, save_figure
 from mmeff.eval.streaming import MaskedStream, StreamResult, offline_split, offline_text, streaming_perplexity
 from mmeff.kv.presses import FullKV, KVPress, StreamingLLM
@@ -471,8 +472,7 @@ def run_sepllm_study(
     if len(runs) > 1:
         print_fn(format_sweep(points))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"runs": [r.as_dict() for r in runs]}, indent=1))
+        write_text_atomic(json_path, json.dumps({"runs": [r.as_dict() for r in runs]}, indent=1))
         print_fn(f"wrote {json_path}")
     if plot_path:
         print_fn(f"wrote {plot_sweep(points, plot_path)}")

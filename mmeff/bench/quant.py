@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmeff.checkpoint import atomic_write
+from mmeff.checkpoint import write_text_atomic
 from mmeff.eval.latency import median_seconds
 from mmeff.eval.plotting import pyplot, save_figure
 from mmeff.eval.streaming import offline_text
@@ -305,8 +305,7 @@ def run_flatquant_bench(
 
 
 def _write_json(path: str | Path, setup: dict[str, Any], rows: list[QuantBenchRow], extra: dict[str, Any]) -> None:
-    text = json.dumps({"setup": setup, "rows": [r.as_dict() for r in rows], **extra}, indent=2)
-    atomic_write(path, lambda t: t.write_text(text))
+    write_text_atomic(path, json.dumps({"setup": setup, "rows": [r.as_dict() for r in rows], **extra}, indent=2))
 
 
 def _resume(path: str | Path | None, setup: dict[str, Any],
