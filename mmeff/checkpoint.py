@@ -106,11 +106,11 @@ class InertRecord:
 def _numpy_global(name: str) -> Any:
     """The numpy object a checkpoint names to rebuild arrays and scalars (``None`` for anything else):
     the functions and types torch's weights-only loader documents as safe for numpy data."""
-    core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+    # numpy 2 names the module numpy._core, numpy 1 numpy.core; a file may come from either
+    core = importlib.import_module("numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray")
     table = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype}
-    for old in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        for fn in ("_reconstruct", "scalar"):
-            table[f"{old}.{fn}"] = getattr(importlib.import_module(core), fn)
+    table.update({f"{mod}.{fn}": getattr(core, fn) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for fn in ("_reconstruct", "scalar")})
     if name in table:
         return table[name]
     if name.startswith("numpy.dtypes.") and name.endswith("DType"):
@@ -126,7 +126,7 @@ def _record_globals(path: Path) -> list[tuple[Any, str]]:
     for name in names:
         obj = _numpy_global(name)
         if obj is None and name.startswith(RECORD_PREFIXES):
-            obj = type(name.rsplit(".", 1)[1], (InertRecord,), {"__module__": __name__, "qualname": name})
+            obj = type(name.rsplit(".", 1)[1], (InertRecord,), {"__module__": __name__, "stands_for": name})
         (refused if obj is None else allowed).append((obj, name))
     if any(n.startswith("numpy.") for _, n in allowed):
         # a rebuilt dtype gets its state set, so its concrete class (Float64DType, ...) must be allowed too
