@@ -39,7 +39,15 @@ Differences from the official IPT code (``huawei-noah/Pretrained-IPT``, ``model/
   shipped miniature among them, load with ``pos_every=True``, as they were trained.
 * the task-specific low-rank biases, ``image_residual`` and the [0, 1] range above (Instruct-IPT's and
   this library's choices, each a setting).
-* no loader for the released Pretrained-IPT checkpoints yet.
+* **Released checkpoints load** (issue 35): :meth:`InstructIPT.load_official` reads a Pretrained-IPT file
+  (``IPT_denoise30.pt``, ``IPT_derain.pt``, ``IPT_pretrain.pt``; ``head.*``, ``body.*``, ``tail.*`` keys)
+  into a ``rank=0`` model with IPT's topology (``image_residual=False``). IPT works on 0-255 pixels; the
+  loader folds that scale into the first head conv (x 255) and the tail conv (/ 255), so the loaded model
+  takes [0, 1] images and gives IPT's output / 255 (tested against a restated IPT forward on a file in that
+  layout: equal to 1e-9 in float64). Heads whose tail upsamples (super-resolution, scale > 1) are skipped:
+  this library runs scale-1 restoration only. Images larger than 48 px: IPT's ``forward_chop`` tiles with a
+  12-px shave and crops the overlaps; mmeff averages 12-px overlaps (not compared on real weights: none
+  can be downloaded here).
 
 Images of any size run through the body in overlapping ``patch_size`` tiles (``overlap`` pixels,
 averaged), as IPT's ``forward_chop``; only the body is tiled, since heads and tails are convolutional.
@@ -55,6 +63,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -64,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.checkpoint import Checkpointable, check_sha256, file_sha256
+from mmeff.checkpoint import Checkpointable, check_sha256, file_sha256, load_exact, read_tensors
 from mmeff.datasets.restoration import TASKS
 from mmeff.models.instructions import default_router
 from mmeff.models.zoo import register_family
@@ -449,6 +458,45 @@ class InstructIPT(Checkpointable, nn.Module):
         out.load_state_dict(dst)
         return out.train(self.training)
 
+    @classmethod
+    def load_official(cls, path: str | Path, tasks: Sequence[str] | None = None, *, heads: int = 12,
+                      rgb_range: float = 255.0, **overrides: Any) -> InstructIPT:
+        """A ``rank=0`` IPT from a released Pretrained-IPT checkpoint (``huawei-noah/Pretrained-IPT``
+        layout: ``head.{i}``, ``body.*`` with ``nn.MultiheadAttention`` weights, ``tail.{i}``, ``sub_mean``),
+        read without unpickling code (:func:`mmeff.checkpoint.read_tensors`). Sizes come from the tensors;
+        ``heads`` (attention heads, not stored in the file) is IPT's 12. Every scale-1 head of the file
+        becomes a task, in file order, named by ``tasks`` (default ``denoise``, then ``task1``, ...);
+        super-resolution heads are skipped. The model takes RGB in [0, 1] (see the module docstring for
+        the 0-255 fold), in the file's dtype; ``overrides`` set other :class:`IPTConfig` fields."""
+        path = Path(path)
+        what = "a Pretrained-IPT checkpoint"
+        raw = read_tensors(path, what)
+        sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in raw.items()}
+        n_heads = sum(1 for k in sd if re.fullmatch(r"head\.\d+\.0\.weight", k))
+        if not n_heads or "body.linear_encoding.weight" not in sd:
+            raise ValueError(f"{path} is not {what}: no head.N.0.weight / body.linear_encoding.weight keys")
+        keep = [i for i in range(n_heads) if f"tail.{i}.0.0.weight" not in sd]  # Upsampler layers = SR
+        if not keep:
+            raise ValueError(f"{path} has only super-resolution heads (scale > 1); mmeff's IPT restores at scale 1")
+        names = tuple(tasks) if tasks is not None else ("denoise", *(f"task{j}" for j in range(1, len(keep))))
+        if len(names) != len(keep):
+            raise ValueError(f"{path} has {len(keep)} scale-1 heads {keep}; got {len(names)} task names {names}")
+        c, d = sd["head.0.0.weight"].shape[0], sd["body.linear_encoding.weight"].shape[0]
+        p, tokens = math.isqrt(d // c), sd["body.position_encoding.pe.weight"].shape[0]
+        depth = {part: 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"body\.{part}\.layers\.(\d+)\.", k)))
+                 for part in ("encoder", "decoder")}
+        mean = (-sd["sub_mean.bias"] / rgb_range).tolist() if "sub_mean.bias" in sd else IPTConfig.mean
+        cfg = IPTConfig(**{"tasks": names, "channels": c, "patch_dim": p, "patch_size": math.isqrt(tokens) * p,
+                           "heads": heads, "enc_layers": depth["encoder"], "dec_layers": depth["decoder"],
+                           "rank": 0, "image_residual": False, "mean": tuple(mean), "pos_every": False,
+                           "overlap": 12 if math.isqrt(tokens) * p > 12 else 0, **overrides})
+        model = cls(cfg).to(sd["body.linear_encoding.weight"].dtype)  # the file's precision
+        load_exact(model, _from_official(sd, keep, cfg, rgb_range), path, what)
+        with torch.no_grad():  # the mean at the file's precision, not through a float32 default tensor
+            model.mean.copy_((-sd["sub_mean.bias"] / rgb_range).view(1, 3, 1, 1) if "sub_mean.bias" in sd
+                             else torch.tensor(cfg.mean, dtype=torch.float64).view(1, 3, 1, 1))
+        return model
+
     # ------------------------------------------------------------------------------------ checkpoint
     checkpoint_format = _FORMAT
     checkpoint_what = "an Instruct-IPT checkpoint written by InstructIPT.save"
@@ -477,6 +525,37 @@ class InstructIPT(Checkpointable, nn.Module):
         a file that is not such a checkpoint, weights that no longer match the sha256 recorded at save time
         (files saved before that record load unchecked), or weights that do not fit the saved config."""
         return super().load(path, map_location)
+
+
+def _from_official(sd: dict[str, Tensor], keep: list[int], cfg: IPTConfig, rgb_range: float) -> dict[str, Tensor]:
+    """Rename a Pretrained-IPT state dict to :class:`InstructIPT`'s (rank 0), heads ``keep`` in order."""
+    out: dict[str, Tensor] = {}
+    for j, i in enumerate(keep):
+        for k, v in sd.items():
+            if k.startswith(f"head.{i}."):
+                out[f"heads.{j}." + k.split(".", 2)[2]] = v * rgb_range if k == f"head.{i}.0.weight" else v
+        for kind in ("weight", "bias"):  # IPT's tail sees 0-255 features; ours outputs [0, 1]
+            out[f"tails.{j}.{kind}"] = sd[f"tail.{i}.1.{kind}"] / rgb_range
+    b = "body."
+    out[b + "encoding.weight"], out[b + "encoding.bias"] = sd[b + "linear_encoding.weight"], sd[b + "linear_encoding.bias"]
+    out[b + "pos"] = sd[b + "position_encoding.pe.weight"][None]
+    out[b + "query"] = sd[b + "query_embed.weight"][keep].view(len(keep), cfg.tokens, cfg.dim)
+    for ours, theirs in (("0", "0"), ("2", "3")):  # IPT's head has Dropout at 1 and 4
+        for kind in ("weight", "bias"):
+            out[f"{b}mlp_head.{ours}.{kind}"] = sd[f"{b}mlp_head.{theirs}.{kind}"]
+    attn = {"encoder": {"attn": "self_attn"}, "decoder": {"self_attn": "self_attn", "cross_attn": "multihead_attn"}}
+    for part, n in (("encoder", cfg.enc_layers), ("decoder", cfg.dec_layers)):
+        for i in range(n):
+            src, dst = f"{b}{part}.layers.{i}.", f"{b}{part}.{i}."
+            for ours, theirs in attn[part].items():
+                q, k, v = sd[src + theirs + ".in_proj_weight"].chunk(3)
+                out.update({dst + ours + ".q.weight": q, dst + ours + ".k.weight": k, dst + ours + ".v.weight": v,
+                            dst + ours + ".o.weight": sd[src + theirs + ".out_proj.weight"]})
+            for ours, theirs in (("ffn.fc1", "linear1"), ("ffn.fc2", "linear2"),
+                                 *((f"norm{j}", f"norm{j}") for j in (1, 2, 3) if part == "decoder" or j < 3)):
+                for kind in ("weight", "bias"):
+                    out[f"{dst}{ours}.{kind}"] = sd[f"{src}{theirs}.{kind}"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------- analysis

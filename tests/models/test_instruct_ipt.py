@@ -337,3 +337,110 @@ def test_evaluation_scores_per_task_against_the_inputs() -> None:
     for t in ("derain", "dehaze"):
         assert res[t]["psnr_y"] == pytest.approx(res[t]["input_psnr_y"]) and res[t]["images"] == 2
     assert res["average"]["psnr_rgb"] == pytest.approx((res["derain"]["psnr_rgb"] + res["dehaze"]["psnr_rgb"]) / 2)
+
+
+class _OfficialIPT(nn.Module):
+    """IPT as ``huawei-noah/Pretrained-IPT`` ``model/ipt.py`` builds it (restated: same module tree, so the
+    same state-dict keys; seq-first ``nn.MultiheadAttention(bias=False)``; default position mode; 0-255
+    pixels through MeanShift), with a super-resolution head first to check it is skipped."""
+
+    def __init__(self, c: int = 8, p: int = 2, size: int = 16, heads: int = 2, layers: int = 1,
+                 scales: tuple[int, ...] = (2, 1, 1)) -> None:
+        super().__init__()
+        d, self.p, self.size, mean = c * p * p, p, size, torch.tensor((0.4488, 0.4371, 0.4040))
+        self.sub_mean, self.add_mean = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            for m, sign in ((self.sub_mean, -1), (self.add_mean, 1)):
+                m.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+                m.bias.copy_(sign * 255 * mean)
+
+        def resblock() -> nn.Module:
+            m = nn.Module()
+            m.body = nn.Sequential(nn.Conv2d(c, c, 5, padding=2), nn.ReLU(), nn.Conv2d(c, c, 5, padding=2))
+            return m
+
+        self.head = nn.ModuleList(nn.Sequential(nn.Conv2d(3, c, 3, padding=1), resblock(), resblock()) for _ in scales)
+        self.tail = nn.ModuleList(nn.Sequential(
+            nn.Sequential() if s == 1 else nn.Sequential(nn.Conv2d(c, 4 * c, 3, padding=1), nn.PixelShuffle(2)),
+            nn.Conv2d(c, 3, 3, padding=1)) for s in scales)
+        body = nn.Module()
+        tokens = (size // p) ** 2
+        body.linear_encoding = nn.Linear(d, d)
+        body.mlp_head = nn.Sequential(nn.Linear(d, 4 * d), nn.Dropout(0), nn.ReLU(), nn.Linear(4 * d, d), nn.Dropout(0))
+        body.query_embed = nn.Embedding(len(scales), d * tokens)
+        body.position_encoding = nn.Module()
+        body.position_encoding.pe = nn.Embedding(tokens, d)
+        body.position_encoding.register_buffer("position_ids", torch.arange(tokens)[None])
+
+        def layer(decoder: bool) -> nn.Module:
+            m = nn.Module()
+            m.self_attn = nn.MultiheadAttention(d, heads, bias=False)
+            if decoder:
+                m.multihead_attn = nn.MultiheadAttention(d, heads, bias=False)
+            m.linear1, m.linear2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+            for j in (1, 2, 3) if decoder else (1, 2):
+                setattr(m, f"norm{j}", nn.LayerNorm(d))
+            return m
+
+        body.encoder, body.decoder = nn.Module(), nn.Module()
+        body.encoder.layers = nn.ModuleList(layer(False) for _ in range(layers))
+        body.decoder.layers = nn.ModuleList(layer(True) for _ in range(layers))
+        self.body = body
+        with torch.no_grad():  # trained-looking: no parameter left at a symmetric initialisation
+            for prm in self.parameters():
+                if prm is not self.sub_mean.weight and prm is not self.sub_mean.bias:
+                    prm.add_(torch.randn_like(prm) * 0.1)
+            self.add_mean.load_state_dict(self.sub_mean.state_dict())
+            self.add_mean.bias.neg_()
+
+    def forward(self, x: torch.Tensor, idx: int) -> torch.Tensor:
+        b, f = self.body, torch.nn.functional
+        conv, rb1, rb2 = self.head[idx]
+        feats = conv(self.sub_mean(x))
+        for rb in (rb1, rb2):  # EDSR's ResBlock: x + conv(relu(conv(x)))
+            feats = feats + rb.body(feats)
+        t = f.unfold(feats, self.p, stride=self.p).transpose(1, 2).transpose(0, 1)  # (N, B, D)
+        t = b.linear_encoding(t) + t
+        q = b.query_embed.weight[idx].view(-1, 1, t.shape[-1]).repeat(1, t.shape[1], 1)
+        pos = b.position_encoding.pe(b.position_encoding.position_ids).transpose(0, 1)
+        t = t + pos
+        for m in b.encoder.layers:
+            s = m.norm1(t)
+            t = t + m.self_attn(s, s, s)[0]
+            t = t + m.linear2(f.relu(m.linear1(m.norm2(t))))
+        mem = t
+        for m in b.decoder.layers:
+            s = m.norm1(t)
+            t = t + m.self_attn(s + q, s + q, value=s)[0]
+            t = t + m.multihead_attn(query=m.norm2(t) + q, key=mem, value=mem)[0]
+            t = t + m.linear2(f.relu(m.linear1(m.norm3(t))))
+        t = b.mlp_head(t) + t
+        res = f.fold(t.transpose(0, 1).transpose(1, 2), self.size, self.p, stride=self.p) + feats
+        return self.add_mean(self.tail[idx](res))
+
+
+def test_pretrained_ipt_checkpoint_loads_and_equals_ipt(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    official = _OfficialIPT().double().eval()
+    path = tmp_path / "IPT_pretrain.pt"
+    torch.save(official.state_dict(), path)
+    model = InstructIPT.load_official(path, tasks=("denoise", "derain"), heads=2).double().eval()
+    ours = {k: v for k, v in official.state_dict().items() if not k.startswith(("head.0.", "tail.0."))}
+    n_official = sum(v.numel() for k, v in ours.items() if "mean" not in k and "position_ids" not in k) \
+        - official.body.query_embed.weight[0].numel()
+    assert sum(p.numel() for p in model.parameters()) == n_official  # the SR head and its query are skipped
+    assert model.cfg.rank == 0 and not model.cfg.image_residual and model.tasks == ("denoise", "derain")
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        for j, idx in enumerate((1, 2)):
+            torch.testing.assert_close(model(x, j) * 255, official(x * 255, idx), rtol=1e-9, atol=1e-9)
+    # the layout's bad cases fail in one line naming the file
+    torch.save({"head.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="bad.pt is not a Pretrained-IPT checkpoint"):
+        InstructIPT.load_official(tmp_path / "bad.pt")
+    sr = {k: v for k, v in official.state_dict().items() if not k.startswith(("head.1.", "head.2.", "tail.1.", "tail.2."))}
+    torch.save(sr, tmp_path / "IPT_sr2.pt")
+    with pytest.raises(ValueError, match="only super-resolution heads"):
+        InstructIPT.load_official(tmp_path / "IPT_sr2.pt")
+    with pytest.raises(ValueError, match="2 scale-1 heads"):
+        InstructIPT.load_official(path, tasks=("denoise",), heads=2)
