@@ -244,13 +244,24 @@ class CDT(Checkpointable, nn.Module):
                 x = ab_prev[i].sqrt() * x0 + (1 - ab_prev[i]).sqrt() * eps
         return x
 
+    def _uncached_in_official(self) -> list[Streaming]:
+        """The temporal modules the official chunked decode runs without their cache: the ResnetBlock that
+        stands in for the upsampler at the context decoder's last level (configurations whose last level
+        does not downsample: ``cdt_base``, ``cdt_mini``), called there as ``up(input)`` without
+        ``feat_cache``."""
+        up = self.encoder.dec[-1][1]
+        return self._stateful(up) if isinstance(up, ResnetBlock) else []
+
     @torch.no_grad()
     def decode_stream(self, latents: Tensor, steps: int = 1, chunk_latents: int | None = None,
-                      seed: int | None = 0, noise: Tensor | None = None) -> Iterator[Tensor]:
+                      seed: int | None = 0, noise: Tensor | None = None, faithful: bool = False
+                      ) -> Iterator[Tensor]:
         """Yield the decoded video ``(B, 3, t_i, H, W)`` chunk by chunk, ``chunk_latents`` latent frames
         at a time (``None``: all at once), each step's denoiser state carried between chunks; the chunks
         concatenate to :meth:`decode`'s output. ``noise``: the initial noise ``(B, 3, T, H, W)`` (default:
-        ``sample_gamma * N(0, 1)`` drawn frame by frame from ``seed``; ``seed=None``: the global RNG)."""
+        ``sample_gamma * N(0, 1)`` drawn frame by frame from ``seed``; ``seed=None``: the global RNG).
+        ``faithful=True`` reproduces the official chunked decode, whose context decoder's last ResnetBlock
+        forgets the previous chunk (module docstring): only to compare with numbers of the official code."""
         self._check_latents(latents)
         b, _, tl, hl, wl = latents.shape
         s, f = self.cfg.space_factor, self.cfg.time_factor
@@ -266,6 +277,8 @@ class CDT(Checkpointable, nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         states: list[list[Any]] | None = None
         with self.streaming():
+            for m in self._uncached_in_official() if faithful else []:
+                m.streaming = False  # every chunk padded as a first one, as the official code does
             if self.cfg.decoder == "diffusion":
                 states = [[None] * len(self._stateful(self.model.denoise_fn)) for _ in range(len(ts))]
             frame = 0
@@ -285,11 +298,11 @@ class CDT(Checkpointable, nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Tensor, steps: int = 1, chunk_latents: int | None = None, seed: int | None = 0,
-               noise: Tensor | None = None) -> Tensor:
+               noise: Tensor | None = None, faithful: bool = False) -> Tensor:
         """Latents ``(B, C, T', H', W')`` -> video ``(B, 3, 1 + 4 (T' - 1), 8 H', 8 W')`` in [-1, 1] with
         ``steps`` DDIM steps (1: one denoiser call). ``chunk_latents``: decode that many latent frames at a
         time through the causal caches (bounded memory, any video length). See :meth:`decode_stream`."""
-        return torch.cat(list(self.decode_stream(latents, steps, chunk_latents, seed, noise)), 2)
+        return torch.cat(list(self.decode_stream(latents, steps, chunk_latents, seed, noise, faithful)), 2)
 
     @torch.no_grad()
     def reconstruct(self, video: Tensor, steps: int = 1, chunk_frames: int | None = None, seed: int | None = 0

@@ -16,6 +16,7 @@ from mmeff.models.cdt import (
     CDT,
     CausalConv3d,
     CDTConfig,
+    ResnetBlock,
     TimeDownsample,
     TimeUpsample,
     cosine_alphas_cumprod,
@@ -132,6 +133,35 @@ def test_chunked_coding_equals_the_whole_video(cfg: str) -> None:
     assert (torch.cat(pieces, 2) - m.decode(z)).abs().max() > 1e-4
     # and state never leaks out of a call
     assert all(mod.cache is None and not mod.streaming for mod in m._stateful())
+
+
+def test_faithful_chunks_reproduce_the_official_uncached_block() -> None:
+    """The official chunked decode calls the context decoder's last-level ResnetBlock without its cache:
+    ``faithful=True`` reproduces it. Whole-video decodes and the first chunk are unaffected; later chunks
+    change; configurations without that block (the small layout) are unaffected; no state leaks."""
+    m = _tiny()
+    assert isinstance(m.encoder.dec[-1][1], ResnetBlock) and m._uncached_in_official()
+    z = m.encode(_video(1, 21, 16, 16))
+    whole, fixed = m.decode(z, steps=2), m.decode(z, steps=2, chunk_latents=2)
+    torch.testing.assert_close(m.decode(z, steps=2, faithful=True), whole, rtol=1e-9, atol=1e-9)
+    official = m.decode(z, steps=2, chunk_latents=2, faithful=True)
+    torch.testing.assert_close(official[:, :, :5], fixed[:, :, :5], rtol=1e-9, atol=1e-9)  # chunk 0: no past
+    assert (official[:, :, 5:] - whole[:, :, 5:]).abs().max() > 1e-4
+    # the uncached block alone, run chunk by chunk with causal padding, gives the official context
+    up = m.encoder.dec[-1][1]
+    seen = []
+    handle = up.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)))
+    try:
+        m.decode(z, steps=1, chunk_latents=2, faithful=True)
+    finally:
+        handle.remove()
+    for x, y in seen:
+        torch.testing.assert_close(up(x), y, rtol=0, atol=0)  # streaming off: each call a whole video
+    assert all(mod.cache is None and not mod.streaming for mod in m._stateful())
+    small = CDT(CDTConfig(**SMALL_TINY)).double().eval()
+    assert small._uncached_in_official() == []
+    zs = small.encode(_video(1, 17, 16, 16))
+    torch.testing.assert_close(small.decode(zs, chunk_latents=2, faithful=True), small.decode(zs), rtol=1e-9, atol=1e-9)
 
 
 def test_decode_stream_yields_chunks_of_the_video() -> None:

@@ -243,6 +243,8 @@ def test_bench_writes_table_json_and_figures(tmp_path: Path, monkeypatch: pytest
     assert res["decode_speed"]["cdt_tiny@1"]["vs_cdt_1_step"] == 1.0
     assert len(res["models"]["cdt_tiny"]["quality"]["1"]["psnr_per_video"]) == 2
     assert all("psnr_last_17" in r for r in res["long_video"].values())
+    official = res["long_video"]["cdt_tiny"]["official_chunks"]  # the official uncached block changes the video
+    assert official["video_max_diff"] > 0 and official["psnr_fixed"] == pytest.approx(res["long_video"]["cdt_tiny"]["psnr"], abs=0.2)
     for name in ("cdt.json", "cdt_psnr_steps.png", "cdt_examples.png"):
         assert (tmp_path / name).is_file()
     assert any(line.startswith("cdt_tiny ") for line in lines) and any("long video" in line for line in lines)
