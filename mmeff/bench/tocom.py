@@ -193,7 +193,9 @@ def run_tocom_bench(
     pretrain_epochs: int = 40,
     finetune_epochs: int = 10,
     tocom_epochs: int = 20,
-    tocom_lr: float = 3e-3,
+    tocom_lr: float | None = None,
+    tocom_recipe: str = "official",
+    tocom_drop_path: float | None = None,
     scale: float = 0.1,
     seed: int = 0,
     out_dir: str | Path | None = None,
@@ -205,6 +207,8 @@ def run_tocom_bench(
 
     ``out_dir`` keeps the backbone, the ToCom checkpoint (``tocom.safetensors``, resumable) and the
     downstream models. ``sources`` are the downstream training degrees, ``targets`` the inference ones.
+    ``tocom_recipe`` / ``tocom_lr`` / ``tocom_drop_path``: :func:`~mmeff.train.tocom.train_tocom`'s
+    ``recipe`` / ``lr`` / ``drop_path`` (``None``: the recipe's).
     """
     if max((*sources, *targets)) > steps:
         raise ValueError(f"degrees {sources}/{targets} exceed ToCom's {steps} steps")
@@ -231,6 +235,8 @@ def run_tocom_bench(
         step_rank=2,
         epochs=tocom_epochs,
         lr=tocom_lr,
+        recipe=tocom_recipe,
+        drop_path=tocom_drop_path,
         scale=scale,
         out_dir=ck,
         seed=seed,
@@ -268,6 +274,8 @@ def run_tocom_bench(
             "steps": steps,
             "scale": scale,
             "tocom_lr": tocom_lr,
+            "tocom_recipe": tocom_recipe,
+            "tocom_drop_path": tocom_drop_path,
             "tocom_epochs": tocom_epochs,
             "sources": list(sources),
             "targets": list(targets),

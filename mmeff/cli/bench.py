@@ -149,6 +149,9 @@ def _bench_tocom(args: argparse.Namespace) -> int:
         pretrain_epochs=args.tocom_pretrain_epochs,
         finetune_epochs=args.tocom_finetune_epochs,
         tocom_epochs=args.tocom_epochs,
+        tocom_recipe=args.tocom_recipe,
+        tocom_lr=args.tocom_lr,
+        tocom_drop_path=args.tocom_drop_path,
         out_dir=args.tocom_out,
         json_path=args.json or str(Path(args.tocom_out) / "tocom.json"),
         plot_path=args.plot or str(Path(args.tocom_out) / "tocom_accuracy.png"),
@@ -329,6 +332,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     tc.add_argument("--tocom-pretrain-epochs", type=int, default=40, help="epochs of the upstream backbone")
     tc.add_argument("--tocom-finetune-epochs", type=int, default=10, help="epochs of each downstream fine-tune")
     tc.add_argument("--tocom-epochs", type=int, default=20, help="ToCom self-distillation epochs")
+    tc.add_argument("--tocom-recipe", choices=("official", "mmeff"), default="official",
+                    help="ToCom's training recipe (mmeff.train.tocom): official (train mode + drop path, cosine "
+                         "lr, per-logit KL) or mmeff (eval mode, constant lr, per-image KL)")
+    tc.add_argument("--tocom-lr", type=float, default=None, help="ToCom peak learning rate (default: the recipe's)")
+    tc.add_argument("--tocom-drop-path", type=float, default=None,
+                    help="drop path at the backbone's last block while training ToCom (default: the recipe's)")
     tc.add_argument("--tocom-out", default="bench_tocom",
                     help="folder for checkpoints, tocom.json and tocom_accuracy.png (default: ./bench_tocom)")
     vg = b.add_argument_group("vistog suite", "VisToG (untrained grouping weights: cost only) vs the plain model")

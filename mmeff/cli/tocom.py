@@ -48,6 +48,8 @@ def _cmd_tocom_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         weight_decay=args.weight_decay,
         tau=args.tau,
+        recipe=args.recipe,
+        drop_path=args.drop_path,
         out_dir=args.out,
         resume=not args.no_resume,
         seed=args.seed,
@@ -66,7 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="folder for tocom.safetensors and train_state.pt (resumed if present)")
     t.add_argument("--epochs", type=int, default=10)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--recipe", choices=("official", "mmeff"), default="official",
+                   help="official: ToCom's (train mode, drop path 0.1, cosine 2e-3 -> 1e-5, per-logit KL); "
+                        "mmeff: eval mode, constant 1e-3, per-image KL")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--drop-path", type=float, default=None, help="stochastic depth at the last block while "
+                                                                    "training (default: the recipe's)")
     t.add_argument("--weight-decay", type=float, default=0.05)
     t.add_argument("--steps", type=int, default=16, help="rank chunks = largest ToMe r the plug-in covers")
     t.add_argument("--step-rank", type=int, default=2, help="rank per chunk (ToCom: 2)")

@@ -253,18 +253,16 @@ def weight_of(slot: Slot) -> tuple[Tensor, int]:
     return torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), slot.width
 
 
-def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0) -> Tensor:
-    """Soft knowledge distillation ``τ² · KL(softmax(teacher/τ) ‖ softmax(student/τ))``, logits ``(B, C)``."""
-    return (
-        F.kl_div(
-            F.log_softmax(student / tau, dim=-1),
-            F.log_softmax(teacher / tau, dim=-1),
-            log_target=True,
-            reduction="batchmean",
-        )
-        * tau
-        * tau
-    )
+def kd_loss(student: Tensor, teacher: Tensor, tau: float = 1.0, reduction: str = "batchmean") -> Tensor:
+    """Soft knowledge distillation ``τ² · KL(softmax(teacher/τ) ‖ softmax(student/τ))``, logits ``(B, C)``.
+
+    ``reduction="batchmean"``: the KL per image (its true value); ``"mean"``: divided by ``B·C`` instead,
+    DeiT's legacy form that ToCom's ``losses.py`` uses (the same gradient direction, ``C`` times smaller)."""
+    if reduction not in ("batchmean", "mean"):
+        raise ValueError(f"reduction must be 'batchmean' or 'mean', got {reduction!r}")
+    kl = F.kl_div(F.log_softmax(student / tau, dim=-1), F.log_softmax(teacher / tau, dim=-1),
+                  log_target=True, reduction="sum")
+    return kl * tau * tau / (student.shape[0] if reduction == "batchmean" else student.numel())
 
 
 @IN_TOWER.register("tocom")

@@ -1,15 +1,33 @@
 """ToCom's training: self-distillation of the plug-in across ToMe degrees, the backbone frozen (ToCom's
 recipe), run by the library's loop (:func:`mmeff.train.loop.train_steps`, epochs over the caller's batches);
-:class:`Batches` is a re-iterable, resumable image batcher."""
+:class:`Batches` is a re-iterable, resumable image batcher.
+
+The defaults are the official recipe (``JieShibo/ToCom`` ``main.py`` / ``engine.py`` / ``losses.py``, DeiT's
+loop): the student forward in train mode with stochastic depth 0.1 (timm's linear rule over the blocks)
+and the teacher in eval mode; AdamW at 2e-3 (its 1e-3 scaled by batch 1,024 / 512), weight decay 0.05,
+cosine to 1e-5 by epoch (timm's scheduler stepped after each epoch, so epochs 0 and 1 both run at the
+peak); the KL summed and divided by ``B · C`` (DeiT's legacy reduction).
+
+Differences from the official code (each measured on ``mmeff bench tocom``; README):
+
+* ``recipe="mmeff"`` is the recipe this library used before issue 35: backbone in eval mode (no drop
+  path), AdamW at a constant 1e-3, KL per image (``batchmean``). Kept as an option, not the default.
+* The pair ``(r_s, r_t)`` is drawn from a seeded ``random.Random`` replayed on resume (the official draws
+  from Python's global ``random``, unseeded), so a resumed run is exact.
+* No mixed precision, EMA or mixup (the official inherits DeiT's defaults: EMA and mixup only touch the
+  unused label loss and the discarded EMA copy; with ``alpha=1`` mixup still mixes the images the student
+  and teacher both see; mmeff takes the caller's batches as they are).
+"""
 
 from __future__ import annotations
 
 import math
 import random
 from collections.abc import Iterable, Iterator, Sized
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -17,33 +35,93 @@ from torch import Tensor, nn
 from mmeff.adapters.tocom import ToComAdapter
 from mmeff.adapters.tome import ToMeAdapter
 from mmeff.checkpoint import load_state, save_state
+from mmeff.hosts import is_timm_vit
 from mmeff.methods.tocom import ToCom, kd_loss
 from mmeff.methods.tome import ToMe
 from mmeff.train.distributed import init_distributed
 from mmeff.train.loop import BaseTrainConfig, train_steps
 
-__all__ = ["Batches", "ToComTrainConfig", "train_tocom"]
+__all__ = ["RECIPES", "Batches", "ToComTrainConfig", "train_tocom"]
 
 STATE = "train_state.pt"  # the loop's resumable state; the weights also go to tocom.safetensors
+
+#: the two recipes :func:`train_tocom` knows (module docstring)
+RECIPES: dict[str, dict[str, Any]] = {
+    "official": {"lr": 2e-3, "schedule": "cosine", "min_lr": 1e-5, "train_mode": True, "drop_path": 0.1,
+                 "kd_reduction": "mean"},
+    "mmeff": {"lr": 1e-3, "schedule": "constant", "min_lr": 1e-3, "train_mode": False, "drop_path": 0.0,
+              "kd_reduction": "batchmean"},
+}
 
 
 @dataclass(kw_only=True)
 class ToComTrainConfig(BaseTrainConfig):
-    """The settings of :func:`train_tocom` (ToCom's recipe: AdamW at a constant rate, no gradient clipping).
+    """The settings of :func:`train_tocom` (defaults: ToCom's official recipe, module docstring).
 
     ``data`` comes batched, so ``batch_size`` and ``workers`` are not read. ``r_max``: the largest ToMe degree
-    sampled; ``scale``: the plug-in's delta scale while training; ``tau``: the distillation temperature."""
+    sampled; ``scale``: the plug-in's delta scale while training; ``tau``: the distillation temperature;
+    ``schedule``: ``"cosine"`` (to ``min_lr``, by epoch) or ``"constant"``; ``train_mode``: the student's
+    forward in train mode; ``drop_path``: stochastic depth of a timm ViT's last block while training (0: as
+    the model was built); ``kd_reduction``: see :func:`~mmeff.methods.tocom.kd_loss`."""
 
     epochs: int = 10
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.05
     clip_grad: float = 0.0
     tau: float = 1.0
     r_max: int = 16
     scale: float = 0.1
+    schedule: str = "cosine"
+    min_lr: float = 1e-5
+    train_mode: bool = True
+    drop_path: float = 0.1
+    kd_reduction: str = "mean"
 
     # more epochs lengthen the run without changing what was done; a resumed run may set them
     resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
+    # runs saved before the recipe fields existed trained with the mmeff recipe: they resume as that
+    _before_fields: ClassVar[dict[str, Any]] = {k: v for k, v in RECIPES["mmeff"].items() if k != "lr"}
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ToComTrainConfig:  # noqa: D102 (BaseTrainConfig's)
+        return super().from_dict({**cls._before_fields, **data} if isinstance(data, dict) else data)
+
+    def lr_at_epoch(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch``: cosine from ``lr`` to ``min_lr`` over ``epochs``, read at
+        ``epoch - 1`` from the second epoch on (DeiT steps timm's scheduler after each epoch)."""
+        if self.schedule == "constant":
+            return self.lr
+        t = max(epoch - 1, 0) / max(self.epochs, 1)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+@contextmanager
+def _stochastic_depth(model: nn.Module, rate: float) -> Iterator[None]:
+    """Give a timm ViT's blocks drop path ``linspace(0, rate, depth)`` (timm's rule, DeiT's 0.1 at the
+    last block) where they were built without, for the ``with`` block; other hosts are left as they are."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    if rate > 0 and is_timm_vit(model):
+        blocks = model.blocks
+        from timm.layers import DropPath  # a timm host: timm is installed
+
+        for i, blk in enumerate(blocks):
+            p = rate * i / max(len(blocks) - 1, 1)
+            for name in ("drop_path1", "drop_path2"):
+                cur = getattr(blk, name, None)
+                if p > 0 and isinstance(cur, nn.Identity):
+                    swapped.append((blk, name, cur))
+                    setattr(blk, name, DropPath(p))
+    try:
+        yield
+    finally:
+        for blk, name, cur in swapped:
+            setattr(blk, name, cur)
 
 
 def _images(batch: Any) -> Tensor:
@@ -111,10 +189,12 @@ def train_tocom(
     step_rank: int = 2,
     r_max: int | None = None,
     epochs: int = 10,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 0.05,
     scale: float = 0.1,
     tau: float = 1.0,
+    recipe: str = "official",
+    drop_path: float | None = None,
     out_dir: str | Path | None = None,
     resume: bool = True,
     seed: int = 0,
@@ -124,7 +204,10 @@ def train_tocom(
 
     Each step samples ``(r_s, r_t)`` in ``[0, r_max]²`` with ``r_s ≠ r_t`` (the same in every block);
     the student is ``model`` at ToMe(r_t) with ToCom(s→t), the teacher ``model`` at ToMe(r_s) without
-    it; loss :func:`kd_loss`. ``data`` is a sized re-iterable of image batches ``(B, 3, H, W)`` (a
+    it; loss :func:`kd_loss`. ``recipe``: ``"official"`` (ToCom's: student in train mode with drop path
+    0.1, cosine from ``lr`` = 2e-3 to 1e-5, per-logit KL) or ``"mmeff"`` (eval mode, constant ``lr`` =
+    1e-3, per-image KL); ``lr=None`` and ``drop_path=None`` take the recipe's (a timm ViT of a few blocks
+    may want less drop path than DeiT-B's 0.1). ``data`` is a sized re-iterable of image batches ``(B, 3, H, W)`` (a
     ``DataLoader``, a list, :class:`Batches`; labels, if any, are ignored; ``data.set_epoch(epoch)`` is
     called before each pass when it has one). Runs on :func:`~mmeff.train.loop.train_steps` with
     :class:`ToComTrainConfig`; the global RNG (the plug-in's dropout) is the caller's. With ``out_dir``,
@@ -143,8 +226,13 @@ def train_tocom(
     r_max = tocom.steps if r_max is None else int(r_max)
     if not 1 <= r_max <= tocom.steps:
         raise ValueError(f"r_max must be in [1, {tocom.steps}] (the plug-in's steps), got {r_max}")
-    cfg = ToComTrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, tau=tau, r_max=r_max,
-                           scale=tocom.scale, seed=seed)
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    settings = {**RECIPES[recipe], **{k: v for k, v in (("lr", lr), ("drop_path", drop_path)) if v is not None}}
+    if settings["schedule"] == "constant":
+        settings["min_lr"] = settings["lr"]
+    cfg = ToComTrainConfig(epochs=epochs, weight_decay=weight_decay, tau=tau, r_max=r_max, scale=tocom.scale,
+                           seed=seed, **settings)
     param = next(model.parameters())
     tocom.to(param.device)
     out = Path(out_dir) if out_dir is not None else None
@@ -168,11 +256,13 @@ def train_tocom(
         r_s, r_t = pairs(step)
         tome.set_r(r_s)
         handle.enabled = False
+        model.eval()  # the teacher: ToMe(r_s), no plug-in, no drop path
         with torch.no_grad():
             teacher = _logits(model, images)
         tome.set_r(r_t)
         handle.enabled, handle.source, handle.target = True, r_s, r_t
-        loss = kd_loss(_logits(model, images).float(), teacher.float(), cfg.tau)
+        model.train(cfg.train_mode)
+        loss = kd_loss(_logits(model, images).float(), teacher.float(), cfg.tau, cfg.kd_reduction)
         seen["total"] += loss.item() * images.shape[0]
         seen["count"] += images.shape[0]
         return {"loss": loss}
@@ -185,13 +275,14 @@ def train_tocom(
             tocom.save(out / "tocom.safetensors", extra=entry)
 
     try:
-        history = train_steps(
-            tocom, data, out, cfg, loss_fn, resume=resume, progress=progress, log=lambda _: None,
-            ddp_forward=False, history_extra={"epochs": []}, steps=epochs * per_epoch, save_every=per_epoch,
-            optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=weight_decay),
-            lr_schedule=lambda _: lr, on_log=end_epoch, batched=True, device=param.device, reseed=False,
-            checkpoint=STATE, desc="ToCom",
-        )
+        with _stochastic_depth(model, cfg.drop_path if cfg.train_mode else 0.0):
+            history = train_steps(
+                tocom, data, out, cfg, loss_fn, resume=resume, progress=progress, log=lambda _: None,
+                ddp_forward=False, history_extra={"epochs": []}, steps=epochs * per_epoch, save_every=per_epoch,
+                optimizer=lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=weight_decay),
+                lr_schedule=lambda step: cfg.lr_at_epoch(step // per_epoch), on_log=end_epoch, batched=True,
+                device=param.device, reseed=False, checkpoint=STATE, desc="ToCom",
+            )
     finally:
         handle.detach()
         tome.detach()
