@@ -98,16 +98,24 @@ def run_miniature(
     widen: float = 0.25,
     batch_size: int = 12,
     lr: float = 0.05,
+    recipe: str = "official",
+    clip_frames: int = 48,
+    frame_interval: int = 4,
     seed: int = 0,
     progress: bool = True,
     print_fn: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Generate the data, train SqueezeTime and the frame-averaging baseline, print and return the
-    table (``out_dir/miniature.json``; checkpoints under ``out_dir/<model>/``)."""
+    """Generate the data (``clip_frames``-frame clips), train SqueezeTime and the frame-averaging baseline
+    with ``recipe`` (:mod:`mmeff.train.videocls`: ``"official"``, ``frames`` frames ``frame_interval`` apart
+    from a random window, or ``"mmeff"``, segment midpoints of the whole clip), print and return the table
+    (``out_dir/miniature_<recipe>.json``; checkpoints under ``out_dir/<recipe>/<model>/``)."""
     out = Path(out_dir)
-    train_root = motion_dataset(out / "data" / "train", train_per_class, seed=seed, size=size, frames=16)
-    val_root = motion_dataset(out / "data" / "val", val_per_class, seed=seed + 1, size=size, frames=16)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1.0, seed=seed)
+    data = out / "data" / f"{clip_frames}f"
+    train_root = motion_dataset(data / "train", train_per_class, seed=seed, size=size, frames=clip_frames)
+    val_root = motion_dataset(data / "val", val_per_class, seed=seed + 1, size=size, frames=clip_frames)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=1.0, seed=seed,
+                      decay_all=recipe == "official")
+    views = {"recipe": recipe, "frame_interval": frame_interval, "classes": CLASSES}
     common = {"num_classes": len(CLASSES), "img_size": size, "widen_factor": widen, "dropout": 0.2}
     builders = {
         "squeezetime": lambda: create_model("squeezetime_10", num_frames=frames, **common),
@@ -118,22 +126,23 @@ def run_miniature(
         torch.manual_seed(seed)
         model = build()
         params = sum(p.numel() for p in model.parameters())
-        train_set = VideoFolder(train_root, frames, size, train=True, classes=CLASSES)
-        val_set = VideoFolder(val_root, frames, size, train=False, classes=CLASSES)
-        hist = train(model, train_set, out / name, cfg, resume=True, progress=progress, log=lambda s: None)
+        train_set = VideoFolder(train_root, frames, size, train=True, **views)
+        val_set = VideoFolder(val_root, frames, size, train=False, **views)
+        hist = train(model, train_set, out / recipe / name, cfg, resume=True, progress=progress, log=lambda s: None)
         res = evaluate(model, val_set, batch_size=8, progress=False)
         rows[name] = {"params": params, "val_top1": res["top1"], "val_top5": res["top5"],
                       "train_top1_last_epoch": hist["epochs"][-1]["train_top1"],
                       "train_seconds": sum(e["seconds"] for e in hist["epochs"])}
     print_fn(f"miniature: {len(CLASSES)} classes separable only by temporal order, {train_per_class}/class train, "
-             f"{val_per_class}/class val, {frames} frames at {size}px, {epochs} epochs; chance 16.7%, "
-             "a frame-averaging model can reach at most 50%")
+             f"{val_per_class}/class val, {frames} of {clip_frames} frames at {size}px, {epochs} epochs, recipe "
+             f"{recipe}; chance 16.7%, a frame-averaging model can reach at most 50%")
     print_fn(f"{'model':<18}{'params':>10}{'val top-1':>11}{'train top-1':>13}{'train s':>9}")
     for name, r in rows.items():
         print_fn(f"{name:<18}{r['params']:>10,}{100 * r['val_top1']:>10.1f}%{100 * r['train_top1_last_epoch']:>12.1f}%"
                  f"{r['train_seconds']:>9.0f}")
-    result = {"classes": list(CLASSES), "frames": frames, "size": size, "epochs": epochs, "rows": rows}
-    (out / "miniature.json").write_text(json.dumps(result, indent=1))
+    result = {"classes": list(CLASSES), "frames": frames, "clip_frames": clip_frames, "size": size, "epochs": epochs,
+              "recipe": recipe, "frame_interval": frame_interval, "rows": rows}
+    (out / f"miniature_{recipe}.json").write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -161,7 +161,8 @@ def _bench_tocom(args: argparse.Namespace) -> int:
 
 def _bench_squeezetime(args: argparse.Namespace) -> int:
     if args.squeezetime_part in ("miniature", "all"):
-        run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs)
+        for recipe in args.squeezetime_recipe.split(","):
+            run_miniature(args.squeezetime_out, epochs=args.squeezetime_epochs, recipe=recipe.strip())
     if args.squeezetime_part in ("throughput", "all"):
         run_throughput(args.squeezetime_out, batch=args.squeezetime_batch, repeats=args.repeats)
     return 0
@@ -350,8 +351,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="folder for vistog.json and vistog_cost.png (default: ./bench_vistog)")
     sq = b.add_argument_group("squeezetime suite", "generated motion clips only temporal order separates")
     sq.add_argument("--squeezetime-out", default="bench_squeezetime",
-                    help="folder for the clips, checkpoints and miniature.json (default: ./bench_squeezetime)")
+                    help="folder for the clips, checkpoints and miniature_<recipe>.json (default: ./bench_squeezetime)")
     sq.add_argument("--squeezetime-epochs", type=int, default=12, help="training epochs of each model")
+    sq.add_argument("--squeezetime-recipe", default="official",
+                    help="training recipe(s) of the miniature, comma-separated: official, mmeff "
+                         "(mmeff.train.videocls; 'official,mmeff' compares them)")
     sq.add_argument("--squeezetime-part", default="all", choices=["miniature", "throughput", "all"],
                     help="the miniature training run, the throughput table (vs r3d_18, + onnxruntime), or both")
     sq.add_argument("--squeezetime-batch", type=int, default=4, help="throughput: clips per timed forward")

@@ -22,18 +22,20 @@ def _video_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
 
 def _cmd_video(args: argparse.Namespace) -> int:
     if args.task == "train":
-        train_set = VideoFolder(args.data, args.frames, args.size, train=True)
+        views = {"recipe": args.recipe, "frame_interval": args.frame_interval}
+        train_set = VideoFolder(args.data, args.frames, args.size, train=True, **views)
         val_set = (VideoFolder(args.val, args.frames, args.size, train=False, clips=args.clips, crops=args.crops,
-                               classes=train_set.classes) if args.val else None)
+                               classes=train_set.classes, **views) if args.val else None)
         model = _video_model(args, len(train_set.classes))
         cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                           lr=args.lr if args.lr is not None else 0.015 / 64 * args.batch_size,
-                          workers=args.workers, seed=args.seed)
+                          workers=args.workers, seed=args.seed, decay_all=args.recipe == "official")
         hist = train(model, train_set, args.out, cfg, val_set=val_set, resume=not args.no_resume)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns here; one report
             print(json.dumps(hist["epochs"][-1] if hist["epochs"] else {}, indent=1))
         return 0
-    test_set = VideoFolder(args.data, args.frames, args.size, train=False, clips=args.clips, crops=args.crops)
+    test_set = VideoFolder(args.data, args.frames, args.size, train=False, clips=args.clips, crops=args.crops,
+                           recipe=args.recipe, frame_interval=args.frame_interval)
     model = _video_model(args, len(test_set.classes))
     if args.checkpoint:
         state = load_state(args.checkpoint)  # weights_only: a checkpoint from elsewhere cannot run code
@@ -56,6 +58,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         vp.add_argument("--clips", type=int, default=10, help="test clips per video (consecutive windows)")
         vp.add_argument("--crops", type=int, default=3, choices=[1, 3], help="test crops per clip (3: ThreeCrop)")
         vp.add_argument("--batch-size", type=int, default=8)
+        vp.add_argument("--recipe", choices=("official", "mmeff"), default="official",
+                        help="official: SqueezeTime's K400 pipeline (frames --frame-interval apart, MultiScaleCrop, "
+                             "ColorJitter, RandomErasing, decay on all weights); mmeff: segment midpoints, random "
+                             "resized crop (mmeff.train.videocls)")
+        vp.add_argument("--frame-interval", type=int, default=4, help="official recipe: frames between samples")
         vp.add_argument("--pretrained", default=None,
                         help="local checkpoint to start from (own or official names; train skips shape mismatches, "
                         "naming them)")

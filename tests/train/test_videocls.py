@@ -12,7 +12,15 @@ import torch
 
 from mmeff.bench.squeezetime import CLASSES, _clip, motion_dataset
 from mmeff.models.squeezetime import create_model
-from mmeff.train.videocls import FrameAverage, TrainConfig, VideoFolder, evaluate, frame_average_model, train
+from mmeff.train.videocls import (
+    FrameAverage,
+    TrainConfig,
+    VideoFolder,
+    evaluate,
+    frame_average_model,
+    sgd,
+    train,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -59,6 +67,64 @@ def test_folder_views_and_errors(clips, tmp_path) -> None:
         VideoFolder(tmp_path / "bad", 4, 40, train=True)[0]
     with pytest.raises(ValueError, match="not in the given classes"):
         VideoFolder(train_root, 4, 40, train=True, classes=["left"])
+
+
+def test_interval_sampling_is_mmaction2s_sampleframes(tmp_path) -> None:
+    """The official sampling (MMAction2 ``SampleFrames``, 'loop'): offsets restated from its rules, and the
+    decoded frames are those indices (a clip whose frame k shows the value k)."""
+    import random
+
+    from mmeff.datasets.media import write_mp4
+    from mmeff.train.videocls import interval_offsets
+
+    assert interval_offsets(100, 64, 10, None) == [int(3.7 * c + 1.85) for c in range(10)]
+    assert interval_offsets(60, 64, 3, None) == [0, 0, 0]  # shorter than the window: from 0, looped
+    rng = random.Random(0)
+    draws = {interval_offsets(70, 64, 1, rng)[0] for _ in range(300)}
+    assert draws == set(range(7))  # uniform over [0, total - span]
+    assert interval_offsets(40, 64, 1, random.Random(0)) == [0]
+    # frame k is a flat grey of level 8k: which frames were taken is read back from their brightness
+    root = tmp_path / "v" / "a"
+    root.mkdir(parents=True)
+    write_mp4(root / "ramp.mp4", [np.full((32, 32, 3), 8 * k, np.uint8) for k in range(30)], (32, 32))
+    ds = VideoFolder(tmp_path / "v", 4, 32, train=False, clips=2, crops=1, frame_interval=3)
+    levels = [[round(float(f.mean()) * 255 / 8) for f in clip.unbind(1)]
+              for clip in ds._interval_clips(root / "ramp.mp4", None)]
+    offs = interval_offsets(30, 12, 2, None)
+    assert levels == [[o + 3 * j for j in range(4)] for o in offs]
+    short = VideoFolder(tmp_path / "v", 4, 32, train=False, frame_interval=10)  # 40 > 30 frames: wraps round
+    assert [round(float(f.mean()) * 255 / 8) for f in short._interval_clips(root / "ramp.mp4", None)[0].unbind(1)] \
+        == [0, 10, 20, 0]
+
+
+def test_official_training_view_and_recipes(clips) -> None:
+    train_root, _ = clips
+    official, ours = (VideoFolder(train_root, 4, 40, train=True, recipe=r) for r in ("official", "mmeff"))
+    a, b = official[3][0], ours[3][0]
+    assert a.shape == b.shape == (3, 4, 40, 40) and not torch.equal(a, b)
+    assert torch.equal(official[3][0], a)  # a view is a function of (epoch seed, index)
+    official.epoch_seed = 1
+    assert not torch.equal(official[3][0], a)
+    with pytest.raises(ValueError, match="recipe"):
+        VideoFolder(train_root, 4, 40, train=True, recipe="paper")
+    # colour jitter and erasing: the same change on every frame, erasing a box of 2-33% of the frame
+    import random
+
+    from mmeff.train.videocls import _color_jitter, _random_erase
+
+    x = torch.rand(3, 1, 24, 24).expand(3, 5, 24, 24).contiguous()
+    j = _color_jitter(x, random.Random(2))
+    assert torch.allclose(j, j[:, :1].expand_as(j)) and not torch.allclose(j, x)
+    erased = next(e for seed in range(50) if not torch.equal(e := _random_erase(x, random.Random(seed)), x))
+    box = (erased != x).any(0).any(0)
+    assert 0.02 * 576 * 0.5 <= int(box.sum()) <= 576 / 3 * 1.2
+    assert ((erased != x).any(0) == box).all()  # the same box in every frame
+    # weight decay: the official decays every parameter; the mmeff recipe spares biases and norms
+    model = small()
+    for decay_all in (True, False):
+        opt = sgd(model, TrainConfig(decay_all=decay_all))
+        assert (len(opt.param_groups[1]["params"]) > 0) is not decay_all  # the group without decay
+    assert TrainConfig.from_dict({"epochs": 3}).decay_all is False  # runs saved before the field
 
 
 def test_training_learns_resumes_and_evaluates(clips, tmp_path) -> None:
@@ -114,6 +180,21 @@ def test_cli_video_train_and_eval(clips, tmp_path, capsys) -> None:
                  *common]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["clips"] == 2 * len(CLASSES) and set(out) == {"top1", "top5", "clips"}
+    assert main(["video", "eval", "--data", str(val_root), "--checkpoint", str(tmp_path / "o" / "last.pt"),
+                 "--recipe", "mmeff", *common]) == 0
+    assert json.loads(capsys.readouterr().out)["clips"] == 2 * len(CLASSES)
+
+
+def test_miniature_runs_both_recipes(tmp_path) -> None:
+    from mmeff.bench.squeezetime import run_miniature
+
+    for recipe in ("official", "mmeff"):
+        res = run_miniature(tmp_path, train_per_class=2, val_per_class=1, frames=4, size=32, epochs=1, widen=0.125,
+                            batch_size=6, recipe=recipe, clip_frames=12, frame_interval=2, progress=False,
+                            print_fn=lambda s: None)
+        assert res["recipe"] == recipe and set(res["rows"]) == {"squeezetime", "frame_average_2d"}
+        assert (tmp_path / recipe / "squeezetime" / "last.pt").is_file()
+        assert json.loads((tmp_path / f"miniature_{recipe}.json").read_text())["rows"] == res["rows"]
 
 
 def test_throughput_table_and_onnx_export(tmp_path) -> None:
