@@ -178,6 +178,17 @@ def _uniform_indices(total: int, num_frames: int) -> np.ndarray:
     return np.minimum(((np.arange(num_frames) + 0.5) * total / num_frames).astype(np.int64), total - 1)
 
 
+def _seq_frames(total: int, num_frames: int) -> np.ndarray:
+    # SlowFast-LLaVA's get_seq_frames (Free Video-LLM and IG-VLM read frames with it): the middle of each
+    # rounded segment of (total - 1) / num_frames frames, numpy's half-to-even rounding included.
+    seg = (total - 1) / num_frames
+    i = np.arange(num_frames)
+    return ((np.round(seg * i).astype(np.int64) + np.round(seg * (i + 1)).astype(np.int64)) // 2).clip(0, total - 1)
+
+
+FRAME_RULES = ("midpoints", "slowfast")
+
+
 def _frame_rate(reported: object, timestamps: np.ndarray) -> float:
     rate = float(reported) if reported else 0.0
     if np.isfinite(rate) and rate > 0:
@@ -341,6 +352,7 @@ def _select(
     end: float | None,
     max_frames: int | None,
     frame_limit: int = DEFAULT_FRAME_LIMIT,
+    frame_rule: str = "midpoints",
 ) -> np.ndarray:
     # Without a start the window opens at the first frame, which edit lists can place before 0 s.
     lo = float(timestamps[0]) if start is None else start
@@ -356,7 +368,8 @@ def _select(
     if stop <= first:
         raise _RequestError(f"window [{lo:.3f}, {hi:.3f}) s contains no frame")
     if num_frames is not None:
-        return first + _uniform_indices(stop - first, num_frames)
+        pick = _seq_frames if frame_rule == "slowfast" else _uniform_indices
+        return first + pick(stop - first, num_frames)
     assert fps is not None
     count = max(1, math.ceil((hi - lo) * fps - 1e-9))
     kept = count if max_frames is None else min(count, max_frames)
@@ -499,13 +512,16 @@ def load_video(
     frame_limit: int | None = None,
     byte_limit: int | None = None,
     allow_truncated: bool = False,
+    frame_rule: str = "midpoints",
 ) -> VideoClip:
     """Decode frames from ``path`` inside the window ``[start, end)`` seconds (default: whole video).
 
     Pass exactly one of:
 
     * ``num_frames``: that many frames, one at the midpoint of each of ``num_frames`` equal segments
-      of the frames in the window (more than the window holds repeats frames);
+      of the frames in the window (more than the window holds repeats frames); ``frame_rule="slowfast"``
+      picks them as SlowFast-LLaVA's ``get_seq_frames`` (Free Video-LLM's loader; up to one frame off the
+      midpoints), keeping ``num_frames`` for a shorter window where that code returns fewer;
     * ``fps``: the frame on screen every ``1 / fps`` seconds from ``start`` (at least one frame; a rate
       above the native one repeats frames). ``max_frames`` caps the count by subsampling those instants
       uniformly.
@@ -532,6 +548,8 @@ def load_video(
         raise ValueError(
             f"pass exactly one of num_frames or fps, got num_frames={num_frames!r}, fps={fps!r} (video {path})"
         )
+    if frame_rule not in FRAME_RULES:
+        raise ValueError(f"frame_rule must be one of {FRAME_RULES}, got {frame_rule!r} (video {path})")
     frame_limit = _limit(frame_limit, FRAME_LIMIT_ENV, DEFAULT_FRAME_LIMIT, "frame_limit", path)
     byte_limit = _limit(byte_limit, BYTE_LIMIT_ENV, DEFAULT_BYTE_LIMIT, "byte_limit", path)
     if num_frames is not None:
@@ -576,6 +594,7 @@ def load_video(
         end=end,
         max_frames=max_frames,
         frame_limit=frame_limit,
+        frame_rule=frame_rule,
     )
     errors = []
     cause: BaseException | None = None

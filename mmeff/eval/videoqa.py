@@ -125,12 +125,14 @@ PredictFn = Callable[[Sequence[VideoQASample]], Sequence[Prediction]]
 
 
 def read_clip(
-    path: str | Path, num_frames: int, start: float | None = None, end: float | None = None
+    path: str | Path, num_frames: int, start: float | None = None, end: float | None = None,
+    frame_rule: str = "midpoints",
 ) -> tuple[np.ndarray, np.ndarray]:
     """``num_frames`` frames at segment midpoints of ``[start, end)`` seconds of a video (whole video when
-    both are ``None``): ``frames`` (T, H, W, 3) uint8 and ``timestamps`` (T,) seconds. A thin view of
-    :func:`~mmeff.datasets.media.load_video`, which owns the decoding and the errors."""
-    clip = load_video(path, num_frames=num_frames, start=start, end=end)
+    both are ``None``; ``frame_rule="slowfast"``: SlowFast-LLaVA's rule): ``frames`` (T, H, W, 3) uint8 and
+    ``timestamps`` (T,) seconds. A thin view of :func:`~mmeff.datasets.media.load_video`, which owns the
+    decoding and the errors."""
+    clip = load_video(path, num_frames=num_frames, start=start, end=end, frame_rule=frame_rule)
     return clip.frames, clip.timestamps
 
 
@@ -172,7 +174,8 @@ def predict_batch(
     Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``) become one contiguous
     run of ``num_frames * llava_tokens_per_image`` placeholders (one video) in a chat prompt built with
     ``build_prompt``, so frame-level methods see each frame and video-level ones (Free Video-LLM) the
-    whole clip; the raw questions go to the method as ``mmeff_text``; rows
+    whole clip (read with the reducer's ``frame_rule`` when it has one: a ``faithful=True`` Free Video-LLM
+    reads frames as its official loader); the raw questions go to the method as ``mmeff_text``; rows
     are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
     ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
     a chat tokenizer (or a processor with a ``.tokenizer``). A sample whose clip cannot be read gets a
@@ -191,13 +194,14 @@ def predict_batch(
     per_image = llava_tokens_per_image(cfg)
     size = int(cfg.vision_config.image_size)
 
+    rule = getattr(reducer, "frame_rule", "midpoints")  # a faithful method reads frames as its official code
     pixels: list[torch.Tensor] = []
     decode_s: list[float] = []
     results: list[Prediction | None] = [None] * len(samples)  # failed ones filled now, the rest after generate
     for k, s in enumerate(samples):
         t0 = time.perf_counter()
         try:
-            frames, _ = read_clip(s.video, num_frames, s.start, s.end)
+            frames, _ = read_clip(s.video, num_frames, s.start, s.end, rule)
         except ValueError as e:  # load_video's one error type for a missing, empty or corrupt clip
             # one bad file in a benchmark of thousands should cost that sample, not the run
             results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,

@@ -21,14 +21,20 @@ pool leaves an ``H x W/2`` (24x12) layout, but the official crop reshapes it as 
 "rows" are pairs of real rows and the box is not a spatial rectangle. The default (``faithful=False``)
 crops on the true ``H x W/2`` layout.
 
-Differences from the official code (``faithful=True`` removes the first two):
+Differences from the official code (``faithful=True`` removes the first three):
 
 * the crop layout above;
 * **patch embeddings for the RoI score**: the official takes the CLIP tower's patch tokens *before* its
   post-LayerNorm and applies the projection; :class:`ClipScorer` by default projects them *after*
   ``ln_post``, as the class token whose embedding the projection was trained on (``pre_ln=True`` gives the
   official's; a ``faithful=True`` reducer asks for it). On the issue's video 3 of 288 RoI boxes differ.
-* frame sampling for the slow path may differ from the official by up to one frame (not matched yet).
+* **frame sampling**: mmeff's evaluation reads a video's frames at segment midpoints; the official loader
+  (SlowFast-LLaVA's ``get_seq_frames``) rounds segments of ``(total - 1) / n`` frames, up to one frame off
+  (50 of 300 frames: 25 of the 50 indices differ by one). A ``faithful=True`` reducer reports
+  ``frame_rule = "slowfast"`` and :func:`mmeff.eval.videoqa.predict_batch` reads frames with that rule
+  (``load_video(..., frame_rule="slowfast")``, tested against the official function restated). For a video
+  shorter than ``n`` frames the official reads each frame once (fewer frames); mmeff keeps ``n`` (some
+  repeated) so a batch keeps one shape.
 """
 
 from __future__ import annotations
@@ -479,6 +485,12 @@ class FreeVideoLLM(TokenReducer):
             raise TypeError(f"config must be a FreeVideoConfig, got {type(self.config).__name__}")
         self.last_scorer_s = 0.0
         self.last_outputs: list[FreeVideoOutput] = []
+
+    @property
+    def frame_rule(self) -> str:
+        """How an evaluation should read this method's frames (:func:`mmeff.datasets.media.load_video`):
+        ``"slowfast"`` (the official loader's ``get_seq_frames``) when ``faithful``, else ``"midpoints"``."""
+        return "slowfast" if self.config.faithful else "midpoints"
 
     def reduce(self, tokens: Tensor, ctx: TokenContext) -> Reduction:
         grid = ctx.grid

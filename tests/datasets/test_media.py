@@ -58,6 +58,25 @@ def test_read_frames_uniform(num_frames: int) -> None:
         assert not np.array_equal(frames[0], frames[-1])
 
 
+def _get_seq_frames(total: int, n: int) -> list[int]:
+    """SlowFast-LLaVA's ``dataset.get_seq_frames`` (Free Video-LLM's frame loader), restated."""
+    seg = float(total - 1) / n
+    return [(int(np.round(seg * i)) + int(np.round(seg * (i + 1)))) // 2 for i in range(n)]
+
+
+def test_slowfast_frame_rule_is_the_official_get_seq_frames() -> None:
+    for total in (2, 17, 100, 250, 301, 1234):
+        for n in (1, 3, 8, 50):
+            if n <= total:
+                assert media._seq_frames(total, n).tolist() == _get_seq_frames(total, n), (total, n)
+    clip = media.load_video(sample_video_path("bikes"), num_frames=50, frame_rule="slowfast")  # 250 frames
+    assert clip.indices.tolist() == _get_seq_frames(250, 50)
+    mid = media.load_video(sample_video_path("bikes"), num_frames=50)
+    assert 0 < int((clip.indices != mid.indices).sum()) and int(np.abs(clip.indices - mid.indices).max()) == 1
+    with pytest.raises(ValueError, match="frame_rule"):
+        media.load_video(sample_video_path("bikes"), num_frames=4, frame_rule="random")
+
+
 def test_read_frames_more_than_available_repeats() -> None:
     frames, ts = read_frames(sample_video_path("carphone_pristine"), 200)  # clip has 120 frames
     assert frames.shape[0] == 200

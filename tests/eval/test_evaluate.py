@@ -478,6 +478,8 @@ def test_read_clip_respects_window() -> None:
     assert np.all(ts >= 8.0) and np.all(np.diff(ts) > 0)
     _, ts = read_clip(video, 2)
     np.testing.assert_allclose(ts, [2.48, 7.48], atol=1e-6)  # whole video: segment midpoints
+    _, ts = read_clip(video, 2, frame_rule="slowfast")
+    np.testing.assert_allclose(ts, [2.48, 7.44], atol=1e-6)  # get_seq_frames(250, 2) = [62, 186]
     with pytest.raises(ValueError, match="start must be before end"):
         read_clip(video, 2, start=3.0, end=1.0)
     with pytest.raises(ValueError, match="at or after the end of the video"):
@@ -527,6 +529,24 @@ def test_llava_predict_and_evaluate(default, tmp_path: Path, method: str) -> Non
     assert report.visual_tokens_mean == per_video and report.visual_tokens_median == per_video
     assert set(report.per_type) == {"object", "vehicle"}
     assert report.accuracy == pytest.approx((op["correct"] + mc["correct"]) / 2)
+
+
+def test_predict_reads_frames_with_the_reducers_rule(default, monkeypatch) -> None:
+    import mmeff.eval.videoqa as vq
+    from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
+
+    seen = []
+    real = vq.read_clip
+    monkeypatch.setattr(vq, "read_clip", lambda *a: (seen.append(a[4]), real(*a))[1])
+    model, tok, _ = default
+    reducer = mmeff.create_reducer("pool", tokens=16)
+    sample = _video_samples()[0]
+    predict_llava(model, tok, sample, reducer=reducer, num_frames=2, max_new_tokens=1)
+    reducer.frame_rule = "slowfast"  # what a faithful Free Video-LLM reports
+    predict_llava(model, tok, sample, reducer=reducer, num_frames=2, max_new_tokens=1)
+    assert seen == ["midpoints", "slowfast"]
+    assert FreeVideoLLM(FreeVideoConfig(faithful=True)).frame_rule == "slowfast"
+    assert FreeVideoLLM().frame_rule == "midpoints"
 
 
 def test_cli_eval_videoqa(default, model_cache, tmp_path: Path, monkeypatch, capsys) -> None:
