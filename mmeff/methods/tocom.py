@@ -22,6 +22,13 @@ same architecture (fine-tuned from that backbone) without further training::
     with tocom.compensate(downstream, source=4):        # ... a model fine-tuned at r=4
         logits = downstream(images)
 
+Differences from the official code (``JieShibo/ToCom``, ``models.py``): none in the delta. Its
+``Adapter`` (``adapter_down`` -> dropout -> mask of the last ``r`` chunks -> ``adapter_up``, times
+``tocom_scale``, added to q and v) is this one; :meth:`ToCom.load_official` reads its ``checkpoint.pth``
+and a test restates the ``Adapter`` and gets the same deltas for every ``(r_s, r_t)``. The official patches
+timm 0.4.12's attention forward; here hooks on ``attn.qkv`` add the same q/v deltas (any timm version,
+fused attention kept). Training differences: :mod:`mmeff.train.tocom`.
+
 Hosts: timm ``VisionTransformer`` (hooks on ``attn.qkv``) and HF CLIP/SigLIP towers (hooks on
 ``q_proj``/``v_proj``); on open_clip's ``nn.MultiheadAttention`` blocks the delta is folded into
 ``in_proj_weight`` while attached (inference only).
@@ -29,6 +36,7 @@ Hosts: timm ``VisionTransformer`` (hooks on ``attn.qkv``) and HF CLIP/SigLIP tow
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmeff.checkpoint import Checkpointable
+from mmeff.checkpoint import Checkpointable, load_exact, read_tensors
 from mmeff.core import IN_TOWER, method_adapter
 from mmeff.hosts import vit_host
 
@@ -241,6 +249,29 @@ class ToCom(Checkpointable, nn.Module):
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ToCom:
         """Load a plug-in written by :meth:`save`, in eval mode (:meth:`Checkpointable.load`)."""
         return super().load(path, device).eval()
+
+    @classmethod
+    def load_official(cls, path: str | Path, steps: int = 16, scale: float = 0.1) -> ToCom:
+        """A plug-in from the official training's ``checkpoint.pth`` (``JieShibo/ToCom``: ``{"model": {...}}``
+        with ``blocks.{i}.attn.{q,v}_tocom.adapter_{down,up}.weight``), read without unpickling code
+        (:func:`mmeff.checkpoint.read_tensors`). The official rank is ``steps`` (16) chunks, the last ``r``
+        active at degree ``r``, as here; ``scale`` is its ``--tocom_scale``. In eval mode; ``ValueError``
+        naming the file for another layout."""
+        what = "an official ToCom checkpoint"
+        sd = {k.removeprefix("module."): v for k, v in read_tensors(path, what).items()}
+        pat = re.compile(r"blocks\.(\d+)\.attn\.([qv])_tocom\.adapter_(down|up)\.weight")
+        found = {m.groups(): v for k, v in sd.items() if (m := pat.fullmatch(k))}
+        depth = 1 + max((int(i) for i, _, _ in found), default=-1)
+        if not depth or len(found) != 4 * depth:
+            raise ValueError(f"{path} is not {what}: expected blocks.N.attn.q_tocom/v_tocom.adapter_down/up "
+                             f"weights for every block, found {len(found)} of them")
+        rank, dim = found[("0", "q", "down")].shape
+        if rank % steps:
+            raise ValueError(f"{path}: rank {rank} is not a multiple of steps={steps}")
+        tocom = cls(dim, depth, steps, rank // steps, scale=scale)
+        state = {f"{w}.{i}.{part}.weight": v for (i, w, part), v in found.items()}
+        load_exact(tocom, state, path, what)
+        return tocom.eval()
 
 
 def weight_of(slot: Slot) -> tuple[Tensor, int]:

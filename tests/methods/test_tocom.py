@@ -813,3 +813,51 @@ def test_resume_refuses_a_hostile_train_state(tmp_path, hostile_checkpoint):
     with pytest.raises(ValueError, match=r"train_state\.pt pickles Python objects"):
         train(vit, 2, tmp_path / "run")
     assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------- 7. official checkpoints
+
+
+class _OfficialAdapter(nn.Module):
+    """ToCom's ``models.Adapter`` (act=False), restated: ``adapter_up(mask(r_tgt) - mask(r_src)) *
+    adapter_down(x)``, the mask the last ``r`` of 16 chunks."""
+
+    def __init__(self, width: int, rank: int) -> None:
+        super().__init__()
+        self.adapter_down = nn.Linear(width, rank, bias=False)
+        self.adapter_up = nn.Linear(rank, width, bias=False)
+        self.rank = rank
+
+    def forward(self, x: Tensor, r_tgt: int, r_src: int) -> Tensor:
+        c = self.rank // 16
+
+        def mask(r: int) -> Tensor:
+            return torch.tensor([0.0] * (self.rank - c * r) + [1.0] * (c * r))
+
+        return self.adapter_up(self.adapter_down(x) * (mask(r_tgt) - mask(r_src)))
+
+
+def test_official_checkpoint_loads_with_the_same_deltas(tmp_path):
+    torch.manual_seed(0)
+    depth, width, rank = 3, DIM, 32
+    blocks = nn.ModuleList()
+    for _ in range(depth):
+        b = nn.Module()
+        b.attn = nn.Module()
+        b.attn.q_tocom, b.attn.v_tocom = _OfficialAdapter(width, rank), _OfficialAdapter(width, rank)
+        blocks.append(b)
+    state = {f"blocks.{k}": v.normal_() for k, v in blocks.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "checkpoint.pth")  # what the official main.py writes
+    tocom = ToCom.load_official(tmp_path / "checkpoint.pth", scale=0.08)
+    assert (tocom.depth, tocom.dim, tocom.steps, tocom.step_rank, tocom.scale) == (depth, width, 16, 2, 0.08)
+    assert sum(p.numel() for p in tocom.parameters()) == sum(v.numel() for v in state.values())
+    assert not tocom.training
+    x = torch.randn(2, 5, width)
+    for r_s, r_t in ((0, 4), (4, 0), (3, 16), (7, 7)):
+        for i, b in enumerate(blocks):
+            for which, ours in (("q", tocom.q[i]), ("v", tocom.v[i])):
+                want = getattr(b.attn, f"{which}_tocom")(x, r_t, r_s)
+                torch.testing.assert_close(ours(x, tocom.mask(r_s, r_t)), want, rtol=1e-5, atol=1e-5)
+    torch.save({"model": {"blocks.0.attn.q_tocom.adapter_down.weight": torch.zeros(32, 8)}}, tmp_path / "part.pth")
+    with pytest.raises(ValueError, match="part.pth is not an official ToCom checkpoint"):
+        ToCom.load_official(tmp_path / "part.pth")
