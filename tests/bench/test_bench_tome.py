@@ -98,3 +98,26 @@ def test_cli_bench_tome_help_and_arguments(capsys):
         == 2
     )
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_a_deit_layout_checkpoint_loads_through_timms_route(tmp_path):
+    """ToMe's weights are its host's: a released DeiT/timm file (``{"model": state, ...}``, as DeiT and
+    ToCom's training write) loads through timm's local-file route (``--tome-pretrained``), weights only,
+    and gives the source model's outputs with and without merging."""
+    import timm
+
+    import mmeff
+    from mmeff.bench.tome import _load
+
+    torch.manual_seed(1)
+    src = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    torch.save({"model": src.state_dict(), "epoch": 299}, tmp_path / "deit_tiny.pth")
+    got = _load("vit_tiny_patch16_224", str(tmp_path / "deit_tiny.pth"))
+    assert sum(p.numel() for p in got.parameters()) == sum(p.numel() for p in src.parameters())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), src(x))
+        with mmeff.apply(got, mmeff.ToMe(r=8)):
+            merged = got(x)
+        with mmeff.apply(src, mmeff.ToMe(r=8)):
+            torch.testing.assert_close(merged, src(x))
