@@ -467,7 +467,8 @@ class InstructIPT(Checkpointable, nn.Module):
         ``heads`` (attention heads, not stored in the file) is IPT's 12. Every scale-1 head of the file
         becomes a task, in file order, named by ``tasks`` (default ``denoise``, then ``task1``, ...);
         super-resolution heads are skipped. The model takes RGB in [0, 1] (see the module docstring for
-        the 0-255 fold), in the file's dtype; ``overrides`` set other :class:`IPTConfig` fields."""
+        the 0-255 fold), in the file's dtype; ``overrides`` set other :class:`IPTConfig` fields, e.g.
+        ``rank=8`` to start Instruct-IPT training from IPT (task biases at zero: the same outputs)."""
         path = Path(path)
         what = "a Pretrained-IPT checkpoint"
         raw = read_tensors(path, what)
@@ -491,7 +492,10 @@ class InstructIPT(Checkpointable, nn.Module):
                            "rank": 0, "image_residual": False, "mean": tuple(mean), "pos_every": False,
                            "overlap": 12 if math.isqrt(tokens) * p > 12 else 0, **overrides})
         model = cls(cfg).to(sd["body.linear_encoding.weight"].dtype)  # the file's precision
-        load_exact(model, _from_official(sd, keep, cfg, rgb_range), path, what)
+        state = _from_official(sd, keep, cfg, rgb_range)
+        # rank > 0 (start Instruct-IPT from IPT): the task biases keep their initialisation, B = 0
+        state.update({k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in _BIAS_NAMES})
+        load_exact(model, state, path, what)
         with torch.no_grad():  # the mean at the file's precision, not through a float32 default tensor
             model.mean.copy_((-sd["sub_mean.bias"] / rgb_range).view(1, 3, 1, 1) if "sub_mean.bias" in sd
                              else torch.tensor(cfg.mean, dtype=torch.float64).view(1, 3, 1, 1))
@@ -525,6 +529,9 @@ class InstructIPT(Checkpointable, nn.Module):
         a file that is not such a checkpoint, weights that no longer match the sha256 recorded at save time
         (files saved before that record load unchecked), or weights that do not fit the saved config."""
         return super().load(path, map_location)
+
+
+_BIAS_NAMES = ("lora_a", "lora_b", "delta")
 
 
 def _from_official(sd: dict[str, Tensor], keep: list[int], cfg: IPTConfig, rgb_range: float) -> dict[str, Tensor]:
@@ -562,7 +569,7 @@ def _from_official(sd: dict[str, Tensor], keep: list[int], cfg: IPTConfig, rgb_r
 def param_counts(model: InstructIPT) -> dict[str, int]:
     """Parameters by role: ``shared`` (body weights every task uses), ``biases`` (all task biases),
     ``per_task_bias`` (one task's), ``heads_tails`` (all heads and tails), ``query`` and ``total``."""
-    bias = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "delta"))
+    bias = sum(p.numel() for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in _BIAS_NAMES)
     heads = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("heads.", "tails.")))
     total = sum(p.numel() for p in model.parameters())
     query = model.body.query.numel()

@@ -434,6 +434,11 @@ def test_pretrained_ipt_checkpoint_loads_and_equals_ipt(tmp_path: Path) -> None:
     with torch.no_grad():
         for j, idx in enumerate((1, 2)):
             torch.testing.assert_close(model(x, j) * 255, official(x * 255, idx), rtol=1e-9, atol=1e-9)
+    # starting Instruct-IPT from IPT: rank-8 biases at zero, the same outputs
+    started = InstructIPT.load_official(path, tasks=("denoise", "derain"), heads=2, rank=8).double().eval()
+    assert started.modulated_layers() and param_counts(started)["biases"] > 0
+    with torch.no_grad():
+        torch.testing.assert_close(started(x, 1), model(x, 1), rtol=1e-9, atol=1e-9)
     # the layout's bad cases fail in one line naming the file
     torch.save({"head.0.0.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="bad.pt is not a Pretrained-IPT checkpoint"):
