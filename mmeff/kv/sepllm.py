@@ -17,6 +17,19 @@ Two masks over a token stream, as ``(N, N)`` booleans (query row, key column):
   costs one dense forward (``mmeff bench sepllm --sweep``);
 * :func:`sepllm_attention_mask`: the paper's training mask (sinks, every separator, a local window), for
   fine-tuning a model to SepLLM's sparsity (``mmeff.train.sepllm``).
+
+Differences from the official code (``HKUDS/SepLLM``, Streaming-SepLLM's cache manager): the kept KV is
+the same token for token (``tests/kv``), with these deliberate changes:
+
+* **separators from the model's own tokenizer** (and their space-prefixed variants); the official lists
+  Llama-3 ids, which are other characters in Vicuna, Qwen or SmolLM vocabularies;
+* **``cache_size`` counts the arriving token** (evict before the forward, so a layer never exceeds it); the
+  official evicts after the forward and holds ``c + 1`` entries during a step. Its ``(w, c)`` is this
+  rule's ``(w + 1, c + 1)``, tested token for token;
+* **per-row decisions in a batch** (left padding skipped), so batching never changes a row's cache; the
+  official streaming driver decodes one sequence at a time;
+* fine-tuning (``mmeff.train.sepllm``) is a 100-step CPU miniature of the paper's training, not its
+  recipe (README, SepLLM section).
 """
 
 from __future__ import annotations

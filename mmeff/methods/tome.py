@@ -18,6 +18,21 @@ One line for users::
 
 The hooks that run it inside timm, open_clip and HF towers (and ``patch``/``unpatch``) are in
 :mod:`mmeff.adapters.tome`; ``mmeff.tome`` (an attribute of ``mmeff``) holds both.
+
+Differences from the official code (``facebookresearch/ToMe``, ``tome/merge.py``, ``tome/patch/timm.py``);
+on timm ViTs with a class token the merged outputs equal it (3.9e-6, the issue-35 comparison):
+
+* **Token order without a class token** (SigLIP-style towers): the official leaves unmerged tokens in score
+  order, which reshuffles the next block's alternating A/B split; mmeff keeps them in spatial order by
+  default. ``ToMe(faithful=True)`` gives the official order (on the tests' tiny SigLIP the two differ by
+  0.47 in the pooled output; the issue measured 0.84 in logits on its model). With a class token both
+  orders are the same.
+* **Proportional attention as a float attention mask**, so fused SDPA stays on (the official computes
+  attention by hand); same values.
+* **Hooks on the host's own blocks** (any timm version, LayerScale, qk-norm, registers; open_clip; HF
+  CLIP/SigLIP) instead of the official's replacement block classes for timm of its time.
+* **``unmerge``** (default in HF towers): every block hands the full grid on, so a VLM's projector gets the
+  token count it was trained on; the official has no such mode (classification only).
 """
 
 from __future__ import annotations

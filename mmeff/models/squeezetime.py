@@ -21,6 +21,16 @@ Configurations (:func:`create_model`, :func:`list_models`): ``squeezetime_k400``
 ``squeezetime_hmdb51`` change the classes; ``squeezetime_{10,18,34}`` are the released code's smaller
 BasicBlock depths (a CTL in both convs; as released, a block's first CTL keeps ``pos_dim`` 7).
 Every model is also registered with timm (``timm.create_model("squeezetime_k400")``).
+
+Differences from the official code (``xinghaochen/SqueezeTime``): the network is the same (outputs equal
+bit for bit on the same weights, 29,706,688 parameters with the K400 head). Around it:
+
+* no ``.cuda()`` in ``__init__`` (the official wrapper moves itself to the GPU when built);
+* :func:`load_checkpoint` is strict and says which keys it renamed or skipped, where the official
+  ``load`` silently drops every tensor whose shape differs; MMEngine checkpoints are read without
+  unpickling code (:func:`mmeff.checkpoint.load_state` with ``records=True``);
+* training (:mod:`mmeff.train.videocls`): the official K400 recipe by default; ``recipe="mmeff"`` is the
+  earlier one, measured against it on ``mmeff bench squeezetime`` (README).
 """
 
 from __future__ import annotations
