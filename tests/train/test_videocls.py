@@ -136,7 +136,7 @@ def test_training_learns_resumes_and_evaluates(clips, tmp_path) -> None:
     start = {k: v.clone() for k, v in full.state_dict().items()}
     hist = train(full, train_set, tmp_path / "full", cfg, val_set=val_set, progress=False, log=lambda s: None)
     assert [e["epoch"] for e in hist["epochs"]] == [1, 2, 3]
-    # that it learns time is `mmeff bench squeezetime` (86% vs 29%); 18 clips here only check the loop runs
+    # that it learns time is `mmeff bench squeezetime` (79-90% vs 35-47%); 18 clips here only check the loop runs
     assert all(np.isfinite(e["loss"]) and 0 <= e["val_top1"] <= 1 for e in hist["epochs"])
     assert not torch.equal(start["head.weight"], full.state_dict()["head.weight"])
     assert (tmp_path / "full" / "best.pt").is_file() and json.loads((tmp_path / "full" / "history.json").read_text())
