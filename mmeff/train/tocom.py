@@ -82,7 +82,7 @@ class ToComTrainConfig(BaseTrainConfig):
 
     # more epochs lengthen the run without changing what was done; a resumed run may set them
     resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
-    # runs saved before the recipe fields existed trained with the mmeff recipe: they resume as that
+    # runs saved before the recipe fields existed trained with the mmeff recipe at their saved (constant) lr
     _before_fields: ClassVar[dict[str, Any]] = {k: v for k, v in RECIPES["mmeff"].items() if k != "lr"}
 
     def __post_init__(self) -> None:
@@ -93,7 +93,9 @@ class ToComTrainConfig(BaseTrainConfig):
 
     @classmethod
     def from_dict(cls, data: Any) -> ToComTrainConfig:  # noqa: D102 (BaseTrainConfig's)
-        return super().from_dict({**cls._before_fields, **data} if isinstance(data, dict) else data)
+        if isinstance(data, dict) and "schedule" not in data:  # saved before the recipe fields
+            data = {**cls._before_fields, "min_lr": data.get("lr", RECIPES["mmeff"]["lr"]), **data}
+        return super().from_dict(data)
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The learning rate of epoch ``epoch``: cosine from ``lr`` to ``min_lr`` over ``epochs``, read at

@@ -759,8 +759,9 @@ def test_official_recipe_schedule_modes_and_drop_path():
     assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
     assert ToComTrainConfig(schedule="constant", lr=1e-3).lr_at_epoch(7) == 1e-3
     # a run saved before the recipe fields existed resumes as the recipe it ran (not silently as official)
-    old = ToComTrainConfig.from_dict({"epochs": 10, "lr": 1e-3})
+    old = ToComTrainConfig.from_dict({"epochs": 10, "lr": 3e-3})
     assert (old.schedule, old.train_mode, old.drop_path, old.kd_reduction) == ("constant", False, 0.0, "batchmean")
+    assert old.min_lr == old.lr == 3e-3 and old.lr_at_epoch(9) == 3e-3  # what train_tocom(recipe="mmeff") builds
     with pytest.raises(ValueError, match="schedule"):
         ToComTrainConfig(schedule="step")
 
