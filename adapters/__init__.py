@@ -1,12 +1,13 @@
 """Every hook mmeff puts on a host model lives here.
 
-Host adapters run token reducers at the host's own seams (HF LLaVA / Qwen2-VL, timm ViT, open_clip);
+Host adapters run token reducers at the host's own seams (HF LLaVA / Qwen2-VL / Gemma 3, timm ViT, open_clip);
 method adapters attach the methods that are not reducers: ToMe and ToCom inside ViT blocks, VisToG's
 semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
 ``mmeff.apply`` picks them.
 """
 
 from mmeff.adapters.base import Adapter, cls_attention, find_adapter, list_adapters, register_adapter
+from mmeff.adapters.gemma3 import Gemma3Adapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
 from mmeff.adapters.open_clip import OpenCLIPAdapter
@@ -18,6 +19,7 @@ from mmeff.adapters.vistog import VisToGAdapter
 
 __all__ = [
     "Adapter",
+    "Gemma3Adapter",
     "KVCacheAdapter",
     "LlavaAdapter",
     "OpenCLIPAdapter",

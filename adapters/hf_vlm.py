@@ -85,6 +85,8 @@ class HFVLMAdapter(Adapter):
     seq_keys: dict[str, int] = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
     #: kwargs consumed by the encoders, dropped once features are injected
     encoder_keys: tuple[str, ...] = ()
+    #: the host scatters one ``(tokens, D)`` tensor into the placeholders (Gemma 3), not a list per item
+    concat_features: bool = False
 
     # ------------------------------------------------------------------------------------ to override
     def placeholder_id(self, modality: str) -> int:
@@ -95,8 +97,13 @@ class HFVLMAdapter(Adapter):
         raise NotImplementedError
 
     def full_positions(self, kwargs: dict[str, Any]) -> Tensor | None:
-        """Positions ``(P, B, L)`` of the unreduced sequence, or ``None`` if the host derives them."""
-        return None
+        """Positions ``(P, B, L)`` of the unreduced sequence, or ``None`` if the host derives them. By
+        default the caller's 1-D ``position_ids`` ``(B, L)`` with a leading ``P = 1`` axis (hosts with
+        their own layout, such as Qwen2-VL's M-RoPE, override this)."""
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            return None
+        return pos.unsqueeze(0) if pos.dim() == 2 else pos
 
     def decode_positions(self, mask: Tensor, q: int) -> Tensor | None:
         """Positions for ``q`` new tokens after a reduced prefill, given the fixed ``mask`` ``(B, L)``."""
@@ -323,11 +330,14 @@ class HFVLMAdapter(Adapter):
             new["attention_mask"] = pack(torch.ones_like(input_ids), 0)
         if new_pos is not None:
             new["position_ids"] = pack(new_pos, 1)
+            if isinstance(call.get("position_ids"), Tensor) and call["position_ids"].dim() == 2 and new_pos.shape[0] == 1:
+                new["position_ids"] = new["position_ids"][0]  # back to the caller's (B, L)
         for key in (*self.pixel_keys.values(), *self.encoder_keys):
             new.pop(key, None)
         enc: dict[str, Any] = {}
         for modality, idx in per_modality.items():
-            enc[modality] = ReducedEncoderOutput(pooler_output=[reds[i].tokens[0] for i in idx])
+            feats = [reds[i].tokens[0] for i in idx]
+            enc[modality] = ReducedEncoderOutput(pooler_output=torch.cat(feats) if self.concat_features else feats)
         new["mm_encoder_outputs"] = enc
         return new
 

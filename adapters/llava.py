@@ -189,17 +189,3 @@ class LlavaAdapter(HFVLMAdapter):
         if cursor != len(items):
             raise ValueError(f"{len(items)} images but the placeholder runs hold {cursor}")
         return out
-
-    def full_positions(self, call: dict[str, Any]) -> Tensor | None:
-        pos = call.get("position_ids")
-        if pos is None:
-            return None
-        # LLaVA positions are 1-D per row; give them a leading P=1 axis like M-RoPE's (3, B, L)
-        return pos.unsqueeze(0) if pos.dim() == 2 else pos
-
-    def _shrink(self, call: dict[str, Any], items: list[VisualItem], reds: list, positions: Tensor | None) -> dict:
-        new = super()._shrink(call, items, reds, positions)
-        if positions is not None and call["position_ids"].dim() == 2:
-            new["position_ids"] = new["position_ids"][0]
-        return new
-
