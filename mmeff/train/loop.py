@@ -64,16 +64,25 @@ class BaseTrainConfig:
 
     resume_may_change: ClassVar[frozenset[str]] = frozenset({"workers", "save_every", "steps"})
 
+    @classmethod
+    def saved_before(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Values of fields a saved ``data`` lacks because it predates them: what that older run trained
+        with, so resuming it is compared against its real settings (default: none, fields take their
+        defaults). :meth:`from_dict` fills them in."""
+        return {}
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-safe dict (tuples as lists)."""
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     @classmethod
     def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-        """The config of a :meth:`to_dict` dict (lists back to tuples); fields it lacks keep their defaults.
-        One-line ``ValueError`` for a key that is not a field."""
+        """The config of a :meth:`to_dict` dict (lists back to tuples); fields it lacks take
+        :meth:`saved_before`'s values, else their defaults. One-line ``ValueError`` for a key that is not
+        a field."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a {cls.__name__} is read from a dict, got {type(data).__name__}")
+        data = {**cls.saved_before(data), **data}
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -82,9 +82,6 @@ class ToComTrainConfig(BaseTrainConfig):
 
     # more epochs lengthen the run without changing what was done; a resumed run may set them
     resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
-    # runs saved before the recipe fields existed trained with the mmeff recipe at their saved (constant) lr
-    _before_fields: ClassVar[dict[str, Any]] = {k: v for k, v in RECIPES["mmeff"].items() if k != "lr"}
-
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
@@ -92,10 +89,12 @@ class ToComTrainConfig(BaseTrainConfig):
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
 
     @classmethod
-    def from_dict(cls, data: Any) -> ToComTrainConfig:  # noqa: D102 (BaseTrainConfig's)
-        if isinstance(data, dict) and "schedule" not in data:  # saved before the recipe fields
-            data = {**cls._before_fields, "min_lr": data.get("lr", RECIPES["mmeff"]["lr"]), **data}
-        return super().from_dict(data)
+    def saved_before(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Runs saved before the recipe fields trained with the mmeff recipe at their saved, constant lr."""
+        if "schedule" in data:
+            return {}
+        mmeff = RECIPES["mmeff"]
+        return {**{k: v for k, v in mmeff.items() if k != "lr"}, "min_lr": data.get("lr", mmeff["lr"])}
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The learning rate of epoch ``epoch``: cosine from ``lr`` to ``min_lr`` over ``epochs``, read at

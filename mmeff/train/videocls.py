@@ -37,10 +37,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -211,7 +211,7 @@ class VideoFolder(torch.utils.data.Dataset):
             raw = [self._decode(path, *((dur * c / self.clips, dur * (c + 1) / self.clips) if dur else (None, None)))
                    for c in range(self.clips)]
         # the official validation (one centre view) resizes to 256 for a 224 crop; its test (ThreeCrop) to 224
-        short = round(self.size * 256 / 224) if official and self.crops == 1 else self.size
+        short = self._short_256() if official and self.crops == 1 else self.size
         return torch.stack([_normalise(v) for x in raw for v in self._crops(_resize_short(x, short))]), label
 
     def _augment(self, x: Tensor, rng: random.Random) -> Tensor:
@@ -229,9 +229,13 @@ class VideoFolder(torch.utils.data.Dataset):
         x = _resize(x[..., top:top + ch, left:left + cw], (self.size, self.size))
         return x.flip(-1) if rng.random() < 0.5 else x
 
+    def _short_256(self) -> int:
+        """The official short side before cropping: 256 for a 224 crop, scaled to ``size``."""
+        return round(self.size * 256 / 224)
+
     def _augment_official(self, x: Tensor, rng: random.Random) -> Tensor:
         """Resize -> MultiScaleCrop -> Resize -> Flip -> ColorJitter -> RandomErasing (module docstring)."""
-        x = _resize_short(x, round(self.size * 256 / 224))
+        x = _resize_short(x, self._short_256())
         h, w = x.shape[-2:]
         sides = [int(min(h, w) * s) for s in _SCALES]
         pairs = [(sw, sh) for i, sh in enumerate(sides) for j, sw in enumerate(sides) if abs(i - j) <= 1]
@@ -271,12 +275,10 @@ class TrainConfig(BaseTrainConfig):
 
     # more or fewer epochs change the schedule from that point on; a resumed run may set them
     resume_may_change = BaseTrainConfig.resume_may_change | {"epochs"}
-    # runs saved before ``decay_all`` existed decayed matrices only: they resume so
-    _before_fields: ClassVar[dict[str, Any]] = {"decay_all": False}
-
     @classmethod
-    def from_dict(cls, data: Any) -> TrainConfig:  # noqa: D102 (BaseTrainConfig's)
-        return super().from_dict({**cls._before_fields, **data} if isinstance(data, dict) else data)
+    def saved_before(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        """Runs saved before ``decay_all`` existed decayed matrices only: they resume so."""
+        return {"decay_all": False}
 
 
 def lr_at_step(step: float, total: float, cfg: TrainConfig, steps_per_epoch: int) -> float:
