@@ -1,7 +1,7 @@
 """Every hook mmeff puts on a host model lives here.
 
-Host adapters run token reducers at the host's own seams (HF LLaVA / Qwen2-VL / Gemma 3, timm ViT, open_clip);
-method adapters attach the methods that are not reducers: ToMe and ToCom inside ViT blocks, VisToG's
+Host adapters run token reducers at the host's own seams (HF LLaVA, LLaVA-NeXT / NeXT-Video / OneVision,
+Qwen2-VL, Gemma 3; timm ViT, open_clip); method adapters attach the methods that are not reducers: ToMe and ToCom inside ViT blocks, VisToG's
 semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
 ``mmeff.apply`` picks them.
 """
@@ -10,6 +10,7 @@ from mmeff.adapters.base import Adapter, cls_attention, find_adapter, list_adapt
 from mmeff.adapters.gemma3 import Gemma3Adapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
+from mmeff.adapters.llava_next import LlavaNextAdapter
 from mmeff.adapters.open_clip import OpenCLIPAdapter
 from mmeff.adapters.qwen2_vl import Qwen2VLAdapter
 from mmeff.adapters.timm_vit import TimmViTAdapter
@@ -22,6 +23,7 @@ __all__ = [
     "Gemma3Adapter",
     "KVCacheAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "OpenCLIPAdapter",
     "Qwen2VLAdapter",
     "TimmViTAdapter",

@@ -33,7 +33,7 @@ class Gemma3Adapter(HFVLMAdapter):
     description = "transformers Gemma3ForConditionalGeneration: reduce each image's pooled soft tokens"
     pixel_keys = {"image": "pixel_values"}
     stages = ("post_projector",)
-    concat_features = True
+    concat_features = ("image",)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -31,7 +31,7 @@ from mmeff.adapters.base import Adapter
 from mmeff.core import STAGES, Grid, Reduction, TokenContext
 from mmeff.hfconfig import cache_from_kwargs, pad_token_id
 
-__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "select_row", "TEXT_KWARG"]
+__all__ = ["HFVLMAdapter", "VisualItem", "ReducedEncoderOutput", "join_run", "select_row", "TEXT_KWARG"]
 
 #: forward/generate keyword carrying each row's question for prompt-guided methods (removed before the host
 #: sees the call), e.g. ``model.generate(**inputs, mmeff_text=["what is the man holding?"])``
@@ -85,8 +85,9 @@ class HFVLMAdapter(Adapter):
     seq_keys: dict[str, int] = {"attention_mask": 0, "labels": -100, "token_type_ids": 0, "mm_token_type_ids": 0}
     #: kwargs consumed by the encoders, dropped once features are injected
     encoder_keys: tuple[str, ...] = ()
-    #: the host scatters one ``(tokens, D)`` tensor into the placeholders (Gemma 3), not a list per item
-    concat_features: bool = False
+    #: modalities whose features the host takes as one ``(tokens, D)`` tensor (Gemma 3's images, OneVision's
+    #: videos), not a list per item
+    concat_features: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------------------------ to override
     def placeholder_id(self, modality: str) -> int:
@@ -108,6 +109,15 @@ class HFVLMAdapter(Adapter):
     def decode_positions(self, mask: Tensor, q: int) -> Tensor | None:
         """Positions for ``q`` new tokens after a reduced prefill, given the fixed ``mask`` ``(B, L)``."""
         return None
+
+    def runs(self, items: list[VisualItem], reductions: list[Reduction]) -> tuple[list[VisualItem], list[Reduction]]:
+        """The placeholder runs the reduced items fill, in order: ``(run items, run reductions)``.
+
+        By default each item is one run. Hosts whose run of placeholders holds several reducer inputs plus
+        tokens no reducer sees (LLaVA-NeXT: base image, tiles and ``image_newline`` tokens) join them here
+        with :func:`join_run`; a run item's ``num_inputs`` is its placeholder count.
+        """
+        return items, reductions
 
     def after_prepare(self, new_positions: Tensor | None, new_mask: Tensor | None) -> None:
         """Hook for host state that depends on the reduced layout (e.g. Qwen2-VL's ``rope_deltas``)."""
@@ -237,7 +247,7 @@ class HFVLMAdapter(Adapter):
         if cache is not None and cache.get_seq_length() > 0:
             raise ValueError("visual inputs after a filled KV cache are not supported by mmeff adapters")
         items = self.encode(call)
-        reductions = self._reduce_items(items)
+        items, reductions = self.runs(items, self._reduce_items(items))
         positions = self.full_positions(call)
         new = self._shrink(call, items, reductions, positions)
         self.stats = {
@@ -337,9 +347,42 @@ class HFVLMAdapter(Adapter):
         enc: dict[str, Any] = {}
         for modality, idx in per_modality.items():
             feats = [reds[i].tokens[0] for i in idx]
-            enc[modality] = ReducedEncoderOutput(pooler_output=torch.cat(feats) if self.concat_features else feats)
+            enc[modality] = ReducedEncoderOutput(pooler_output=torch.cat(feats) if modality in self.concat_features else feats)
         new["mm_encoder_outputs"] = enc
         return new
+
+
+def join_run(num_slots: int, parts: list[tuple[Reduction, Tensor, Tensor]]) -> Reduction:
+    """One placeholder run of ``num_slots`` slots filled by several batch-of-one reductions, outputs in key order.
+
+    Each part is ``(reduction, slots, keys)``: ``slots`` ``(N_i,)`` long, the run slot of each of the part's
+    inputs; ``keys`` ``(M_i,)`` float, where each of its outputs goes (a stable sort, so equal keys keep
+    the part order and each part's own output order). Tokens no reducer sees (newline tokens) come in as
+    :meth:`Reduction.identity` parts. Returns the run's reduction: tokens ``(1, M, D)``, assignment
+    ``(1, num_slots)`` (and ``sources`` when a part has them), so positions of merged tokens are their
+    members' mean as everywhere else.
+    """
+    tokens = torch.cat([r.tokens[0] for r, _, _ in parts])
+    order = torch.sort(torch.cat([k.to(torch.float64).reshape(-1) for _, _, k in parts]), stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    out_idx, in_idx, offset = [], [], 0
+    for red, slots, _ in parts:
+        if red.sources is not None:
+            o, i = red.sources[0][0], red.sources[1][0]
+        else:
+            i = (red.assignment[0] >= 0).nonzero()[:, 0]
+            o = red.assignment[0, i]
+        out_idx.append(rank[offset + o])
+        in_idx.append(slots.to(i.device)[i])
+        offset += red.num_tokens
+    out, inp = torch.cat(out_idx), torch.cat(in_idx)
+    tokens = tokens[order].unsqueeze(0)
+    if any(r.sources is not None for r, _, _ in parts):  # some outputs draw on overlapping inputs
+        return Reduction.from_sources(tokens, out.unsqueeze(0), inp.unsqueeze(0), num_slots)
+    assignment = torch.full((1, num_slots), -1, dtype=torch.long, device=tokens.device)
+    assignment[0, inp] = out
+    return Reduction(tokens=tokens, assignment=assignment)
 
 
 def select_row(red: Reduction, j: int) -> Reduction:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from mmeff.adapters.base import cls_attention, register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
@@ -63,6 +64,21 @@ class LlavaAdapter(HFVLMAdapter):
             raise ValueError(f"cls_attn: attention module {type(attn).__name__} has no q_proj/k_proj")
         return attn
 
+    def _capture_cls(self, call: dict[str, Any], captured: list[Tensor]) -> RemovableHandle:
+        """Hook appending the CLS token's attention ``(tiles, 1 + N)`` at the feature layer to ``captured``."""
+        if "siglip" in str(getattr(self.model.config.vision_config, "model_type", "")):
+            raise ValueError(f"{self.reducer.describe()} needs a class token's attention; this model's SigLIP tower has none")
+        attn = self._attention_layer(self._feature_layer(call))
+
+        def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            b, n, _ = h.shape
+            q = module.q_proj(h[:, :1]).view(b, 1, -1, module.head_dim).transpose(1, 2)
+            k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
+            captured.append(cls_attention(q, k))
+
+        return attn.register_forward_pre_hook(grab, with_kwargs=True)
+
     def encode(self, call: dict[str, Any]) -> list[VisualItem]:
         inner = self.model.model
         enc = call.get("mm_encoder_outputs") or {}
@@ -106,16 +122,7 @@ class LlavaAdapter(HFVLMAdapter):
 
                 handles.append(projector(self.model).register_forward_pre_hook(reduce_input))
             if "scores" in self.reducer.needs:
-                attn = self._attention_layer(self._feature_layer(call))
-
-                def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                    h = kwargs.get("hidden_states", args[0] if args else None)
-                    b, n, _ = h.shape
-                    q = module.q_proj(h[:, :1]).view(b, 1, -1, module.head_dim).transpose(1, 2)
-                    k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
-                    captured.append(cls_attention(q, k))
-
-                handles.insert(0, attn.register_forward_pre_hook(grab, with_kwargs=True))
+                handles.insert(0, self._capture_cls(call, captured))
             try:
                 out = inner.get_image_features(
                     pixel_values=pixel_values,
