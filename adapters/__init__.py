@@ -6,7 +6,15 @@ semantic tokens, KV-cache presses on the decoder. All register in the one regist
 ``mmeff.apply`` picks them.
 """
 
-from mmeff.adapters.base import Adapter, cls_attention, find_adapter, list_adapters, register_adapter
+from mmeff.adapters.base import (
+    REFUSED_HOSTS,
+    Adapter,
+    cls_attention,
+    find_adapter,
+    host_table,
+    list_adapters,
+    register_adapter,
+)
 from mmeff.adapters.gemma3 import Gemma3Adapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
@@ -20,6 +28,7 @@ from mmeff.adapters.vistog import VisToGAdapter
 
 __all__ = [
     "Adapter",
+    "REFUSED_HOSTS",
     "Gemma3Adapter",
     "KVCacheAdapter",
     "LlavaAdapter",
@@ -32,6 +41,7 @@ __all__ = [
     "VisToGAdapter",
     "cls_attention",
     "find_adapter",
+    "host_table",
     "list_adapters",
     "register_adapter",
 ]

@@ -14,7 +14,25 @@ from torch import Tensor, nn
 
 from mmeff.core import ADAPTERS, TokenReducer
 
-__all__ = ["Adapter", "register_adapter", "find_adapter", "list_adapters", "cls_attention"]
+__all__ = ["Adapter", "REFUSED_HOSTS", "register_adapter", "find_adapter", "host_table", "list_adapters", "cls_attention"]
+
+#: transformers VLM classes mmeff knows and does not attach to, with the reason; ``find_adapter`` raises it
+#: and ``mmeff list`` prints it
+REFUSED_HOSTS: dict[str, str] = {
+    "Qwen3VLForConditionalGeneration": (
+        "not adapted yet: DeepStack adds the tower's intermediate features to the first LLM layers' hidden states "
+        "at the placeholder positions, and video frames come in timestamped blocks; a reduction must shrink both "
+        "consistently, which no adapter does yet"),
+    "Qwen3VLMoeForConditionalGeneration": "not adapted yet: the DeepStack layout of Qwen3-VL (see that class)",
+    "Idefics3ForConditionalGeneration": (
+        "not adapted yet: image splitting puts each sub-image's pixel-shuffled tokens between <row_r_col_c> / "
+        "<fake_token_around_image> markers, so tokens are per sub-image runs, not one grid; no adapter reads that layout yet"),
+    "SmolVLMForConditionalGeneration": "not adapted yet: the Idefics3 layout (sub-images between marker tokens)",
+    "InternVLForConditionalGeneration": (
+        "not adapted yet: dynamic tiling with a thumbnail and a pixel-shuffle projector put each tile's tokens in "
+        "its own <img> run; no adapter reads that layout yet"),
+}
+
 
 class Adapter:
     """Base class. Subclasses set ``name``/``description`` and implement ``matches`` and ``attach``."""
@@ -25,6 +43,10 @@ class Adapter:
     option_names: ClassVar[frozenset[str]] = frozenset()
     #: the kind of method this adapter attaches (token reducers; KV-cache presses for ``KVCacheAdapter``)
     method_type: ClassVar[type] = TokenReducer
+    #: transformers VLM classes this adapter serves, by name, and one line on where methods run and what is
+    #: refused (``mmeff list``'s host table)
+    hf_classes: ClassVar[tuple[str, ...]] = ()
+    host_notes: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, reducer: Any, **options: Any) -> None:
         if not isinstance(reducer, self.method_type):
@@ -100,8 +122,18 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
     for a in adapters:
         if a.matches(model):
             return a
+    for cls in type(model).__mro__:
+        if cls.__name__ in REFUSED_HOSTS:
+            raise TypeError(f"{type(model).__name__} is not supported: {REFUSED_HOSTS[cls.__name__]}")
     names = ", ".join(a.name for a in adapters)
     raise TypeError(f"unsupported model class {type(model).__name__}; mmeff adapters exist for: {names}")
+
+
+def host_table() -> list[tuple[str, str, str]]:
+    """``(class name, adapter name or "refused", notes or reason)`` for every transformers VLM class mmeff
+    knows, supported ones first."""
+    rows = [(h, a.name, a.host_notes) for a in _host_adapters() for h in a.hf_classes]
+    return rows + [(h, "refused", why) for h, why in REFUSED_HOSTS.items()]
 
 
 def cls_attention(q: Tensor, k: Tensor, cls_index: int = 0) -> Tensor:

@@ -31,6 +31,11 @@ __all__ = ["Gemma3Adapter"]
 class Gemma3Adapter(HFVLMAdapter):
     name = "gemma3"
     description = "transformers Gemma3ForConditionalGeneration: reduce each image's pooled soft tokens"
+    hf_classes = ("Gemma3ForConditionalGeneration",)
+    host_notes = (
+        "post_projector only (the projector pools the patch grid); token_type_ids shrink with the ids; "
+        "cls_attn (no CLS) and videos refused"
+    )
     pixel_keys = {"image": "pixel_values"}
     stages = ("post_projector",)
     concat_features = ("image",)

@@ -28,6 +28,11 @@ __all__ = ["LlavaAdapter"]
 class LlavaAdapter(HFVLMAdapter):
     name = "llava"
     description = "transformers LlavaForConditionalGeneration (LLaVA-1.5): reduce projected image features"
+    hf_classes = ("LlavaForConditionalGeneration",)
+    host_notes = (
+        "pre_projector (Fourier-VLM, VisToG default) or post_projector; cls_attn from the tower's CLS; "
+        "video-level methods on runs of frames"
+    )
     pixel_keys = {"image": "pixel_values"}
     stages = ("pre_projector", "post_projector")
     encoder_keys = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")

@@ -87,6 +87,11 @@ class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
     description = ("transformers LLaVA-NeXT / NeXT-Video / OneVision: per-tile and per-frame reduction, "
                    "newline tokens kept")
+    hf_classes = tuple(name for _, name, _ in _HOSTS)
+    host_notes = (
+        "post_projector only; base image and each tile on its own grid, newline tokens kept; frames "
+        "after the 2x2 pooling; cls_attn refused on SigLIP towers, pooled frames, resampled mosaics"
+    )
     pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     stages = ("post_projector",)
     encoder_keys = (*_IMAGE_KEYS, "vision_aspect_ratio", "image_sizes_videos")

@@ -113,6 +113,11 @@ def qwen2_vl_unpatchify(
 class Qwen2VLAdapter(HFVLMAdapter):
     name = "qwen2_vl"
     description = "transformers Qwen2VL/Qwen2.5-VL ForConditionalGeneration: reduce merged image/video tokens"
+    hf_classes = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
+    host_notes = (
+        "post_projector (after the PatchMerger); M-RoPE positions gathered from the unreduced layout (or "
+        "re-gridded); images and videos"
+    )
     pixel_keys = {"image": "pixel_values", "video": "pixel_values_videos"}
     encoder_keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
     option_names = frozenset({"stage", "mrope"})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from mmeff.adapters import host_table
 from mmeff.core import KINDS, catalogue
 
 #: the line that opens each kind's section (reducers, presses and adapters as ``mmeff list`` always printed)
@@ -31,6 +32,17 @@ def catalogue_lines() -> list[str]:
         lines.append(HEADINGS.get(kind, f"{kind}s:"))
         of_kind = [e for e in entries if e.kind == kind]
         lines += [f"  {e.name:<{width}} {e.summary}".rstrip() for e in of_kind] or ["  (none registered)"]
+    return lines + host_lines()
+
+
+def host_lines() -> list[str]:
+    """The VLM host table: every transformers class mmeff knows, the adapter serving it (where methods run,
+    what is refused) or ``refused`` with the reason."""
+    rows = host_table()
+    width = max(len(c) for c, _, _ in rows)
+    lines = ["VLM hosts (transformers classes; mmeff.apply(model, method) picks the adapter):"]
+    for cls, adapter, notes in rows:
+        lines.append(f"  {cls:<{width}} {adapter:<10} {notes}".rstrip())
     return lines
 
 

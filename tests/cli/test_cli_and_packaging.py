@@ -99,8 +99,9 @@ def test_list_is_the_catalogue_kind_by_kind(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     sections = _list_sections(out)
-    assert list(sections) == ["reducers", "in-tower methods", "KV-cache presses", "quantizers", "models", "adapters"]
-    assert len(sections) == len(KINDS)
+    assert list(sections) == ["reducers", "in-tower methods", "KV-cache presses", "quantizers", "models", "adapters",
+                              "VLM hosts"]
+    assert len(sections) == len(KINDS) + 1
     # every entry of the one registry, once, under its kind's heading
     for heading, kind in zip(sections, KINDS):
         assert sections[heading] == [e.name for e in catalogue(kind)], kind
@@ -114,6 +115,33 @@ def test_list_is_the_catalogue_kind_by_kind(capsys):
     # one line each, with its one-line summary
     assert re.search(r"^\s+mmeff-mini\s+the embedded default VLM", out, re.M)
     assert re.search(r"^\s+tome\s+\S", out, re.M)
+
+
+ISSUE_36_HOSTS = ("LlavaForConditionalGeneration", "Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                  "Qwen3VLForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                  "LlavaNextVideoForConditionalGeneration", "LlavaOnevisionForConditionalGeneration",
+                  "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration",
+                  "InternVLForConditionalGeneration", "Gemma3ForConditionalGeneration")
+
+
+def test_list_shows_every_vlm_host_supported_or_refused_with_the_reason(capsys):
+    import transformers
+    from torch import nn
+
+    from mmeff.adapters import find_adapter
+
+    assert main(["list"]) == 0
+    hosts = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.split("VLM hosts")[1].splitlines()[1:]}
+    assert set(ISSUE_36_HOSTS) <= set(hosts)
+    for name in ISSUE_36_HOSTS:
+        cls = getattr(transformers, name)
+        model = nn.Module.__new__(cls)  # an instance of the real class, without building its weights
+        nn.Module.__init__(model)
+        if hosts[name] == "refused":
+            with pytest.raises(TypeError, match=f"{name} is not supported: not adapted yet: .{{40,}}"):
+                find_adapter(model)
+        else:
+            assert find_adapter(model).name == hosts[name], name
 
 
 def test_bench_on_tiny_model_writes_json(tmp_path, capsys):
