@@ -1,8 +1,8 @@
 """Every hook mmeff puts on a host model lives here.
 
 Host adapters run token reducers at the host's own seams (HF LLaVA, LLaVA-NeXT / NeXT-Video / OneVision,
-Qwen2-VL, Gemma 3; timm ViT, open_clip); method adapters attach the methods that are not reducers: ToMe and ToCom inside ViT blocks, VisToG's
-semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
+Qwen2-VL, Gemma 3, Idefics3 / SmolVLM; timm ViT, open_clip); method adapters attach the methods that are
+not reducers: ToMe and ToCom inside ViT blocks, VisToG's semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
 ``mmeff.apply`` picks them.
 """
 
@@ -16,6 +16,7 @@ from mmeff.adapters.base import (
     register_adapter,
 )
 from mmeff.adapters.gemma3 import Gemma3Adapter
+from mmeff.adapters.idefics3 import Idefics3Adapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
 from mmeff.adapters.llava_next import LlavaNextAdapter
@@ -30,6 +31,7 @@ __all__ = [
     "Adapter",
     "REFUSED_HOSTS",
     "Gemma3Adapter",
+    "Idefics3Adapter",
     "KVCacheAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

@@ -24,10 +24,6 @@ REFUSED_HOSTS: dict[str, str] = {
         "at the placeholder positions, and video frames come in timestamped blocks; a reduction must shrink both "
         "consistently, which no adapter does yet"),
     "Qwen3VLMoeForConditionalGeneration": "not adapted yet: the DeepStack layout of Qwen3-VL (see that class)",
-    "Idefics3ForConditionalGeneration": (
-        "not adapted yet: image splitting puts each sub-image's pixel-shuffled tokens between <row_r_col_c> / "
-        "<fake_token_around_image> markers, so tokens are per sub-image runs, not one grid; no adapter reads that layout yet"),
-    "SmolVLMForConditionalGeneration": "not adapted yet: the Idefics3 layout (sub-images between marker tokens)",
     "InternVLForConditionalGeneration": (
         "not adapted yet: dynamic tiling with a thumbnail and a pixel-shuffle projector put each tile's tokens in "
         "its own <img> run; no adapter reads that layout yet"),

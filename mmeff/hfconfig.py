@@ -44,10 +44,13 @@ def text_config(config: Any) -> Any:
 
 
 def pad_token_id(config: Any) -> int:
-    """The pad id, looked up on the outer then the text config; 0 when neither defines one."""
-    for cfg in (config, text_config(config)):
+    """The pad id, looked up on the text config then the outer one (transformers 5 deprecates the outer
+    ``pad_token_id`` of VLM configs); 0 when neither defines one inside the vocabulary (Idefics3's outer
+    config keeps a default pad id that a smaller text model does not have)."""
+    vocab = getattr(text_config(config), "vocab_size", None)
+    for cfg in (text_config(config), config):
         pad = getattr(cfg, "pad_token_id", None)
-        if pad is not None:
+        if pad is not None and (vocab is None or 0 <= int(pad) < int(vocab)):
             return int(pad)
     return 0
 
