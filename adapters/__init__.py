@@ -1,7 +1,7 @@
 """Every hook mmeff puts on a host model lives here.
 
 Host adapters run token reducers at the host's own seams (HF LLaVA, LLaVA-NeXT / NeXT-Video / OneVision,
-Qwen2-VL, Gemma 3, Idefics3 / SmolVLM; timm ViT, open_clip); method adapters attach the methods that are
+Qwen2-VL, Gemma 3, Idefics3 / SmolVLM, InternVL; timm ViT, open_clip); method adapters attach the methods that are
 not reducers: ToMe and ToCom inside ViT blocks, VisToG's semantic tokens, KV-cache presses on the decoder. All register in the one registry (kind "adapter");
 ``mmeff.apply`` picks them.
 """
@@ -17,6 +17,7 @@ from mmeff.adapters.base import (
 )
 from mmeff.adapters.gemma3 import Gemma3Adapter
 from mmeff.adapters.idefics3 import Idefics3Adapter
+from mmeff.adapters.internvl import InternVLAdapter
 from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.llava import LlavaAdapter
 from mmeff.adapters.llava_next import LlavaNextAdapter
@@ -32,6 +33,7 @@ __all__ = [
     "REFUSED_HOSTS",
     "Gemma3Adapter",
     "Idefics3Adapter",
+    "InternVLAdapter",
     "KVCacheAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",

@@ -24,9 +24,6 @@ REFUSED_HOSTS: dict[str, str] = {
         "at the placeholder positions, and video frames come in timestamped blocks; a reduction must shrink both "
         "consistently, which no adapter does yet"),
     "Qwen3VLMoeForConditionalGeneration": "not adapted yet: the DeepStack layout of Qwen3-VL (see that class)",
-    "InternVLForConditionalGeneration": (
-        "not adapted yet: dynamic tiling with a thumbnail and a pixel-shuffle projector put each tile's tokens in "
-        "its own <img> run; no adapter reads that layout yet"),
 }
 
 
