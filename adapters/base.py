@@ -19,11 +19,12 @@ __all__ = ["Adapter", "REFUSED_HOSTS", "register_adapter", "find_adapter", "host
 #: transformers VLM classes mmeff knows and does not attach to, with the reason; ``find_adapter`` raises it
 #: and ``mmeff list`` prints it
 REFUSED_HOSTS: dict[str, str] = {
-    "Qwen3VLForConditionalGeneration": (
-        "not adapted yet: DeepStack adds the tower's intermediate features to the first LLM layers' hidden states "
-        "at the placeholder positions, and video frames come in timestamped blocks; a reduction must shrink both "
-        "consistently, which no adapter does yet"),
-    "Qwen3VLMoeForConditionalGeneration": "not adapted yet: the DeepStack layout of Qwen3-VL (see that class)",
+    "Idefics2ForConditionalGeneration": (
+        "not adapted: its perceiver resampler turns each image into a fixed set of latent tokens with no spatial "
+        "grid, so grid methods cannot apply and no adapter reads the rest of its layout yet"),
+    "Mistral3ForConditionalGeneration": (
+        "not adapted yet: Pixtral lays each image out row by row with [IMG_BREAK] after every row and [IMG_END] "
+        "after the last; no adapter reads that layout yet"),
 }
 
 

@@ -57,6 +57,10 @@ class VisualItem:
     scores: Tensor | None = None
     reduction: Reduction | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: per-token features ``(N, C)`` the host feeds elsewhere (Qwen3-VL's DeepStack layers); reduced with the
+    #: tokens through the reducer's :meth:`~mmeff.core.TokenReducer.follow` into ``followed``
+    companions: list[Tensor] = field(default_factory=list)
+    followed: list[Tensor] = field(default_factory=list)
 
     @property
     def num_inputs(self) -> int:
@@ -271,16 +275,21 @@ class HFVLMAdapter(Adapter):
         for i, it in enumerate(items):
             if it.reduction is not None:
                 continue
-            key = (it.modality, tuple(it.features.shape), it.grid, it.scores is None, tuple(sorted(it.extras)))
+            key = (it.modality, tuple(it.features.shape), it.grid, it.scores is None, tuple(sorted(it.extras)),
+                   tuple(tuple(c.shape) for c in it.companions))
             groups.setdefault(key, []).append(i)
-        for (_, _, grid, _, extra_keys), idx in groups.items():
+        for (_, _, grid, _, extra_keys, _), idx in groups.items():
             feats = torch.stack([items[i].features for i in idx])
             scores = torch.stack([items[i].scores for i in idx]) if items[idx[0]].scores is not None else None
             # per-item side inputs (question text, frames) as lists aligned with the batch rows
             extras = {k: [items[i].extras[k] for i in idx] for k in extra_keys}
-            red = self.reducer(feats, TokenContext(grid=grid, scores=scores, extras=extras))
+            ctx = TokenContext(grid=grid, scores=scores, extras=extras)
+            red = self.reducer(feats, ctx)
+            followed = [self.reducer.follow(red, torch.stack([items[i].companions[k] for i in idx]), ctx)
+                        for k in range(len(items[idx[0]].companions))]
             for j, i in enumerate(idx):
                 out[i] = select_row(red, j)
+                items[i].followed = [f[j] for f in followed]
         return [r for r in out if r is not None]
 
     def _shrink(
@@ -344,12 +353,15 @@ class HFVLMAdapter(Adapter):
                 new["position_ids"] = new["position_ids"][0]  # back to the caller's (B, L)
         for key in (*self.pixel_keys.values(), *self.encoder_keys):
             new.pop(key, None)
-        enc: dict[str, Any] = {}
-        for modality, idx in per_modality.items():
-            feats = [reds[i].tokens[0] for i in idx]
-            enc[modality] = ReducedEncoderOutput(pooler_output=torch.cat(feats) if modality in self.concat_features else feats)
-        new["mm_encoder_outputs"] = enc
+        new["mm_encoder_outputs"] = {m: self.encoder_output(m, [items[i] for i in idx], [reds[i] for i in idx])
+                                     for m, idx in per_modality.items()}
         return new
+
+    def encoder_output(self, modality: str, items: list[VisualItem], reds: list[Reduction]) -> ReducedEncoderOutput:
+        """What the host reads from ``mm_encoder_outputs[modality]``: the reduced tokens of ``items`` (one
+        ``(M_i, D)`` tensor each, or one concatenated tensor for :attr:`concat_features` modalities)."""
+        feats = [r.tokens[0] for r in reds]
+        return ReducedEncoderOutput(pooler_output=torch.cat(feats) if modality in self.concat_features else feats)
 
 
 def join_run(num_slots: int, parts: list[tuple[Reduction, Tensor, Tensor]]) -> Reduction:

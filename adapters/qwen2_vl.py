@@ -207,19 +207,21 @@ class Qwen2VLAdapter(HFVLMAdapter):
             if enc.get(modality) is not None:
                 if "scores" in self.reducer.needs:
                     raise ValueError("cls_attn needs the vision tower to run; pass pixel values, not mm_encoder_outputs")
-                feats = list(enc[modality].pooler_output)
+                out = enc[modality]
             elif call.get(pix_key) is not None:
                 if grid_thw is None:
                     raise ValueError(f"{pix_key} given without {grid_key}")
                 captured, handle = self._capture_scores() if "scores" in self.reducer.needs else ([], None)
                 try:
-                    feats = list(fn(call[pix_key], grid_thw, return_dict=True).pooler_output)
+                    out = fn(call[pix_key], grid_thw, return_dict=True)
                 finally:
                     if handle is not None:
                         handle.remove()
                 scores = captured[-1] if captured else None
             else:
                 continue
+            feats = list(out.pooler_output)
+            companions = self.companions_of(out, len(feats))
             offset = 0
             for i, f in enumerate(feats):
                 grid = None
@@ -230,10 +232,14 @@ class Qwen2VLAdapter(HFVLMAdapter):
                 n = f.shape[0]
                 s = None if scores is None else scores[offset : offset + n].to(f.device)
                 offset += n
-                items.append(VisualItem(modality, f, grid, s))
+                items.append(VisualItem(modality, f, grid, s, companions=companions[i]))
         if getattr(self.reducer, "video_level", False):
             self._video_extras(call, items)
         return items
+
+    def companions_of(self, out: Any, n: int) -> list[list[Tensor]]:
+        """Per item, the features besides ``pooler_output`` that must shrink with its tokens (none here)."""
+        return [[] for _ in range(n)]
 
     def _video_extras(self, call: dict[str, Any], items: list[VisualItem]) -> None:
         """For video-level methods: each video's question (``mmeff_text``) and its frames, recovered from the

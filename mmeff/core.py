@@ -410,6 +410,26 @@ class TokenReducer:
         """Method-specific reduction; inputs are already validated."""
         raise NotImplementedError
 
+    def follow(self, red: Reduction, x: Tensor, ctx: TokenContext) -> Tensor:
+        """Reduce ``x`` ``(B, N, C)``, per-token features travelling with the tokens ``red`` came from (e.g.
+        Qwen3-VL's DeepStack features), the way ``red`` reduced them → ``(B, M, C)``.
+
+        Selections gather; every other output is its members' mean (over its ``sources`` when set), which
+        is what pooling and merging compute. Methods whose outputs are other functions of their inputs
+        override this (Fourier-VLM low-passes ``x`` as it does the tokens).
+        """
+        if x.shape[:2] != red.assignment.shape:
+            raise ValueError(f"follow: x {tuple(x.shape)} does not match the reduction's {tuple(red.assignment.shape)} inputs")
+        if red.indices is not None:
+            return gather_tokens(x, red.indices)
+        if red.sources is not None:
+            out_idx, in_idx = red.sources
+            vals = x.float().gather(1, in_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            acc = torch.zeros(x.shape[0], red.num_tokens, x.shape[-1], device=x.device)
+            acc.scatter_add_(1, out_idx.unsqueeze(-1).expand_as(vals), vals)
+            return (acc / red.sizes.clamp(min=1).unsqueeze(-1).to(acc)).to(x.dtype)
+        return group_mean(x.float(), red.assignment, red.num_tokens).to(x.dtype)
+
     def __iter__(self) -> Iterator[TokenReducer]:
         yield self
 
@@ -613,6 +633,13 @@ class Compose(TokenReducer):
             ctx = replace(ctx, grid=step.grid, scores=scores)
         assert out is not None
         return out
+
+    def follow(self, red: Reduction, x: Tensor, ctx: TokenContext) -> Tensor:
+        own = [r for r in self.reducers if type(r).follow is not TokenReducer.follow]
+        if own:
+            raise ValueError(f"{self.describe()}: {own[0].describe()} reduces companion features its own way, "
+                             "which a composition cannot chain; apply it alone")
+        return super().follow(red, x, ctx)
 
     def __iter__(self) -> Iterator[TokenReducer]:
         yield from self.reducers

@@ -115,6 +115,11 @@ class FourierLowPass(GridReducer):
         assignment = cells.expand(tokens.shape[0], -1).clone()
         return Reduction(tokens=out, assignment=assignment, grid=out_grid)
 
+    def follow(self, red: Reduction, x: Tensor, ctx: TokenContext) -> Tensor:
+        """Low-pass companion features ``x`` ``(B, N, C)`` to the same ``(h', w')`` grid as the tokens."""
+        assert ctx.grid is not None
+        return fourier_compress(x, ctx.grid, self.out_grid_for(ctx.grid)[-2:], rescale=self.rescale)
+
     def flops(self, grid: Grid, dim: int) -> int:
         """Multiply-add FLOPs of one sample's low-pass (``2·h'·H·W·D + 2·h'·w'·W·D`` per frame)."""
         t, h, w = (1, *grid) if len(grid) == 2 else grid

@@ -289,3 +289,33 @@ def test_non_finite_features_are_refused_by_every_reducer(name, monkeypatch) -> 
         reducer(torch.randn(2, 16, 8), mmeff.TokenContext(grid=(4, 4), scores=scores, prompt=ctx.prompt))
     monkeypatch.setattr(core, "CHECK_FINITE", False)  # MMEFF_CHECK_FINITE=0: the caller's choice
     assert reducer(torch.randn(2, 16, 8), ctx).tokens.shape == (2, 4, 8)
+
+
+@pytest.mark.parametrize("red", [mmeff.UniformKeep(ratio=0.25), mmeff.RandomKeep(ratio=0.5, seed=3), mmeff.AvgPool(tokens=4),
+                                 mmeff.CLSAttnTopK(ratio=0.5), mmeff.create_reducer("fourier", ratio=0.25),
+                                 mmeff.compose(mmeff.AvgPool(ratio=0.5), mmeff.UniformKeep(ratio=0.5))],
+                         ids=lambda r: r.describe())
+def test_follow_reduces_companion_features_the_way_the_tokens_were(red):
+    """follow() on the tokens themselves gives the reduced tokens back; on other features it is linear in
+    them (DeepStack features must be reduced by the same map, whatever their values)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 16, 6, generator=g), torch.randn(2, 16, 3, generator=g)
+    ctx = mmeff.TokenContext(grid=(4, 4), scores=torch.rand(2, 16, generator=g).softmax(-1))
+    red_x = red(x, ctx)
+    torch.testing.assert_close(red.follow(red_x, x, ctx), red_x.tokens, rtol=1e-5, atol=1e-6)
+    both = red.follow(red_x, torch.cat([x, 2 * y], -1), ctx)
+    torch.testing.assert_close(both[..., 6:], 2 * red.follow(red_x, y, ctx), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match|cells but"):
+        red.follow(red_x, y[:, :8], ctx)
+
+
+def test_follow_of_sources_averages_every_source_and_composition_refuses_its_own_rules():
+    tokens = torch.arange(12.0).view(1, 4, 3)
+    red = mmeff.Reduction.from_sources(tokens[:, :2] * 0, torch.tensor([[0, 0, 1, 1, 1]]), torch.tensor([[0, 1, 1, 2, 3]]), 4)
+    out = mmeff.UniformKeep(ratio=1.0).follow(red, tokens, mmeff.TokenContext())
+    torch.testing.assert_close(out[0], torch.stack([tokens[0, :2].mean(0), tokens[0, 1:].mean(0)]))
+    fourier_then_keep = mmeff.compose(mmeff.create_reducer("fourier", ratio=0.5), mmeff.UniformKeep(ratio=0.5))
+    x = torch.randn(1, 16, 4)
+    ctx = mmeff.TokenContext(grid=(4, 4))
+    with pytest.raises(ValueError, match="apply it alone"):
+        fourier_then_keep.follow(fourier_then_keep(x, ctx), x, ctx)
