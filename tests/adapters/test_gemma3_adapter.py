@@ -39,6 +39,8 @@ def gemma3(tmp_path_factory):
     with torch.no_grad():  # weights large enough that a wrong position or mask shows in the logits
         for p in model.model.language_model.parameters():
             p.mul_(4.0)
+        # Gemma 3 initialises its input projection to zeros: every image would be the same zero tokens
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
     folder = tmp_path_factory.mktemp("gemma3")
     model.save_pretrained(folder)
     return Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
@@ -97,6 +99,8 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
 
 def test_found_and_listed(gemma3):
     assert find_adapter(gemma3) is Gemma3Adapter
+    feats = gemma3.model.get_image_features(pixel_values=inputs(1)["pixel_values"]).pooler_output
+    assert float(feats.std()) > 1e-3 and float((feats[0] - feats[1]).abs().max()) > 1e-3  # images matter (not zero-initialised)
     assert "gemma3" in {n for n, _ in mmeff.adapters.list_adapters()}
 
 
@@ -169,3 +173,21 @@ def test_refusals_are_clear_and_restore_is_exact(gemma3):
         with mmeff.apply(gemma3, mmeff.UniformKeep(ratio=0.5)):
             raise RuntimeError("boom")
     assert (dict(gemma3._forward_pre_hooks), "generate" in gemma3.__dict__) == before
+
+
+def test_tome_runs_in_the_tower_and_vistog_is_refused_with_the_reason(gemma3):
+    """ToMe merges inside the SigLIP tower and un-merges at its output (the projector pools the full grid);
+    VisToG groups before the projector, which Gemma 3 refuses."""
+    from mmeff.methods.tome import ToMe
+    from mmeff.methods.vistog import VisToG
+
+    x = inputs(2)
+    ref = gemma3(**x).logits
+    with mmeff.apply(gemma3, ToMe(r=0)):
+        torch.testing.assert_close(gemma3(**x).logits, ref, rtol=0, atol=1e-6)
+    with mmeff.apply(gemma3, ToMe(r=8)) as handle:
+        out = gemma3(**x).logits
+    assert handle.stats["tokens_out"] < handle.stats["tokens_in"] and float((out - ref).abs().max()) > 1e-4
+    with pytest.raises(ValueError, match="pools the full patch grid"):
+        with mmeff.apply(gemma3, VisToG.for_model(gemma3, num_groups=4)):
+            gemma3(**x)

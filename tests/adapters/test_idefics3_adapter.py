@@ -98,6 +98,8 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
 
 def test_found_and_listed(host):
     assert find_adapter(host) is Idefics3Adapter
+    feats = host.model.get_image_features(inputs([2])["pixel_values"]).pooler_output[0]
+    assert float(feats.std()) > 1e-3 and float((feats[:TOKENS] - feats[TOKENS:]).abs().max()) > 1e-3  # images matter (not zero-initialised)
 
 
 @pytest.mark.parametrize("counts", [[3], [3, 2]])
@@ -179,3 +181,14 @@ def test_refusals_are_clear_and_restore_is_exact(host):
             host(**x)
             raise RuntimeError("boom")
     assert (dict(host._forward_pre_hooks), "generate" in host.__dict__) == before
+
+
+def test_in_tower_methods_are_refused_with_the_reason(host):
+    from mmeff.methods.tome import ToMe
+    from mmeff.methods.vistog import VisToG
+
+    with pytest.raises(TypeError, match="ToMe does not support .*supported: timm VisionTransformer"):
+        with mmeff.apply(host, ToMe(r=2)):
+            pass
+    with pytest.raises(TypeError, match="VisToG does not support"):
+        VisToG.for_model(host)

@@ -98,6 +98,8 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
 
 def test_found_and_listed(internvl):
     assert find_adapter(internvl) is InternVLAdapter
+    feats = internvl.model.get_image_features(pixel_values=inputs([2])["pixel_values"]).pooler_output
+    assert float(feats.std()) > 1e-3 and float((feats[0] - feats[1]).abs().max()) > 1e-3  # images matter (not zero-initialised)
 
 
 @pytest.mark.parametrize("counts", [[3], [3, 2]])
@@ -176,3 +178,14 @@ def test_refusals_are_clear_and_restore_is_exact(internvl):
     assert (dict(internvl._forward_pre_hooks), "generate" in internvl.__dict__) == before
     layer = internvl.model.vision_tower.encoder.layer[-1].attention
     assert not layer._forward_pre_hooks  # the score hook is gone too
+
+
+def test_in_tower_methods_are_refused_with_the_reason(internvl):
+    from mmeff.methods.tome import ToMe
+    from mmeff.methods.vistog import VisToG
+
+    with pytest.raises(TypeError, match="ToMe does not support .*supported: timm VisionTransformer"):
+        with mmeff.apply(internvl, ToMe(r=2)):
+            pass
+    with pytest.raises(TypeError, match="VisToG does not support"):
+        VisToG.for_model(internvl)

@@ -126,6 +126,9 @@ def test_found_and_listed(next_, next_video, onevision):
     for m in (next_, next_video, onevision):
         assert find_adapter(m) is LlavaNextAdapter
     assert "llava_next" in {n for n, _ in mmeff.adapters.list_adapters()}
+    x = image_inputs(next_, SIZES[2])
+    a, b = next_.model.get_image_features(pixel_values=x["pixel_values"], image_sizes=x["image_sizes"]).pooler_output
+    assert float(a.std()) > 1e-3 and float((a[:16] - b[:16]).abs().max()) > 1e-3  # images matter (not zero-initialised)
 
 
 @pytest.mark.parametrize("name", ["next_", "onevision"])
@@ -321,3 +324,26 @@ def test_refusals_are_clear_and_restore_is_exact(next_, next_video, tmp_path):
             raise RuntimeError("boom")
     after = (dict(next_._forward_pre_hooks), "generate" in next_.__dict__, "pack_image_features" in next_.model.__dict__)
     assert after == before
+
+
+@pytest.mark.parametrize("name", ["next_", "onevision"])
+def test_tome_runs_in_the_tower_and_vistog_is_refused_with_the_reason(name, request):
+    """ToMe merges inside the CLIP tower of every tile and un-merges at its output (the packing needs the
+    full grid): r=0 is the plain model, r>0 changes the features at the same token count. VisToG groups
+    before the projector, where the tiles are not packed yet: refused with that reason."""
+    from mmeff.methods.tome import ToMe
+    from mmeff.methods.vistog import VisToG
+
+    model = request.getfixturevalue(name)
+    x = image_inputs(model, SIZES[2])
+    ref = model(**x).logits
+    with mmeff.apply(model, ToMe(r=0)):
+        torch.testing.assert_close(model(**x).logits, ref, rtol=0, atol=1e-6)
+    with mmeff.apply(model, ToMe(r=4)) as handle:
+        out = model(**x).logits
+        gen = model.generate(**x, max_new_tokens=2, do_sample=False)
+    assert handle.stats["tokens_out"] < handle.stats["tokens_in"] and out.shape == ref.shape
+    assert float((out - ref).abs().max()) > 1e-4 and gen.shape[1] == x["input_ids"].shape[1] + 2
+    with pytest.raises(ValueError, match="unpacked batch of tiles"):
+        with mmeff.apply(model, VisToG.for_model(model, num_groups=4)):
+            model(**x)

@@ -144,6 +144,11 @@ def reference(model, x: dict, red, deepstack_follow: bool = True) -> tuple[torch
 
 def test_found_and_listed(qwen3):
     assert find_adapter(qwen3) is Qwen3VLAdapter
+    x = inputs([[(32, 32), (32, 32)]])
+    out = qwen3.model.get_image_features(x["pixel_values"], x["image_grid_thw"])
+    a, b = out.pooler_output
+    assert float(a.std()) > 1e-3 and float((a - b).abs().max()) > 1e-3  # images matter (not zero-initialised)
+    assert all(float((d[0] - d[1]).abs().max()) > 1e-3 for d in out.deepstack_features)  # and so does DeepStack
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -229,3 +234,14 @@ def test_refusals_are_clear_and_restore_is_exact(qwen3):
             qwen3(**x)
             raise RuntimeError("boom")
     assert (dict(qwen3._forward_pre_hooks), "generate" in qwen3.__dict__) == before
+
+
+def test_in_tower_methods_are_refused_with_the_reason(qwen3):
+    from mmeff.methods.tome import ToMe
+    from mmeff.methods.vistog import VisToG
+
+    with pytest.raises(TypeError, match="ToMe does not support .*supported: timm VisionTransformer"):
+        with mmeff.apply(qwen3, ToMe(r=2)):
+            pass
+    with pytest.raises(TypeError, match="VisToG does not support"):
+        VisToG.for_model(qwen3)
