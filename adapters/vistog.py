@@ -1,4 +1,4 @@
-"""VisToG's attachment: semantic tokens in the vision tower (CLIP/SigLIP towers, Qwen2-VL side stream)
+"""VisToG's attachment: semantic tokens in the vision tower (CLIP/SigLIP towers, Qwen2-VL / Qwen2.5-VL side stream)
 and the grouping step run by the host's reducer adapter. The algorithm is in :mod:`mmeff.methods.vistog`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
 from mmeff.adapters.base import Adapter, find_adapter, register_adapter
-from mmeff.methods.vistog import SEMANTIC_KEY, Grouping, VisToG, isolation_mask, vision_host
+from mmeff.methods.vistog import SEMANTIC_KEY, Grouping, VisToG, isolation_mask, qwen_widths, vision_host
 
 __all__ = ["VisToGAdapter"]
 
@@ -32,19 +32,26 @@ class VisToGAdapter(Adapter):
     of copies of itself, and the grouping runs on the merger's output (where this library's reducers run
     on Qwen2-VL), M tokens per image or video.
 
+    Qwen2.5-VL: the same side stream. Its tower runs most blocks in windows over a window-ordered patch
+    sequence; the semantic tokens still attend to every patch of their image in every block (a semantic
+    token summarises the whole image; attention over a set does not depend on the order), and the
+    patches keep the host's windows.
+
     ``stats`` after a forward: ``{"tokens_in": N, "tokens_out": M, ...}`` plus the VLM adapter's.
     """
 
     name = "vistog"
-    description = "VisToG semantic-token grouping (HF CLIP towers / LLaVA, Qwen2-VL)"
+    description = "VisToG semantic-token grouping (HF CLIP towers / LLaVA, Qwen2-VL, Qwen2.5-VL)"
     method_type: ClassVar[type] = VisToG
 
     def __init__(self, model: nn.Module, vistog: VisToG, **options: Any) -> None:
         super().__init__(model, vistog, **options)
         self.vistog = vistog
         self.kind, self.tower = vision_host(model)
-        width = int(self.tower.config.embed_dim if self.kind == "qwen2_vl" else self.tower.config.hidden_size)
-        out = int(self.tower.config.hidden_size)
+        if self.kind == "qwen2_vl":
+            width, out = qwen_widths(self.tower.config)
+        else:
+            width = out = int(self.tower.config.hidden_size)
         if vistog.token_dim != width or vistog.dim != out:
             raise ValueError(f"VisToG (token_dim {vistog.token_dim}, dim {vistog.dim}) does not match the vision tower "
                              f"(width {width}, grouping width {out}); build it with VisToG.for_model(model)")

@@ -3,7 +3,8 @@
 Everything analytic here is derived from a model *config* alone, so the numbers for a 7B model come out
 on a laptop with no weights: the real ``llava-hf/llava-1.5-7b-hf`` and ``Qwen/Qwen2-VL-7B-Instruct``
 architecture configs ship in ``mmeff/configs/`` and :func:`meta_model` builds the real transformers
-model on the ``meta`` device (shapes only, no memory).
+model on the ``meta`` device (shapes only, no memory). The 7B-class configs of the other hosts ship there
+too (with their provenance) for the language-model accounting of :mod:`mmeff.eval.host_costs`.
 
 FLOPs convention (checked against ``torch.utils.flop_counter.FlopCounterMode`` in the tests):
 
@@ -73,7 +74,7 @@ _ALIASES = {
 
 _SUPPORTED_MODEL_TYPES = ("llava", "qwen2_vl")
 # Decoder families whose layers are q/k/v/o attention + gated (gate/up/down) MLP.
-_GATED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl_text")
+_GATED_TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3", "qwen3_vl_text", "gemma3_text")
 
 LogitsMode = Literal["all", "last"]
 AttentionMode = Literal["full", "causal"]
@@ -553,7 +554,8 @@ def kv_cache_bytes(
     Layers declared ``"sliding_attention"`` (Qwen2-VL with ``use_sliding_window``) keep only the last
     ``sliding_window - 1`` tokens, as ``DynamicSlidingWindowLayer`` does.
     """
-    supported_model_type(config)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"expected a transformers PretrainedConfig, got {type(config).__name__}")
     seq_len = check_int("seq_len", seq_len)
     batch = check_int("batch", batch, minimum=1)
     if not isinstance(dtype, torch.dtype):

@@ -58,9 +58,9 @@ from torch import Tensor, nn
 
 from mmeff.checkpoint import Checkpointable
 from mmeff.core import IN_TOWER, Reduction, TokenContext, TokenReducer
-from mmeff.hosts import hf_vision_tower, is_qwen2_5_vl, is_qwen2_vl, vision_tower
+from mmeff.hosts import hf_vision_tower, is_qwen2_vl, vision_tower
 
-__all__ = ["GroupReduction", "Grouping", "GroupingLayer", "SEMANTIC_KEY", "VisToG", "isolation_mask", "num_patches", "vision_host"]
+__all__ = ["GroupReduction", "Grouping", "GroupingLayer", "SEMANTIC_KEY", "VisToG", "isolation_mask", "num_patches", "qwen_widths", "vision_host"]
 
 
 # ----------------------------------------------------------------------------------------- grouping
@@ -174,7 +174,8 @@ class VisToG(Checkpointable, nn.Module):
         param = next(tower.parameters())
         if kind == "qwen2_vl":
             vc = tower.config
-            return cls(int(vc.hidden_size), num_groups, token_dim=int(vc.embed_dim), **kwargs).to(param.device,
+            width, merged = qwen_widths(vc)
+            return cls(merged, num_groups, token_dim=width, **kwargs).to(param.device,
                                                                                                   param.dtype)
         n = num_patches(tower)
         if num_groups > n:
@@ -262,9 +263,6 @@ def vision_host(model: nn.Module) -> tuple[str, nn.Module]:
     ``encoder.layers``), ``("qwen2_vl", visual)`` for Qwen2-VL; ``TypeError`` naming the class otherwise."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if is_qwen2_5_vl(model):
-        raise TypeError(f"VisToG does not support {type(model).__name__}: Qwen2.5-VL's windowed attention reorders "
-                        "the patches; supported: HF LLaVA, CLIP/SigLIP vision models and Qwen2-VL")
     if is_qwen2_vl(model):
         visual = vision_tower(model)
         if visual is None or not hasattr(visual, "merger"):
@@ -275,6 +273,14 @@ def vision_host(model: nn.Module) -> tuple[str, nn.Module]:
         raise TypeError(f"VisToG does not support {type(model).__name__}; supported: HF LLaVA, CLIP/SigLIP vision "
                         "models and Qwen2-VL")
     return "clip", tower
+
+
+def qwen_widths(vision_config: Any) -> tuple[int, int]:
+    """(ViT width, merger output width) of a Qwen2-VL / Qwen2.5-VL vision config (Qwen2-VL names them
+    ``embed_dim`` / ``hidden_size``, Qwen2.5-VL ``hidden_size`` / ``out_hidden_size``)."""
+    if getattr(vision_config, "embed_dim", None) is not None:
+        return int(vision_config.embed_dim), int(vision_config.hidden_size)
+    return int(vision_config.hidden_size), int(vision_config.out_hidden_size)
 
 
 def num_patches(tower: nn.Module) -> int:

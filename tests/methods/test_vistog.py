@@ -184,14 +184,6 @@ def test_bad_uses_fail_clearly(llava, tmp_path) -> None:
         mmeff.apply(llava, VisToG(16, 4)).__enter__()
     with pytest.raises(ValueError, match="only with a KV-cache press"):
         mmeff.attach(llava, fresh(llava), mmeff.AvgPool(tokens=16))
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    base = models.tiny_qwen2_vl_config()
-    cfg = Qwen2_5_VLConfig(text_config=base.text_config.to_dict(), vision_config=dict(
-        depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]))
-    with pytest.raises(TypeError, match="Qwen2.5-VL's windowed attention"):
-        VisToG.for_model(Qwen2_5_VLForConditionalGeneration(cfg))
     with pytest.raises(TypeError, match="does not support Linear"):
         mmeff.attach(torch.nn.Linear(2, 2), VisToG(2, 1))
     model = copy.deepcopy(llava)
@@ -351,6 +343,89 @@ def test_qwen_side_stream_equals_the_masked_joint_sequence(qwen, self_attention)
     torch.testing.assert_close(x[:n], host.last_hidden_state, atol=1e-10, rtol=0)  # the reference is right
     assert len(got) == 1
     torch.testing.assert_close(got[0], want, atol=1e-10, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def qwen25(tmp_path_factory):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = models.tiny_qwen2_vl_config()
+    cfg = Qwen2_5_VLConfig(text_config=base.text_config.to_dict(), vision_config=dict(
+        depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
+        **{k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("qwen25_vistog")
+    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_qwen25_side_stream_equals_the_masked_joint_sequence_with_windows(qwen25, self_attention) -> None:
+    """Qwen2.5-VL runs most tower blocks in windows over a window-ordered patch sequence. Reference: the
+    patches (as the host orders them) and the semantic tokens as ONE sequence, where patches attend within
+    the host's window (or full-attention) segments and semantic tokens to every patch of the image; the
+    patches must come out as the host's and the semantic tokens as the side stream's."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    model = copy.deepcopy(qwen25).double()
+    inp = models.qwen2_vl_inputs(model.config, batch=1, image_hw=[(112, 168)], seed=4)
+    vt = fresh(model, m=3, semantic_self_attention=self_attention).double()
+    visual = model.model.visual
+    seen: list = []
+    hooks = [blk.register_forward_pre_hook(lambda mod, a, kw: seen.append((a[0] if a else kw["hidden_states"],
+                                                                        kw["cu_seqlens"], kw["position_embeddings"])),
+                                           with_kwargs=True) for blk in visual.blocks]
+    final: list = []
+    hooks.append(visual.merger.register_forward_pre_hook(lambda mod, a: final.append(a[0])))
+    with torch.no_grad():
+        px, grid = inp["pixel_values"].double(), inp["image_grid_thw"]
+        visual(px, grid_thw=grid)
+        for h in hooks:
+            h.remove()
+        got: list = []
+        with mmeff.apply(model, vt) as handle:
+            handle._merged = got
+            visual(px, grid_thw=grid)
+        x0, _, (cos, sin) = seen[0]
+        n, m = x0.shape[0], vt.num_groups
+        assert len({tuple(cu.tolist()) for _, cu, _ in seen}) == 2  # windowed and full-attention blocks
+        x = torch.cat([x0, vt.semantic.double()])
+        for blk, (_, cu, _) in zip(visual.blocks, seen):
+            mask = isolation_mask(n, m, torch.float64, semantic_self_attention=self_attention)[0, 0].clone()
+            seg = torch.zeros(n, dtype=torch.long)
+            for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                seg[a:b] = i
+            mask[:n, :n] = torch.where(seg[:, None] == seg[None, :], 0.0, float("-inf"))
+            heads = blk.attn.num_heads
+            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(n + m, 3, heads, -1).unbind(1)
+            rq, rk = apply_rotary_pos_emb_vision(q[:n], k[:n], cos, sin)
+            q, k = torch.cat([rq, q[n:]]), torch.cat([rk, k[n:]])
+            w = (torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling + mask).softmax(-1)
+            x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", w, v).reshape(n + m, -1))
+            x = x + blk.mlp(blk.norm2(x))
+        merger = visual.merger
+        want = merger.mlp(merger.ln_q(x[n:]).repeat(1, 4))
+    torch.testing.assert_close(x[:n], final[0], atol=1e-10, rtol=0)  # the reference is the host's
+    assert len(got) == 1
+    torch.testing.assert_close(got[0], want, atol=1e-10, rtol=0)
+
+
+def test_qwen25_reads_m_tokens_per_image_and_video(qwen25) -> None:
+    inp = models.qwen2_vl_inputs(qwen25.config, batch=2, image_hw=[(112, 84)], video=[None, (4, 56, 56)], seed=0)
+    with torch.no_grad():
+        base = qwen25(**inp).logits
+        ref = qwen25.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+        with mmeff.apply(qwen25, fresh(qwen25, m=4)) as handle:
+            qwen25(**inp)
+            stats = handle.stats
+            gen = qwen25.generate(**inp, max_new_tokens=2, do_sample=False)
+            hooked = qwen25.model.visual(inp["pixel_values"], grid_thw=inp["image_grid_thw"])
+        again = qwen25(**inp).logits
+    assert stats["visual_tokens_in"] == 12 + 12 + 8 and stats["visual_tokens_out"] == 3 * 4
+    assert gen.shape == (2, inp["input_ids"].shape[1] + 2)
+    assert torch.equal(hooked.pooler_output, ref.pooler_output)  # the host's patch computation is untouched
+    torch.testing.assert_close(again, base, atol=0, rtol=0)
 
 
 def test_qwen_training_stage_one_moves_merger_and_vistog_only(qwen) -> None:
