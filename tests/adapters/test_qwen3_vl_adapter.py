@@ -245,3 +245,22 @@ def test_in_tower_methods_are_refused_with_the_reason(qwen3):
             pass
     with pytest.raises(TypeError, match="VisToG does not support"):
         VisToG.for_model(qwen3)
+
+
+def test_regridded_positions_follow_each_reduced_time_step(qwen3):
+    """mrope='regrid' lays every image and time step out on its reduced grid through the host's own
+    get_rope_index (per-frame grids, as Qwen3-VL splits videos)."""
+    x = inputs([[(32, 48)]], video=(4, 32, 32))
+    seen = []
+    with mmeff.apply(qwen3, mmeff.AvgPool(tokens=2), mrope="regrid") as handle:
+        h = qwen3.model.language_model.register_forward_pre_hook(lambda m, a, k: seen.append(k["position_ids"]),
+                                                                 with_kwargs=True)
+        try:
+            qwen3(**x)
+            gen = qwen3.generate(**x, max_new_tokens=2, do_sample=False)
+        finally:
+            h.remove()
+    assert handle.stats["visual_tokens_out"] == 2 + 2 * 2 and gen.shape[1] == x["input_ids"].shape[1] + 2
+    pos = seen[0]
+    # positions stay a valid M-RoPE layout: the text after the media continues one past the largest position
+    assert int(pos[:, 0, -1].min()) == int(pos[:, 0, :-1].max()) + 1
