@@ -11,10 +11,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from mmeff.core import ADAPTERS, TokenReducer
 
-__all__ = ["Adapter", "REFUSED_HOSTS", "register_adapter", "find_adapter", "host_table", "list_adapters", "cls_attention"]
+__all__ = ["Adapter", "REFUSED_HOSTS", "register_adapter", "find_adapter", "host_table", "list_adapters", "capture_cls_attention", "cls_attention"]
 
 #: transformers VLM classes mmeff knows and does not attach to, with the reason; ``find_adapter`` raises it
 #: and ``mmeff list`` prints it
@@ -128,6 +129,23 @@ def host_table() -> list[tuple[str, str, str]]:
     knows, supported ones first."""
     rows = [(h, a.name, a.host_notes) for a in _host_adapters() for h in a.hf_classes]
     return rows + [(h, "refused", why) for h, why in REFUSED_HOSTS.items()]
+
+
+def capture_cls_attention(attn: nn.Module, captured: list[Tensor]) -> RemovableHandle:
+    """Forward pre-hook on a ViT attention module (``q_proj`` / ``k_proj``, optional ``q_norm`` / ``k_norm``
+    as InternViT has) appending the class token's attention ``(B, N)`` over the module's input to
+    ``captured``; the module itself runs unchanged (SDPA / flash stay on). Remove the returned handle."""
+    norm_q = getattr(attn, "q_norm", None) or nn.Identity()
+    norm_k = getattr(attn, "k_norm", None) or nn.Identity()
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        h = kwargs.get("hidden_states", args[0] if args else None)
+        b, n, _ = h.shape
+        q = norm_q(module.q_proj(h[:, :1])).view(b, 1, -1, module.head_dim).transpose(1, 2)
+        k = norm_k(module.k_proj(h)).view(b, n, -1, module.head_dim).transpose(1, 2)
+        captured.append(cls_attention(q, k))
+
+    return attn.register_forward_pre_hook(grab, with_kwargs=True)
 
 
 def cls_attention(q: Tensor, k: Tensor, cls_index: int = 0) -> Tensor:

@@ -16,13 +16,13 @@ to every host here (LLaVA-1.5 was trained on 576), and its accuracy cost is what
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 from torch import nn
 
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.hosts import is_instance_of
 
 __all__ = ["Gemma3Adapter"]
 
@@ -42,8 +42,7 @@ class Gemma3Adapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        mod = sys.modules.get("transformers.models.gemma3.modeling_gemma3")
-        return mod is not None and isinstance(model, mod.Gemma3ForConditionalGeneration)
+        return is_instance_of(model, [("transformers.models.gemma3.modeling_gemma3", "Gemma3ForConditionalGeneration")])
 
     def _stage_hint(self, stage: str) -> str:
         return ("; Gemma 3's projector pools the full patch grid to its soft tokens, so reduction runs on them "

@@ -18,13 +18,13 @@ images with timestamp text between them, not as one run).
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 from torch import nn
 
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.hosts import is_instance_of
 
 __all__ = ["Idefics3Adapter"]
 
@@ -76,7 +76,7 @@ class Idefics3Adapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(isinstance(model, c) for c in (getattr(sys.modules.get(m), n, None) for m, n in _HOSTS) if c is not None)
+        return is_instance_of(model, _HOSTS)
 
     def _stage_hint(self, stage: str) -> str:
         return "; the connector's pixel shuffle folds the full patch grid, so reduction runs on its output (stage='post_projector')"

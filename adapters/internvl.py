@@ -16,14 +16,14 @@ as frames, each its own image run; video-level methods are refused.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mmeff.adapters.base import cls_attention, register_adapter
+from mmeff.adapters.base import capture_cls_attention, register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.hosts import is_instance_of
 
 __all__ = ["InternVLAdapter"]
 
@@ -45,8 +45,7 @@ class InternVLAdapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        mod = sys.modules.get("transformers.models.internvl.modeling_internvl")
-        return mod is not None and isinstance(model, mod.InternVLForConditionalGeneration)
+        return is_instance_of(model, [("transformers.models.internvl.modeling_internvl", "InternVLForConditionalGeneration")])
 
     def _stage_hint(self, stage: str) -> str:
         return "; InternVL's pixel shuffle folds the full patch grid, so reduction runs on its output (stage='post_projector')"
@@ -93,16 +92,7 @@ class InternVLAdapter(HFVLMAdapter):
         index = int(self._option(call, "vision_feature_layer")) % (len(layers) + 1) - 1
         if index < 0:
             raise ValueError("cls_attn: vision_feature_layer points at the embeddings, which have no attention")
-        attn = layers[index].attention
-
-        def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            b, n, _ = h.shape
-            q = module.q_norm(module.q_proj(h))[:, :1].view(b, 1, module.num_heads, module.head_dim).transpose(1, 2)
-            k = module.k_norm(module.k_proj(h)).view(b, n, module.num_heads, module.head_dim).transpose(1, 2)
-            captured.append(cls_attention(q, k))
-
-        return attn.register_forward_pre_hook(grab, with_kwargs=True)
+        return capture_cls_attention(layers[index].attention, captured)
 
     def _token_scores(self, attention: Tensor, call: dict[str, Any]) -> Tensor:
         """Class-token attention per patch ``(tiles, 1 + P)`` -> per LLM token ``(tiles, T)``: the sum over the

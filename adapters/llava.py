@@ -9,17 +9,16 @@ captured by a forward pre-hook on that layer's attention module, so SDPA/flash a
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mmeff.adapters.base import cls_attention, register_adapter
+from mmeff.adapters.base import capture_cls_attention, register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem, select_row
 from mmeff.core import Reduction, TokenContext
-from mmeff.hosts import projector, vision_tower
+from mmeff.hosts import is_instance_of, projector, vision_tower
 
 __all__ = ["LlavaAdapter"]
 
@@ -40,8 +39,7 @@ class LlavaAdapter(HFVLMAdapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         # only a loaded module can have produced an instance, so never import transformers' LLaVA here
-        mod = sys.modules.get("transformers.models.llava.modeling_llava")
-        return mod is not None and isinstance(model, mod.LlavaForConditionalGeneration)
+        return is_instance_of(model, [("transformers.models.llava.modeling_llava", "LlavaForConditionalGeneration")])
 
     def placeholder_id(self, modality: str) -> int:
         return int(self.model.config.image_token_id)
@@ -73,16 +71,7 @@ class LlavaAdapter(HFVLMAdapter):
         """Hook appending the CLS token's attention ``(tiles, 1 + N)`` at the feature layer to ``captured``."""
         if "siglip" in str(getattr(self.model.config.vision_config, "model_type", "")):
             raise ValueError(f"{self.reducer.describe()} needs a class token's attention; this model's SigLIP tower has none")
-        attn = self._attention_layer(self._feature_layer(call))
-
-        def grab(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            h = kwargs.get("hidden_states", args[0] if args else None)
-            b, n, _ = h.shape
-            q = module.q_proj(h[:, :1]).view(b, 1, -1, module.head_dim).transpose(1, 2)
-            k = module.k_proj(h).view(b, n, -1, module.head_dim).transpose(1, 2)
-            captured.append(cls_attention(q, k))
-
-        return attn.register_forward_pre_hook(grab, with_kwargs=True)
+        return capture_cls_attention(self._attention_layer(self._feature_layer(call)), captured)
 
     def encode(self, call: dict[str, Any]) -> list[VisualItem]:
         inner = self.model.model

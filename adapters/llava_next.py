@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +41,7 @@ from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import VisualItem, join_run
 from mmeff.adapters.llava import LlavaAdapter
 from mmeff.core import Reduction
+from mmeff.hosts import is_instance_of
 
 __all__ = ["LlavaNextAdapter"]
 
@@ -76,8 +76,7 @@ class _Run:
 
 def _host(model: nn.Module) -> tuple[str, str, bool] | None:
     for mod, name, video_newline in _HOSTS:
-        cls = getattr(sys.modules.get(mod), name, None)
-        if cls is not None and isinstance(model, cls):
+        if is_instance_of(model, [(mod, name)]):
             return mod, name, video_newline
     return None
 

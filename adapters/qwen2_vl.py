@@ -23,7 +23,6 @@ the last vision block (a common CLS-free substitute), averaged over each 2×2 me
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_
 
 from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import HFVLMAdapter, VisualItem
+from mmeff.hosts import is_instance_of
 from mmeff.methods.fourier import FourierLowPass
 
 __all__ = ["Qwen2VLAdapter", "qwen2_vl_patchify", "qwen2_vl_unpatchify", "received_attention"]
@@ -136,11 +136,8 @@ class Qwen2VLAdapter(HFVLMAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        classes = [
-            getattr(sys.modules.get(f"transformers.models.{m}.modeling_{m}"), c, None)
-            for m, c in (("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))
-        ]
-        return any(c is not None and isinstance(model, c) for c in classes)
+        return is_instance_of(model, [(f"transformers.models.{m}.modeling_{m}", c) for m, c in (
+            ("qwen2_vl", "Qwen2VLForConditionalGeneration"), ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"))])
 
     def placeholder_id(self, modality: str) -> int:
         cfg = self.model.config

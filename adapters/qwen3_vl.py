@@ -21,7 +21,6 @@ each patch receives in the last tower block, as on Qwen2-VL.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from mmeff.adapters.base import register_adapter
 from mmeff.adapters.hf_vlm import ReducedEncoderOutput, VisualItem
 from mmeff.adapters.qwen2_vl import Qwen2VLAdapter
 from mmeff.core import Reduction
+from mmeff.hosts import is_instance_of
 
 __all__ = ["Qwen3VLAdapter"]
 
@@ -60,7 +60,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return any(isinstance(model, c) for c in (getattr(sys.modules.get(m), n, None) for m, n in _HOSTS) if c is not None)
+        return is_instance_of(model, _HOSTS)
 
     def encode(self, call: dict[str, Any]) -> list[VisualItem]:
         if getattr(self.reducer, "video_level", False):

@@ -185,12 +185,7 @@ class Reduction:
         if self.indices is not None:
             out = p.gather(1, self.indices.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
         elif self.sources is not None:
-            out_idx, in_idx = self.sources
-            vals = p.to(torch.float64).gather(1, in_idx.unsqueeze(-1).expand(-1, -1, p.shape[-1]))
-            acc = torch.zeros(p.shape[0], self.num_tokens, p.shape[-1], dtype=torch.float64, device=p.device)
-            acc.scatter_add_(1, out_idx.unsqueeze(-1).expand_as(vals), vals)
-            cnt = self.sizes.to(torch.float64).clamp(min=1).unsqueeze(-1)
-            out = (acc / cnt).round().to(pos.dtype)
+            out = source_mean(p.to(torch.float64), self.sources, self.sizes, self.num_tokens).round().to(pos.dtype)
         else:
             out = group_mean(p.to(torch.float64), self.assignment, self.num_tokens).round().to(pos.dtype)
         return out.squeeze(-1) if squeeze else out
@@ -215,6 +210,16 @@ def member_counts(assignment: Tensor, m: int) -> Tensor:
     counts = torch.zeros(b, m + 1, dtype=torch.long, device=assignment.device)
     counts.scatter_add_(1, assignment.clamp(min=-1) + 1, torch.ones_like(assignment))
     return counts[:, 1:]
+
+
+def source_mean(x: Tensor, sources: tuple[Tensor, Tensor], sizes: Tensor, m: int) -> Tensor:
+    """Mean of ``x`` ``(B, N, C)`` over every input each of ``m`` outputs draws on → ``(B, M, C)`` in ``x``'s
+    dtype; ``sources`` the ``(out_idx, in_idx)`` pairs of a :class:`Reduction`, ``sizes`` ``(B, M)`` its counts."""
+    out_idx, in_idx = sources
+    vals = x.gather(1, in_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    acc = torch.zeros(x.shape[0], m, x.shape[-1], dtype=x.dtype, device=x.device)
+    acc.scatter_add_(1, out_idx.unsqueeze(-1).expand_as(vals), vals)
+    return acc / sizes.to(x.dtype).clamp(min=1).unsqueeze(-1)
 
 
 def group_mean(x: Tensor, assignment: Tensor, m: int) -> Tensor:
@@ -423,11 +428,7 @@ class TokenReducer:
         if red.indices is not None:
             return gather_tokens(x, red.indices)
         if red.sources is not None:
-            out_idx, in_idx = red.sources
-            vals = x.float().gather(1, in_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            acc = torch.zeros(x.shape[0], red.num_tokens, x.shape[-1], device=x.device)
-            acc.scatter_add_(1, out_idx.unsqueeze(-1).expand_as(vals), vals)
-            return (acc / red.sizes.clamp(min=1).unsqueeze(-1).to(acc)).to(x.dtype)
+            return source_mean(x.float(), red.sources, red.sizes, red.num_tokens).to(x.dtype)
         return group_mean(x.float(), red.assignment, red.num_tokens).to(x.dtype)
 
     def __iter__(self) -> Iterator[TokenReducer]:

@@ -8,7 +8,7 @@ imported), so nothing here imports timm, open_clip or a transformers model file.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ __all__ = [
     "vit_host",
     "hf_vision_tower",
     "inner_model",
+    "is_instance_of",
     "is_open_clip_vit",
     "is_qwen2_5_vl",
     "is_qwen2_vl",
@@ -32,6 +33,12 @@ __all__ = [
 def class_named(module: str, name: str) -> type | None:
     """The class ``name`` of ``module`` if that module is already imported, else ``None``."""
     return getattr(sys.modules.get(module), name, None)
+
+
+def is_instance_of(model: Any, classes: Iterable[tuple[str, str]]) -> bool:
+    """Whether ``model`` is an instance of one of ``classes``, ``(module, class name)`` pairs looked up in
+    already imported modules only (how every host adapter recognises its model classes)."""
+    return any(c is not None and isinstance(model, c) for c in (class_named(m, n) for m, n in classes))
 
 
 def is_timm_vit(model: Any) -> bool:
