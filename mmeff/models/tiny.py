@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor, nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -32,6 +33,8 @@ from mmeff.models.hf import left_pad_batch, llava_tokens_per_image
 
 __all__ = [
     "build_tiny",
+    "pack_right",
+    "saved_and_reloaded",
     "llava_inputs",
     "qwen2_vl_inputs",
     "tiny_llava_config",
@@ -193,6 +196,32 @@ def build_tiny(
     model.save_pretrained(folder, safe_serialization=True)
     del model
     return cls.from_pretrained(folder, dtype=dtype).eval()
+
+
+def saved_and_reloaded(model: nn.Module, folder: str | Path, language_model: nn.Module, scale: float = 4.0) -> nn.Module:
+    """Scale ``language_model``'s weights by ``scale`` (at the default init a wrong position or mask moves the
+    logits by ~1e-5 only), then ``save_pretrained`` / ``from_pretrained`` and return the reloaded model (eval)."""
+    with torch.no_grad():
+        for p in language_model.parameters():
+            p.mul_(scale)
+    model.save_pretrained(folder)
+    return type(model).from_pretrained(folder).eval()
+
+
+def pack_right(keep: Tensor, *per_token: Tensor) -> tuple[Tensor, ...]:
+    """Each row's kept tokens moved to the right end, zeros on the left (how the adapters left-pad a reduced
+    prompt): ``keep`` ``(B, L)`` bool, ``per_token`` tensors ``(B, L, ...)`` → ``(mask, *packed)``, each
+    ``(B, W, ...)`` with ``W`` the longest row's kept count and ``mask`` ``(B, W)`` long."""
+    width = int(keep.sum(1).max())
+    b = keep.shape[0]
+    mask = torch.zeros(b, width, dtype=torch.long)
+    packed = [t.new_zeros(b, width, *t.shape[2:]) for t in per_token]
+    for row in range(b):
+        n = int(keep[row].sum())
+        mask[row, width - n:] = 1
+        for out, t in zip(packed, per_token):
+            out[row, width - n:] = t[row, keep[row]]
+    return (mask, *packed)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import Gemma3Adapter, find_adapter
+from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, BOI, EOI = 5, 3, 4  # special ids of the tiny model; text ids are >= 8
 TOKENS, SIDE = 16, 4  # soft tokens per image on a 4x4 grid (an 8x8 patch grid pooled 2x2)
@@ -36,14 +37,9 @@ def gemma3(tmp_path_factory):
     )
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(cfg)
-    with torch.no_grad():  # weights large enough that a wrong position or mask shows in the logits
-        for p in model.model.language_model.parameters():
-            p.mul_(4.0)
-        # Gemma 3 initialises its input projection to zeros: every image would be the same zero tokens
+    with torch.no_grad():  # Gemma 3 initialises its input projection to zeros: every image would be the same zero tokens
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.5)
-    folder = tmp_path_factory.mktemp("gemma3")
-    model.save_pretrained(folder)
-    return Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    return saved_and_reloaded(model, tmp_path_factory.mktemp("gemma3"), model.model.language_model)
 
 
 def inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -85,16 +81,8 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
         mask[rows[m:], cols[m:]] = 0
         types[rows[m:], cols[m:]] = 0
     # the kept tokens, packed to the right as the adapter does, run through the host's own forward
-    keep = mask.bool()
-    width = int(keep.sum(1).max())
-    p_emb = emb.new_zeros(ids.shape[0], width, emb.shape[-1])
-    p_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    p_types = torch.zeros_like(p_mask)
-    for b in range(ids.shape[0]):
-        n = int(keep[b].sum())
-        p_emb[b, width - n:], p_mask[b, width - n:], p_types[b, width - n:] = emb[b, keep[b]], 1, types[b, keep[b]]
-    out = model(inputs_embeds=p_emb, attention_mask=p_mask, token_type_ids=p_types)
-    return out.logits, p_mask
+    p_mask, p_emb, p_types = pack_right(mask.bool(), emb, types)
+    return model(inputs_embeds=p_emb, attention_mask=p_mask, token_type_ids=p_types).logits, p_mask
 
 
 def test_found_and_listed(gemma3):

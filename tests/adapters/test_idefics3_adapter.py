@@ -10,6 +10,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import Idefics3Adapter, find_adapter
+from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, FAKE, GLOBAL, ROW = 3, 4, 5, 6  # placeholder, <fake_token_around_image>, <global-img>, <row_1_col_1>...
 TOKENS, SIDE = 16, 4  # a 64px sub-image at patch 8 (8x8 patches), pixel-shuffled 2x2: 16 tokens on 4x4
@@ -34,11 +35,7 @@ def _build(cls_name: str, folder):
     model_cls = getattr(transformers, cls_name)
     torch.manual_seed(0)
     model = model_cls(cfg)
-    with torch.no_grad():
-        for p in model.model.text_model.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(folder)
-    return model_cls.from_pretrained(folder).eval()
+    return saved_and_reloaded(model, folder, model.model.text_model)
 
 
 @pytest.fixture(scope="module", params=["Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration"])
@@ -86,13 +83,7 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
         m = r.num_tokens
         emb[cells[:m, 0], cells[:m, 1]] = r.tokens[0]
         mask[cells[m:, 0], cells[m:, 1]] = 0
-    keep = mask.bool()
-    width = int(keep.sum(1).max())
-    p_emb = emb.new_zeros(ids.shape[0], width, emb.shape[-1])
-    p_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    for b in range(ids.shape[0]):
-        n = int(keep[b].sum())
-        p_emb[b, width - n:], p_mask[b, width - n:] = emb[b, keep[b]], 1
+    p_mask, p_emb = pack_right(mask.bool(), emb)
     return model(inputs_embeds=p_emb, attention_mask=p_mask).logits, p_mask
 
 

@@ -11,6 +11,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import InternVLAdapter, find_adapter
+from mmeff.models.tiny import pack_right
 
 IMAGE, IMG_START, IMG_END = 3, 4, 5  # <IMG_CONTEXT>, <img>, </img>
 TOKENS, SIDE = 16, 4  # a 64px tile at patch 8 (8x8 patches), pixel-shuffled 2x2: 16 tokens on 4x4
@@ -86,13 +87,7 @@ def masked_reference(model, batch: dict, red) -> tuple[torch.Tensor, torch.Tenso
         m = r.num_tokens
         emb[cells[:m, 0], cells[:m, 1]] = r.tokens[0]
         mask[cells[m:, 0], cells[m:, 1]] = 0
-    keep = mask.bool()
-    width = int(keep.sum(1).max())
-    p_emb = emb.new_zeros(ids.shape[0], width, emb.shape[-1])
-    p_mask = torch.zeros(ids.shape[0], width, dtype=torch.long)
-    for b in range(ids.shape[0]):
-        n = int(keep[b].sum())
-        p_emb[b, width - n:], p_mask[b, width - n:] = emb[b, keep[b]], 1
+    p_mask, p_emb = pack_right(mask.bool(), emb)
     return model(inputs_embeds=p_emb, attention_mask=p_mask).logits, p_mask
 
 

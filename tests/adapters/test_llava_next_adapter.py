@@ -12,6 +12,7 @@ import torch
 import mmeff
 from mmeff.adapters import LlavaNextAdapter, find_adapter
 from mmeff.models import tiny
+from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, VIDEO = 3, 4  # placeholder ids; text ids are >= 5
 SIDE = 4  # a 32px tile at patch 8: 4x4 patch tokens
@@ -36,11 +37,7 @@ def _build(cls_name: str, folder, **extra):
     model_cls = getattr(transformers, cls_name)
     torch.manual_seed(0)
     model = model_cls(cfg)
-    with torch.no_grad():
-        for p in model.model.language_model.parameters():
-            p.mul_(4.0)
-    model.save_pretrained(folder)
-    return model_cls.from_pretrained(folder).eval()
+    return saved_and_reloaded(model, folder, model.model.language_model)
 
 
 @pytest.fixture(scope="module")
@@ -179,13 +176,7 @@ def test_selection_equals_masked_reference(name, batch, request):
     emb[slots[:, 0], slots[:, 1]] = packed
     mask = x["attention_mask"].clone()
     mask[slots[~kept, 0], slots[~kept, 1]] = 0
-    keep = mask.bool()
-    width = int(keep.sum(1).max())
-    p_emb = emb.new_zeros(emb.shape[0], width, emb.shape[-1])
-    p_mask = torch.zeros(emb.shape[0], width, dtype=torch.long)
-    for b in range(emb.shape[0]):
-        n = int(keep[b].sum())
-        p_emb[b, width - n:], p_mask[b, width - n:] = emb[b, keep[b]], 1
+    p_mask, p_emb = pack_right(mask.bool(), emb)
     ref = model(inputs_embeds=p_emb, attention_mask=p_mask).logits
     assert out.shape == ref.shape
     for b in range(emb.shape[0]):
