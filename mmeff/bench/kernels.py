@@ -3,8 +3,8 @@
     python -m mmeff.bench.kernels            # LLaVA sizes (B in 1/8/32, N in 576/2304, D 1024) + ViT-B (N 197, D 768)
     python -m mmeff.bench.kernels --quick    # B in 1/8 only, for a CPU
 
-Reports median time over repeats after warm-up (CUDA synchronised around each timing), the ratio to the
-reference, and achieved GB/s (bytes read + written by the ideal kernel / time), with the fraction of the
+Reports the median time of a call (``triton.testing.do_bench`` on CUDA, with the L2 cache flushed between
+runs; ``torch.utils.benchmark.Timer`` on a CPU), the ratio to the reference, and achieved GB/s (bytes read + written by the ideal kernel / time), with the fraction of the
 device's memory bandwidth when it is known. On a CPU the dispatched path *is* the reference, so only the
 reference is timed; on CUDA both are.
 """
@@ -12,8 +12,6 @@ reference is timed; on CUDA both are.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -35,19 +33,27 @@ def _bandwidth(device: torch.device) -> float | None:
 
 
 def timeit(fn: Callable[[], object], device: torch.device, warmup: int = 2, repeats: int = 10) -> float:
-    """Median seconds of ``fn()``."""
+    """Median seconds of one ``fn()`` call.
+
+    CUDA: ``triton.testing.do_bench`` (the L2 cache flushed before every run, launch overhead and warm-up
+    handled by Triton; ``warmup`` / ``repeats`` are ignored there). Elsewhere, and on CUDA without Triton:
+    ``torch.utils.benchmark.Timer`` with its adaptive autorange (it synchronises CUDA, picks the number of
+    runs per measurement until the median is stable) after ``warmup`` calls; ``repeats`` bounds the
+    measurements it may take.
+    """
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            do_bench = None
+        if do_bench is not None:
+            return float(do_bench(fn, return_mode="median")) / 1e3  # milliseconds -> seconds
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    measurement = Timer(stmt="fn()", globals={"fn": fn}).adaptive_autorange(max_run_time=max(1.0, 0.5 * repeats))
+    return float(measurement.median)
 
 
 def cases(quick: bool) -> list[tuple[int, int, int]]:
