@@ -74,6 +74,12 @@ class Adapter:
         while self._restore:
             self._restore.pop()()
 
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
     # helpers for subclasses -------------------------------------------------------------------------
     def _hook(self, handle: Any) -> None:
         self._hooks.append(handle)

@@ -121,12 +121,6 @@ class ToComAdapter(Adapter):
                     slot.module.in_proj_weight.copy_(w)
             self._saved = []
 
-    def __enter__(self) -> ToComAdapter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.detach()
-
 
 #: the name ``ToCom.compensate`` returned before the hooks moved here
 ToComHandle = ToComAdapter

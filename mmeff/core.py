@@ -40,6 +40,7 @@ __all__ = [
     "Registry",
     "catalogue",
     "method_adapter",
+    "attached",
     "Grid",
     "STAGES",
     "TokenContext",
@@ -347,6 +348,19 @@ def method_adapter(method: Any) -> type:
     raise TypeError(f"no adapter attaches {type(method).__name__}")
 
 
+def attached(method: Any, model: Any) -> Any:
+    """``method`` (an in-tower method or a press) attached to ``model`` by its registered adapter; the
+    adapter is returned and is a context manager that detaches on exit. Nothing stays attached when
+    attaching fails."""
+    adapter = method_adapter(method)(model, method)
+    try:
+        adapter.attach()
+    except BaseException:
+        adapter.detach()
+        raise
+    return adapter
+
+
 def register(name: str) -> Callable[[C], C]:
     """Class decorator adding a reducer to the registry under ``name`` (used by the CLI and bench)."""
     return REDUCERS.register(name)
@@ -458,12 +472,29 @@ class TokenReducer:
 
 @dataclass
 class BudgetReducer(TokenReducer):
-    """A reducer with a token budget: exactly one of ``tokens`` (M) or ``ratio`` (M/N, in (0, 1])."""
+    """A reducer with a token budget: exactly one of ``tokens`` (M) or ``ratio`` (M/N, in (0, 1]).
+
+    ``ratio`` is the share of tokens **kept**. ``compression_ratio`` (keyword only) is kvpress's convention,
+    the share **removed**: ``compression_ratio=0.75`` is ``ratio=0.25`` (it is stored as ``ratio``).
+    """
 
     tokens: int | None = None
     ratio: float | None = None
+    compression_ratio: float | None = field(default=None, kw_only=True, repr=False, compare=False)
+
+    def _take_compression_ratio(self) -> None:
+        c = self.compression_ratio
+        if c is None:
+            return
+        if self.ratio is not None:
+            raise ValueError(f"{type(self).__name__}: give ratio= (share kept) or compression_ratio= (share removed), "
+                             "not both")
+        if not isinstance(c, numbers.Real) or isinstance(c, bool) or not (0.0 <= float(c) < 1.0):
+            raise ValueError(f"compression_ratio (share of tokens removed) must be in [0, 1), got {c!r}")
+        self.ratio, self.compression_ratio = 1.0 - float(c), None
 
     def __post_init__(self) -> None:
+        self._take_compression_ratio()
         if (self.tokens is None) == (self.ratio is None):
             raise ValueError(f"{type(self).__name__}: give exactly one of tokens= or ratio=")
         if self.tokens is not None and (not isinstance(self.tokens, numbers.Real) or isinstance(self.tokens, bool)
@@ -541,6 +572,7 @@ class GridReducer(BudgetReducer):
     needs = frozenset({"grid"})
 
     def __post_init__(self) -> None:
+        self._take_compression_ratio()
         given = [k for k in ("tokens", "ratio", "out_grid", "axis_ratio") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(

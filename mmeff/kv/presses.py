@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mmeff.core import C, Registry
+from mmeff.core import C, Registry, attached
 
 __all__ = [
     "FLAG_PROTECTED",
@@ -149,6 +149,17 @@ class KVPress:
                 raise ValueError(f"{name} has {len(spec)} entries but the model has {num_layers} layers")
             return list(spec)
         return [spec] * num_layers
+
+    def __call__(self, model: Any) -> Any:
+        """kvpress's habit: ``with press(model): model.generate(...)`` runs ``generate`` with this press and
+        restores the model when the block ends (the same as ``mmeff.apply(model, press)``). Outside a
+        ``with`` block the press stays attached until ``.detach()`` on the returned handle.
+
+        Budgets here are token counts (``cache_size`` entries per layer, ``local_size`` window), not
+        kvpress's ``compression_ratio`` (a share of the prompt removed once at prefill): a streaming cache
+        has no fixed prompt to take a share of.
+        """
+        return attached(self, model)
 
     def sep_spec(self) -> SizeSpec:
         """Separator cap per layer; the base press keeps none."""

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmeff.checkpoint import Checkpointable, load_exact, read_tensors
-from mmeff.core import IN_TOWER, method_adapter
+from mmeff.core import IN_TOWER, attached
 from mmeff.hosts import vit_host
 
 __all__ = ["Compensation", "Slot", "ToCom", "kd_loss", "projection_slots", "weight_of"]
@@ -209,13 +209,7 @@ class ToCom(Checkpointable, nn.Module):
         Returns a handle usable as a context manager; ``handle.detach()`` removes it. ``source``,
         ``target`` and ``scale`` are attributes of the handle and may be changed between forwards.
         """
-        handle = method_adapter(self.at(source, target, scale))(model, self.at(source, target, scale))
-        try:
-            handle.attach()
-        except BaseException:
-            handle.detach()
-            raise
-        return handle
+        return attached(self.at(source, target, scale), model)
 
     def at(self, source: int, target: int | None = None, scale: float | None = None) -> Compensation:
         """This plug-in set to ``source → target``, for ``mmeff.apply(model, ToMe(r=t), tocom.at(s))``."""

@@ -319,3 +319,14 @@ def test_follow_of_sources_averages_every_source_and_composition_refuses_its_own
     ctx = mmeff.TokenContext(grid=(4, 4))
     with pytest.raises(ValueError, match="apply it alone"):
         fourier_then_keep.follow(fourier_then_keep(x, ctx), x, ctx)
+
+
+def test_compression_ratio_is_the_share_removed():
+    """kvpress's compression_ratio (share removed) is accepted as the complement of ratio (share kept)."""
+    assert mmeff.UniformKeep(compression_ratio=0.75) == mmeff.UniformKeep(ratio=0.25)
+    assert mmeff.AvgPool(compression_ratio=0.5).describe() == "pool(ratio=0.5)"
+    assert make("fourier", compression_ratio=0.75).budget(N) == make("fourier", ratio=0.25).budget(N)
+    with pytest.raises(ValueError, match="not both"):
+        mmeff.UniformKeep(ratio=0.5, compression_ratio=0.5)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
+        mmeff.UniformKeep(compression_ratio=1.0)

@@ -431,3 +431,20 @@ def test_sepllm_bench_table(smollm2, tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0 and "peak KV MiB" in "\n".join(lines)
     args = build_parser().parse_args(["bench", "sepllm", "--tokens", "512", "--sep-size", "-1"])
     assert args.suite == "sepllm" and args.tokens == 512 and args.sep_size == -1
+
+
+def test_press_called_on_a_model_is_kvpress_style_context_manager(llama):
+    """``with press(model):`` (kvpress's habit) is ``mmeff.apply(model, press)``: same tokens, model restored
+    after the block, also when the block raises."""
+    ids = torch.randint(5, 100, (1, 40), generator=torch.Generator().manual_seed(0))
+    press = mmeff.StreamingLLM(init_size=2, local_size=8)
+    with torch.no_grad():
+        with mmeff.apply(llama, press):
+            ref = llama.generate(ids, max_new_tokens=6, do_sample=False)
+        with press(llama) as handle:
+            out = llama.generate(ids, max_new_tokens=6, do_sample=False)
+        assert handle.stats["evictions"] > 0 and torch.equal(out, ref)
+        assert "generate" not in llama.__dict__ and not llama._forward_pre_hooks
+        with pytest.raises(RuntimeError, match="boom"), press(llama):
+            raise RuntimeError("boom")
+        assert "generate" not in llama.__dict__ and not llama._forward_pre_hooks
