@@ -20,7 +20,9 @@ Configurations (:func:`create_model`, :func:`list_models`): ``squeezetime_k400``
 (depth 50, 16 frames at 224 px, ``pos_dim`` = feature sizes 56/28/14/7, 400 classes); ``squeezetime_k600``,
 ``squeezetime_hmdb51`` change the classes; ``squeezetime_{10,18,34}`` are the released code's smaller
 BasicBlock depths (a CTL in both convs; as released, a block's first CTL keeps ``pos_dim`` 7).
-Every model is also registered with timm (``timm.create_model("squeezetime_k400")``).
+Every model is also registered with timm (``timm.create_model("squeezetime_k400")``); timm's local-weights
+route reads own or official (MMAction2) checkpoints with the key remap inside:
+``timm.create_model("squeezetime_k400", pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``.
 
 Differences from the official code (``xinghaochen/SqueezeTime``): the network is the same (outputs equal
 bit for bit on the same weights, 29,706,688 parameters with the K400 head). Around it:
@@ -367,17 +369,34 @@ def check_onnx(model: SqueezeTime, path: str | Path, batch_sizes: Sequence[int] 
 _TIMM_ARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
+def _timm_file(kwargs: dict[str, Any]) -> str | None:
+    """The local weights file timm's factory arguments name (``pretrained_cfg_overlay`` or ``pretrained_cfg``
+    with a ``file``), else ``None``."""
+    for key in ("pretrained_cfg_overlay", "pretrained_cfg"):
+        cfg = kwargs.get(key)
+        file = cfg.get("file") if isinstance(cfg, dict) else getattr(cfg, "file", None)
+        if file:
+            return str(file)
+    return None
+
+
 def _register_timm() -> None:
     for name in _CONFIGS:
         if is_model(name):
             continue
 
         def make(pretrained: bool = False, _name: str = name, **kwargs: Any) -> SqueezeTime:
-            if pretrained:
-                raise ValueError("SqueezeTime weights are not downloadable here; use create_model(name, pretrained=PATH)")
+            # timm's local-weights route: create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=P))
+            file = _timm_file(kwargs)
             for key in _TIMM_ARGS:  # what timm's factory adds for its own pretrained machinery
                 kwargs.pop(key, None)
-            return create_model(_name, **kwargs)
+            if pretrained and file is None:
+                raise ValueError(
+                    f"{_name}: SqueezeTime weights are not downloadable here; pass a local file the timm way, "
+                    "timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH)), or "
+                    "mmeff.create_model(name, pretrained=PATH)")
+            # own or official (MMAction2) key names, remapped by load_checkpoint
+            return create_model(_name, pretrained=file if pretrained else None, **kwargs)
 
         make.__name__ = name
         make.__module__ = __name__

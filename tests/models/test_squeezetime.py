@@ -77,7 +77,7 @@ def test_small_models_and_registries() -> None:
         assert m.forward_features(torch.randn(1, 3, 4, 64, 64)).shape == (1, 512, 2, 2)
     t = timm.create_model("squeezetime_18", num_classes=3, num_frames=2, img_size=64)
     assert isinstance(t, st.SqueezeTime) and t.head.out_features == 3
-    with pytest.raises(ValueError, match="not downloadable"):
+    with pytest.raises(ValueError, match="not downloadable here; pass a local file the timm way"):
         timm.create_model("squeezetime_18", pretrained=True)
     with pytest.raises(KeyError, match="known: squeezetime_10"):
         st.create_model("squeezetime_9")
@@ -128,6 +128,13 @@ def test_checkpoints_load_own_and_official_names(tmp_path) -> None:
     assert sorted(st.load_checkpoint(fresh, str(tmp_path / "official.pth"))) == sorted(examples)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), src(x), atol=0, rtol=0)
+    # timm's own local-weights route reads the same official file, key remap inside
+    import timm
+
+    via_timm = timm.create_model("squeezetime_10", pretrained=True, num_classes=4, num_frames=2, img_size=64,
+                                 pretrained_cfg_overlay={"file": str(tmp_path / "official.pth")}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(via_timm(x), src(x), atol=0, rtol=0)
     other = st.create_model("squeezetime_10", num_classes=7, num_frames=2, img_size=64)
     with pytest.raises(ValueError, match="(?s)does not fit this SqueezeTime.*head.weight"):
         st.load_checkpoint(other, str(tmp_path / "own.pth"))
