@@ -14,20 +14,57 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 
 import mmeff.models.mini as mini
 import mmeff.models.mini_vlm as mini_vlm
 from mmeff.models.cache import atomic_write_cache, cache_complete, default_cache_dir, read_cache_meta
 from mmeff.models.zoo import register_model
+from mmeff.preprocess import CLIP_MEAN, CLIP_STD
 
-__all__ = ["MINI_MODELS", "default_model"]
+__all__ = ["CHAT_TEMPLATE", "MINI_MODELS", "build_processor", "default_model", "default_processor"]
 
 #: the embedded VLMs :func:`default_model` builds: name -> (cache folder, shipped weight files, recipe version)
 MINI_MODELS = {
-    "mmeff-mini": ("mmeff-mini-vlm", ("vlm",), 3),
-    "mmeff-mini-smollm": ("mmeff-mini-llava", ("clip", "llava"), 2),
+    "mmeff-mini": ("mmeff-mini-vlm", ("vlm",), 4),
+    "mmeff-mini-smollm": ("mmeff-mini-llava", ("clip", "llava"), 3),
 }
+
+#: SmolLM2's ChatML template (the embedded models' tokenizer) taught to read multimodal content lists: each
+#: ``{"type": "image"}`` item becomes ``<image>`` and a newline, as :func:`mmeff.models.hf.build_prompt` lays it out
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<image>\n' }}{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_processor(model: LlavaForConditionalGeneration, tokenizer: Any) -> LlavaProcessor:
+    """A transformers ``LlavaProcessor`` for an embedded model: CLIP preprocessing at the tower's size
+    (bicubic short-side resize, centre crop, CLIP mean/std, as :func:`mmeff.preprocess.llava_pixel_values`),
+    the model's tokenizer, ``<image>`` expanded to the tower's patch count, and :data:`CHAT_TEMPLATE`."""
+    vc = model.config.vision_config
+    size = int(vc.image_size)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+        resample=3, image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD), do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=int(vc.patch_size),
+        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        image_token=tokenizer.convert_ids_to_tokens(int(model.config.image_token_id)),
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )
 
 
 def default_model(
@@ -44,6 +81,16 @@ def default_model(
     Returns ``(model.eval(), tokenizer, info)``; ``pixel_values`` are (N, 3, 224, 224) from
     :func:`mmeff.preprocess.llava_pixel_values` with ``image_size=224``.
     """
+    final, info = _cached(cache_dir, name)
+    model = LlavaForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    tokenizer.padding_side = "left"
+    return model, tokenizer, info
+
+
+def _cached(cache_dir: str | Path | None, name: str) -> tuple[Path, dict[str, Any]]:
+    """The cached folder of embedded model ``name`` (built from the shipped weights when missing or stale)
+    and its info."""
     if name not in MINI_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(MINI_MODELS)}")
     subdir, files, recipe = MINI_MODELS[name]
@@ -63,15 +110,27 @@ def default_model(
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            build_processor(model, tokenizer).save_pretrained(tmp)  # AutoProcessor.from_pretrained(info["path"])
 
         atomic_write_cache(final, write, {**expect, "info": info})
         del model
     info = dict(read_cache_meta(final)["info"])
     info["path"] = str(final)
-    model = LlavaForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    tokenizer.padding_side = "left"
-    return model, tokenizer, info
+    return final, info
+
+
+def default_processor(cache_dir: str | Path | None = None, name: str = "mmeff-mini") -> LlavaProcessor:
+    """The embedded model's own ``LlavaProcessor`` (images, tokenizer, chat template), as transformers
+    loads it: ``AutoProcessor.from_pretrained`` of the cached model folder (built by :func:`default_model`).
+
+    ``processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+    "text": q}]}], add_generation_prompt=True)`` then ``processor(text=..., images=[img])`` gives the
+    ``input_ids`` of :func:`mmeff.models.hf.build_prompt` and the pixels of ``llava_pixel_values``.
+    """
+    final, _ = _cached(cache_dir, name)
+    processor = AutoProcessor.from_pretrained(final)
+    processor.tokenizer.padding_side = "left"
+    return processor
 
 
 def _mini_factory(name: str) -> Callable[..., nn.Module]:

@@ -1,0 +1,45 @@
+"""The default model's own HF processor: the transformers route (AutoProcessor, chat template with image
+items, processor(text=, images=)) gives exactly the inputs mmeff's own helpers build, and round-trips."""
+
+from __future__ import annotations
+
+import torch
+from skimage import data
+from transformers import AutoProcessor
+
+from mmeff.models.embedded import default_processor
+from mmeff.models.hf import build_prompt
+from mmeff.preprocess import llava_pixel_values
+
+
+def _chat(processor, question: str, images: int = 1) -> str:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def test_processor_builds_the_inputs_the_model_was_trained_on(default, model_cache, tmp_path):
+    model, tokenizer, info = default
+    processor = default_processor(model_cache)
+    assert type(processor).__name__ == "LlavaProcessor" and processor.tokenizer.padding_side == "left"
+    photos = [data.astronaut(), data.chelsea()]
+    questions = ["What is in the picture?", "Which colour is the cat?"]
+    ids = [build_prompt(tokenizer, q, 1, info["tokens_per_image"], model.config.image_token_id) for q in questions]
+    one = processor(text=_chat(processor, questions[0]), images=photos[:1], return_tensors="pt")
+    assert one["input_ids"][0].tolist() == ids[0]
+    torch.testing.assert_close(one["pixel_values"], llava_pixel_values(photos[:1], 224), atol=1e-5, rtol=0)
+    # a batch of prompts of different lengths is left-padded, each row the single prompt
+    both = processor(text=[_chat(processor, q) for q in questions], images=photos, padding=True, return_tensors="pt")
+    for row, want in enumerate(ids):
+        got = both["input_ids"][row][both["attention_mask"][row].bool()].tolist()
+        assert got == want
+    assert bool((both["attention_mask"][:, -1] == 1).all())  # left padding
+    with torch.no_grad():
+        a = model.generate(**one, max_new_tokens=4, do_sample=False)
+        b = model.generate(input_ids=torch.tensor([ids[0]]), pixel_values=llava_pixel_values(photos[:1], 224),
+                           max_new_tokens=4, do_sample=False)
+    assert torch.equal(a, b)
+    # save_pretrained / AutoProcessor round trip
+    processor.save_pretrained(tmp_path)
+    again = AutoProcessor.from_pretrained(tmp_path)
+    other = again(text=_chat(again, questions[0]), images=photos[:1], return_tensors="pt")
+    assert torch.equal(other["input_ids"], one["input_ids"]) and torch.equal(other["pixel_values"], one["pixel_values"])
