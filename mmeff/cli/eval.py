@@ -21,6 +21,7 @@ from mmeff.eval.answers import judge_open
 from mmeff.eval.results import format_report, resolve_shard
 from mmeff.eval.videoqa import evaluate, llava_predictor
 from mmeff.methods.freevideo import ClipScorer, FreeVideoConfig, FreeVideoLLM
+from mmeff.models.embedded import MINI_MODELS, default_processor
 from mmeff.models.mini import FREEVIDEO_SCENES, HELDOUT_SEED, clip_scorer
 
 #: Free Video-LLM's released path string (7B LLaVA on full-length videos); scenes use ``FREEVIDEO_SCENES``
@@ -97,6 +98,8 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     out = Path(args.out)
     reducer = _reducer(args)
     model, tok, info = load_bench_model(args.model, cache_dir=args.cache_dir)
+    if args.model in ("default", *MINI_MODELS):  # the embedded model's own processor, as for any checkpoint
+        tok = default_processor(args.cache_dir, name="mmeff-mini" if args.model == "default" else args.model)
     if tok is None or type(model).__name__ != "LlavaForConditionalGeneration":
         raise ValueError(
             f"mmeff eval videoqa runs LLaVA models with a chat tokenizer ('default' or a local LLaVA checkpoint); "

@@ -178,7 +178,8 @@ def predict_batch(
     reads frames as its official loader); the raw questions go to the method as ``mmeff_text``; rows
     are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
     ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
-    a chat tokenizer (or a processor with a ``.tokenizer``). A sample whose clip cannot be read gets a
+    a chat tokenizer, or the checkpoint's processor: then its ``image_processor`` preprocesses the frames
+    (as the checkpoint was trained) and its ``.tokenizer`` builds the prompt. A sample whose clip cannot be read gets a
     :class:`Prediction` with ``failed`` set to the reason; the other samples are answered as usual.
     """
     if not samples:
@@ -188,6 +189,8 @@ def predict_batch(
     if num_frames < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
     tok = getattr(tokenizer, "tokenizer", tokenizer)
+    # a processor preprocesses frames as its checkpoint was trained; a bare tokenizer gets LLaVA's CLIP pipeline
+    image_processor = getattr(tokenizer, "image_processor", None)
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -207,7 +210,10 @@ def predict_batch(
             results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
                                     model_s=0.0, new_tokens=0, failed=str(e))
             continue
-        pixels.append(llava_pixel_values(list(frames), size))
+        if image_processor is not None:
+            pixels.append(image_processor(images=list(frames), return_tensors="pt")["pixel_values"])
+        else:
+            pixels.append(llava_pixel_values(list(frames), size))
         decode_s.append(time.perf_counter() - t0)
     todo = [k for k, r in enumerate(results) if r is None]
     samples = [samples[k] for k in todo]

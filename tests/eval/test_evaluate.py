@@ -531,6 +531,25 @@ def test_llava_predict_and_evaluate(default, tmp_path: Path, method: str) -> Non
     assert report.accuracy == pytest.approx((op["correct"] + mc["correct"]) / 2)
 
 
+def test_predict_through_the_models_own_processor(default, model_cache, monkeypatch) -> None:
+    """Given the checkpoint's processor, frames go through its image processor (not the hard-coded CLIP
+    pipeline) and the prompt through its tokenizer; for the default model that is the same answer."""
+    import mmeff.eval.videoqa as vq
+    from mmeff.models.embedded import default_processor
+
+    model, tok, _ = default
+    processor = default_processor(model_cache)
+    calls = []
+    real = processor.image_processor.__class__.__call__
+    monkeypatch.setattr(processor.image_processor.__class__, "__call__",
+                        lambda self, *a, **k: (calls.append(1), real(self, *a, **k))[1])
+    samples = _video_samples()
+    with_tok = vq.predict_batch(model, tok, samples, num_frames=2, max_new_tokens=4)
+    with_proc = vq.predict_batch(model, processor, samples, num_frames=2, max_new_tokens=4)
+    assert len(calls) == len(samples)  # one image-processor call per clip
+    assert [p.text for p in with_proc] == [p.text for p in with_tok]
+
+
 def test_predict_reads_frames_with_the_reducers_rule(default, monkeypatch) -> None:
     import mmeff.eval.videoqa as vq
     from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
