@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
 
@@ -77,20 +78,10 @@ def qwen2_vl_patchify(
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
         t += pad
     gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
-    x = frames.reshape(
-        gt,
-        temporal_patch_size,
-        c,
-        gh // merge_size,
-        merge_size,
-        patch_size,
-        gw // merge_size,
-        merge_size,
-        patch_size,
-    )
-    # -> (gt, gh/m, gw/m, m, m, C, tp, p, p): same order as Qwen2VLVideoProcessor.patchify.
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size), (gt, gh, gw)
+    # Qwen2VLVideoProcessor.patchify's order: merge window by merge window, each patch (C, tp, p, p)
+    patches = rearrange(frames, "(gt tp) c (bh mh p) (bw mw q) -> (gt bh bw mh mw) (c tp p q)",
+                        tp=temporal_patch_size, mh=merge_size, mw=merge_size, p=patch_size, q=patch_size)
+    return patches, (gt, gh, gw)
 
 
 def qwen2_vl_unpatchify(
@@ -103,10 +94,8 @@ def qwen2_vl_unpatchify(
     m, p, tp = merge_size, patch_size, temporal_patch_size
     if patches.shape != (gt * gh * gw, channels * tp * p * p):
         raise ValueError(f"patches {tuple(patches.shape)} do not match grid {tuple(grid)} with C={channels}, tp={tp}, p={p}")
-    x = patches.reshape(gt, gh // m, gw // m, m, m, channels, tp, p, p)
-    # undo permute(0, 3, 6, 4, 7, 2, 1, 5, 8) of the patchify step
-    x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)
-    return x.reshape(gt * tp, channels, gh * p, gw * p)
+    return rearrange(patches, "(gt bh bw mh mw) (c tp p q) -> (gt tp) c (bh mh p) (bw mw q)",
+                     gt=gt, bh=gh // m, bw=gw // m, mh=m, mw=m, c=channels, tp=tp, p=p, q=p)
 
 
 @register_adapter
