@@ -37,6 +37,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from mmeff.adapters.base import Adapter, register_adapter
+from mmeff.core import attach_cleanly
 from mmeff.hosts import VitHost, vit_host
 from mmeff.kernels.merge import bipartite_soft_matching, merge_source, merge_wavg
 from mmeff.methods.tome import Schedule, ToMe, parse_r
@@ -316,13 +317,7 @@ def patch(model: nn.Module, r: Schedule = 16, **options: Any) -> ToMeAdapter:
 
     ``options`` are the other :class:`ToMe` fields (``prop_attn``, ``trace_source``, ``unmerge``).
     """
-    adapter = ToMeAdapter(model, ToMe(r=r, **options))
-    try:
-        adapter.attach()
-    except BaseException:
-        adapter.detach()
-        raise
-    return adapter
+    return attach_cleanly(ToMeAdapter(model, ToMe(r=r, **options)))
 
 
 def unpatch(model: nn.Module) -> bool:

@@ -20,7 +20,7 @@ from mmeff.adapters.kv_cache import KVCacheAdapter
 from mmeff.adapters.tocom import ToComAdapter
 from mmeff.adapters.tome import ToMeAdapter
 from mmeff.adapters.vistog import VisToGAdapter
-from mmeff.core import TokenReducer, compose
+from mmeff.core import TokenReducer, attach_cleanly, compose
 from mmeff.kv.presses import KVPress
 from mmeff.methods.tocom import Compensation
 from mmeff.methods.tome import ToMe
@@ -104,13 +104,7 @@ def attach(model: nn.Module, *methods: Method, **options: Any) -> Adapter:
         raise TypeError(f"KV-cache presses, ToMe and ToCom take no adapter options, got {sorted(options)}")
     if presses:
         adapters.append(KVCacheAdapter(model, presses[0]))
-    adapter = adapters[0] if len(adapters) == 1 else AdapterGroup(adapters)
-    try:
-        adapter.attach()
-    except BaseException:
-        adapter.detach()
-        raise
-    return adapter
+    return attach_cleanly(adapters[0] if len(adapters) == 1 else AdapterGroup(adapters))
 
 
 @contextmanager

@@ -41,6 +41,7 @@ __all__ = [
     "catalogue",
     "method_adapter",
     "attached",
+    "attach_cleanly",
     "Grid",
     "STAGES",
     "TokenContext",
@@ -352,7 +353,12 @@ def attached(method: Any, model: Any) -> Any:
     """``method`` (an in-tower method or a press) attached to ``model`` by its registered adapter; the
     adapter is returned and is a context manager that detaches on exit. Nothing stays attached when
     attaching fails."""
-    adapter = method_adapter(method)(model, method)
+    return attach_cleanly(method_adapter(method)(model, method))
+
+
+def attach_cleanly(adapter: Any) -> Any:
+    """``adapter.attach()``, detaching first whatever it had attached when that fails (nothing half-attached
+    stays on the model); returns the adapter."""
     try:
         adapter.attach()
     except BaseException:
