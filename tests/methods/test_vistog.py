@@ -304,6 +304,19 @@ def test_qwen_reads_m_tokens_per_image_and_video(qwen) -> None:
             qwen(**models.qwen2_vl_inputs(qwen.config, batch=1, image_hw=[(112, 84)], video=None))
 
 
+def _joint_block(blk, x, n, mask, cos, sin, rotate):
+    """One Qwen-VL vision block on the joint sequence ``x`` (``n`` patches, then the semantic tokens) under
+    the additive ``mask``, with the block's own modules; rotary on the patches only (the host rounds it
+    through float32; the semantic tokens get none)."""
+    heads, total = blk.attn.num_heads, x.shape[0]
+    q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(total, 3, heads, -1).unbind(1)
+    rq, rk = rotate(q[:n], k[:n], cos, sin)
+    q, k = torch.cat([rq, q[n:]]), torch.cat([rk, k[n:]])
+    w = (torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling + mask).softmax(-1)
+    x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", w, v).reshape(total, -1))
+    return x + blk.mlp(blk.norm2(x))
+
+
 @pytest.mark.parametrize("self_attention", [True, False])
 def test_qwen_side_stream_equals_the_masked_joint_sequence(qwen, self_attention) -> None:
     """Reference: run one image's patches and the semantic tokens as ONE sequence through each block's
@@ -330,14 +343,7 @@ def test_qwen_side_stream_equals_the_masked_joint_sequence(qwen, self_attention)
         x = torch.cat([visual.patch_embed(px), vt.semantic.double()])
         mask = isolation_mask(n, m, torch.float64, semantic_self_attention=self_attention)[0, 0]
         for blk in visual.blocks:
-            heads = blk.attn.num_heads
-            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(n + m, 3, heads, -1).unbind(1)
-            # rotary on the patches only (the host rounds it through float32; the semantic tokens get none)
-            rq, rk = apply_rotary_pos_emb_vision(q[:n], k[:n], cos, sin)
-            q, k = torch.cat([rq, q[n:]]), torch.cat([rk, k[n:]])
-            w = (torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling + mask).softmax(-1)
-            x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", w, v).reshape(n + m, -1))
-            x = x + blk.mlp(blk.norm2(x))
+            x = _joint_block(blk, x, n, mask, cos, sin, apply_rotary_pos_emb_vision)
         merger = visual.merger
         want = merger.mlp(merger.ln_q(x[n:]).repeat(1, 4))
     torch.testing.assert_close(x[:n], host.last_hidden_state, atol=1e-10, rtol=0)  # the reference is right
@@ -397,13 +403,7 @@ def test_qwen25_side_stream_equals_the_masked_joint_sequence_with_windows(qwen25
             for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
                 seg[a:b] = i
             mask[:n, :n] = torch.where(seg[:, None] == seg[None, :], 0.0, float("-inf"))
-            heads = blk.attn.num_heads
-            q, k, v = blk.attn.qkv(blk.norm1(x)).reshape(n + m, 3, heads, -1).unbind(1)
-            rq, rk = apply_rotary_pos_emb_vision(q[:n], k[:n], cos, sin)
-            q, k = torch.cat([rq, q[n:]]), torch.cat([rk, k[n:]])
-            w = (torch.einsum("qhd,khd->hqk", q, k) * blk.attn.scaling + mask).softmax(-1)
-            x = x + blk.attn.proj(torch.einsum("hqk,khd->qhd", w, v).reshape(n + m, -1))
-            x = x + blk.mlp(blk.norm2(x))
+            x = _joint_block(blk, x, n, mask, cos, sin, apply_rotary_pos_emb_vision)
         merger = visual.merger
         want = merger.mlp(merger.ln_q(x[n:]).repeat(1, 4))
     torch.testing.assert_close(x[:n], final[0], atol=1e-10, rtol=0)  # the reference is the host's
