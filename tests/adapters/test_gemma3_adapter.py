@@ -10,6 +10,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import Gemma3Adapter, find_adapter
+from mmeff.models.hf import left_pad_batch
 from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, BOI, EOI = 5, 3, 4  # special ids of the tiny model; text ids are >= 8
@@ -53,13 +54,8 @@ def inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
             row += [BOI] + [IMAGE] * TOKENS + [EOI] + torch.randint(8, 128, (2,), generator=g).tolist()
             images += 1
         rows.append(row)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": (ids == IMAGE).long(),
+    out = left_pad_batch(rows, 0)
+    return {**out, "token_type_ids": (out["input_ids"] == IMAGE).long(),
             "pixel_values": torch.randn(images, 3, 64, 64, generator=g)}
 
 

@@ -10,6 +10,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import Idefics3Adapter, find_adapter
+from mmeff.models.hf import left_pad_batch
 from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, FAKE, GLOBAL, ROW = 3, 4, 5, 6  # placeholder, <fake_token_around_image>, <global-img>, <row_1_col_1>...
@@ -54,16 +55,10 @@ def inputs(counts: list[int], seed: int = 0, pixel_mask: bool = True) -> dict[st
             row += [FAKE, ROW + i] + [IMAGE] * TOKENS
         row += [FAKE, GLOBAL] + [IMAGE] * TOKENS + [FAKE] + torch.randint(16, 128, (3,), generator=g).tolist()
         rows.append(row)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
     pixels = torch.zeros(len(counts), max(counts), 3, 64, 64)
     for b, k in enumerate(counts):
         pixels[b, :k] = torch.randn(k, 3, 64, 64, generator=g)
-    out = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+    out = {**left_pad_batch(rows, 0), "pixel_values": pixels}
     if pixel_mask:
         out["pixel_attention_mask"] = torch.ones(len(counts), max(counts), 64, 64, dtype=torch.bool)
     return out

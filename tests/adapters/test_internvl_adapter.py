@@ -11,6 +11,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import InternVLAdapter, find_adapter
+from mmeff.models.hf import left_pad_batch
 from mmeff.models.tiny import pack_right
 
 IMAGE, IMG_START, IMG_END = 3, 4, 5  # <IMG_CONTEXT>, <img>, </img>
@@ -55,13 +56,7 @@ def inputs(counts: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
         row = torch.randint(8, 128, (2 + b,), generator=g).tolist()
         row += [IMG_START] + [IMAGE] * (TOKENS * k) + [IMG_END] + torch.randint(8, 128, (3,), generator=g).tolist()
         rows.append(row)
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(sum(counts), 3, 64, 64, generator=g)}
+    return {**left_pad_batch(rows, 0), "pixel_values": torch.randn(sum(counts), 3, 64, 64, generator=g)}
 
 
 def reference_scores(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch
 import mmeff
 from mmeff.adapters import LlavaNextAdapter, find_adapter
 from mmeff.models import tiny
+from mmeff.models.hf import left_pad_batch
 from mmeff.models.tiny import pack_right, saved_and_reloaded
 
 IMAGE, VIDEO = 3, 4  # placeholder ids; text ids are >= 5
@@ -72,7 +73,7 @@ def image_inputs(model, sizes: list[list[tuple[int, int]]], seed: int = 0) -> di
             ids += [IMAGE] * int(feats[k].shape[0]) + torch.randint(5, 128, (3,), generator=g).tolist()
             k += 1
         rows.append(ids)
-    return {**_pad(rows), "pixel_values": pixels, "image_sizes": image_sizes}
+    return {**left_pad_batch(rows, 0), "pixel_values": pixels, "image_sizes": image_sizes}
 
 
 def video_inputs(model, batch: int, frames: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -80,17 +81,7 @@ def video_inputs(model, batch: int, frames: int = 4, seed: int = 0) -> dict[str,
     video = torch.randn(batch, frames, 3, 32, 32, generator=g)
     n = int(model.model.get_video_features(pixel_values_videos=video[:1]).pooler_output.shape[1])
     rows = [torch.randint(5, 128, (2 + b,), generator=g).tolist() + [VIDEO] * n + [9, 10] for b in range(batch)]
-    return {**_pad(rows), "pixel_values_videos": video}
-
-
-def _pad(rows: list[list[int]]) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r):] = torch.tensor(r)
-        mask[b, width - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
+    return {**left_pad_batch(rows, 0), "pixel_values_videos": video}
 
 
 class Probe(mmeff.UniformKeep):

@@ -12,6 +12,7 @@ import torch
 
 import mmeff
 from mmeff.adapters import Qwen3VLAdapter, find_adapter
+from mmeff.models.hf import left_pad_batch
 from mmeff.models.tiny import qwen2_vl_patchify
 
 IMAGE, VIDEO, VS, VE = 3, 4, 5, 6  # image/video pad, vision_start, vision_end; text ids are >= 8
@@ -70,12 +71,7 @@ def inputs(images: list[list[tuple[int, int]]], video: tuple[int, int, int] | No
             ids += [9, 10]
         rows.append(ids)
         types.append([1 if i == IMAGE else 2 if i == VIDEO else 0 for i in ids])
-    width = max(len(r) for r in rows)
-    out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for b, (r, t) in enumerate(zip(rows, types)):
-        out["input_ids"][b, width - len(r):] = torch.tensor(r)
-        out["attention_mask"][b, width - len(r):] = 1
-        out["mm_token_type_ids"][b, width - len(r):] = torch.tensor(t)
+    out = {**left_pad_batch(rows, 0), "mm_token_type_ids": left_pad_batch(types, 0)["input_ids"]}
     if pix:
         out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.tensor(grids)
     if vpix:
