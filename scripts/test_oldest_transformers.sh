@@ -13,4 +13,4 @@ fi
 export PYTHONPATH="$PWD/$DIR${PYTHONPATH:+:$PYTHONPATH}"
 python3 -c "import transformers as t, sys; v = t.__version__; print('oldest transformers:', v); sys.exit(v != '$OLDEST')"
 pytest -q -p no:cacheprovider tests/core/test_hfconfig.py tests/kv tests/adapters/test_hf_adapters.py tests/adapters/test_gemma3_adapter.py tests/adapters/test_llava_next_adapter.py tests/adapters/test_idefics3_adapter.py tests/adapters/test_internvl_adapter.py tests/adapters/test_qwen3_vl_adapter.py \
-  tests/models/test_eve.py tests/eval/test_profile.py tests/eval/test_host_costs.py
+  tests/models/test_eve.py tests/eval/test_profile.py tests/eval/test_host_costs.py tests/quant/test_hf_quantizer.py

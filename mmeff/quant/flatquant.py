@@ -5,6 +5,11 @@
     model(**inputs)                                                      # fake-quant (CPU) / int4 (CUDA)
     handle.save("out/")  ;  model2, handle2 = load_quantized("out/")
 
+The saved folder is also a ``from_pretrained`` folder: after ``import mmeff``,
+``AutoModelForCausalLM.from_pretrained("out/")`` restores the same model, online transforms included,
+through the registered transformers quantizer ``"mmeff_flatquant"`` (:mod:`mmeff.quant.hf_quantizer`;
+``handle_of(model)`` gives its handle), and that model's ``save_pretrained`` writes a folder that loads again.
+
 Per decoder layer (Llama, Qwen2, and the LMs inside LLaVA / Qwen2-VL; spec: shared/methods/llm_backbone.md §2):
 
 =============  ========================  ===========================================================
@@ -62,10 +67,14 @@ Every name stays importable from here.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -73,7 +82,7 @@ from typing import Any
 import torch
 import transformers
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_model
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig
@@ -99,6 +108,8 @@ from mmeff.quant.transforms import (
 )
 
 __all__ = [
+    "HF_QUANT_METHOD",
+    "TRANSFORMS",
     "FlatQuantHandle",
     "HeadMatrix",
     "KronAffine",
@@ -109,10 +120,21 @@ __all__ = [
     "decoder_of",
     "fake_quant_act",
     "fake_quant_kv",
+    "LoadedLayerQuant",
+    "add_quantized_shells",
+    "finish_loading",
+    "hf_quantization_config",
     "linear_names",
     "load_quantized",
     "quantize",
 ]
+
+#: ``quant_method`` of the ``quantization_config`` that :meth:`FlatQuantHandle.save` writes into config.json;
+#: :mod:`mmeff.quant.hf_quantizer` registers the transformers quantizer under this name
+HF_QUANT_METHOD = "mmeff_flatquant"
+#: attribute name of a decoder layer's transforms in a saved or loaded model (``<decoder>.layers.{i}.mmeff_fq.*``)
+TRANSFORMS = "mmeff_fq"
+_OLD_TRANSFORMS = "mmeff_fq."  # the layout of mmeff <= 0.2.0: top-level ``mmeff_fq.{i}.*`` keys
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -183,33 +205,110 @@ class FlatQuantHandle:
         return [n for n, m in self.model.named_modules() if isinstance(m, QuantLinear)]
 
     def save(self, path: str | Path) -> None:
-        """Write ``model.safetensors`` (int4 codes packed two per byte, scales, transforms, the rest of the
-        model in its dtype) and ``mmeff_quant.json``; reload with :func:`load_quantized`."""
+        """Write ``model.safetensors`` (int4 codes packed two per byte, scales, the transforms as
+        ``<decoder>.layers.{i}.mmeff_fq.*``, the rest of the model in its dtype), ``config.json`` with a
+        ``quantization_config`` and ``mmeff_quant.json``. Reload with :func:`load_quantized`, or with
+        ``AutoModelForCausalLM.from_pretrained`` after ``import mmeff``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        prefix = _prefix_of(self.model, decoder_of(self.model))
-        for i, lq in enumerate(self.layers):
-            for k, v in lq.state_dict().items():
-                sd[f"mmeff_fq.{i}.{k}"] = v.detach().contiguous()
-        # tied embeddings appear twice in state_dict; safetensors refuses shared storage
-        seen: dict[int, str] = {}
-        for k in list(sd):
-            ptr = sd[k].data_ptr()
-            if ptr in seen and sd[k].numel():
-                sd[k] = sd[k].clone()
-            seen[ptr] = k
+        dec = decoder_of(self.model)
+        # the transforms become submodules only while the state dict is read (a quantize()d model keeps them
+        # outside its modules, so its .to(dtype) leaves them in float32); a loaded model already holds them
+        added = [(layer, lq) for layer, lq in zip(dec.layers, self.layers) if layer._modules.get(TRANSFORMS) is not lq]
+        for layer, lq in added:
+            layer.add_module(TRANSFORMS, lq)
         # each file is replaced atomically, and mmeff_quant.json (which records the weights' sha256) last:
-        # a crash part-way leaves a record that no longer matches, which load_quantized reports
-        weights = atomic_write(path / "model.safetensors", lambda t: save_file(sd, str(t)))
+        # a crash part-way leaves a record that no longer matches, which load_quantized reports.
+        # save_model writes one name per group of tied tensors (safetensors refuses shared storage).
+        try:
+            weights = atomic_write(path / "model.safetensors",
+                                   lambda t: save_model(self.model, str(t), metadata={"format": "pt"}))
+        finally:
+            for layer, _ in added:
+                del layer._modules[TRANSFORMS]
+        config = copy.deepcopy(self.model.config)
+        config.quantization_config = hf_quantization_config(self.cfg, self.base_attn, self.quantized())
         with tempfile.TemporaryDirectory(dir=path, prefix=".config-") as staged:  # save_pretrained's own checks
-            self.model.config.save_pretrained(staged)
+            config.save_pretrained(staged)
             atomic_write(path / "config.json", lambda t: shutil.copyfile(Path(staged) / "config.json", t))
-        meta = {"quant_config": asdict(self.cfg), "base_attn": self.base_attn, "decoder_prefix": prefix,
+        meta = {"quant_config": asdict(self.cfg), "base_attn": self.base_attn,
+                "decoder_prefix": _prefix_of(self.model, dec), "transforms": TRANSFORMS,
                 "quantized": self.quantized(), "architecture": type(self.model).__name__, "report": self.report,
                 "sha256": {weights.name: file_sha256(weights)}}
         text = json.dumps(meta, indent=2, default=str)
         atomic_write(path / "mmeff_quant.json", lambda t: t.write_text(text))
+
+
+def hf_quantization_config(cfg: QuantConfig, base_attn: str, modules: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` entry of a saved folder's config.json: ``quant_method``
+    (:data:`HF_QUANT_METHOD`), every :class:`QuantConfig` field, the attention the model was calibrated
+    with and the names of its :class:`QuantLinear` modules. ``FlatQuantConfig`` reads it back."""
+    return {"quant_method": HF_QUANT_METHOD, **asdict(cfg), "base_attn": base_attn, "modules": list(modules)}
+
+
+class LoadedLayerQuant(LayerQuant):
+    """A :class:`LayerQuant` that a loaded model holds as the submodule ``mmeff_fq`` of its decoder layer, so
+    its tensors are ordinary state-dict entries (``from_pretrained``, ``save_pretrained``, ``load_state_dict``).
+    Dtype casts of the model leave it in float32: the online transforms run in float32 whatever the
+    model's dtype (as do those of a model fresh from :func:`quantize`, which are no submodules); devices
+    follow."""
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> LoadedLayerQuant:
+        def keep_dtype(t: Tensor) -> Tensor:
+            out = fn(t)
+            return out.to(t.dtype) if t.is_floating_point() and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
+
+
+def add_quantized_shells(model: nn.Module, cfg: QuantConfig, quantized: list[str]) -> list[LoadedLayerQuant]:
+    """Prepare an (usually meta-device) model for a saved quantized state dict: the linears named in
+    ``quantized`` become empty :class:`QuantLinear` of ``cfg.w_bits`` and every decoder layer gets a float32
+    :class:`LoadedLayerQuant` as ``mmeff_fq``. Returns the transforms, layer by layer. One-line
+    ``ValueError`` for a name the model does not have or that is not a linear."""
+    for name in quantized:
+        try:
+            lin = model.get_submodule(name) if isinstance(name, str) else None
+        except AttributeError:
+            lin = None
+        if not isinstance(lin, (nn.Linear, QuantLinear)):
+            raise ValueError(f"quantized module {name!r} is not a linear layer of {type(model).__name__}")
+        dtype = lin.weight.dtype if isinstance(lin, nn.Linear) else lin.dtype
+        model.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, cfg.w_bits, lin.bias is not None,
+                                              dtype, lin.qweight.device if isinstance(lin, QuantLinear) else lin.weight.device))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layers = []
+    for layer in decoder_of(model).layers:
+        # on the layer's device (meta while a loader builds the model) and in float32 whatever default dtype
+        # the loader set: the saved transforms are float32, and the loader keeps a module's own dtype
+        with torch.device(layer.input_layernorm.weight.device), _default_dtype(torch.float32):
+            lq = LoadedLayerQuant(layer, cfg, gen)
+        layer.add_module(TRANSFORMS, lq)
+        layers.append(lq)
+    return layers
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def finish_loading(model: nn.Module, cfg: QuantConfig, layers: list[LayerQuant], base_attn: str,
+                   report: dict[str, Any] | None = None) -> FlatQuantHandle:
+    """Once the weights are in: mark the transforms merged and frozen, attach the online hooks and the
+    K/V attention function; returns the model's :class:`FlatQuantHandle`."""
+    for lq in layers:
+        lq.merged = True
+        for p in lq.parameters():
+            p.requires_grad_(False)
+    handle = FlatQuantHandle(model, cfg, layers, base_attn, report or {})
+    handle.attach()
+    return handle
 
 
 def _prefix_of(model: nn.Module, dec: nn.Module) -> str:
@@ -283,7 +382,9 @@ def quantize(
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | None = None) -> tuple[nn.Module, FlatQuantHandle]:
     """Rebuild a model written by :meth:`FlatQuantHandle.save`: config → model, codes → weights,
-    transforms → hooks. Returns ``(model, handle)`` ready for inference.
+    transforms → hooks. Returns ``(model, handle)`` ready for inference. Reads the current layout (also a
+    ``from_pretrained`` folder) and the older one (transforms as top-level ``mmeff_fq.{i}.*``, tied
+    tensors written twice, no ``quantization_config``). ``dtype`` casts the model, not its transforms.
 
     ``FileNotFoundError`` / one-line ``ValueError`` naming the file for anything else: not a folder, a
     missing or unreadable ``mmeff_quant.json`` / ``config.json`` / ``model.safetensors``, weights that no
@@ -325,17 +426,13 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         sd = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights} is not a safetensors file ({' '.join(str(e).split())})") from e
-    for name in quantized:
-        try:
-            lin = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"{meta_file} lists {name!r}, which {arch} does not have") from e
-        model.set_submodule(name, QuantLinear(lin.in_features, lin.out_features, cfg.w_bits, lin.bias is not None,
-                                              lin.weight.dtype, "meta"))
-    lq_state = {k: sd.pop(k) for k in [k for k in sd if k.startswith("mmeff_fq.")]}
-    for k, v in lq_state.items():
-        if ".lwc." in k and v.ndim == 2 and v.shape[1] == 1:
-            lq_state[k] = v.expand(-1, 2).contiguous()  # saved by 0.2.0's one-sided LWC (unused once merged)
+    prefix = _prefix_of(model, decoder_of(model))
+    try:
+        layers = add_quantized_shells(model, cfg, quantized)
+    except ValueError as e:
+        raise ValueError(f"{meta_file}: {e}") from e
+    sd = _current_layout(sd, f"{prefix}.layers" if prefix else "layers")
+    _alias_tied(model, sd)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     except RuntimeError as e:  # shape mismatches
@@ -346,27 +443,38 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     model.tie_weights()
     _rebuild_buffers(model)
     if dtype is not None:
-        model = model.to(dtype)
+        model = model.to(dtype)  # the transforms stay float32 (LoadedLayerQuant)
     if device is not None:
         model = model.to(device)
     model.eval()
-    dec = decoder_of(model)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    layers = []
-    for i, layer in enumerate(dec.layers):
-        lq = LayerQuant(layer, cfg, gen)
-        try:
-            lq.load_state_dict({k.split(".", 2)[2]: v for k, v in lq_state.items() if k.split(".")[1] == str(i)})
-        except RuntimeError as e:
-            raise ValueError(f"{weights}: the transforms of layer {i} are missing or do not fit "
-                             f"({' '.join(str(e).split())[:200]})") from e
-        lq.merged = True
-        for p in lq.parameters():
-            p.requires_grad_(False)
-        layers.append(lq.to(next(model.parameters()).device))
-    handle = FlatQuantHandle(model, cfg, layers, base_attn, meta.get("report", {}))
-    handle.attach()
-    return model, handle
+    return model, finish_loading(model, cfg, layers, base_attn, meta.get("report", {}))
+
+
+def _current_layout(sd: dict[str, Tensor], layers_prefix: str) -> dict[str, Tensor]:
+    """Rename the transforms of a folder saved in the old layout (top-level ``mmeff_fq.{i}.*``, no
+    ``from_pretrained``) to ``<layers_prefix>.{i}.mmeff_fq.*``; folders in the current layout pass as they are."""
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        if k.startswith(_OLD_TRANSFORMS) and k.count(".") >= 2:
+            _, i, rest = k.split(".", 2)
+            k = f"{layers_prefix}.{i}.{TRANSFORMS}.{rest}"
+        if f".{TRANSFORMS}.lwc." in k and v.ndim == 2 and v.shape[1] == 1:
+            v = v.expand(-1, 2).contiguous()  # saved by 0.2.0's one-sided LWC (unused once merged)
+        out[k] = v
+    return out
+
+
+def _alias_tied(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    # save_model writes one name of each group of tied parameters (e.g. lm_head.weight for the embeddings):
+    # give the other names of the group the same tensor, so the assigning load leaves none on the meta device
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    for names in groups.values():
+        present = [n for n in names if n in sd]
+        for n in names:
+            if present and n not in sd:
+                sd[n] = sd[present[0]]
 
 
 def _rebuild_buffers(model: nn.Module) -> None:
