@@ -23,7 +23,7 @@ class DemoError(ValueError):
 
 @functools.lru_cache(maxsize=1)
 def default_vlm() -> tuple[torch.nn.Module, Any, dict[str, Any]]:
-    """mmeff-mini ``(model, tokenizer, info)``, built once per process (:func:`mmeff.models.default_model`)."""
+    """mmeff-mini ``(model, processor, info)``, built once per process (:func:`mmeff.models.default_model`)."""
     return default_model()
 
 

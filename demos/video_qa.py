@@ -47,9 +47,8 @@ from mmeff.eval.profile import profile
 from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
 from mmeff.models import mini
 from mmeff.models.cache import default_cache_dir
-from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.hf import chat_batch, llava_tokens_per_image
 from mmeff.models.mini import HELDOUT_SEED
-from mmeff.preprocess import llava_pixel_values
 
 __all__ = ["METHODS", "VideoQAResult", "samples", "make_reducer", "run_video_qa", "plot_video_qa", "main"]
 
@@ -168,17 +167,20 @@ def run_video_qa(
     cfg = model.config
     per_image = llava_tokens_per_image(cfg)
     t = len(clip)
-    ids = build_prompt(tokenizer, format_question(question, options), 1, t * per_image, cfg.image_token_id)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     param = next(model.parameters())
-    batch: dict[str, Any] = {k: v.to(param.device) for k, v in left_pad_batch([ids], pad).items()}
-    pixels = llava_pixel_values(list(clip.frames), cfg.vision_config.image_size)
-    batch["pixel_values"] = pixels.to(param.device, param.dtype)
+    # the model's own processor builds the prompt and pixels (one run of t frames), as evaluation does
+    batch: dict[str, Any] = {
+        k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
+        for k, v in chat_batch(tokenizer, [format_question(question, options)], [list(clip.frames)], cfg).items()
+    }
+    pixels = batch["pixel_values"]
     kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     n_prompt = batch["input_ids"].shape[1]
 
     def decode(gen: torch.Tensor) -> str:
-        return tokenizer.decode(gen[0, n_prompt:], skip_special_tokens=True).strip()
+        return tok.decode(gen[0, n_prompt:], skip_special_tokens=True).strip()
 
     def prefill_ms(m: Any) -> float:
         inputs = dict(batch)
@@ -218,7 +220,7 @@ def run_video_qa(
     if fv_out is not None and fv_out.scores is not None:
         scores = fv_out.scores.float().cpu()
     else:
-        emb = default_scorer().embed_pixels(pixels, question)
+        emb = default_scorer().embed_pixels(pixels, question)  # the CLIP-normalised pixels the model saw
         scores = F.cosine_similarity(emb.text.float()[None], emb.frames.float(), dim=-1).cpu()
     if fv_out is not None and fv_out.in_idx is not None:
         # a frame on two paths (slow and fast) feeds tokens to both, which one assignment per patch cannot show

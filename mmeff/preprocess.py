@@ -64,7 +64,9 @@ def llava_pixel_values(
         if mode == "crop":
             # Resizing uint8 keeps torchvision's rounding/clamping identical to PIL-style pipelines.
             x = TF.resize(x, [image_size], interpolation=bicubic, antialias=True)
-            x = TF.center_crop(x, [image_size, image_size])
+            # CLIPImageProcessor's centre crop floors an odd margin; torchvision's rounds it (one pixel off)
+            top, left = (x.shape[1] - image_size) // 2, (x.shape[2] - image_size) // 2
+            x = x[:, top : top + image_size, left : left + image_size]
         else:
             x = TF.resize(x, [image_size, image_size], interpolation=bicubic, antialias=True)
         out.append((x.float() / 255.0 - mean) / std)

@@ -35,8 +35,7 @@ from mmeff.eval.scenes import accuracy_by_kind, answer_scenes, heldout_items
 from mmeff.models.embedded import default_model
 from mmeff.models.eve import EveForConditionalGeneration, eve_smollm2, paper_config
 from mmeff.models.eve import param_counts as eve_counts
-from mmeff.models.hf import build_prompt, load_smollm2
-from mmeff.preprocess import llava_pixel_values
+from mmeff.models.hf import chat_batch, load_smollm2
 from mmeff.train.eve import EveTrainConfig, answer_loss, train_stage
 
 __all__ = ["offline_text_ids", "perplexity", "prefill_flops_measured", "run_eve_bench"]
@@ -76,11 +75,9 @@ def prefill_flops_measured(model: nn.Module, inputs: dict[str, torch.Tensor]) ->
     return int(counter.get_total_flops())
 
 
-def _prompt(model: nn.Module, tokenizer: Any, item: dict[str, Any], per_image: int) -> dict[str, torch.Tensor]:
-    ids = build_prompt(tokenizer, format_question(item["question"], item["options"]), 1, per_image,
-                       model.config.image_token_id)
-    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
-            "pixel_values": llava_pixel_values(list(item["frames"]), 224)}
+def _prompt(model: nn.Module, tokenizer: Any, item: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return chat_batch(tokenizer, [format_question(item["question"], item["options"])], [list(item["frames"])],
+                      model.config)
 
 
 def run_eve_bench(
@@ -143,7 +140,7 @@ def run_eve_bench(
                "final_loss": hist["log"][-1]["lm"] if hist.get("log") else None,
                "heldout_answer_loss": answer_loss(eve, etok, n=48), **evaluate(eve, etok)}
         if stage == "experts":
-            prompt = _prompt(eve, etok, items[0], eve.config.tokens_per_image)
+            prompt = _prompt(eve, etok, items[0])
             with torch.no_grad():
                 eve(**prompt)
             row["routing_one_image"] = eve.last_routing  # visual tokens per expert in each expert layer
@@ -160,7 +157,7 @@ def run_eve_bench(
     cost = {}
     for name, model, tokenizer, per_image in (("eve", eve, etok, eve.config.tokens_per_image),
                                               ("llava_style", mini, mtok, 64)):
-        prompt = _prompt(model, tokenizer, items[0], per_image)
+        prompt = _prompt(model, tokenizer, items[0])
         lat = measure_latency(model, prompt, decode_tokens=decode_tokens, repeats=repeats)
         cost[name] = {"visual_tokens": per_image, "prompt_tokens": int(prompt["input_ids"].shape[1]),
                       "prefill_flops": prefill_flops_measured(model, prompt), "prefill_s": lat.prefill_s,

@@ -20,9 +20,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForCon
 
 from mmeff.checkpoint import local_or_hub
 from mmeff.datasets.media import read_frames, sample_image, sample_video_path
-from mmeff.hfconfig import pad_token_id
 from mmeff.models.embedded import MINI_MODELS, default_model
-from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.hf import chat_batch
 from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
 from mmeff.preprocess import llava_pixel_values
 
@@ -32,7 +31,8 @@ BUILTIN_MODELS = ("default", "mmeff-mini", "mmeff-mini-smollm", "tiny-llava", "t
 
 
 def load_bench_model(name: str = "default", cache_dir: str | Path | None = None) -> tuple[nn.Module, Any, dict]:
-    """Return ``(model.eval(), tokenizer_or_processor_or_None, info)`` for a bench model name or path."""
+    """Return ``(model.eval(), processor_or_None, info)`` for a bench model name or path: the embedded models'
+    and checkpoints' own processors; ``None`` for the tiny random models (no tokenizer)."""
     if name in ("default", *MINI_MODELS):
         return default_model(cache_dir=cache_dir, name="mmeff-mini" if name == "default" else name)
     if name in ("tiny-llava", "tiny-qwen2-vl"):
@@ -60,7 +60,8 @@ def _frames(num: int) -> list[np.ndarray]:
 def media_inputs(
     model: nn.Module, tokenizer: Any, kind: str, *, question: str, frames: int = 4
 ) -> dict[str, torch.Tensor]:
-    """Prompt + pixels for one real image (``skimage`` astronaut) or ``frames`` frames of a real mp4."""
+    """Prompt + pixels for one real image (``skimage`` astronaut) or ``frames`` frames of a real mp4, built
+    by the model's processor (``tokenizer``; each frame its own image, as image-LLMs take several images)."""
     if kind not in ("image", "video"):
         raise ValueError(f"kind must be 'image' or 'video', got {kind!r}")
     images = [sample_image("astronaut")] if kind == "image" else _frames(frames)
@@ -73,14 +74,11 @@ def media_inputs(
         if kind == "image":
             return qwen2_vl_inputs(cfg, batch=1, image_hw=[(56, 84)])
         return qwen2_vl_inputs(cfg, batch=1, image_hw=[], video=(2 * ((frames + 1) // 2), 56, 56))
-    if hasattr(tokenizer, "image_processor"):  # a real processor from a user checkpoint
-        return _processor_inputs(tokenizer, images, kind, question)
-    size = cfg.vision_config.image_size
-    per_image = llava_tokens_per_image(cfg)
-    ids = build_prompt(tokenizer, question, len(images), per_image, cfg.image_token_id)
-    batch = left_pad_batch([ids], pad_token_id(cfg))
-    batch["pixel_values"] = llava_pixel_values(images, size).to(model.dtype)
-    return batch
+    if isinstance(model, LlavaForConditionalGeneration):  # the embedded models, a LLaVA checkpoint's processor
+        batch = chat_batch(tokenizer, [question], [images], cfg, one_run=False)
+        batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        return batch
+    return _processor_inputs(tokenizer, images, kind, question)
 
 
 def _processor_inputs(processor: Any, images: list[np.ndarray], kind: str, question: str) -> dict[str, torch.Tensor]:

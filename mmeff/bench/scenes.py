@@ -45,9 +45,8 @@ from mmeff.eval.scenes import answer_scenes, heldout_items
 from mmeff.methods.freevideo import FreeVideoConfig, FreeVideoLLM
 from mmeff.methods.tome import ToMe
 from mmeff.models import mini
-from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.hf import chat_batch, llava_tokens_per_image
 from mmeff.models.mini import HELDOUT_SEED
-from mmeff.preprocess import llava_pixel_values
 
 __all__ = [
     "DEFAULT_RATIOS",
@@ -213,10 +212,8 @@ def _tally(results: Sequence[dict[str, Any]]) -> tuple[dict[str, float], dict[st
 def _prefill(model: nn.Module, tokenizer: Any, item: dict[str, Any], method: Any, repeats: int) -> tuple[float, int]:
     """Median prefill ms of one prompt and the visual tokens that reached the LLM (measured, not assumed)."""
     cfg = model.config
-    ids = build_prompt(tokenizer, format_question(item["question"], item["options"]), 1,
-                       len(item["frames"]) * llava_tokens_per_image(cfg), cfg.image_token_id)
-    inputs: dict[str, Any] = left_pad_batch([ids], tokenizer.pad_token_id or 0)
-    inputs["pixel_values"] = llava_pixel_values(list(item["frames"]), cfg.vision_config.image_size)
+    inputs: dict[str, Any] = chat_batch(tokenizer, [format_question(item["question"], item["options"])],
+                                        [list(item["frames"])], cfg)
     if isinstance(method, TokenReducer):
         inputs["mmeff_text"] = [item["question"]]
     rep = profile(model, inputs, method, decode_tokens=1, warmup=1, repeats=repeats)

@@ -95,8 +95,10 @@ def scene_vistog_batches(
     The answer (its words and the end-of-turn token) is the end of every row, so only the last ``K + 1``
     positions need logits: ``labels`` is ``(B, K + 1)`` (-100 off the answer) with ``logits_to_keep=K + 1``.
     This skips the 49k-row LM head on every prompt position, the bulk of a step's cost otherwise, and it
-    survives VisToG shrinking the image placeholders, which sit before the tail.
+    survives VisToG shrinking the image placeholders, which sit before the tail. ``tokenizer``: the chat
+    tokenizer or a processor holding it.
     """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # rows are built token by token, with labels
     seed = TRAIN_SEED if seed is None else seed
     cfg = model.config
     per_image = llava_tokens_per_image(cfg)

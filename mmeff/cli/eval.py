@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from mmeff.bench.inputs import load_bench_model
+from mmeff.adapters import find_adapter
+from mmeff.bench.inputs import BUILTIN_MODELS, load_bench_model
 from mmeff.core import TokenReducer, create_reducer
 from mmeff.datasets import videoqa
 from mmeff.datasets.scenes import scene_videoqa
 from mmeff.datasets.videoqa import VideoQASample
 from mmeff.eval.answers import judge_open
 from mmeff.eval.results import format_report, resolve_shard
-from mmeff.eval.videoqa import evaluate, llava_predictor
+from mmeff.eval.videoqa import evaluate, llava_predictor, load_vlm, processor_predictor
 from mmeff.methods.freevideo import ClipScorer, FreeVideoConfig, FreeVideoLLM
-from mmeff.models.embedded import MINI_MODELS, default_processor
 from mmeff.models.mini import FREEVIDEO_SCENES, HELDOUT_SEED, clip_scorer
 
 #: Free Video-LLM's released path string (7B LLaVA on full-length videos); scenes use ``FREEVIDEO_SCENES``
@@ -79,7 +79,10 @@ def _run_config(args: argparse.Namespace, info: dict[str, Any], reducer: TokenRe
         return None if path is None else str(Path(path).resolve())
 
     run_config = {
-        "model": info.get("name", args.model), "model_arg": args.model if args.model == "default" else where(args.model),
+        "model": info.get("name", args.model),
+        # a hub id stays itself (resolving it as a path would name a folder that does not exist)
+        "model_arg": args.model if args.model == "default" or (
+            args.model not in BUILTIN_MODELS and not Path(args.model).expanduser().exists()) else where(args.model),
         "method": reducer.describe() if reducer else "none", "stage": args.stage, "frames": args.frames,
         "budget": None if args.method in ("none", "freevideo") else
         ({"tokens": args.tokens} if args.tokens is not None else {"ratio": args.ratio}),
@@ -93,18 +96,29 @@ def _run_config(args: argparse.Namespace, info: dict[str, Any], reducer: TokenRe
     return run_config
 
 
+def _load_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """The model, its processor and info for ``--model``: the built-in names as ``mmeff bench`` loads them;
+    anything else (a local folder or a hub id) as any HF image-text-to-text model with its processor,
+    refused in one line when no mmeff adapter serves its class (methods could not attach to it)."""
+    if args.model in BUILTIN_MODELS:
+        model, tok, info = load_bench_model(args.model, cache_dir=args.cache_dir)
+        if tok is None:
+            raise ValueError(f"mmeff eval videoqa needs a model with a processor; {args.model!r} is a random "
+                             f"{type(model).__name__} without one")
+        return model, tok, info
+    model, tok, info = load_vlm(args.model)
+    try:
+        find_adapter(model)
+    except TypeError as e:
+        raise ValueError(f"mmeff eval videoqa: {args.model!r}: {e}") from None
+    return model, tok, info
+
+
 def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     samples = _samples(args)
     out = Path(args.out)
     reducer = _reducer(args)
-    model, tok, info = load_bench_model(args.model, cache_dir=args.cache_dir)
-    if args.model in ("default", *MINI_MODELS):  # the embedded model's own processor, as for any checkpoint
-        tok = default_processor(args.cache_dir, name="mmeff-mini" if args.model == "default" else args.model)
-    if tok is None or type(model).__name__ != "LlavaForConditionalGeneration":
-        raise ValueError(
-            f"mmeff eval videoqa runs LLaVA models with a chat tokenizer ('default' or a local LLaVA checkpoint); "
-            f"{args.model!r} is {type(model).__name__}{' without a tokenizer' if tok is None else ''}"
-        )
+    model, tok, info = _load_model(args)
     # LOCAL_RANK picks the GPU of this process; the shard comes from RANK / WORLD_SIZE
     device = args.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -119,8 +133,10 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     if args.judge_url:
         judge = functools.partial(judge_open, url=args.judge_url, model=args.judge_model, timeout=args.judge_timeout)
     options = {"stage": args.stage} if args.stage else {}
-    predict = llava_predictor(model, tok, reducer=reducer, num_frames=args.frames,
-                              max_new_tokens=args.max_new_tokens, **options)
+    # LLaVA keeps mmeff's own prompt layout (one contiguous run of frame tokens); any other VLM gets its
+    # processor's chat template, with the frames as one video where the processor takes videos
+    make = llava_predictor if type(model).__name__ == "LlavaForConditionalGeneration" else processor_predictor
+    predict = make(model, tok, reducer=reducer, num_frames=args.frames, max_new_tokens=args.max_new_tokens, **options)
     # with a process group, rank 0 merges the shards and reports on everything; without one each rank
     # reports on its own shard (join them later with mmeff.eval.videoqa.merge_results)
     merged = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -150,7 +166,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (with a method) on a benchmark")
     tasks = e.add_subparsers(dest="task", required=True)
     v = tasks.add_parser("videoqa", help="video question answering: accuracy, visual tokens and latency per video")
-    v.add_argument("--model", default="default", help="'default' or a local LLaVA checkpoint folder with its processor")
+    v.add_argument("--model", default="default",
+                   help="'default', an mmeff-mini name, or any HF image-text-to-text model mmeff has an adapter for "
+                   "(LLaVA, LLaVA-NeXT, Qwen2-VL/2.5/3, Gemma3, Idefics3, InternVL): a local folder with its "
+                   "processor, or a hub id")
     v.add_argument("--method", default="none",
                    help="registered reducer (freevideo: Free Video-LLM with an open_clip scorer), or 'none'")
     budget = v.add_mutually_exclusive_group()

@@ -21,9 +21,8 @@ from mmeff.core import TokenReducer
 from mmeff.datasets.scenes import IMAGE_KINDS, VIDEO_KINDS, scene_sample, scene_video_sample
 from mmeff.eval.answers import extract_option, format_question
 from mmeff.eval.videoqa import rows_visual_tokens
-from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
+from mmeff.models.hf import chat_batch, llava_tokens_per_image
 from mmeff.models.mini import HELDOUT_SEED, VIDEO_FRAMES, frame_indices
-from mmeff.preprocess import llava_pixel_values
 
 __all__ = ["answer_scenes", "heldout_items", "accuracy_by_kind"]
 
@@ -41,21 +40,23 @@ def answer_scenes(
     **apply_options: Any,
 ) -> list[dict[str, Any]]:
     """Greedy multiple-choice answers for generated scene items (``frames``, ``question``, ``options``,
-    ``answer``, ``kind``): each item's frames are one run of visual tokens. Returns per item ``kind``,
-    ``pred`` (text), ``choice`` (option index or None), ``correct``, ``visual_tokens``."""
+    ``answer``, ``kind``): each item's frames are one run of visual tokens, built by
+    :func:`mmeff.models.hf.chat_batch` with ``tokenizer`` (the model's processor, or a chat tokenizer).
+    Returns per item ``kind``, ``pred`` (text), ``choice`` (option index or None), ``correct``,
+    ``visual_tokens``."""
     cfg = model.config
     param = next(model.parameters())
     # Eve's config says how many tokens its projector leaves; LLaVA's are the tower's patches
     per_image = int(getattr(cfg, "tokens_per_image", 0) or llava_tokens_per_image(cfg))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out: list[dict[str, Any]] = []
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for chunk in tqdm(chunks, desc="answer", unit="batch", disable=not progress):
-        rows = [build_prompt(tokenizer, format_question(it["question"], it["options"]), 1,
-                             len(it["frames"]) * per_image, cfg.image_token_id) for it in chunk]
-        batch = {k: v.to(param.device) for k, v in left_pad_batch(rows, pad).items()}
-        batch["pixel_values"] = torch.cat([llava_pixel_values(list(it["frames"]), cfg.vision_config.image_size)
-                                           for it in chunk]).to(param.device, param.dtype)
+        batch = chat_batch(tokenizer, [format_question(it["question"], it["options"]) for it in chunk],
+                           [list(it["frames"]) for it in chunk], cfg)
+        batch = {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
+                 for k, v in batch.items()}
         kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
         if reducer is None:
             gen = model.generate(**batch, **kw)
@@ -67,7 +68,7 @@ def answer_scenes(
                 gen = model.generate(**batch, **kw, **text)
             visual = _visual_counts(handle, chunk, per_image) if text else [len(it["frames"]) * per_image
                                                                             for it in chunk]
-        texts = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = tok.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         for it, text, vt in zip(chunk, texts, visual):
             choice = extract_option(text, it["options"])
             out.append({"kind": it["kind"], "pred": text.strip(), "choice": choice, "visual_tokens": vt,

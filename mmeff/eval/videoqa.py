@@ -1,9 +1,11 @@
-"""Video question answering evaluation: LLaVA prediction and a resumable, sharded harness.
+"""Video question answering evaluation: LLaVA (and any HF VLM) prediction and a resumable, sharded harness.
 
 The pieces are independent so each can be reused or swapped:
 
 - prediction: :func:`predict_llava` / :func:`predict_batch` run a HF ``LlavaForConditionalGeneration``
-  (optionally with an mmeff reducer applied) on sampled frames and time it;
+  (optionally with an mmeff reducer applied) on sampled frames and time it; :func:`predict_processor_batch`
+  does the same for any HF VLM through its own processor and chat template (:func:`load_vlm` loads one
+  from a folder or hub id), the inputs that :mod:`mmeff.eval.lmms` (the lmms-eval model) builds too;
 - harness: :func:`evaluate` appends one JSON line per sample (fsynced, so a crash loses nothing),
   resumes by id (only rows of the same run configuration), records unreadable clips as failed and goes
   on, shards over ``RANK`` / ``WORLD_SIZE``;
@@ -23,10 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmeff.api import apply
+from mmeff.checkpoint import local_or_hub
 from mmeff.datasets.media import load_video
 from mmeff.datasets.videoqa import VideoQASample
 from mmeff.eval.answers import (
@@ -59,19 +64,27 @@ from mmeff.eval.results import (
     write_atomic,
 )
 from mmeff.hfconfig import pad_token_id
-from mmeff.models.hf import build_prompt, left_pad_batch, llava_tokens_per_image
-from mmeff.preprocess import llava_pixel_values
+from mmeff.models.embedded import MINI_MODELS, default_model, default_processor
+from mmeff.models.hf import chat_batch, llava_tokens_per_image
 
 __all__ = [
     # defined here
+    "Media",
     "Prediction",
     "PredictFn",
+    "chat_inputs",
     "evaluate",
+    "generate_rows",
     "llava_predictor",
+    "load_vlm",
     "predict_batch",
     "predict_llava",
+    "predict_processor_batch",
+    "processor_predictor",
     "read_clip",
     "rows_visual_tokens",
+    "to_model",
+    "visual_placeholders",
     # from mmeff.eval.answers, importable here as before the split
     "MC_INSTRUCTION",
     "OPEN_INSTRUCTION",
@@ -172,14 +185,15 @@ def predict_batch(
     """Greedy answers of a HF ``LlavaForConditionalGeneration`` for several samples in one ``generate``.
 
     Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``) become one contiguous
-    run of ``num_frames * llava_tokens_per_image`` placeholders (one video) in a chat prompt built with
-    ``build_prompt``, so frame-level methods see each frame and video-level ones (Free Video-LLM) the
+    run of ``num_frames * llava_tokens_per_image`` placeholders (one video) in a chat prompt built by
+    :func:`mmeff.models.hf.chat_batch`, so frame-level methods see each frame and video-level ones (Free Video-LLM) the
     whole clip (read with the reducer's ``frame_rule`` when it has one: a ``faithful=True`` Free Video-LLM
     reads frames as its official loader); the raw questions go to the method as ``mmeff_text``; rows
     are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
     ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
-    a chat tokenizer, or the checkpoint's processor: then its ``image_processor`` preprocesses the frames
-    (as the checkpoint was trained) and its ``.tokenizer`` builds the prompt. A sample whose clip cannot be read gets a
+    the checkpoint's processor (its chat template, image processor and tokenizer build the inputs, as the
+    checkpoint was trained) or a bare chat tokenizer (LLaVA's CLIP pipeline). ``decode_s`` counts reading
+    and preprocessing the clip. A sample whose clip cannot be read gets a
     :class:`Prediction` with ``failed`` set to the reason; the other samples are answered as usual.
     """
     if not samples:
@@ -189,16 +203,13 @@ def predict_batch(
     if num_frames < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
     tok = getattr(tokenizer, "tokenizer", tokenizer)
-    # a processor preprocesses frames as its checkpoint was trained; a bare tokenizer gets LLaVA's CLIP pipeline
-    image_processor = getattr(tokenizer, "image_processor", None)
     cfg = model.config
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     per_image = llava_tokens_per_image(cfg)
-    size = int(cfg.vision_config.image_size)
 
     rule = getattr(reducer, "frame_rule", "midpoints")  # a faithful method reads frames as its official code
-    pixels: list[torch.Tensor] = []
+    clips: list[list[np.ndarray]] = []
     decode_s: list[float] = []
     results: list[Prediction | None] = [None] * len(samples)  # failed ones filled now, the rest after generate
     for k, s in enumerate(samples):
@@ -210,22 +221,21 @@ def predict_batch(
             results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
                                     model_s=0.0, new_tokens=0, failed=str(e))
             continue
-        if image_processor is not None:
-            pixels.append(image_processor(images=list(frames), return_tensors="pt")["pixel_values"])
-        else:
-            pixels.append(llava_pixel_values(list(frames), size))
+        clips.append(list(frames))
         decode_s.append(time.perf_counter() - t0)
     todo = [k for k, r in enumerate(results) if r is None]
     samples = [samples[k] for k in todo]
     if not samples:
         return [r for r in results if r is not None]
+    t0 = time.perf_counter()
+    batch = chat_batch(tokenizer, [build_question(s) for s in samples], clips, cfg)
+    prep = (time.perf_counter() - t0) / len(samples)
+    decode_s = [d + prep for d in decode_s]
+    batch = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
 
     sync(device)
     t0 = time.perf_counter()
-    rows = [build_prompt(tok, build_question(s), 1, num_frames * per_image, cfg.image_token_id) for s in samples]
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(cfg)
-    batch = {k: v.to(device) for k, v in left_pad_batch(rows, pad).items()}
-    batch["pixel_values"] = torch.cat(pixels).to(device=device, dtype=dtype)
     gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
     handle = None
     with torch.inference_mode():
@@ -288,6 +298,208 @@ def llava_predictor(
 
     return predict
 
+
+# ---------------------------------------------------------------------------------------------------
+# Any HF VLM with its own processor (Qwen2-VL, Gemma3, Idefics3, ...): the chat template lays out the prompt
+# ---------------------------------------------------------------------------------------------------
+
+#: one row's visual input: a list of images (PIL or (H, W, 3) uint8 arrays), a video as a (T, H, W, 3) uint8
+#: array, or ``None`` for a text-only row
+Media = Sequence[Any] | np.ndarray | None
+
+
+def load_vlm(ref: str, *, dtype: str | torch.dtype = "auto", trust_remote_code: bool = False,
+             cache_dir: str | Path | None = None) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """``(model.eval(), processor, info)`` of any HF image-text-to-text model: ``"default"`` / an embedded
+    mmeff-mini name (with its saved ``LlavaProcessor``), a local folder or a hub id, loaded with
+    ``AutoModelForImageTextToText`` and ``AutoProcessor`` (``trust_remote_code`` off unless asked: it runs
+    code from the checkpoint). Every failure is one ``ValueError`` / ``FileNotFoundError`` line: a path that
+    does not exist, a hub id that cannot be reached (offline), a folder without a processor."""
+    if ref in ("default", *MINI_MODELS):
+        name = "mmeff-mini" if ref == "default" else ref
+        model, processor, info = default_model(cache_dir, name=name)
+        if dtype != "auto":  # the shipped weights are float32
+            model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if not hasattr(processor, "image_processor"):  # a bare tokenizer: the saved processor has the template
+            processor = default_processor(cache_dir, name=name)
+        return model, processor, {**info, "name": name}
+    where = local_or_hub(ref)  # a typo'd local path fails here, before the hub is asked
+    local = Path(where).exists()
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(where, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # transformers raises OSError for files, ValueError for an unknown class
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not local and ("connect" in first or "offline" in first.lower()):
+            raise ValueError(f"cannot reach the Hugging Face hub to load {ref!r} and it is not in the local cache "
+                             "(offline? download it once, or pass its local folder)") from None
+        raise ValueError(f"cannot load {ref!r} as an image-text-to-text model: {first}") from None
+    try:
+        processor = AutoProcessor.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{ref!r} has no usable processor ({first}); save one beside the weights with "
+                         "processor.save_pretrained(folder)") from None
+    if not hasattr(processor, "image_processor") or getattr(processor, "chat_template", None) is None:
+        raise ValueError(f"{ref!r}: its processor ({type(processor).__name__}) needs an image processor and a "
+                         "chat template to build prompts")
+    getattr(processor, "tokenizer", processor).padding_side = "left"  # batched generation pads on the left
+    return model.eval(), processor, {"name": ref, "path": where, "provenance": "user checkpoint"}
+
+
+def _takes_video(processor: Any) -> bool:
+    # only processors with a video pipeline (Qwen2-VL, InternVL, ...) get frames as one video; others get them
+    # as a run of images, which is how mmeff's LLaVA path feeds a video too
+    return getattr(processor, "video_processor", None) is not None
+
+
+def chat_inputs(processor: Any, prompts: Sequence[str], media: Sequence[Media],
+                answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded model inputs for a batch of user turns: row ``i`` is ``media[i]`` (images, or a video as
+    one ``video`` item where the processor takes videos, else its frames as images) then ``prompts[i]``,
+    laid out by the processor's own chat template with the generation prompt. ``answers``: append each row's
+    answer text after the generation prompt (for scoring a continuation)."""
+    texts, images, videos = [], [], []
+    for i, (prompt, item) in enumerate(zip(prompts, media)):
+        content: list[dict[str, Any]] = []
+        if isinstance(item, np.ndarray) and item.ndim == 4 and _takes_video(processor):
+            content.append({"type": "video"})
+            videos.append(item)
+        elif item is not None:
+            frames = list(item)  # a (T, H, W, 3) array or a list of images
+            content += [{"type": "image"} for _ in frames]
+            images += [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in frames]
+        content.append({"type": "text", "text": prompt})
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        texts.append(text + (answers[i] if answers is not None else ""))
+    kwargs: dict[str, Any] = {"images": images or None, "videos": videos or None} if (images or videos) else {}
+    if not videos:
+        kwargs.pop("videos", None)  # processors without a video pipeline refuse the keyword
+    return dict(processor(text=texts, return_tensors="pt", padding=True, **kwargs))
+
+
+def visual_placeholders(model: nn.Module, input_ids: torch.Tensor) -> list[int]:
+    """Visual tokens each row of ``input_ids`` (B, L) holds before any reduction: its image / video
+    placeholder tokens (the ids the model's config names)."""
+    cfg = model.config
+    ids = {getattr(cfg, k, None) for k in ("image_token_id", "image_token_index", "video_token_id")}
+    ids = [int(i) for i in ids if isinstance(i, int)]
+    if not ids:
+        return [0] * input_ids.shape[0]
+    return torch.isin(input_ids, torch.tensor(ids, device=input_ids.device)).sum(1).tolist()
+
+
+def to_model(batch: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``batch`` on the model's device, floating tensors (pixels) in its dtype."""
+    param = next(model.parameters())
+    return {k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def generate_rows(model: nn.Module, processor: Any, batch: dict[str, Any], *, max_new_tokens: int,
+                  adapter: Any = None, text: Sequence[str] | None = None, **gen_kwargs: Any
+                  ) -> tuple[list[str], list[int], list[int]]:
+    """``model.generate`` on a left-padded ``batch``: ``(texts, new_tokens, visual_tokens)`` per row, each text
+    decoded up to the first EOS. ``adapter``: the attached mmeff method (its stats give the visual tokens the
+    LLM read; ``text`` goes to it as ``mmeff_text`` for question-guided methods); without one the count is
+    the placeholders. ``gen_kwargs`` go to ``generate`` (default greedy)."""
+    tok = getattr(processor, "tokenizer", processor)
+    pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(model.config)
+    gen = {"do_sample": False, "pad_token_id": pad, **gen_kwargs}
+    if adapter is not None and text is not None:
+        gen["mmeff_text"] = list(text)
+    unreduced = visual_placeholders(model, batch["input_ids"])
+    with torch.inference_mode():
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, **gen)
+    new = out[:, batch["input_ids"].shape[1]:].cpu()
+    eos = _eos_ids(model, tok)
+    texts, counts = [], []
+    for row in new.tolist():
+        stop = next((i for i, t in enumerate(row) if t in eos), None)
+        counts.append(len(row) if stop is None else stop + 1)
+        texts.append(tok.decode(row[: counts[-1]], skip_special_tokens=True).strip())
+    visual = unreduced
+    reds = getattr(adapter, "last_reductions", None) if adapter is not None else None
+    if reds is not None and len(reds) == len(texts) and all(unreduced):  # one reduction per row (a video, an image)
+        visual = [int(r.num_tokens) for r in reds]
+    elif adapter is not None and adapter.stats.get("visual_tokens_out") is not None:
+        # several items per row: split the batch total in proportion to the rows' placeholders
+        total, full = int(adapter.stats["visual_tokens_out"]), max(sum(unreduced), 1)
+        visual = [int(round(total * u / full)) for u in unreduced]
+    return texts, counts, visual
+
+
+def predict_processor_batch(
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[VideoQASample],
+    *,
+    reducer: Any = None,
+    num_frames: int = 8,
+    max_new_tokens: int = 32,
+    **apply_options: Any,
+) -> list[Prediction]:
+    """:func:`predict_batch` for any HF VLM with its processor (Qwen2-VL, Gemma3, ...): each sample's frames go
+    in as one video where the processor takes videos (else as images), the prompt through the processor's chat
+    template (:func:`chat_inputs`); greedy, inside ``mmeff.apply(model, reducer, **apply_options)`` when a
+    ``reducer`` is given. An unreadable clip gives a ``failed`` prediction, as in :func:`predict_batch`."""
+    if not samples:
+        return []
+    if num_frames < 1 or max_new_tokens < 1:
+        raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
+    rule = getattr(reducer, "frame_rule", "midpoints")
+    results: list[Prediction | None] = [None] * len(samples)
+    clips: list[np.ndarray] = []
+    decode_s: list[float] = []
+    for k, s in enumerate(samples):
+        t0 = time.perf_counter()
+        try:
+            frames, _ = read_clip(s.video, num_frames, s.start, s.end, rule)
+        except ValueError as e:  # one unreadable clip costs that sample, not the run
+            results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
+                                    model_s=0.0, new_tokens=0, failed=str(e))
+            continue
+        clips.append(frames)
+        decode_s.append(time.perf_counter() - t0)
+    todo = [k for k, r in enumerate(results) if r is None]
+    if todo:
+        device = next(model.parameters()).device
+        sync(device)
+        t0 = time.perf_counter()
+        batch = to_model(chat_inputs(processor, [build_question(samples[k]) for k in todo], clips), model)
+        questions = [samples[k].question for k in todo]
+        if reducer is None:
+            texts, counts, visual = generate_rows(model, processor, batch, max_new_tokens=max_new_tokens)
+        else:
+            with apply(model, reducer, **apply_options) as handle:
+                texts, counts, visual = generate_rows(model, processor, batch, max_new_tokens=max_new_tokens,
+                                                      adapter=handle, text=questions)
+        sync(device)
+        model_s = (time.perf_counter() - t0) / len(todo)
+        for i, k in enumerate(todo):
+            results[k] = Prediction(id=samples[k].id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
+                                    model_s=model_s, new_tokens=counts[i])
+    return [r for r in results if r is not None]
+
+
+def processor_predictor(
+    model: nn.Module,
+    processor: Any,
+    *,
+    reducer: Any = None,
+    num_frames: int = 8,
+    max_new_tokens: int = 32,
+    **apply_options: Any,
+) -> PredictFn:
+    """A ``predict_fn`` for :func:`evaluate`: :func:`predict_processor_batch` with these settings bound."""
+
+    def predict(samples: Sequence[VideoQASample]) -> list[Prediction]:
+        return predict_processor_batch(model, processor, samples, reducer=reducer, num_frames=num_frames,
+                                       max_new_tokens=max_new_tokens, **apply_options)
+
+    return predict
 
 
 _TYPE_KEYS = ("type_name", "type", "question_type", "task", "kind")

