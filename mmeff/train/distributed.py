@@ -1,27 +1,23 @@
-"""The one way mmeff's training loops join a ``torchrun`` job (DDP): NCCL on CUDA, Gloo on CPU."""
+"""Where a process of an mmeff training run stands in a distributed job (``torchrun`` or ``accelerate
+launch``): accelerate's ``PartialState`` joins the process group (NCCL on CUDA, Gloo on CPU), the same state
+the training loop's ``Accelerator`` (:func:`mmeff.train.loop.train_steps`) then uses. Trainers that need the
+rank before the loop starts (to save only on rank 0, to size their data per rank) ask here."""
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 
 __all__ = ["init_distributed"]
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """``(rank, world_size, device)``. Without ``torchrun`` (``WORLD_SIZE`` unset or 1): rank 0 of 1 on
-    CUDA when available, else the CPU. Under ``torchrun``: joins (or reuses) the process group and binds
-    the rank to its ``LOCAL_RANK`` GPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    CUDA when available, else the CPU. Under ``torchrun`` / ``accelerate launch``: joins (or reuses) the
+    process group and binds the rank to its ``LOCAL_RANK`` GPU."""
+    from accelerate.state import PartialState
+
+    # cpu=True without CUDA: accelerate only treats a CPU job as distributed (Gloo) when told it runs on CPU
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.num_processes <= 1:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
+    return state.process_index, state.num_processes, state.device
