@@ -173,7 +173,7 @@ def run_video_qa(
     # the model's own processor builds the prompt and pixels (one run of t frames), as evaluation does
     batch: dict[str, Any] = {
         k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
-        for k, v in chat_batch(tokenizer, [format_question(question, options)], [list(clip.frames)], cfg).items()
+        for k, v in chat_batch(tokenizer, [format_question(question, options)], [np.asarray(clip.frames)], cfg).items()
     }
     pixels = batch["pixel_values"]
     kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}

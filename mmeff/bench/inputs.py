@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
 
@@ -74,19 +73,10 @@ def media_inputs(
         if kind == "image":
             return qwen2_vl_inputs(cfg, batch=1, image_hw=[(56, 84)])
         return qwen2_vl_inputs(cfg, batch=1, image_hw=[], video=(2 * ((frames + 1) // 2), 56, 56))
-    if isinstance(model, LlavaForConditionalGeneration):  # the embedded models, a LLaVA checkpoint's processor
-        batch = chat_batch(tokenizer, [question], [images], cfg, one_run=False)
+    # LLaVA takes a clip's frames as separate images here (as image-LLMs take several images); processors
+    # with a video pipeline (Qwen2-VL) take them as one video
+    media = images if kind == "image" or isinstance(model, LlavaForConditionalGeneration) else np.stack(images)
+    batch = chat_batch(tokenizer, [question], [media], cfg)
+    if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        return batch
-    return _processor_inputs(tokenizer, images, kind, question)
-
-
-def _processor_inputs(processor: Any, images: list[np.ndarray], kind: str, question: str) -> dict[str, torch.Tensor]:
-    pil = [Image.fromarray(im) for im in images]
-    if kind == "video" and "Qwen2VL" in type(processor).__name__.replace("_", ""):
-        content = [{"type": "video"}, {"type": "text", "text": question}]
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        return dict(processor(text=[text], videos=[np.stack(images)], return_tensors="pt"))
-    content = [{"type": "image"} for _ in pil] + [{"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return dict(processor(text=[text], images=pil, return_tensors="pt"))
+    return batch

@@ -213,7 +213,7 @@ def _prefill(model: nn.Module, tokenizer: Any, item: dict[str, Any], method: Any
     """Median prefill ms of one prompt and the visual tokens that reached the LLM (measured, not assumed)."""
     cfg = model.config
     inputs: dict[str, Any] = chat_batch(tokenizer, [format_question(item["question"], item["options"])],
-                                        [list(item["frames"])], cfg)
+                                        [np.stack(item["frames"])], cfg)
     if isinstance(method, TokenReducer):
         inputs["mmeff_text"] = [item["question"]]
     rep = profile(model, inputs, method, decode_tokens=1, warmup=1, repeats=repeats)

@@ -27,7 +27,7 @@ method: after reduction), so a run can report them beside lmms-eval's scores.
 
 Importing this module does not import lmms-eval; building :class:`MMEff` without it raises one
 ``ImportError`` line naming the package. The inputs are those of
-:func:`mmeff.eval.videoqa.chat_inputs` (the processor's own chat template; a video file becomes one video
+:func:`mmeff.models.hf.chat_batch` (the processor's own chat template; a video file becomes one video
 where the processor takes videos, else its frames become images).
 """
 
@@ -46,8 +46,9 @@ from mmeff.adapters.hf_vlm import TEXT_KWARG
 from mmeff.api import attach
 from mmeff.core import IN_TOWER, REDUCERS, TokenReducer
 from mmeff.datasets.media import load_video
-from mmeff.eval.videoqa import Media, chat_inputs, generate_rows, load_vlm, to_model, visual_placeholders
+from mmeff.eval.videoqa import Media, generate_rows, load_vlm, to_model, visual_placeholders
 from mmeff.kv.presses import PRESSES
+from mmeff.models.hf import chat_batch
 
 __all__ = ["MMEff", "build_method", "lmms_eval_manifest"]
 
@@ -168,7 +169,7 @@ class MMEff(_LMMSBase):  # type: ignore[misc,valid-type]
 
     # inputs --------------------------------------------------------------------------------------------
     def _media(self, visuals: Any) -> Media:
-        """One request's visuals as :func:`chat_inputs` takes them: images (PIL / arrays) stay images; a video
+        """One request's visuals as :func:`mmeff.models.hf.chat_batch` takes them: images (PIL / arrays) stay images; a video
         file (a path) becomes ``max_frames`` frames (T, H, W, 3); several videos are refused."""
         items = _flatten(visuals)
         if not items:
@@ -237,7 +238,7 @@ class MMEff(_LMMSBase):  # type: ignore[misc,valid-type]
                 gen["top_p"] = float(top_p)
         prompts = [self._prompt(c[0]) for c in chunk]
         media = [self._media(self._visuals(c[2], c[4], c[5], c[3])) for c in chunk]
-        batch = to_model(chat_inputs(self.processor, prompts, media), self._model)
+        batch = to_model(chat_batch(self.processor, prompts, media, self._model.config), self._model)
         texts, _, visual = generate_rows(self._model, self.processor, batch, max_new_tokens=max_new,
                                          adapter=self.adapter, text=prompts if self._takes_text else None, **gen)
         answers = []
@@ -268,8 +269,8 @@ class MMEff(_LMMSBase):  # type: ignore[misc,valid-type]
         """``(log-prob sum, is_greedy, visual tokens)`` of ``continuation`` after the chat-templated ``prompt``
         with ``media``. The continuation is the tail of the tokenised prompt + continuation; an mmeff method
         removes visual tokens only, which all come before it, so its logits are the last ones."""
-        ctx = chat_inputs(self.processor, [prompt], [media])["input_ids"][0]
-        full = to_model(chat_inputs(self.processor, [prompt], [media], answers=[continuation]), self._model)
+        ctx = chat_batch(self.processor, [prompt], [media], self._model.config)["input_ids"][0]
+        full = to_model(chat_batch(self.processor, [prompt], [media], self._model.config, answers=[continuation]), self._model)
         ids = full["input_ids"][0]
         n = int(ids.shape[0])
         common = int(min(n, ctx.shape[0]))

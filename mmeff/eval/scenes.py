@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,7 +55,7 @@ def answer_scenes(
     chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for chunk in tqdm(chunks, desc="answer", unit="batch", disable=not progress):
         batch = chat_batch(tokenizer, [format_question(it["question"], it["options"]) for it in chunk],
-                           [list(it["frames"]) for it in chunk], cfg)
+                           [np.stack(it["frames"]) for it in chunk], cfg)
         batch = {k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
                  for k, v in batch.items()}
         kw = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -72,7 +71,6 @@ __all__ = [
     "Media",
     "Prediction",
     "PredictFn",
-    "chat_inputs",
     "evaluate",
     "generate_rows",
     "llava_predictor",
@@ -202,16 +200,46 @@ def predict_batch(
         raise ValueError(f"predict_batch runs LlavaForConditionalGeneration models, got {type(model).__name__}")
     if num_frames < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    cfg = model.config
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    per_image = llava_tokens_per_image(cfg)
+    device = next(model.parameters()).device
+    clips, decode_s, results = _read_clips(samples, num_frames, reducer)
+    todo = [k for k, r in enumerate(results) if r is None]
+    samples = [samples[k] for k in todo]
+    if not samples:
+        return [r for r in results if r is not None]
+    t0 = time.perf_counter()
+    batch = to_model(chat_batch(tokenizer, [build_question(s) for s in samples], clips, model.config), model)
+    prep = (time.perf_counter() - t0) / len(samples)
+    decode_s = [d + prep for d in decode_s]
 
+    sync(device)
+    t0 = time.perf_counter()
+    handle = None
+    if reducer is None:
+        texts, counts, _ = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens)
+    else:
+        with apply(model, reducer, **apply_options) as handle:
+            texts, counts, _ = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens, adapter=handle,
+                                             text=[s.question for s in samples])
+    sync(device)
+    model_s = (time.perf_counter() - t0) / len(samples)
+    per_image = llava_tokens_per_image(model.config)
+
+    unreduced = num_frames * per_image
+    visual = [unreduced] * len(samples) if handle is None else rows_visual_tokens(handle, len(samples), num_frames, unreduced)
+    for i, (k, s) in enumerate(zip(todo, samples)):
+        results[k] = Prediction(id=s.id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
+                                model_s=model_s, new_tokens=counts[i])
+    return [r for r in results if r is not None]
+
+
+def _read_clips(samples: Sequence[VideoQASample], num_frames: int, reducer: Any
+                ) -> tuple[list[np.ndarray], list[float], list[Prediction | None]]:
+    """Each readable sample's ``(num_frames, H, W, 3)`` clip and seconds spent reading it; ``results`` holds a
+    ``failed`` :class:`Prediction` where a clip could not be read (None elsewhere, filled after generation)."""
     rule = getattr(reducer, "frame_rule", "midpoints")  # a faithful method reads frames as its official code
-    clips: list[list[np.ndarray]] = []
+    clips: list[np.ndarray] = []
     decode_s: list[float] = []
-    results: list[Prediction | None] = [None] * len(samples)  # failed ones filled now, the rest after generate
+    results: list[Prediction | None] = [None] * len(samples)
     for k, s in enumerate(samples):
         t0 = time.perf_counter()
         try:
@@ -221,45 +249,9 @@ def predict_batch(
             results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
                                     model_s=0.0, new_tokens=0, failed=str(e))
             continue
-        clips.append(list(frames))
+        clips.append(np.asarray(frames))  # one clip: one run of placeholders or one video item
         decode_s.append(time.perf_counter() - t0)
-    todo = [k for k, r in enumerate(results) if r is None]
-    samples = [samples[k] for k in todo]
-    if not samples:
-        return [r for r in results if r is not None]
-    t0 = time.perf_counter()
-    batch = chat_batch(tokenizer, [build_question(s) for s in samples], clips, cfg)
-    prep = (time.perf_counter() - t0) / len(samples)
-    decode_s = [d + prep for d in decode_s]
-    batch = {k: v.to(device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
-
-    sync(device)
-    t0 = time.perf_counter()
-    pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(cfg)
-    gen_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, "pad_token_id": pad}
-    handle = None
-    with torch.inference_mode():
-        if reducer is None:
-            out = model.generate(**batch, **gen_kwargs)
-        else:
-            with apply(model, reducer, **apply_options) as handle:
-                out = model.generate(**batch, **gen_kwargs, mmeff_text=[s.question for s in samples])
-    sync(device)
-    new = out[:, batch["input_ids"].shape[1] :].cpu()
-    eos = _eos_ids(model, tok)
-    texts, counts = [], []
-    for row in new.tolist():
-        stop = next((i for i, t in enumerate(row) if t in eos), None)
-        counts.append(len(row) if stop is None else stop + 1)
-        texts.append(tok.decode(row[: counts[-1]], skip_special_tokens=True).strip())
-    model_s = (time.perf_counter() - t0) / len(samples)
-
-    unreduced = num_frames * per_image
-    visual = [unreduced] * len(samples) if handle is None else rows_visual_tokens(handle, len(samples), num_frames, unreduced)
-    for i, (k, s) in enumerate(zip(todo, samples)):
-        results[k] = Prediction(id=s.id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
-                                model_s=model_s, new_tokens=counts[i])
-    return [r for r in results if r is not None]
+    return clips, decode_s, results
 
 
 def predict_llava(
@@ -348,38 +340,6 @@ def load_vlm(ref: str, *, dtype: str | torch.dtype = "auto", trust_remote_code: 
     return model.eval(), processor, {"name": ref, "path": where, "provenance": "user checkpoint"}
 
 
-def _takes_video(processor: Any) -> bool:
-    # only processors with a video pipeline (Qwen2-VL, InternVL, ...) get frames as one video; others get them
-    # as a run of images, which is how mmeff's LLaVA path feeds a video too
-    return getattr(processor, "video_processor", None) is not None
-
-
-def chat_inputs(processor: Any, prompts: Sequence[str], media: Sequence[Media],
-                answers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-    """Left-padded model inputs for a batch of user turns: row ``i`` is ``media[i]`` (images, or a video as
-    one ``video`` item where the processor takes videos, else its frames as images) then ``prompts[i]``,
-    laid out by the processor's own chat template with the generation prompt. ``answers``: append each row's
-    answer text after the generation prompt (for scoring a continuation)."""
-    texts, images, videos = [], [], []
-    for i, (prompt, item) in enumerate(zip(prompts, media)):
-        content: list[dict[str, Any]] = []
-        if isinstance(item, np.ndarray) and item.ndim == 4 and _takes_video(processor):
-            content.append({"type": "video"})
-            videos.append(item)
-        elif item is not None:
-            frames = list(item)  # a (T, H, W, 3) array or a list of images
-            content += [{"type": "image"} for _ in frames]
-            images += [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in frames]
-        content.append({"type": "text", "text": prompt})
-        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                             tokenize=False)
-        texts.append(text + (answers[i] if answers is not None else ""))
-    kwargs: dict[str, Any] = {"images": images or None, "videos": videos or None} if (images or videos) else {}
-    if not videos:
-        kwargs.pop("videos", None)  # processors without a video pipeline refuse the keyword
-    return dict(processor(text=texts, return_tensors="pt", padding=True, **kwargs))
-
-
 def visual_placeholders(model: nn.Module, input_ids: torch.Tensor) -> list[int]:
     """Visual tokens each row of ``input_ids`` (B, L) holds before any reduction: its image / video
     placeholder tokens (the ids the model's config names)."""
@@ -443,32 +403,19 @@ def predict_processor_batch(
 ) -> list[Prediction]:
     """:func:`predict_batch` for any HF VLM with its processor (Qwen2-VL, Gemma3, ...): each sample's frames go
     in as one video where the processor takes videos (else as images), the prompt through the processor's chat
-    template (:func:`chat_inputs`); greedy, inside ``mmeff.apply(model, reducer, **apply_options)`` when a
+    template (:func:`mmeff.models.hf.chat_batch`); greedy, inside ``mmeff.apply(model, reducer, **apply_options)`` when a
     ``reducer`` is given. An unreadable clip gives a ``failed`` prediction, as in :func:`predict_batch`."""
     if not samples:
         return []
     if num_frames < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
-    rule = getattr(reducer, "frame_rule", "midpoints")
-    results: list[Prediction | None] = [None] * len(samples)
-    clips: list[np.ndarray] = []
-    decode_s: list[float] = []
-    for k, s in enumerate(samples):
-        t0 = time.perf_counter()
-        try:
-            frames, _ = read_clip(s.video, num_frames, s.start, s.end, rule)
-        except ValueError as e:  # one unreadable clip costs that sample, not the run
-            results[k] = Prediction(id=s.id, text="", visual_tokens=0, decode_s=time.perf_counter() - t0,
-                                    model_s=0.0, new_tokens=0, failed=str(e))
-            continue
-        clips.append(frames)
-        decode_s.append(time.perf_counter() - t0)
+    clips, decode_s, results = _read_clips(samples, num_frames, reducer)
     todo = [k for k, r in enumerate(results) if r is None]
     if todo:
         device = next(model.parameters()).device
         sync(device)
         t0 = time.perf_counter()
-        batch = to_model(chat_inputs(processor, [build_question(samples[k]) for k in todo], clips), model)
+        batch = to_model(chat_batch(processor, [build_question(samples[k]) for k in todo], clips, model.config), model)
         questions = [samples[k].question for k in todo]
         if reducer is None:
             texts, counts, visual = generate_rows(model, processor, batch, max_new_tokens=max_new_tokens)

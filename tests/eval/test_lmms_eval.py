@@ -23,8 +23,9 @@ from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoPr
 
 from mmeff.datasets.media import sample_image, sample_video_path  # noqa: E402
 from mmeff.eval.lmms import MMEff, lmms_eval_manifest  # noqa: E402
-from mmeff.eval.videoqa import chat_inputs, to_model  # noqa: E402
+from mmeff.eval.videoqa import to_model  # noqa: E402
 from mmeff.models.embedded import default_processor  # noqa: E402
+from mmeff.models.hf import chat_batch  # noqa: E402
 from mmeff.models.tiny import build_tiny  # noqa: E402
 
 TASK, SPLIT = "tiny", "test"
@@ -98,7 +99,7 @@ def test_loglikelihood_is_the_continuations_log_prob(model_cache) -> None:
     model, processor = lm.model, lm.processor
     doc = _docs()[0]
     # the greedy next token after the prompt, as text: its log-prob is the max, and it is the greedy one
-    ctx = to_model(chat_inputs(processor, [QUESTIONS[0]], [[doc["image"]]]), model)
+    ctx = to_model(chat_batch(processor, [QUESTIONS[0]], [[doc["image"]]], model.config), model)
     with torch.inference_mode():
         logits = model(**ctx).logits[0, -1].float()
     greedy = processor.tokenizer.decode([int(logits.argmax())])
@@ -106,7 +107,7 @@ def test_loglikelihood_is_the_continuations_log_prob(model_cache) -> None:
     got = lm.loglikelihood([_request("loglikelihood", 0, greedy), _request("loglikelihood", 0, continuation)])
     assert got[0][1] is True and got[0][0] == pytest.approx(torch.log_softmax(logits, -1).max().item(), abs=1e-4)
     # direct: transformers' own loss over the continuation tokens (labels -100 on the prompt), times their count
-    full = to_model(chat_inputs(processor, [QUESTIONS[0]], [[doc["image"]]], answers=[continuation]), model)
+    full = to_model(chat_batch(processor, [QUESTIONS[0]], [[doc["image"]]], model.config, answers=[continuation]), model)
     n_ctx = ctx["input_ids"].shape[1]
     labels = full["input_ids"].clone()
     labels[:, :n_ctx] = -100

@@ -3,6 +3,7 @@ items, processor(text=, images=)) gives exactly the inputs mmeff's own helpers b
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from skimage import data
 from transformers import AutoProcessor
@@ -53,11 +54,13 @@ def test_chat_batch_through_the_processor_equals_the_tokenizer_route(default) ->
     model, processor, info = default
     n = info["tokens_per_image"]
     image_id = model.config.image_token_id
-    clips = [[data.astronaut(), data.chelsea(), data.coffee()], [data.rocket()]]
+    # frames of one clip share a size; the rocket (427x640) has an odd crop margin at 224 px
+    clips = [[im[:300, :400] for im in (data.astronaut(), data.chelsea(), data.coffee())], [data.rocket()]]
     questions = ["What happens in the clip?", "Which object is this, in a few words?"]
     for one_run in (True, False):
-        got = chat_batch(processor, questions, clips, model.config, one_run=one_run)
-        want = chat_batch(processor.tokenizer, questions, clips, model.config, one_run=one_run)
+        media = [np.stack(c) if one_run else c for c in clips]  # a (T, H, W, 3) clip is one run; a list, images
+        got = chat_batch(processor, questions, media, model.config)
+        want = chat_batch(processor.tokenizer, questions, media, model.config)
         assert torch.equal(got["input_ids"], want["input_ids"])
         assert torch.equal(got["attention_mask"], want["attention_mask"])
         torch.testing.assert_close(got["pixel_values"], want["pixel_values"], atol=1e-5, rtol=0)
@@ -66,8 +69,8 @@ def test_chat_batch_through_the_processor_equals_the_tokenizer_route(default) ->
                 else build_prompt(processor.tokenizer, q, len(c), n, image_id) for q, c in zip(questions, clips)]
         assert torch.equal(got["input_ids"], left_pad_batch(rows, processor.tokenizer.pad_token_id)["input_ids"])
     # one run: the three frames' placeholders are adjacent; per image: a newline separates them
-    ids = chat_batch(processor, questions[:1], clips[:1], model.config)["input_ids"][0].tolist()
+    ids = chat_batch(processor, questions[:1], [np.stack(clips[0])], model.config)["input_ids"][0].tolist()
     first = ids.index(image_id)
     assert ids[first : first + 3 * n] == [image_id] * (3 * n)
-    apart = chat_batch(processor, questions[:1], clips[:1], model.config, one_run=False)["input_ids"][0].tolist()
+    apart = chat_batch(processor, questions[:1], clips[:1], model.config)["input_ids"][0].tolist()
     assert apart[apart.index(image_id) + n] != image_id and apart.count(image_id) == 3 * n
