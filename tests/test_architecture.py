@@ -24,7 +24,7 @@ FOLDERS = {"mmeff": "mmeff", "kernels": "mmeff.kernels", "adapters": "mmeff.adap
            "demos": "mmeff.demos"}
 # layer of each top-level part of the package; a module may import only its own layer or lower ones
 LAYERS: dict[str, int] = {
-    "mmeff.kernels": 0,
+    "mmeff.kernels": 0, "mmeff.extras": 0,
     "mmeff.core": 1, "mmeff.checkpoint": 1, "mmeff.hfconfig": 1, "mmeff.hosts": 1, "mmeff.preprocess": 1,
     "mmeff.datasets": 2, "mmeff.methods": 2, "mmeff.kv": 2, "mmeff.quant": 2,
     "mmeff.adapters": 3,

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from mmeff.api import apply
 from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.extras import require
 from mmeff.methods.tocom import ToCom
 from mmeff.methods.tome import ToMe
 from mmeff.train.tocom import Batches, train_tocom
@@ -51,10 +52,7 @@ def digits_splits(
     ``task="digits-rot90"`` rotates every image by 90 degrees (a second downstream task, same labels).
     The split is stratified-free but fixed by ``seed``.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency
-        raise ImportError("the ToCom miniature needs scikit-learn (pip install scikit-learn)") from e
+    load_digits = require("sklearn.datasets", "the ToCom miniature's digits").load_digits
     if task not in DEFAULT_TASKS:
         raise ValueError(f"task must be one of {DEFAULT_TASKS}, got {task!r}")
     d = load_digits()

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from mmeff.adapters import tome as tome_adapter
 from mmeff.eval.plotting import pyplot, save_figure
+from mmeff.extras import require
 from mmeff.methods.tome import Schedule, parse_r
 
 __all__ = [
@@ -135,9 +136,7 @@ def vit_gflops(model: nn.Module, r: Schedule) -> tuple[float, list[tuple[int, in
 
 
 def _photo(name: str) -> torch.Tensor:
-    import skimage.data
-
-    img = torch.from_numpy(getattr(skimage.data, name)())
+    img = torch.from_numpy(getattr(require("skimage.data", "the ToMe bench's photos"), name)())
     if img.dim() == 2:
         img = img[..., None].expand(-1, -1, 3)
     return img[..., :3].permute(2, 0, 1).contiguous()  # (3, H, W) uint8

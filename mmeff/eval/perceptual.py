@@ -50,7 +50,7 @@ def lpips_status(net: str = "alex", backbone_weights: str | Path | None = None) 
     try:
         import lpips  # noqa: F401
     except ImportError:
-        return "the lpips package is not installed (pip install lpips)"
+        return "the lpips package is not installed (pip install 'mmeff[bench]')"
     path = _backbone_path(net, backbone_weights)
     if not path.is_file():
         return (f"the {net} ImageNet backbone weights are not on this machine (looked for {path}; pass "

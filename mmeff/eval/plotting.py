@@ -5,13 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mmeff.extras import require
+
 __all__ = ["pyplot", "save_figure"]
 
 
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the headless Agg backend (benchmarks run on servers without a display)."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
