@@ -7,6 +7,7 @@ Nothing is downloaded: the weights are random, seeded.
 
 from __future__ import annotations
 
+import copy
 import numbers
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 from mmeff.adapters.qwen2_vl import qwen2_vl_patchify
@@ -196,6 +200,37 @@ def build_tiny(
     model.save_pretrained(folder, safe_serialization=True)
     del model
     return cls.from_pretrained(folder, dtype=dtype).eval()
+
+
+#: a Qwen-style chat template over multimodal content lists (image and video items), for tiny processors
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_qwen2_vl_folder(folder: str | Path, tokenizer: Any) -> Path:
+    """A random tiny Qwen2-VL saved with a real ``Qwen2VLProcessor`` (a copy of ``tokenizer`` plus Qwen's
+    vision tokens, :data:`QWEN_CHAT_TEMPLATE`, 56-112 px pixel budgets), as a user's checkpoint folder looks."""
+    folder = Path(folder)
+    tok = copy.deepcopy(tokenizer)
+    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": names})
+    ids = dict(zip(names, tok.convert_tokens_to_ids(names)))
+    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT_TEMPLATE)
+    text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+            "bos_token_id": tok.bos_token_id}
+    build_tiny("qwen2_vl", folder, text_config=text, vision_start_token_id=ids["<|vision_start|>"],
+               vision_end_token_id=ids["<|vision_end|>"], image_token_id=ids["<|image_pad|>"],
+               video_token_id=ids["<|video_pad|>"])
+    processor.save_pretrained(folder)
+    return folder
 
 
 def saved_and_reloaded(model: nn.Module, folder: str | Path, language_model: nn.Module, scale: float = 4.0) -> nn.Module:

@@ -4,50 +4,19 @@ lmms-eval and names it when a model is built."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 from mmeff.datasets import videoqa
 from mmeff.datasets.media import sample_video_path
 from mmeff.datasets.videoqa import VideoQASample
 from mmeff.eval.results import load_results
 from mmeff.models.embedded import default_processor
-from mmeff.models.tiny import build_tiny
-
-QWEN_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def tiny_qwen2_vl_folder(folder: Path, tokenizer: Any) -> Path:
-    """A random tiny Qwen2-VL saved with a real ``Qwen2VLProcessor`` (``tokenizer`` + Qwen's vision tokens,
-    a Qwen-style chat template, small pixel budgets), as a user's checkpoint folder looks."""
-    tok = copy.deepcopy(tokenizer)
-    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok.add_special_tokens({"additional_special_tokens": names})
-    ids = dict(zip(names, tok.convert_tokens_to_ids(names)))
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_TEMPLATE)
-    text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-            "bos_token_id": tok.bos_token_id}
-    build_tiny("qwen2_vl", folder, text_config=text, vision_start_token_id=ids["<|vision_start|>"],
-               vision_end_token_id=ids["<|vision_end|>"], image_token_id=ids["<|image_pad|>"],
-               video_token_id=ids["<|video_pad|>"])
-    processor.save_pretrained(folder)
-    return folder
+from mmeff.models.tiny import build_tiny, tiny_qwen2_vl_folder
 
 
 def _samples() -> list[VideoQASample]:

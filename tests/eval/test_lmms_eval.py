@@ -6,7 +6,6 @@ of scikit-image pictures and a bundled mp4), then lmms-eval's own evaluator runs
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import textwrap
 from pathlib import Path
@@ -19,14 +18,13 @@ lmms_eval = pytest.importorskip("lmms_eval")
 
 from lmms_eval.api.instance import Instance  # noqa: E402
 from PIL import Image  # noqa: E402
-from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor  # noqa: E402
 
 from mmeff.datasets.media import sample_image, sample_video_path  # noqa: E402
 from mmeff.eval.lmms import MMEff, lmms_eval_manifest  # noqa: E402
 from mmeff.eval.videoqa import to_model  # noqa: E402
 from mmeff.models.embedded import default_processor  # noqa: E402
 from mmeff.models.hf import chat_batch  # noqa: E402
-from mmeff.models.tiny import build_tiny  # noqa: E402
+from mmeff.models.tiny import tiny_qwen2_vl_folder  # noqa: E402
 
 TASK, SPLIT = "tiny", "test"
 QUESTIONS = ["What is in the image?", "What animal is this?", "What is on the table?"]
@@ -132,34 +130,12 @@ def test_video_file_becomes_frames(model_cache) -> None:
         lm.close()
 
 
-QWEN_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
-def _tiny_qwen2_vl_folder(folder: Path, tokenizer: Any) -> Path:
-    # a random tiny Qwen2-VL with a real Qwen2VLProcessor (the embedded model's tokenizer + Qwen's vision tokens)
-    tok = copy.deepcopy(tokenizer)
-    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok.add_special_tokens({"additional_special_tokens": names})
-    ids = dict(zip(names, tok.convert_tokens_to_ids(names)))
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
-    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
-                     video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_TEMPLATE).save_pretrained(folder)
-    text = {"vocab_size": len(tok), "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    build_tiny("qwen2_vl", folder, text_config=text, vision_start_token_id=ids["<|vision_start|>"],
-               vision_end_token_id=ids["<|vision_end|>"], image_token_id=ids["<|image_pad|>"],
-               video_token_id=ids["<|video_pad|>"])
-    return folder
 
 
 def test_any_hf_vlm_qwen2_vl_images_and_video(model_cache, tmp_path: Path) -> None:
-    folder = _tiny_qwen2_vl_folder(tmp_path / "qwen", default_processor(model_cache).tokenizer)
+    folder = tiny_qwen2_vl_folder(tmp_path / "qwen", default_processor(model_cache).tokenizer)
     tokens = {}
     for method in ("none", "fourier"):
         lm = _model(model_cache, method, pretrained=str(folder), max_frames=4,
