@@ -20,7 +20,7 @@ from mmeff.datasets.scenes import scene_videoqa
 from mmeff.datasets.videoqa import VideoQASample
 from mmeff.eval.answers import judge_open
 from mmeff.eval.results import format_report, resolve_shard
-from mmeff.eval.videoqa import evaluate, llava_predictor, load_vlm, processor_predictor
+from mmeff.eval.videoqa import evaluate, llava_predictor, load_vlm
 from mmeff.methods.freevideo import ClipScorer, FreeVideoConfig, FreeVideoLLM
 from mmeff.models.mini import FREEVIDEO_SCENES, HELDOUT_SEED, clip_scorer
 
@@ -133,10 +133,10 @@ def _cmd_eval_videoqa(args: argparse.Namespace) -> int:
     if args.judge_url:
         judge = functools.partial(judge_open, url=args.judge_url, model=args.judge_model, timeout=args.judge_timeout)
     options = {"stage": args.stage} if args.stage else {}
-    # LLaVA keeps mmeff's own prompt layout (one contiguous run of frame tokens); any other VLM gets its
-    # processor's chat template, with the frames as one video where the processor takes videos
-    make = llava_predictor if type(model).__name__ == "LlavaForConditionalGeneration" else processor_predictor
-    predict = make(model, tok, reducer=reducer, num_frames=args.frames, max_new_tokens=args.max_new_tokens, **options)
+    # the processor's chat template lays out the prompt: the frames as one video where the processor takes
+    # videos, one contiguous run of frame tokens on LLaVA
+    predict = llava_predictor(model, tok, reducer=reducer, num_frames=args.frames, max_new_tokens=args.max_new_tokens,
+                              **options)
     # with a process group, rank 0 merges the shards and reports on everything; without one each rank
     # reports on its own shard (join them later with mmeff.eval.videoqa.merge_results)
     merged = world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

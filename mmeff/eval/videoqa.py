@@ -2,10 +2,10 @@
 
 The pieces are independent so each can be reused or swapped:
 
-- prediction: :func:`predict_llava` / :func:`predict_batch` run a HF ``LlavaForConditionalGeneration``
-  (optionally with an mmeff reducer applied) on sampled frames and time it; :func:`predict_processor_batch`
-  does the same for any HF VLM through its own processor and chat template (:func:`load_vlm` loads one
-  from a folder or hub id), the inputs that :mod:`mmeff.eval.lmms` (the lmms-eval model) builds too;
+- prediction: :func:`predict_batch` (:func:`predict_llava` for one sample) runs any HF VLM with an mmeff
+  adapter (optionally with an mmeff reducer applied) on sampled frames through its own processor and chat
+  template, and times it (:func:`load_vlm` loads one from a folder or hub id; :mod:`mmeff.eval.lmms`, the
+  lmms-eval model, builds its inputs the same way);
 - harness: :func:`evaluate` appends one JSON line per sample (fsynced, so a crash loses nothing),
   resumes by id (only rows of the same run configuration), records unreadable clips as failed and goes
   on, shards over ``RANK`` / ``WORLD_SIZE``;
@@ -77,8 +77,6 @@ __all__ = [
     "load_vlm",
     "predict_batch",
     "predict_llava",
-    "predict_processor_batch",
-    "processor_predictor",
     "read_clip",
     "rows_visual_tokens",
     "to_model",
@@ -180,24 +178,22 @@ def predict_batch(
     max_new_tokens: int = 32,
     **apply_options: Any,
 ) -> list[Prediction]:
-    """Greedy answers of a HF ``LlavaForConditionalGeneration`` for several samples in one ``generate``.
+    """Greedy answers of a HF VLM with an mmeff adapter for several samples in one ``generate``.
 
-    Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``) become one contiguous
-    run of ``num_frames * llava_tokens_per_image`` placeholders (one video) in a chat prompt built by
-    :func:`mmeff.models.hf.chat_batch`, so frame-level methods see each frame and video-level ones (Free Video-LLM) the
-    whole clip (read with the reducer's ``frame_rule`` when it has one: a ``faithful=True`` Free Video-LLM
-    reads frames as its official loader); the raw questions go to the method as ``mmeff_text``; rows
-    are left-padded into ``input_ids`` (B, L) and ``pixel_values`` is (B*num_frames, 3, S, S). With a
-    ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``. ``tokenizer`` is
-    the checkpoint's processor (its chat template, image processor and tokenizer build the inputs, as the
-    checkpoint was trained) or a bare chat tokenizer (LLaVA's CLIP pipeline). ``decode_s`` counts reading
-    and preprocessing the clip. A sample whose clip cannot be read gets a
+    Each sample's ``num_frames`` frames (:func:`read_clip`, honouring ``start``/``end``; with the reducer's
+    ``frame_rule`` when it has one: a ``faithful=True`` Free Video-LLM reads frames as its official loader)
+    are one video in a chat prompt built by :func:`mmeff.models.hf.chat_batch`: a ``video`` item where the
+    processor has a video pipeline (Qwen2-VL), on LLaVA one contiguous run of ``num_frames *
+    llava_tokens_per_image`` placeholders, so frame-level methods see each frame and video-level ones (Free
+    Video-LLM) the whole clip. The raw questions go to the method as ``mmeff_text``; rows are left-padded.
+    With a ``reducer``, generation runs inside ``mmeff.apply(model, reducer, **apply_options)``.
+    ``tokenizer`` is the checkpoint's processor (its chat template, image processor and tokenizer build the
+    inputs, as the checkpoint was trained) or, for LLaVA, a bare chat tokenizer (LLaVA's CLIP pipeline).
+    ``decode_s`` counts reading and preprocessing the clip. A sample whose clip cannot be read gets a
     :class:`Prediction` with ``failed`` set to the reason; the other samples are answered as usual.
     """
     if not samples:
         return []
-    if type(model).__name__ != "LlavaForConditionalGeneration":
-        raise ValueError(f"predict_batch runs LlavaForConditionalGeneration models, got {type(model).__name__}")
     if num_frames < 1 or max_new_tokens < 1:
         raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
     device = next(model.parameters()).device
@@ -215,17 +211,16 @@ def predict_batch(
     t0 = time.perf_counter()
     handle = None
     if reducer is None:
-        texts, counts, _ = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens)
+        texts, counts, visual = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens)
     else:
         with apply(model, reducer, **apply_options) as handle:
-            texts, counts, _ = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens, adapter=handle,
-                                             text=[s.question for s in samples])
+            texts, counts, visual = generate_rows(model, tokenizer, batch, max_new_tokens=max_new_tokens,
+                                                  adapter=handle, text=[s.question for s in samples])
     sync(device)
     model_s = (time.perf_counter() - t0) / len(samples)
-    per_image = llava_tokens_per_image(model.config)
-
-    unreduced = num_frames * per_image
-    visual = [unreduced] * len(samples) if handle is None else rows_visual_tokens(handle, len(samples), num_frames, unreduced)
+    if handle is not None and type(model).__name__ == "LlavaForConditionalGeneration":
+        # LLaVA's reductions are per frame in row order: each row's exact sum, not a share of the batch's
+        visual = rows_visual_tokens(handle, len(samples), num_frames, num_frames * llava_tokens_per_image(model.config))
     for i, (k, s) in enumerate(zip(todo, samples)):
         results[k] = Prediction(id=s.id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
                                 model_s=model_s, new_tokens=counts[i])
@@ -264,7 +259,7 @@ def predict_llava(
     max_new_tokens: int = 32,
     **apply_options: Any,
 ) -> Prediction:
-    """Greedy answer of a HF ``LlavaForConditionalGeneration`` to one sample (see :func:`predict_batch`)."""
+    """Greedy answer of a HF VLM to one sample (see :func:`predict_batch`)."""
     return predict_batch(
         model, tokenizer, [sample], reducer=reducer, num_frames=num_frames, max_new_tokens=max_new_tokens,
         **apply_options,
@@ -280,7 +275,8 @@ def llava_predictor(
     max_new_tokens: int = 32,
     **apply_options: Any,
 ) -> PredictFn:
-    """A ``predict_fn`` for :func:`evaluate`: :func:`predict_batch` with these settings bound."""
+    """A ``predict_fn`` for :func:`evaluate`: :func:`predict_batch` with these settings bound (any HF VLM with an
+    adapter; the name is from when only LLaVA ran)."""
 
     def predict(samples: Sequence[VideoQASample]) -> list[Prediction]:
         return predict_batch(
@@ -389,64 +385,6 @@ def generate_rows(model: nn.Module, processor: Any, batch: dict[str, Any], *, ma
         total, full = int(adapter.stats["visual_tokens_out"]), max(sum(unreduced), 1)
         visual = [int(round(total * u / full)) for u in unreduced]
     return texts, counts, visual
-
-
-def predict_processor_batch(
-    model: nn.Module,
-    processor: Any,
-    samples: Sequence[VideoQASample],
-    *,
-    reducer: Any = None,
-    num_frames: int = 8,
-    max_new_tokens: int = 32,
-    **apply_options: Any,
-) -> list[Prediction]:
-    """:func:`predict_batch` for any HF VLM with its processor (Qwen2-VL, Gemma3, ...): each sample's frames go
-    in as one video where the processor takes videos (else as images), the prompt through the processor's chat
-    template (:func:`mmeff.models.hf.chat_batch`); greedy, inside ``mmeff.apply(model, reducer, **apply_options)`` when a
-    ``reducer`` is given. An unreadable clip gives a ``failed`` prediction, as in :func:`predict_batch`."""
-    if not samples:
-        return []
-    if num_frames < 1 or max_new_tokens < 1:
-        raise ValueError(f"need num_frames >= 1 and max_new_tokens >= 1, got {num_frames}, {max_new_tokens}")
-    clips, decode_s, results = _read_clips(samples, num_frames, reducer)
-    todo = [k for k, r in enumerate(results) if r is None]
-    if todo:
-        device = next(model.parameters()).device
-        sync(device)
-        t0 = time.perf_counter()
-        batch = to_model(chat_batch(processor, [build_question(samples[k]) for k in todo], clips, model.config), model)
-        questions = [samples[k].question for k in todo]
-        if reducer is None:
-            texts, counts, visual = generate_rows(model, processor, batch, max_new_tokens=max_new_tokens)
-        else:
-            with apply(model, reducer, **apply_options) as handle:
-                texts, counts, visual = generate_rows(model, processor, batch, max_new_tokens=max_new_tokens,
-                                                      adapter=handle, text=questions)
-        sync(device)
-        model_s = (time.perf_counter() - t0) / len(todo)
-        for i, k in enumerate(todo):
-            results[k] = Prediction(id=samples[k].id, text=texts[i], visual_tokens=visual[i], decode_s=decode_s[i],
-                                    model_s=model_s, new_tokens=counts[i])
-    return [r for r in results if r is not None]
-
-
-def processor_predictor(
-    model: nn.Module,
-    processor: Any,
-    *,
-    reducer: Any = None,
-    num_frames: int = 8,
-    max_new_tokens: int = 32,
-    **apply_options: Any,
-) -> PredictFn:
-    """A ``predict_fn`` for :func:`evaluate`: :func:`predict_processor_batch` with these settings bound."""
-
-    def predict(samples: Sequence[VideoQASample]) -> list[Prediction]:
-        return predict_processor_batch(model, processor, samples, reducer=reducer, num_frames=num_frames,
-                                       max_new_tokens=max_new_tokens, **apply_options)
-
-    return predict
 
 
 _TYPE_KEYS = ("type_name", "type", "question_type", "task", "kind")
