@@ -53,6 +53,7 @@ def require(module: str, purpose: str) -> ModuleType:
     if top not in EXTRAS:
         raise ValueError(f"{top!r} is not one of mmeff's optional dependencies ({', '.join(EXTRAS)})")
     try:
+        importlib.import_module(top)  # first: a loaded submodule would answer even with its package gone
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] != top:  # the package is there but one of its own imports is not
