@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
-from mmeff.checkpoint import local_or_hub
 from mmeff.datasets.media import read_frames, sample_image, sample_video_path
+from mmeff.eval.videoqa import load_vlm
 from mmeff.models.embedded import MINI_MODELS, default_model
 from mmeff.models.hf import chat_batch
 from mmeff.models.tiny import build_tiny, llava_inputs, qwen2_vl_inputs
@@ -39,16 +39,10 @@ def load_bench_model(name: str = "default", cache_dir: str | Path | None = None)
         folder = Path(tempfile.mkdtemp(prefix="mmeff-tiny-"))
         model = build_tiny(kind, folder, seed=0)
         return model, None, {"name": name, "provenance": "random tiny config, saved and reloaded"}
-    ref = local_or_hub(name)
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(ref, dtype="auto").eval()
-        processor = AutoProcessor.from_pretrained(ref)
-    except OSError as e:
-        raise ValueError(
-            f"cannot load model {name!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-            f"and not a local checkpoint folder or reachable hub id ({e})"
-        ) from e
-    return model, processor, {"name": name, "provenance": "user checkpoint"}
+    try:  # a user checkpoint with its processor
+        return load_vlm(name)
+    except (ValueError, FileNotFoundError) as e:  # already one line; say what else the name could have been
+        raise type(e)(f"{e} (built-in models: {', '.join(BUILTIN_MODELS)})") from None
 
 
 def _frames(num: int) -> list[np.ndarray]:

@@ -63,7 +63,7 @@ from mmeff.eval.results import (
     write_atomic,
 )
 from mmeff.hfconfig import pad_token_id
-from mmeff.models.embedded import MINI_MODELS, default_model, default_processor
+from mmeff.models.embedded import MINI_MODELS, default_model
 from mmeff.models.hf import chat_batch, llava_tokens_per_image
 
 __all__ = [
@@ -308,8 +308,6 @@ def load_vlm(ref: str, *, dtype: str | torch.dtype = "auto", trust_remote_code: 
         model, processor, info = default_model(cache_dir, name=name)
         if dtype != "auto":  # the shipped weights are float32
             model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if not hasattr(processor, "image_processor"):  # a bare tokenizer: the saved processor has the template
-            processor = default_processor(cache_dir, name=name)
         return model, processor, {**info, "name": name}
     where = local_or_hub(ref)  # a typo'd local path fails here, before the hub is asked
     local = Path(where).exists()
