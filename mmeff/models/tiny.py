@@ -22,6 +22,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2VLConfig,
@@ -157,6 +159,23 @@ def tiny_qwen2_vl_config(**overrides: Any) -> Qwen2VLConfig:
     return Qwen2VLConfig(text_config=text, vision_config=vision, **kwargs)
 
 
+def tiny_qwen2_5_vl_config(**overrides: Any) -> Qwen2_5_VLConfig:
+    """Tiny random Qwen2.5-VL config: :func:`tiny_qwen2_vl_config`'s text model and special ids, and a
+    windowed tower (depth 2, window 56 px, block 1 full attention; patch 14, merge 2, temporal patch 2) over a
+    window-ordered patch sequence. ``text_config`` / ``vision_config`` overrides are merged as there."""
+    base = tiny_qwen2_vl_config()
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 37, "num_heads": 4, "out_hidden_size": 32,
+              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+              "fullatt_block_indexes": [1]}
+    overrides = dict(overrides)
+    text = _merge(base.text_config.to_dict(), _as_dict(overrides.pop("text_config", None)))
+    vision = _merge(vision, _as_dict(overrides.pop("vision_config", None)))
+    kwargs = {k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                            "vision_end_token_id")}
+    kwargs.update(overrides)
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **kwargs)
+
+
 def _as_dict(cfg: Any) -> dict[str, Any] | None:
     if cfg is None or isinstance(cfg, dict):
         return cfg
@@ -174,7 +193,7 @@ def tiny_lm_config(kind: Literal["llama", "qwen2"] = "llama", **overrides: Any) 
 
 
 def build_tiny(
-    kind: Literal["llava", "qwen2_vl", "llama", "qwen2"],
+    kind: Literal["llava", "qwen2_vl", "qwen2_5_vl", "llama", "qwen2"],
     folder: str | Path,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
@@ -182,18 +201,20 @@ def build_tiny(
 ) -> PreTrainedModel:
     """Instantiate a tiny random model with ``torch.manual_seed(seed)``, save it to ``folder`` and reload it.
 
-    ``kind``: ``"llava"`` / ``"qwen2_vl"`` (VLMs) or ``"llama"`` / ``"qwen2"`` (causal LMs). Returning the
+    ``kind``: ``"llava"`` / ``"qwen2_vl"`` / ``"qwen2_5_vl"`` (VLMs) or ``"llama"`` / ``"qwen2"`` (causal LMs). Returning the
     reloaded model (eval mode) means callers test the same ``from_pretrained`` path users hit.
-    ``config_overrides`` go to ``tiny_llava_config`` / ``tiny_qwen2_vl_config`` / ``tiny_lm_config``.
+    ``config_overrides`` go to the matching ``tiny_*_config``.
     """
     if kind == "llava":
         cls, config = LlavaForConditionalGeneration, tiny_llava_config(**config_overrides)
     elif kind == "qwen2_vl":
         cls, config = Qwen2VLForConditionalGeneration, tiny_qwen2_vl_config(**config_overrides)
+    elif kind == "qwen2_5_vl":
+        cls, config = Qwen2_5_VLForConditionalGeneration, tiny_qwen2_5_vl_config(**config_overrides)
     elif kind in ("llama", "qwen2"):
         cls, config = (LlamaForCausalLM if kind == "llama" else Qwen2ForCausalLM), tiny_lm_config(kind, **config_overrides)
     else:
-        raise ValueError(f"unknown tiny model kind {kind!r}; expected 'llava', 'qwen2_vl', 'llama' or 'qwen2'")
+        raise ValueError(f"unknown tiny model kind {kind!r}; expected 'llava', 'qwen2_vl', 'qwen2_5_vl', 'llama' or 'qwen2'")
     folder = Path(folder)
     torch.manual_seed(seed)
     model = cls(config).to(dtype)

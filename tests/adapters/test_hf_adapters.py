@@ -30,20 +30,7 @@ def qwen(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
     # Qwen2.5-VL shares Qwen2-VL's seams but runs its vision blocks in window order
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    base = tiny.tiny_qwen2_vl_config()
-    cfg = Qwen2_5_VLConfig(
-        text_config=base.text_config.to_dict(),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        **{k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen25")
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return tiny.build_tiny("qwen2_5_vl", tmp_path_factory.mktemp("qwen25"), seed=0)
 
 
 def llava_batch(model, batch):

@@ -382,24 +382,10 @@ def test_qwen2_vl_unpatchify_round_trip():
 
 @torch.no_grad()
 def _tiny_qwen(family: str, folder):
-    from mmeff.models.tiny import build_tiny, tiny_qwen2_vl_config
+    from mmeff.models.tiny import build_tiny
 
-    if family == "qwen2_vl":
-        return build_tiny("qwen2_vl", folder, seed=0).eval()
     # Qwen2.5-VL: the same seams, its tower runs windowed blocks over a window-ordered patch sequence
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    base = tiny_qwen2_vl_config()
-    cfg = Qwen2_5_VLConfig(
-        text_config=base.text_config.to_dict(),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
-        **{k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
-    )
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return build_tiny(family, folder, seed=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

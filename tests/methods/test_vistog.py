@@ -353,17 +353,8 @@ def test_qwen_side_stream_equals_the_masked_joint_sequence(qwen, self_attention)
 
 @pytest.fixture(scope="module")
 def qwen25(tmp_path_factory):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    base = models.tiny_qwen2_vl_config()
-    cfg = Qwen2_5_VLConfig(text_config=base.text_config.to_dict(), vision_config=dict(
-        depth=3, hidden_size=32, intermediate_size=37, num_heads=4, out_hidden_size=32, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]),
-        **{k: getattr(base, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("qwen25_vistog")
-    Qwen2_5_VLForConditionalGeneration(cfg).save_pretrained(folder)
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return models.build_tiny("qwen2_5_vl", tmp_path_factory.mktemp("qwen25_vistog"), seed=0,
+                             vision_config={"depth": 3})
 
 
 @pytest.mark.parametrize("self_attention", [True, False])
